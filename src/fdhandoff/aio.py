@@ -1,0 +1,107 @@
+"""asyncio verbs for fd passing, built on :mod:`fdhandoff.fdpass`.
+
+asyncio (3.11-3.13) and uvloop have no awaitable ``sendmsg``/``recvmsg`` with
+ancillary data, so these wait for readiness with ``loop.add_reader`` /
+``add_writer`` on a non-blocking socket and then call the ``*_nowait`` forms.
+This works the same under the default loop and uvloop.  The sockets passed
+in must be non-blocking (``sock.setblocking(False)``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from . import fdpass
+from .message import CLOSED, NEED_DATA, HandoffReader, HandoffRecord
+
+__all__ = ["recv_fd", "recv_handoff", "send_fd", "wait_readable", "wait_writable"]
+
+
+async def _wait(sock: socket.socket, *, write: bool) -> None:
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[None] = loop.create_future()
+    fd = sock.fileno()
+
+    def ready() -> None:
+        if not future.done():
+            future.set_result(None)
+
+    if write:
+        loop.add_writer(fd, ready)
+    else:
+        loop.add_reader(fd, ready)
+    try:
+        await future
+    finally:
+        if write:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)
+
+
+async def wait_readable(sock: socket.socket) -> None:
+    """Return once ``sock`` is readable (data, EOF or error pending)."""
+    await _wait(sock, write=False)
+
+
+async def wait_writable(sock: socket.socket) -> None:
+    """Return once ``sock`` is writable."""
+    await _wait(sock, write=True)
+
+
+async def send_fd(sock: socket.socket, data: bytes, fd: int) -> None:
+    """Send ``data`` with ``fd`` on its first byte; a partial send finishes without the fd."""
+    view = memoryview(data)
+    pending_fd: int | None = fd
+    while view:
+        try:
+            sent = fdpass.send_fd_nowait(sock, view, pending_fd)
+        except BlockingIOError:
+            await _wait(sock, write=True)
+            continue
+        pending_fd = None
+        view = view[sent:]
+
+
+async def recv_fd(
+    sock: socket.socket, bufsize: int = fdpass.RECV_SIZE, *, blocking: bool = False
+) -> tuple[bytes, socket.socket | None]:
+    """One ``recvmsg``; the attached fd comes back as a socket (non-blocking by default)."""
+    while True:
+        try:
+            return fdpass.recv_fd_nowait(sock, bufsize, blocking=blocking)
+        except BlockingIOError:
+            await _wait(sock, write=False)
+
+
+async def recv_handoff(
+    conn: socket.socket,
+    reader: HandoffReader | None = None,
+    *,
+    blocking: bool = False,
+) -> tuple[HandoffRecord, socket.socket] | None:
+    """asyncio twin of :func:`fdhandoff.fdpass.recv_handoff`.
+
+    Bound it with ``asyncio.timeout()``; a cancelled call closes any client fd
+    it had already received.
+    """
+    if reader is None:
+        reader = HandoffReader(conn.type)
+    client: socket.socket | None = None
+    bufsize = fdpass.recv_size(conn)
+    try:
+        while True:
+            data, fd_sock = await recv_fd(conn, bufsize, blocking=blocking)
+            client = fdpass.absorb(reader, client, data, fd_sock)
+            record = reader.next_record()
+            if record is NEED_DATA:
+                continue
+            if record is CLOSED:
+                return None
+            assert isinstance(record, HandoffRecord) and client is not None
+            result, client = (record, client), None
+            return result
+    finally:
+        if client is not None:
+            client.close()

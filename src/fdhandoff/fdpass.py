@@ -1,0 +1,293 @@
+"""Passing fds over UNIX sockets: the only module that calls sendmsg/recvmsg.
+
+Everything that crosses a process boundary with an fd goes through here, so
+the rules of unix(7) and cmsg(3) are applied in one place:
+
+* ``SCM_RIGHTS`` ancillary data rides on the first byte of a ``sendmsg``; a
+  stream socket may accept only part of the data, and the rest is sent
+  *without* the fd, so it is never passed twice.
+* ``recvmsg`` always (never plain ``recv``, which makes the kernel silently
+  discard attached fds) with ``MSG_CMSG_CLOEXEC``, so a received fd is not
+  inherited by child processes.  CPython's ``socket.recv_fds`` ignores its
+  flags argument (gh-107898), hence the direct call.
+* ``MSG_CTRUNC`` / ``MSG_TRUNC`` are errors, and every fd that did arrive is
+  closed before the error is raised: one owner per fd, always.
+* A received fd is wrapped as a socket at once and put in the blocking mode
+  the caller asked for: the ``O_NONBLOCK`` flag lives on the open file
+  description, shared with the sender (Apache hands over non-blocking fds
+  while ``gettimeout()`` would claim blocking).
+
+Every function has a blocking form and, where it matters, a ``*_nowait`` form
+that raises ``BlockingIOError`` instead of waiting; :mod:`fdhandoff.aio`
+builds the asyncio verbs on the latter.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import errno
+import os
+import selectors
+import socket
+import struct
+import time
+from dataclasses import dataclass
+from typing import Final
+
+from .errors import FdPassError, ProtocolError
+from .message import CLOSED, MAX_PAYLOAD_SIZE, NEED_DATA, HandoffReader, HandoffRecord
+
+__all__ = [
+    "MAX_FDS_PER_MESSAGE",
+    "RECV_SIZE",
+    "PeerCredentials",
+    "absorb",
+    "peer_credentials",
+    "recv_fd",
+    "recv_fd_nowait",
+    "recv_handoff",
+    "recv_size",
+    "send_fd",
+    "send_fd_nowait",
+    "wrap_fd",
+]
+
+_FD_SIZE: Final = array.array("i").itemsize
+
+#: Control-buffer room.  Exactly one fd is expected, but the buffer holds more
+#: so that a sender passing several is *detected* (and every fd closed) instead
+#: of the kernel silently closing the surplus and setting MSG_CTRUNC.
+MAX_FDS_PER_MESSAGE: Final = 8
+_CMSG_SPACE: Final = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * _FD_SIZE)
+
+#: Bytes read per recvmsg on a stream connection: an nginx fd_pass netstring
+#: (~300 bytes for a small request, up to its 32 KiB head limit) in one go.
+RECV_SIZE: Final = 64 * 1024
+
+_RECV_FLAGS: Final = socket.MSG_CMSG_CLOEXEC
+_SO_PEERCRED_FORMAT: Final = "3i"  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
+
+
+@dataclass(frozen=True, slots=True)
+class PeerCredentials:
+    """The sending process, as the kernel saw it at connect time (unix(7) SO_PEERCRED)."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+def peer_credentials(sock: socket.socket) -> PeerCredentials:
+    """``SO_PEERCRED`` of a connected UNIX socket."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack(_SO_PEERCRED_FORMAT, raw)
+    return PeerCredentials(pid, uid, gid)
+
+
+# --- sending -------------------------------------------------------------------
+
+
+def _rights(fd: int) -> list[tuple[int, int, bytes]]:
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
+
+
+def send_fd_nowait(sock: socket.socket, data: bytes | memoryview, fd: int | None) -> int:
+    """One non-blocking ``sendmsg``; attach ``fd`` if given.  Returns bytes sent.
+
+    Raises ``BlockingIOError`` when nothing could be sent (the fd was not
+    passed either).  ``EMSGSIZE`` (a SEQPACKET record larger than the socket
+    buffer) becomes :class:`FdPassError`.
+    """
+    if not data:
+        raise ValueError("an fd must travel with at least one data byte (unix(7))")
+    ancillary = _rights(fd) if fd is not None else []
+    try:
+        return sock.sendmsg([data], ancillary, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+    except OSError as exc:
+        if exc.errno == errno.EMSGSIZE:
+            raise FdPassError(
+                exc.errno, f"handoff message of {len(data)} bytes is larger than the socket allows"
+            ) from exc
+        raise
+
+
+def send_fd(sock: socket.socket, data: bytes, fd: int, *, timeout: float | None = None) -> None:
+    """Send ``data`` with ``fd`` attached to its first byte; wait until all is sent.
+
+    A partial send is completed without the fd.  ``timeout`` bounds the whole
+    call (``TimeoutError``); the socket's own timeout is not used.
+    """
+    view = memoryview(data)
+    pending_fd: int | None = fd
+    deadline = None if timeout is None else _now() + timeout
+    while view:
+        try:
+            sent = send_fd_nowait(sock, view, pending_fd)
+        except BlockingIOError:
+            _wait(sock, write=True, deadline=deadline)
+            continue
+        pending_fd = None
+        view = view[sent:]
+
+
+# --- receiving -----------------------------------------------------------------
+
+
+def wrap_fd(fd: int, *, blocking: bool = True) -> socket.socket:
+    """Own ``fd`` as a socket in the given blocking mode; close it if it is not a socket."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        os.close(fd)
+        raise FdPassError(exc.errno, f"received fd is not a socket: {exc.strerror}") from exc
+    try:
+        sock.setblocking(blocking)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _received_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % _FD_SIZE
+            fds.extend(array.array("i", payload[:usable]))
+    return fds
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _check_received(
+    data: bytes, ancdata: list[tuple[int, int, bytes]], msg_flags: int, bufsize: int
+) -> int | None:
+    fds = _received_fds(ancdata)
+    problem = None
+    if msg_flags & socket.MSG_CTRUNC:
+        problem = f"control data truncated: more than {MAX_FDS_PER_MESSAGE} fds were sent"
+    elif msg_flags & socket.MSG_TRUNC:
+        problem = f"record larger than the {bufsize}-byte receive buffer was truncated"
+    elif len(fds) > 1:
+        problem = f"{len(fds)} fds arrived in one message, expected at most 1"
+    if problem is not None:
+        _close_all(fds)
+        raise FdPassError(problem)
+    return fds[0] if fds else None
+
+
+def recv_fd_nowait(
+    sock: socket.socket, bufsize: int = RECV_SIZE, *, blocking: bool = True
+) -> tuple[bytes, socket.socket | None]:
+    """One non-blocking ``recvmsg``: the bytes and the attached fd as a socket, or None.
+
+    ``(b"", None)`` means EOF.  Raises ``BlockingIOError`` when nothing is
+    there, :class:`FdPassError` for truncation, several fds or a non-socket fd.
+    """
+    data, ancdata, msg_flags, _ = sock.recvmsg(
+        bufsize, _CMSG_SPACE, _RECV_FLAGS | socket.MSG_DONTWAIT
+    )
+    fd = _check_received(data, ancdata, msg_flags, bufsize)
+    return data, (wrap_fd(fd, blocking=blocking) if fd is not None else None)
+
+
+def recv_fd(
+    sock: socket.socket,
+    bufsize: int = RECV_SIZE,
+    *,
+    blocking: bool = True,
+    timeout: float | None = None,
+) -> tuple[bytes, socket.socket | None]:
+    """Blocking form of :func:`recv_fd_nowait`; ``TimeoutError`` after ``timeout`` s."""
+    deadline = None if timeout is None else _now() + timeout
+    while True:
+        try:
+            return recv_fd_nowait(sock, bufsize, blocking=blocking)
+        except BlockingIOError:
+            _wait(sock, write=False, deadline=deadline)
+
+
+def recv_size(sock: socket.socket) -> int:
+    """Receive buffer size for one recvmsg: a whole Apache record on SEQPACKET."""
+    return MAX_PAYLOAD_SIZE + 1 if sock.type == socket.SOCK_SEQPACKET else RECV_SIZE
+
+
+def recv_handoff(
+    conn: socket.socket,
+    reader: HandoffReader | None = None,
+    *,
+    blocking: bool = True,
+    timeout: float | None = None,
+) -> tuple[HandoffRecord, socket.socket] | None:
+    """Receive one complete handoff from ``conn``: the record and the client socket.
+
+    Returns None when the sender closed cleanly between records.  Pass the
+    same ``reader`` again to take several handoffs from one persistent
+    connection (BYTE and PAYLOAD formats).  ``timeout`` bounds the whole
+    handoff.  On any error the received client fd is closed.
+    """
+    if reader is None:
+        reader = HandoffReader(conn.type)
+    deadline = None if timeout is None else _now() + timeout
+    client: socket.socket | None = None
+    bufsize = recv_size(conn)
+    try:
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - _now())
+            data, fd_sock = recv_fd(conn, bufsize, blocking=blocking, timeout=remaining)
+            client = absorb(reader, client, data, fd_sock)
+            record = reader.next_record()
+            if record is NEED_DATA:
+                continue
+            if record is CLOSED:
+                return None
+            assert isinstance(record, HandoffRecord) and client is not None
+            result, client = (record, client), None
+            return result
+    finally:
+        if client is not None:
+            client.close()
+
+
+def absorb(
+    reader: HandoffReader,
+    held: socket.socket | None,
+    data: bytes,
+    fd_sock: socket.socket | None,
+) -> socket.socket | None:
+    """Feed one recvmsg result to ``reader``; return the client socket now held.
+
+    Shared by the sync and asyncio loops.  On error the newly received socket
+    is closed here and the one already held stays the caller's to close.
+    """
+    if fd_sock is not None and held is not None:
+        fd_sock.close()
+        raise ProtocolError("a second fd arrived inside one handoff")
+    try:
+        reader.receive(data, 1 if fd_sock is not None else 0)
+    except BaseException:
+        if fd_sock is not None:
+            fd_sock.close()
+        raise
+    return fd_sock if fd_sock is not None else held
+
+
+# --- waiting -------------------------------------------------------------------
+
+
+_now = time.monotonic
+
+
+def _wait(sock: socket.socket, *, write: bool, deadline: float | None) -> None:
+    remaining = None if deadline is None else deadline - _now()
+    if remaining is not None and remaining <= 0:
+        raise TimeoutError("timed out waiting for the UNIX socket")
+    with selectors.DefaultSelector() as sel:
+        sel.register(sock, selectors.EVENT_WRITE if write else selectors.EVENT_READ)
+        if not sel.select(remaining):
+            raise TimeoutError("timed out waiting for the UNIX socket")

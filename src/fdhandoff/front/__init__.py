@@ -1,0 +1,1 @@
+"""The front role (see docs/design.md)."""

@@ -1,0 +1,1 @@
+"""The receiver role (see docs/design.md)."""
