@@ -13,7 +13,7 @@ import asyncio
 import socket
 
 from . import fdpass
-from .message import CLOSED, NEED_DATA, HandoffReader, HandoffRecord
+from .message import CLOSED, NEED_DATA, Format, HandoffReader, HandoffRecord
 
 __all__ = ["recv_fd", "recv_handoff", "send_fd", "wait_readable", "wait_writable"]
 
@@ -99,7 +99,10 @@ async def recv_handoff(
                 continue
             if record is CLOSED:
                 return None
-            assert isinstance(record, HandoffRecord) and client is not None
+            assert isinstance(record, HandoffRecord)
+            if record.format is Format.PLAIN_SCGI:
+                return record, conn  # no fd: the connection itself is the client
+            assert client is not None
             result, client = (record, client), None
             return result
     finally:

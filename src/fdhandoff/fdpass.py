@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from .errors import FdPassError, ProtocolError
-from .message import CLOSED, MAX_PAYLOAD_SIZE, NEED_DATA, HandoffReader, HandoffRecord
+from .message import CLOSED, MAX_PAYLOAD_SIZE, NEED_DATA, Format, HandoffReader, HandoffRecord
 
 __all__ = [
     "MAX_FDS_PER_MESSAGE",
@@ -226,7 +226,9 @@ def recv_handoff(
 ) -> tuple[HandoffRecord, socket.socket] | None:
     """Receive one complete handoff from ``conn``: the record and the client socket.
 
-    Returns None when the sender closed cleanly between records.  Pass the
+    Returns None when the sender closed cleanly between records.  For plain
+    SCGI (no fd) the returned socket is ``conn`` itself: the request body
+    continues on it and the response goes back on it.  Pass the
     same ``reader`` again to take several handoffs from one persistent
     connection (BYTE and PAYLOAD formats).  ``timeout`` bounds the whole
     handoff.  On any error the received client fd is closed.
@@ -246,7 +248,10 @@ def recv_handoff(
                 continue
             if record is CLOSED:
                 return None
-            assert isinstance(record, HandoffRecord) and client is not None
+            assert isinstance(record, HandoffRecord)
+            if record.format is Format.PLAIN_SCGI:
+                return record, conn  # no fd: the connection itself is the client
+            assert client is not None
             result, client = (record, client), None
             return result
     finally:

@@ -88,6 +88,10 @@ class Format(Enum):
     SCGI = "scgi"
     PAYLOAD = "payload"
     BYTE = "byte"
+    #: Plain SCGI, no fd: the request (and its body) arrive on the UNIX
+    #: connection itself and the response goes back on it (nginx scgi_pass,
+    #: Apache mod_proxy_scgi, any SCGI client).
+    PLAIN_SCGI = "plain-scgi"
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +101,7 @@ class HandoffRecord:
     ``headers``: SCGI pairs in wire order (SCGI only).  ``body``: bytes the
     sender already read from the client (the SCGI body).  ``payload``: the raw
     PAYLOAD record (``b""`` when Apache sent its empty marker).  ``marker``:
-    the BYTE format's byte.
+    the BYTE format's byte.  ``remaining``: see :class:`HandoffReader`.
     """
 
     format: Format
@@ -105,6 +109,8 @@ class HandoffRecord:
     body: bytes = b""
     payload: bytes = b""
     marker: bytes = b""
+    #: PLAIN_SCGI only: body bytes not yet read from the connection.
+    remaining: int = 0
 
 
 def detect_format(first: bytes, sock_type: int) -> Format:
@@ -248,20 +254,24 @@ class HandoffReader:
                     f"marker handoff delivered {len(data)} bytes with {nfds} fds, expected 1 and 1"
                 )
             self._record = decode_byte(data)
-        else:
+        else:  # SCGI or PLAIN_SCGI
             self._receive_scgi(data, nfds)
 
     def _receive_scgi(self, data: bytes, nfds: int) -> None:
-        if not self._scgi_started and nfds != 1:
-            raise ProtocolError("SCGI handoff arrived without an fd on its first bytes")
-        if self._scgi_started and nfds:
+        if not self._scgi_started and nfds == 0:
+            self._format = Format.PLAIN_SCGI
+        if (
+            nfds > 1
+            or (self._scgi_started and nfds)
+            or (self._format is Format.PLAIN_SCGI and nfds)
+        ):
             raise ProtocolError("a second fd arrived inside one SCGI handoff")
         self._scgi_started = True
         self._decoder.receive_data(data)
         self._drain()
 
     def _eof(self) -> None:
-        if self._format is Format.SCGI and not self._decoder.done:
+        if self._format in (Format.SCGI, Format.PLAIN_SCGI) and not self._decoder.done:
             self._decoder.receive_data(b"")
             self._drain()  # raises: EOF inside the message
         self._record = CLOSED
@@ -271,6 +281,9 @@ class HandoffReader:
             event = self._decoder.next_event()
             if isinstance(event, scgi.Headers):
                 _check_duplicates(event.headers)
+                if self._format is Format.PLAIN_SCGI:
+                    self._headers = event.headers
+                    continue
                 if event.content_length > self._max_body:
                     raise ProtocolError(
                         f"handoff announces {event.content_length} already-read bytes, "
@@ -288,17 +301,35 @@ class HandoffReader:
                     )
             elif isinstance(event, scgi.End):
                 assert self._headers is not None
+                if self._format is Format.PLAIN_SCGI:
+                    self._release_plain()
+                    return
                 self._record = record_from_scgi(self._headers, b"".join(self._body))
                 self.trailing_data = self._decoder.trailing_data
                 return
             else:
+                # Plain SCGI: release once past the netstring's ',' so the
+                # caller reads nothing but body from the connection.
+                if self._format is Format.PLAIN_SCGI and self._decoder.in_body:
+                    self._release_plain()
                 return
+
+    def _release_plain(self) -> None:
+        assert self._headers is not None
+        total = int(scgi.header_value(self._headers, b"CONTENT_LENGTH") or b"0")
+        body = b"".join(self._body)
+        self._record = HandoffRecord(
+            Format.PLAIN_SCGI, headers=self._headers, body=body, remaining=total - len(body)
+        )
 
     def next_record(self) -> HandoffRecord | _Signal:
         """The record completed by the last :meth:`receive`, ``NEED_DATA`` or ``CLOSED``."""
         record, self._record = self._record, NEED_DATA
-        if isinstance(record, HandoffRecord) and record.format is Format.SCGI:
-            self._record = CLOSED  # one SCGI handoff per connection
+        if isinstance(record, HandoffRecord) and record.format in (
+            Format.SCGI,
+            Format.PLAIN_SCGI,
+        ):
+            self._record = CLOSED  # one SCGI message per connection
         return record
 
 

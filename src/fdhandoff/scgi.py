@@ -251,6 +251,11 @@ class Decoder:
         """True once :class:`End` has been returned."""
         return self._state is _State.DONE
 
+    @property
+    def in_body(self) -> bool:
+        """True once the netstring (headers and ',') has been consumed."""
+        return self._state in (_State.BODY, _State.DONE)
+
     def receive_data(self, data: bytes) -> None:
         """Feed bytes; ``b""`` signals end of input."""
         if self._error is not None:
