@@ -130,7 +130,8 @@ def encode(
     stream the body separately after encoding only the head) but must equal
     ``len(body)`` whenever ``body`` is not empty.  ``str`` names and values are
     encoded as UTF-8.  Raises ``ValueError`` for empty names, NUL bytes, a bad
-    ``CONTENT_LENGTH`` or duplicate names (unless ``allow_duplicates``).
+    ``CONTENT_LENGTH``, an ``SCGI`` value :func:`decode` refuses, a repeated
+    ``SCGI``, or duplicate names (unless ``allow_duplicates``).
     """
     pairs: HeaderList = []
     content_length: bytes | None = None
@@ -148,6 +149,10 @@ def encode(
             _parse_content_length(value)  # raises ProtocolError (a ValueError)
             content_length = value
             continue
+        # Never produce a message decode() refuses: SCGI is unique and one of
+        # the versions this codec speaks, whatever allow_duplicates says.
+        if name == b"SCGI" and (value not in SCGI_VERSIONS or name in seen):
+            raise ValueError(f"SCGI header must appear once with a value in {SCGI_VERSIONS!r}")
         if name in seen and not allow_duplicates:
             raise ValueError(f"duplicate SCGI header name {name!r}")
         seen.add(name)
