@@ -301,11 +301,12 @@ class HandoffReader:
                     )
             elif isinstance(event, scgi.End):
                 assert self._headers is not None
+                # Bytes past the message are never dropped, whatever the format.
+                self.trailing_data = self._decoder.trailing_data
                 if self._format is Format.PLAIN_SCGI:
                     self._release_plain()
                     return
                 self._record = record_from_scgi(self._headers, b"".join(self._body))
-                self.trailing_data = self._decoder.trailing_data
                 return
             else:
                 # Plain SCGI: release once past the netstring's ',' so the
