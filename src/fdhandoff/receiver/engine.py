@@ -1,0 +1,467 @@
+"""The asyncio receiver engine: take handoffs on UNIX sockets, run the handler.
+
+One :class:`Receiver` per process (or per worker).  For every listening socket
+it accepts connections concurrently; each new UNIX connection gets a task that
+reads one handoff, bounded by ``handoff_timeout`` so a silent sender cannot
+stall anyone else.  The format is detected per connection
+(:mod:`fdhandoff.message`), and the connection is then treated the way its
+sender expects:
+
+* SCGI (fdhandoff front, nginx ``fd_pass``) and PAYLOAD (Apache
+  ``mod_socket_handoff``): one handoff per connection; the connection is
+  closed as soon as the handoff is read — the fdhandoff front takes that close
+  as "taken" and answers 503 itself when it does not come;
+* BYTE markers (``mod_proxy_fdpass``, OpenResty, fd-pass): a persistent
+  connection carrying many handoffs, read until the sender closes it;
+* plain SCGI (no fd: nginx ``scgi_pass``, Apache ``mod_proxy_scgi``): the
+  connection is the client; body and response travel on it.
+
+The handler runs in the same task, then the connection is finished according
+to what the handler did (:class:`~fdhandoff.receiver.handoff.Phase`): a
+complete response is closed with a lingering close, a stream handed over lives
+on without a task, a handler that answered nothing gets a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import resource
+import signal
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Final
+
+from .. import aio
+from ..errors import FdPassError, ProtocolError
+from ..fdpass import peer_credentials
+from ..message import Format, HandoffReader, HandoffRecord
+from . import http
+from .handoff import Handoff, Phase
+from .options import ACCEPT_BACKOFF, Options
+from .stream import ConnectionClosed, Stream
+
+__all__ = ["Handler", "Receiver", "serve"]
+
+log = logging.getLogger("fdhandoff.receiver")
+access_logger = logging.getLogger("fdhandoff.access")
+
+Handler = Callable[[Handoff], Awaitable[None]]
+
+#: Connections accepted per readiness callback before yielding to the loop,
+#: so one busy listener cannot starve the others or the streams.
+ACCEPT_BATCH: Final = 64
+
+#: Errors of accept()/recvmsg() that mean "out of fds or memory right now":
+#: back off and retry instead of failing (trio's serve_listeners does the same).
+_RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+#: Free fds below which a truncated SCM_RIGHTS message is blamed on EMFILE:
+#: the kernel reports a failed fd install only as MSG_CTRUNC (scm_detach_fds).
+_FD_HEADROOM: Final = 8
+
+
+class Receiver:
+    """Accepts handoffs on listening sockets and runs ``handler`` for each."""
+
+    def __init__(self, handler: Handler, options: Options | None = None) -> None:
+        self.handler = handler
+        self.options = options if options is not None else Options()
+        self.loop = asyncio.get_running_loop()
+        self.stopping = False
+        self._listeners: list[socket.socket] = []
+        self._accepting = False
+        self._backoff: asyncio.TimerHandle | None = None
+        #: Handoffs being answered and streams alive: what shutdown waits for.
+        self._live: set[Handoff | Stream] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        #: Tasks reading handoffs or running handlers.
+        self._tasks: set[asyncio.Task[None]] = set()
+        #: Tasks waiting for the next marker on a persistent BYTE connection.
+        self._marker_readers: set[asyncio.Task[None]] = set()
+
+    # --- listening ----------------------------------------------------------------
+
+    def start(self, listeners: Iterable[socket.socket]) -> None:
+        for sock in listeners:
+            sock.setblocking(False)
+            self._listeners.append(sock)
+        self._resume()
+
+    def _resume(self) -> None:
+        self._backoff = None
+        if self._accepting or self.stopping or self._at_limit():
+            return
+        self._accepting = True
+        for sock in self._listeners:
+            self.loop.add_reader(sock.fileno(), self._on_listener, sock)
+
+    def _pause(self) -> None:
+        if not self._accepting:
+            return
+        self._accepting = False
+        for sock in self._listeners:
+            self.loop.remove_reader(sock.fileno())
+
+    def _back_off(self, why: str) -> None:
+        log.warning("%s: not accepting handoffs for %.0f ms", why, ACCEPT_BACKOFF * 1000)
+        self._pause()
+        if self._backoff is None and not self.stopping:
+            self._backoff = self.loop.call_later(ACCEPT_BACKOFF, self._resume)
+
+    def _at_limit(self) -> bool:
+        limit = self.options.max_connections
+        return bool(limit) and len(self._live) + len(self._tasks) >= limit
+
+    def _on_listener(self, listener: socket.socket) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _ = listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in _RESOURCE_ERRNOS:
+                    self._back_off(f"accept failed: {exc.strerror}")
+                    return
+                if exc.errno in (errno.ECONNABORTED, errno.EINTR):
+                    continue
+                log.error("accept on %s failed: %s", listener.getsockname(), exc)
+                return
+            self._on_connection(conn)
+            if self._at_limit():
+                log.warning(
+                    "%d connections live (--max-connections): not accepting for now",
+                    self.options.max_connections,
+                )
+                self._pause()
+                return
+
+    def _allowed(self, conn: socket.socket) -> bool:
+        uids, gids = self.options.allow_uids, self.options.allow_gids
+        if not uids and not gids:
+            return True
+        try:
+            cred = peer_credentials(conn)
+        except OSError as exc:
+            log.warning("refused handoff connection: SO_PEERCRED failed: %s", exc)
+            return False
+        if cred.uid in uids or cred.gid in gids:
+            return True
+        log.warning(
+            "refused handoff connection from pid %d uid %d gid %d "
+            "(not in --allow-uid/--allow-gid); its client connection is closed",
+            cred.pid,
+            cred.uid,
+            cred.gid,
+        )
+        return False
+
+    def _on_connection(self, conn: socket.socket) -> None:
+        if not self._allowed(conn):
+            # Closing the UNIX connection makes the kernel release any fd
+            # queued on it (unix(7)), so the refused client is closed too.
+            conn.close()
+            return
+        conn.setblocking(False)
+        self.spawn(self._take(conn))
+
+    def spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
+        """Run ``coro`` as a tracked task (cancelled after the shutdown grace)."""
+        task: asyncio.Task[None] = self.loop.create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._check_idle()
+
+    # --- taking handoffs -------------------------------------------------------------
+
+    async def _take(self, conn: socket.socket) -> None:
+        keep = False  # True when conn became the client (plain SCGI)
+        try:
+            reader = HandoffReader(conn.type)
+            got = await self._receive(conn, reader, first=True)
+            if got is None:
+                return
+            record, client = got
+            if record.format is Format.BYTE:
+                self.spawn(self._run(record, client))
+                await self._take_markers(conn, reader)
+            elif record.format is Format.PLAIN_SCGI:
+                keep = True
+                await self._run(record, conn)
+            else:
+                conn.close()  # "taken": the sender may forget the client now
+                await self._run(record, client)
+        finally:
+            if not keep:
+                conn.close()
+
+    async def _take_markers(self, conn: socket.socket, reader: HandoffReader) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._marker_readers.add(task)
+        try:
+            while not self.stopping:
+                got = await self._receive(conn, reader, first=False)
+                if got is None:
+                    return
+                self.spawn(self._run(*got))
+        finally:
+            self._marker_readers.discard(task)
+
+    async def _receive(
+        self, conn: socket.socket, reader: HandoffReader, *, first: bool
+    ) -> tuple[HandoffRecord, socket.socket] | None:
+        """One handoff, or None after logging why there is none."""
+        timeout = self.options.handoff_timeout if first else None
+        try:
+            async with asyncio.timeout(timeout):
+                got = await aio.recv_handoff(conn, reader)
+        except TimeoutError:
+            log.warning(
+                "UNIX connection sent no complete handoff within %.1f s; closed",
+                self.options.handoff_timeout,
+            )
+            return None
+        except FdPassError as exc:
+            if _short_of_fds():
+                self._back_off(f"handoff lost, out of file descriptors ({exc})")
+            else:
+                log.warning("invalid handoff: %s", exc)
+            return None
+        except ProtocolError as exc:
+            log.warning("invalid handoff: %s", exc)
+            return None
+        except OSError as exc:
+            if exc.errno in _RESOURCE_ERRNOS:
+                self._back_off(f"recvmsg failed: {exc.strerror}")
+            else:
+                log.warning("reading a handoff failed: %s", exc)
+            return None
+        if got is None and first:
+            log.info("UNIX connection closed without a handoff")
+        return got
+
+    # --- running the handler ------------------------------------------------------------
+
+    async def _run(self, record: HandoffRecord, sock: socket.socket) -> None:
+        try:
+            handoff = Handoff(record, sock, self)
+        except ProtocolError as exc:
+            log.warning("bad request description in handoff: %s", exc)
+            await _reject(sock, exc.status_hint, record.format is Format.PLAIN_SCGI)
+            return
+        except OSError as exc:  # pragma: no cover - socket calls on a dead fd
+            log.warning("handed-off socket unusable: %s", exc)
+            sock.close()
+            return
+        self.track(handoff)
+        why: str | None = None
+        try:
+            if handoff.ktls_rx_relay:
+                await self._refuse_relay(handoff)
+            else:
+                await self.handler(handoff)
+        except ConnectionClosed as exc:
+            why = str(exc)
+        except ProtocolError as exc:
+            why = str(exc)
+            log.info("%s: %s", handoff.describe(), exc)
+            await _answer_error(handoff, exc.status_hint)
+        except asyncio.CancelledError:
+            why = "cancelled at shutdown"
+            handoff.phase = Phase.DONE if handoff.phase is not Phase.HANDED_OVER else handoff.phase
+            raise
+        except Exception:
+            why = "handler error"
+            log.exception("handler failed for %s", handoff.describe())
+            await _answer_error(handoff, 500)
+        finally:
+            self.untrack(handoff)
+            await self._complete(handoff, why)
+
+    async def _refuse_relay(self, handoff: Handoff) -> None:
+        # nginx fd_pass with kTLS TX only relays decrypted client bytes over
+        # the UNIX connection (peers.md section 1).  The receiver takes its
+        # input from the client socket only, so it refuses such handoffs; the
+        # response still reaches the client, encrypted by kTLS TX.
+        log.error(
+            "%s: nginx handed over a TLS connection without kernel TLS receive "
+            "offload (KTLS_RX=0); unsupported, answering 502 - enable kTLS RX "
+            "(TLS 1.2, or OpenSSL >= 3.2 for TLS 1.3)",
+            handoff.describe(),
+        )
+        await handoff.respond(502, [("Content-Type", "text/plain")], b"TLS relay not supported\n")
+
+    async def _complete(self, handoff: Handoff, why: str | None) -> None:
+        phase = handoff.phase
+        if phase is Phase.HANDED_OVER:
+            return
+        if phase is Phase.NEW and why is None:
+            log.error("handler returned without answering %s: 500", handoff.describe())
+            await _answer_error(handoff, 500)
+            phase = handoff.phase
+        if phase is Phase.STREAMING and why is None:
+            why = "handler returned before ending its response"
+            log.warning("%s: %s", handoff.describe(), why)
+        if handoff.phase is Phase.DONE and why is None:
+            await handoff.linger_close()
+        else:
+            handoff.socket.close()
+        self.access_log(
+            handoff.log_prefix(handoff.status or 0),
+            handoff.bytes_sent,
+            time.monotonic() - handoff.started,
+            why,
+        )
+
+    # --- bookkeeping -----------------------------------------------------------------
+
+    def track(self, item: Handoff | Stream) -> None:
+        self._live.add(item)
+        self._idle.clear()
+
+    def untrack(self, item: Handoff | Stream) -> None:
+        self._live.discard(item)
+        self._check_idle()
+        if not self._accepting and self._backoff is None and not self._at_limit():
+            self._resume()
+
+    def _check_idle(self) -> None:
+        if not self._live and not self._tasks:
+            self._idle.set()
+
+    @property
+    def connections(self) -> int:
+        """Handoffs being answered plus live streams."""
+        return len(self._live)
+
+    def access_log(self, prefix: str, sent: int, duration: float, why: str | None = None) -> None:
+        """One line per connection: client, request, status, bytes, duration."""
+        if not self.options.access_log or not access_logger.isEnabledFor(logging.INFO):
+            return
+        if why:
+            access_logger.info("%s %d %.3fs (%s)", prefix, sent, duration, why)
+        else:
+            access_logger.info("%s %d %.3fs", prefix, sent, duration)
+
+    # --- stopping ------------------------------------------------------------------
+
+    def stop_accepting(self) -> None:
+        """Close the listening sockets (their files are the caller's to remove)."""
+        self.stopping = True
+        self._pause()
+        if self._backoff is not None:
+            self._backoff.cancel()
+            self._backoff = None
+        for sock in self._listeners:
+            sock.close()
+        self._listeners.clear()
+        for task in list(self._marker_readers):
+            task.cancel()
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Stop taking handoffs, give live connections ``grace`` seconds, close the rest."""
+        self.stop_accepting()
+        grace = self.options.grace if grace is None else grace
+        if self._live or self._tasks:
+            log.info(
+                "stopping: %d connections live, waiting up to %.1f s", len(self._live), grace
+            )
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace):
+                    await self._idle.wait()
+        for item in list(self._live):
+            if isinstance(item, Stream):
+                item.going_away()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=max(1.0, grace))
+        for item in list(self._live):
+            if isinstance(item, Stream):
+                item._abort("closed at shutdown")
+
+
+def _short_of_fds() -> bool:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        used = len(os.listdir("/proc/self/fd"))
+    except OSError:  # pragma: no cover - /proc missing
+        return False
+    return soft != resource.RLIM_INFINITY and used >= soft - _FD_HEADROOM
+
+
+async def _reject(sock: socket.socket, status: int, cgi: bool) -> None:
+    """Answer a handoff whose request description is unusable, then close."""
+    head = http.response_head(
+        status, [("Content-Length", "0"), *([] if cgi else [("Connection", "close")])], cgi=cgi
+    )
+    try:
+        sock.setblocking(False)
+        sock.send(head)
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+async def _answer_error(handoff: Handoff, status: int) -> None:
+    if handoff.phase is not Phase.NEW or handoff.socket.fileno() < 0:
+        return
+    body = f"{status} {http.reason(status)}\n".encode()
+    with contextlib.suppress(ConnectionClosed, OSError):
+        await handoff.respond(status, [("Content-Type", "text/plain; charset=utf-8")], body)
+
+
+async def serve(
+    handler: Handler,
+    listeners: Iterable[socket.socket],
+    options: Options | None = None,
+    *,
+    stop: asyncio.Event | None = None,
+    ready: Callable[[Receiver], None] | None = None,
+) -> None:
+    """Serve until SIGTERM/SIGINT (or ``stop`` is set), then shut down gracefully.
+
+    A second signal skips the rest of the grace period.
+    """
+    receiver = Receiver(handler, options)
+    receiver.start(listeners)
+    loop = receiver.loop
+    stop = stop if stop is not None else asyncio.Event()
+    hurry = asyncio.Event()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            hurry.set()
+        stop.set()
+
+    installed: list[signal.Signals] = []
+    with contextlib.suppress(RuntimeError, NotImplementedError, ValueError):
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, on_signal)
+            installed.append(signum)
+    if ready is not None:
+        ready(receiver)
+    try:
+        await stop.wait()
+        shutdown = asyncio.ensure_future(receiver.shutdown())
+        hurried = asyncio.ensure_future(hurry.wait())
+        await asyncio.wait([shutdown, hurried], return_when=asyncio.FIRST_COMPLETED)
+        if not shutdown.done():
+            log.info("second signal: closing everything now")
+            shutdown.cancel()
+            await receiver.shutdown(grace=0)
+        hurried.cancel()
+    finally:
+        for signum in installed:
+            loop.remove_signal_handler(signum)

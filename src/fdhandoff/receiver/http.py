@@ -1,0 +1,113 @@
+"""HTTP/1.1 response bytes (sans-IO): status line or CGI head, headers, chunks.
+
+The receiver writes the whole response itself (the senders send nothing, not
+even ``100 Continue``), so this module is the one place that produces response
+framing (RFC 9112).  Header names and values are checked here: a CR, LF or NUL
+from application data would let it forge headers or a second response.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterable
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Final
+
+__all__ = [
+    "CONTINUE",
+    "LAST_CHUNK",
+    "HeaderInput",
+    "chunk",
+    "encode_headers",
+    "has_header",
+    "http_date",
+    "reason",
+    "response_head",
+]
+
+HeaderInput = Iterable[tuple[str | bytes, str | bytes]]
+
+#: Interim answer to ``Expect: 100-continue`` (RFC 9110 section 10.1.1).
+CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+#: End of a chunked body, no trailers (RFC 9112 section 7.1).
+LAST_CHUNK: Final = b"0\r\n\r\n"
+
+# token = 1*tchar (RFC 9110 section 5.6.2).
+_TOKEN: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+# field-value: no CR, LF or NUL (RFC 9110 section 5.5).
+_BAD_VALUE: Final = re.compile(rb"[\r\n\x00]")
+
+_date_cache: tuple[int, bytes] = (0, b"")
+
+
+def reason(status: int) -> str:
+    """The standard reason phrase, or an empty one for unknown codes."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
+
+
+def http_date() -> bytes:
+    """The ``Date`` value (RFC 9110 section 6.6.1), computed once per second."""
+    global _date_cache  # noqa: PLW0603 - a one-entry cache shared by all responses
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, formatdate(now, usegmt=True).encode())
+    return _date_cache[1]
+
+
+def _as_bytes(value: str | bytes) -> bytes:
+    return value.encode("latin-1") if isinstance(value, str) else value
+
+
+def encode_headers(headers: HeaderInput) -> bytes:
+    """``Name: value\\r\\n`` lines; raises ``ValueError`` on an invalid name or value."""
+    out = bytearray()
+    for raw_name, raw_value in headers:
+        name = _as_bytes(raw_name)
+        value = _as_bytes(raw_value)
+        if not _TOKEN.match(name):
+            raise ValueError(f"invalid response header name {name!r}")
+        if _BAD_VALUE.search(value):
+            raise ValueError(f"response header {name!r} contains CR, LF or NUL")
+        out += name + b": " + value.strip(b" \t") + b"\r\n"
+    return bytes(out)
+
+
+def has_header(headers: Iterable[tuple[str | bytes, str | bytes]], name: bytes) -> bool:
+    """True if ``name`` (lowercase) is among ``headers``."""
+    return any(_as_bytes(n).lower() == name for n, _ in headers)
+
+
+def response_head(
+    status: int,
+    headers: HeaderInput = (),
+    *,
+    version: str = "1.1",
+    cgi: bool = False,
+) -> bytes:
+    """The response head up to and including the empty line.
+
+    ``cgi=True`` writes a CGI-style ``Status:`` header instead of a status line:
+    what SCGI clients (nginx ``scgi_pass``, Apache ``mod_proxy_scgi``) parse.
+    """
+    if not 100 <= status <= 999:
+        raise ValueError(f"invalid HTTP status {status}")
+    phrase = reason(status).encode()
+    if cgi:
+        first = b"Status: %d %s\r\n" % (status, phrase)
+    else:
+        first = b"HTTP/%s %d %s\r\n" % (version.encode(), status, phrase)
+        first += b"Date: " + http_date() + b"\r\n"
+    return first + encode_headers(headers) + b"\r\n"
+
+
+def chunk(data: bytes) -> bytes:
+    """One chunk of a chunked body (RFC 9112 section 7.1); empty data gives nothing."""
+    if not data:
+        return b""
+    return b"%x\r\n%s\r\n" % (len(data), data)

@@ -1,0 +1,89 @@
+"""Receiver settings: limits and timeouts as named constants, and one frozen options object.
+
+Every default is listed with its reason in docs/security.md (section "Receiver").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Final
+
+__all__ = [
+    "ACCEPT_BACKOFF",
+    "BODY_TIMEOUT",
+    "DEFAULT_GRACE",
+    "HANDOFF_TIMEOUT",
+    "LINGER_TIMEOUT",
+    "MAX_BODY_SIZE",
+    "MAX_STREAM_BUFFER",
+    "MAX_WS_MESSAGE_SIZE",
+    "WRITE_TIMEOUT",
+    "Options",
+]
+
+#: Longest wait for one complete handoff on a new UNIX connection.  A sender
+#: writes its handoff in one sendmsg right after connect, so anything slower is
+#: a stuck or hostile peer; the fdhandoff front itself gives up after ~1 s.
+HANDOFF_TIMEOUT: Final = 5.0
+
+#: Pause after EMFILE/ENFILE at accept or recvmsg before accepting again: long
+#: enough for streams to end and free fds, short enough that a burst costs
+#: senders little (trio's serve_listeners uses the same 100 ms).
+ACCEPT_BACKOFF: Final = 0.1
+
+#: Longest wait for the next bytes of a request body.  RFC 9112 sets no value;
+#: 30 s is a common server default (uvicorn, hypercorn) and bounds a client that
+#: announces a body it never sends (nginx fd_pass swallows bodies, for one).
+BODY_TIMEOUT: Final = 30.0
+
+#: Largest request body read into memory by ``read_body()`` (413 above).
+MAX_BODY_SIZE: Final = 16 * 1024 * 1024
+
+#: Longest time a client may keep its receive window closed while a response
+#: waits to be written.  Slow readers are fine; a client that reads nothing for
+#: this long is gone or hostile.
+WRITE_TIMEOUT: Final = 60.0
+
+#: Bytes a non-blocking stream (SSE, WebSocket) may queue in user space while
+#: the kernel send buffer is full.  Above it the stream is closed as a slow
+#: consumer: one stalled client must not grow the process without bound.
+MAX_STREAM_BUFFER: Final = 1024 * 1024
+
+#: Largest WebSocket message (after reassembly of fragments); larger ones end
+#: the connection with close code 1009 (RFC 6455 section 7.4.1).
+MAX_WS_MESSAGE_SIZE: Final = 1024 * 1024
+
+#: After a complete response the receiver half-closes and reads what the client
+#: still sends (an unread body, a pipelined request) for at most this long
+#: before closing, so the kernel does not answer unread bytes with a RST that
+#: destroys the response in flight (RFC 9112 section 9.6, "lingering close").
+LINGER_TIMEOUT: Final = 2.0
+
+#: Default time live streams get to finish after SIGTERM before they are closed.
+DEFAULT_GRACE: Final = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """What one receiver process enforces.  Built by the CLI or by the caller."""
+
+    handoff_timeout: float = HANDOFF_TIMEOUT
+    body_timeout: float = BODY_TIMEOUT
+    max_body_size: int = MAX_BODY_SIZE
+    write_timeout: float = WRITE_TIMEOUT
+    max_stream_buffer: int = MAX_STREAM_BUFFER
+    max_ws_message_size: int = MAX_WS_MESSAGE_SIZE
+    linger_timeout: float = LINGER_TIMEOUT
+    grace: float = DEFAULT_GRACE
+    #: Handoffs allowed only from these sender uids / gids (SO_PEERCRED);
+    #: both empty means any sender that can connect to the socket.
+    allow_uids: frozenset[int] = frozenset()
+    allow_gids: frozenset[int] = frozenset()
+    #: Live connections at most; 0 means no limit but the fd limit.
+    max_connections: int = 0
+    #: One access-log line per connection (logger ``fdhandoff.access``).
+    access_log: bool = True
+
+    def replace(self, **changes: object) -> Options:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

@@ -1,0 +1,130 @@
+"""Running a receiver process: load the target, bind, pick the flavour, serve.
+
+Shared by ``fdhandoff serve`` and by programs that start a receiver
+themselves (:func:`run`).  The flavour follows the handler: a coroutine
+function runs on the asyncio engine (uvloop when available), a plain function
+on the thread-per-connection sync engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ..errors import ConfigError
+from . import engine
+from .listeners import DEFAULT_SOCKET_MODE, Bind, Listener, close_listener, open_listener
+from .options import Options
+from .supervisor import supervise
+
+__all__ = ["load_target", "new_event_loop", "run"]
+
+log = logging.getLogger("fdhandoff.receiver")
+
+LOOPS = ("auto", "asyncio", "uvloop")
+
+
+def load_target(spec: str) -> Any:
+    """Import ``module:attr`` (dotted attr allowed) from the current directory too."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"target {spec!r}: expected module:attribute")
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)  # like uvicorn: the app next to the command
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise ConfigError(f"target {spec!r}: cannot import {module_name}: {exc}") from exc
+        raise
+    target: Any = module
+    for part in attr.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise ConfigError(f"target {spec!r}: {module_name} has no attribute {attr}") from None
+    return target
+
+
+def new_event_loop(kind: str = "auto") -> asyncio.AbstractEventLoop:
+    """uvloop when asked for or available (``auto``), else asyncio's loop."""
+    if kind not in LOOPS:
+        raise ConfigError(f"--loop {kind!r}: expected one of {', '.join(LOOPS)}")
+    if kind != "asyncio":
+        try:
+            import uvloop  # noqa: PLC0415 - optional at run time
+        except ImportError:
+            if kind == "uvloop":
+                raise ConfigError("--loop uvloop: uvloop is not installed") from None
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
+def is_async_handler(handler: Callable[..., Any]) -> bool:
+    call = getattr(handler, "__call__", None)  # noqa: B004 - objects with async __call__
+    return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(call)
+
+
+def serve_listeners(
+    handler: Callable[..., Any],
+    listeners: Sequence[Listener],
+    options: Options,
+    loop: str = "auto",
+) -> int:
+    """Serve on already-bound listeners in this process until stopped."""
+    socks = [listener.sock for listener in listeners]
+    if is_async_handler(handler):
+        with asyncio.Runner(loop_factory=lambda: new_event_loop(loop)) as runner:
+            runner.run(engine.serve(handler, socks, options))
+        return 0
+    # Threads only when asked for.
+    sync = importlib.import_module(f"{__package__}.sync")
+    sync.serve(handler, socks, options)
+    return 0
+
+
+def run(
+    handler: Callable[..., Any],
+    binds: Sequence[Bind | str],
+    options: Options | None = None,
+    *,
+    workers: int = 1,
+    loop: str = "auto",
+    socket_mode: int = DEFAULT_SOCKET_MODE,
+    socket_group: str | None = None,
+) -> int:
+    """Bind, serve (in ``workers`` processes), remove the socket files on exit."""
+    options = options if options is not None else Options()
+    if workers < 1:
+        raise ConfigError("--workers must be at least 1")
+    if not binds:
+        raise ConfigError("give at least one --bind")
+    listeners: list[Listener] = []
+    try:
+        for bind in binds:
+            spec = bind if isinstance(bind, Bind) else Bind.parse(bind)
+            listeners.append(open_listener(spec, mode=socket_mode, group=socket_group))
+        log.info(
+            "receiver listening on %s (%d worker%s)",
+            ", ".join(str(listener.bind) for listener in listeners),
+            workers,
+            "s" if workers > 1 else "",
+        )
+        if workers == 1:
+            return serve_listeners(handler, listeners, options, loop)
+
+        def worker(slot: int) -> int:
+            return serve_listeners(handler, listeners, options, loop)
+
+        return supervise(workers, worker, options.grace)
+    finally:
+        for listener in listeners:
+            close_listener(listener)
