@@ -1,19 +1,98 @@
-"""``fdhandoff front``: placeholder until the front lands."""
+"""``fdhandoff front`` (run the front) and ``fdhandoff check`` (validate its config)."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
 import sys
+from collections.abc import Callable
 from typing import Any
+
+from ..errors import ConfigError
+from .config import FrontConfig, load_config, warnings
+
+__all__ = ["register"]
+
+log = logging.getLogger("fdhandoff.front")
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE.toml", help="configuration file (TOML)")
+    parser.add_argument(
+        "--listen",
+        action="append",
+        metavar="HOST:PORT",
+        help="listen address: 127.0.0.1:8080, [::1]:8080 or unix:/PATH "
+        "(repeatable; replaces the file's [[listen]] tables)",
+    )
+    parser.add_argument(
+        "--route",
+        action="append",
+        metavar="PREFIX=unix:PATH",
+        help="pass-mode route, added to the file's [[route]] tables (repeatable)",
+    )
 
 
 def register(subparsers: Any) -> None:
-    parser: argparse.ArgumentParser = subparsers.add_parser(
-        "front", help="run the front server (not available yet)"
+    front: argparse.ArgumentParser = subparsers.add_parser(
+        "front",
+        help="run the front server (accept, read the head, hand the connection off)",
+        description="Accept HTTP/1.1 connections, read the request head, and hand the live "
+        "connection to a receiver daemon over a UNIX socket (docs/front.md).",
     )
-    parser.set_defaults(handler=_run)
+    _add_config_options(front)
+    front.set_defaults(handler=_run_front)
+    check: argparse.ArgumentParser = subparsers.add_parser(
+        "check",
+        help="validate a front configuration and say exactly what is wrong",
+        description="Validate a front configuration: exit 0 if it is valid, 2 with one line "
+        "per problem (key path, value, why) if not.",
+    )
+    _add_config_options(check)
+    check.set_defaults(handler=_run_check)
 
 
-def _run(args: argparse.Namespace) -> int:
-    print("fdhandoff front: the front is not available in this version yet", file=sys.stderr)
-    return 2
+def _load(args: argparse.Namespace) -> FrontConfig:
+    if args.config is None and not (args.listen and args.route):
+        raise ConfigError("give --config FILE.toml, or both --listen and --route")
+    return load_config(args.config, listen=args.listen, routes=args.route)
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    try:
+        config = _load(args)
+    except ConfigError as exc:
+        source = args.config or "command line"
+        print(f"{source}: invalid configuration:", file=sys.stderr)
+        for line in str(exc).splitlines():
+            print(f"  {line}", file=sys.stderr)
+        return 2
+    for line in warnings(config):
+        print(f"warning: {line}", file=sys.stderr)
+    listen = ", ".join(address.text for address in config.listen)
+    print(f"ok: {len(config.listen)} listener(s) ({listen}), {len(config.routes)} route(s)")
+    for route in config.routes:
+        where = route.backend or (route.upstream.text if route.upstream else "")
+        host = f" host={route.host}" if route.host else ""
+        print(f"  {route.prefix}{host} -> {route.mode.value} {where}")
+    return 0
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
+    try:
+        import uvloop  # noqa: PLC0415  (optional: absent off Linux)
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.new_event_loop
+    return uvloop.new_event_loop
+
+
+def _run_front(args: argparse.Namespace) -> int:
+    config = _load(args)
+    logging.getLogger("fdhandoff").setLevel(config.log.level.upper())
+    from .server import Front  # noqa: PLC0415  (``check`` needs none of the engine)
+
+    front = Front(config)
+    front.open()  # bind before the loop starts: a busy port is exit 2 at once
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        return runner.run(front.serve())

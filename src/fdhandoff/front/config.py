@@ -1,0 +1,607 @@
+"""The front's configuration: TOML (or command-line flags) → small frozen dataclasses.
+
+Every key, its default and its meaning is listed in docs/front.md.  Loading
+collects *every* problem before failing, each one naming the key path, the
+value and why (``route[1].mode = 'websockets': not one of auth, pass,
+websocket (did you mean 'websocket'?)``), and raises one
+:class:`~fdhandoff.errors.ConfigError` holding them all.  Unknown keys are
+errors: a misspelt limit must never silently fall back to its default.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+from ..errors import ConfigError
+from ..httphead import MAX_HEAD_SIZE, MAX_HEADERS, MAX_URI_LENGTH, HeadLimits
+
+__all__ = [
+    "Address",
+    "FrontConfig",
+    "HandoffFormat",
+    "Limits",
+    "LogConfig",
+    "Mode",
+    "RouteConfig",
+    "Timeouts",
+    "build_config",
+    "load_config",
+    "parse_address",
+]
+
+# --- defaults (docs/front.md and docs/security.md give the reasons) -------------------
+
+#: listen(2) backlog.  somaxconn is 4096 on current kernels; 1024 absorbs a
+#: burst of new connections while the loop is busy, as nginx's 511 does.
+DEFAULT_BACKLOG: Final = 1024
+#: Auth mode: largest request body forwarded to the application (413 above).
+MAX_BODY_SIZE: Final = 10 * 1024 * 1024
+#: Auth mode: largest response head accepted from the application (502 above).
+MAX_RESPONSE_HEAD_SIZE: Final = 32 * 1024
+#: Auth mode: at most this much of a dropped application response body is read
+#: and discarded before the upstream connection is closed.
+MAX_DISCARD_SIZE: Final = 1024 * 1024
+#: Longest UNIX socket path: sun_path holds 108 bytes with the final NUL (unix(7)).
+MAX_UNIX_PATH: Final = 107
+
+
+class Mode(Enum):
+    """What a route does with a request."""
+
+    PASS = "pass"  # noqa: S105  (hand off the connection right after the head)
+    WEBSOCKET = "websocket"  #: answer the upgrade (101), then hand off
+    AUTH = "auth"  #: ask an HTTP application; it may name a daemon to hand off to
+
+
+class HandoffFormat(Enum):
+    """Wire format of an auth-mode handoff."""
+
+    APACHE = "apache"  #: mod_socket_handoff: SOCK_SEQPACKET, payload verbatim
+    SCGI = "scgi"  #: SOCK_STREAM, the SCGI description with HANDOFF_DATA
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A listen address or an upstream: TCP (``host``, ``port``) or UNIX (``path``)."""
+
+    text: str
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    @property
+    def is_unix(self) -> bool:
+        return bool(self.path)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    prefix: str
+    mode: Mode = Mode.PASS
+    host: str | None = None
+    #: pass / websocket: the receiver's UNIX socket path.
+    backend: str = ""
+    #: auth: the application.
+    upstream: Address | None = None
+    #: auth: X-Socket-Handoff paths must resolve (symlinks included) inside it.
+    allowed_prefix: str = ""
+    handoff_format: HandoffFormat = HandoffFormat.APACHE
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_head_size: int = MAX_HEAD_SIZE
+    max_uri_length: int = MAX_URI_LENGTH
+    max_headers: int = MAX_HEADERS
+    max_body_size: int = MAX_BODY_SIZE
+    max_response_head_size: int = MAX_RESPONSE_HEAD_SIZE
+    max_discard_size: int = MAX_DISCARD_SIZE
+
+    @property
+    def head(self) -> HeadLimits:
+        return HeadLimits(self.max_head_size, self.max_uri_length, self.max_headers)
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Seconds.  Reasons and statuses: docs/security.md."""
+
+    head: float = 10.0
+    handoff: float = 1.0
+    upstream_connect: float = 5.0
+    upstream: float = 60.0
+    body: float = 30.0
+    linger: float = 2.0
+    shutdown: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    #: "stderr", "off", or a file path (appended to).
+    access: str = "stderr"
+    level: str = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class FrontConfig:
+    listen: tuple[Address, ...]
+    routes: tuple[RouteConfig, ...]
+    backlog: tuple[int, ...] = ()
+    limits: Limits = field(default_factory=Limits)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+# --- validation helpers ---------------------------------------------------------------
+
+_T = TypeVar("_T")
+
+
+class _Errors:
+    """Collects problems as ``key path = value: why`` lines."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def add(self, path: str, value: object, why: str) -> None:
+        if value is _MISSING:
+            shown = "(missing)"
+        elif isinstance(value, bool):
+            shown = "true" if value else "false"  # as written in TOML
+        else:
+            shown = repr(value)
+        self.lines.append(f"{path} = {shown}: {why}")
+
+    def raise_if_any(self) -> None:
+        if self.lines:
+            raise ConfigError("\n".join(self.lines))
+
+
+_MISSING: Final = object()
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_keys(table: Mapping[str, Any], allowed: list[str], path: str, errors: _Errors) -> None:
+    for key in table:
+        if key not in allowed:
+            where = f"{path}.{key}" if path else key
+            hint = _did_you_mean(key, allowed)
+            errors.add(where, table[key], f"unknown key{hint}; known: {', '.join(allowed)}")
+
+
+def _number(
+    table: Mapping[str, Any],
+    key: str,
+    path: str,
+    errors: _Errors,
+    *,
+    default: _T,
+    kind: type,
+    low: float,
+    high: float,
+) -> _T:
+    value = table.get(key, _MISSING)
+    if value is _MISSING:
+        return default
+    ok_type = isinstance(value, int | float) if kind is float else isinstance(value, int)
+    if isinstance(value, bool) or not ok_type:
+        expected = "a number" if kind is float else "an integer"
+        errors.add(f"{path}.{key}", value, f"must be {expected}")
+        return default
+    if not low <= value <= high:
+        errors.add(f"{path}.{key}", value, f"must be between {low:g} and {high:g}")
+        return default
+    return kind(value)  # type: ignore[no-any-return]
+
+
+def _string(table: Mapping[str, Any], key: str, path: str, errors: _Errors) -> str | None:
+    value = table.get(key, _MISSING)
+    if value is _MISSING:
+        return None
+    if not isinstance(value, str) or not value:
+        errors.add(f"{path}.{key}", value, "must be a non-empty string")
+        return None
+    return value
+
+
+def _enum(
+    table: Mapping[str, Any],
+    key: str,
+    path: str,
+    errors: _Errors,
+    *,
+    enum: type[Enum],
+    default: Any,
+) -> Any:
+    value = table.get(key, _MISSING)
+    if value is _MISSING:
+        return default
+    names = sorted(member.value for member in enum)
+    if not isinstance(value, str) or value not in names:
+        hint = _did_you_mean(value, names) if isinstance(value, str) else ""
+        errors.add(f"{path}.{key}", value, f"not one of {', '.join(names)}{hint}")
+        return default
+    return enum(value)
+
+
+def parse_address(text: str, *, what: str = "address") -> Address:
+    """``host:port`` (IPv4), ``[v6]:port`` or ``unix:/absolute/path``; ValueError if not."""
+    if text.startswith("unix:"):
+        path = text[5:]
+        if not path.startswith("/"):
+            raise ValueError(f"the {what} path after 'unix:' must be absolute")
+        if len(os.fsencode(path)) > MAX_UNIX_PATH:
+            raise ValueError(f"UNIX socket paths are limited to {MAX_UNIX_PATH} bytes (unix(7))")
+        return Address(text, path=path)
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError("expected HOST:PORT, [IPV6]:PORT or unix:/PATH")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        family = 6
+    else:
+        family = 4
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{host!r} is not an IP address (IPv6 goes in brackets)") from None
+    if ip.version != family:
+        raise ValueError("IPv6 addresses must be written in brackets: [::1]:8080")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"port {port_text!r} is not a number from 0 to 65535")
+    return Address(text, host=str(ip), port=int(port_text))
+
+
+def _upstream(text: str) -> Address:
+    if text.startswith("unix:"):
+        return parse_address(text, what="upstream")
+    if not text.startswith("http://"):
+        raise ValueError("expected http://HOST:PORT or unix:/PATH (https is not supported)")
+    authority = text[7:]
+    if "/" in authority.rstrip("/") or "?" in authority or "@" in authority:
+        raise ValueError("the upstream is an origin only: http://HOST[:PORT], no path")
+    authority = authority.rstrip("/")
+    if authority.startswith("["):
+        close = authority.find("]")
+        host, rest = authority[1:close], authority[close + 1 :]
+    else:
+        host, _, port_part = authority.partition(":")
+        rest = ":" + port_part if port_part else ""
+    port_text = rest[1:] if rest.startswith(":") else "80"
+    if not host or (rest and not rest.startswith(":")):
+        raise ValueError("expected http://HOST[:PORT]")
+    if not port_text.isdigit() or not 0 < int(port_text) <= 65535:
+        raise ValueError(f"port {port_text!r} is not a number from 1 to 65535")
+    return Address(text, host=host, port=int(port_text))
+
+
+def _backend_path(text: str) -> str:
+    if not text.startswith("unix:"):
+        raise ValueError("a backend is a UNIX socket: unix:/PATH")
+    address = parse_address(text, what="backend")
+    if not address.is_unix:
+        raise ValueError("a backend is a UNIX socket: unix:/PATH")
+    return address.path
+
+
+# --- sections ----------------------------------------------------------------------------
+
+_TOP_KEYS: Final = ["limits", "listen", "log", "route", "timeouts"]
+_LISTEN_KEYS: Final = ["address", "backlog"]
+_ROUTE_KEYS: Final = [
+    "allowed_prefix",
+    "backend",
+    "handoff_format",
+    "host",
+    "mode",
+    "prefix",
+    "upstream",
+]
+_LOG_LEVELS: Final = ["debug", "info", "warning", "error"]
+
+
+def _table(raw: Mapping[str, Any], key: str, errors: _Errors) -> Mapping[str, Any]:
+    value = raw.get(key, {})
+    if not isinstance(value, dict):
+        errors.add(key, value, "must be a table ([" + key + "])")
+        return {}
+    return value
+
+
+def _tables(raw: Mapping[str, Any], key: str, errors: _Errors) -> list[Mapping[str, Any]]:
+    value = raw.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        errors.add(key, value, f"must be an array of tables ([[{key}]])")
+        return []
+    return value
+
+
+def _listen(table: Mapping[str, Any], path: str, errors: _Errors) -> tuple[Address | None, int]:
+    _check_keys(table, _LISTEN_KEYS, path, errors)
+    backlog = _number(
+        table, "backlog", path, errors, default=DEFAULT_BACKLOG, kind=int, low=1, high=65535
+    )
+    text = _string(table, "address", path, errors)
+    if text is None:
+        if "address" not in table:
+            errors.add(f"{path}.address", _MISSING, "every [[listen]] needs an address")
+        return None, backlog
+    try:
+        return parse_address(text), backlog
+    except ValueError as exc:
+        where = path if path.startswith("--") else f"{path}.address"
+        errors.add(where, text, str(exc))
+        return None, backlog
+
+
+def _route(table: Mapping[str, Any], path: str, errors: _Errors) -> RouteConfig | None:
+    _check_keys(table, _ROUTE_KEYS, path, errors)
+    before = len(errors.lines)
+    prefix = _string(table, "prefix", path, errors)
+    if prefix is None and "prefix" not in table:
+        errors.add(f"{path}.prefix", _MISSING, "every [[route]] needs a prefix")
+    elif prefix is not None and not prefix.startswith("/"):
+        errors.add(f"{path}.prefix", prefix, "must start with '/'")
+    host = _string(table, "host", path, errors)
+    if host is not None and (not host.isascii() or ":" in host or "/" in host or " " in host):
+        errors.add(f"{path}.host", host, "a host name without port (ASCII, IDNA-encoded)")
+    mode: Mode = _enum(table, "mode", path, errors, enum=Mode, default=Mode.PASS)
+    fmt: HandoffFormat = _enum(
+        table, "handoff_format", path, errors, enum=HandoffFormat, default=HandoffFormat.APACHE
+    )
+    backend = _string(table, "backend", path, errors) or ""
+    upstream_text = _string(table, "upstream", path, errors)
+    allowed = _string(table, "allowed_prefix", path, errors) or ""
+    upstream: Address | None = None
+    if mode is Mode.AUTH:
+        for key in ("backend",):
+            if key in table:
+                errors.add(f"{path}.{key}", table[key], "not used in auth mode (the app names it)")
+        if upstream_text is None:
+            if "upstream" not in table:
+                errors.add(f"{path}.upstream", _MISSING, "auth mode needs the application")
+        else:
+            try:
+                upstream = _upstream(upstream_text)
+            except ValueError as exc:
+                errors.add(f"{path}.upstream", upstream_text, str(exc))
+        if not allowed:
+            if "allowed_prefix" not in table:
+                errors.add(f"{path}.allowed_prefix", _MISSING, "auth mode needs a directory")
+        elif not allowed.startswith("/"):
+            errors.add(f"{path}.allowed_prefix", allowed, "must be an absolute directory")
+    else:
+        for key in ("upstream", "allowed_prefix", "handoff_format"):
+            if key in table:
+                errors.add(f"{path}.{key}", table[key], f"only used in auth mode, not {mode.value}")
+        if not backend:
+            if "backend" not in table:
+                errors.add(f"{path}.backend", _MISSING, f"{mode.value} mode needs a backend")
+        else:
+            try:
+                backend = _backend_path(backend)
+            except ValueError as exc:
+                errors.add(f"{path}.backend", backend, str(exc))
+    if len(errors.lines) > before or prefix is None:
+        return None
+    return RouteConfig(prefix, mode, host, backend, upstream, allowed, fmt)
+
+
+def _limits(table: Mapping[str, Any], errors: _Errors) -> Limits:
+    _check_keys(table, list(Limits.__dataclass_fields__), "limits", errors)
+    d = Limits()
+    head = _number(
+        table,
+        "max_head_size",
+        "limits",
+        errors,
+        default=d.max_head_size,
+        kind=int,
+        low=1024,
+        high=1 << 20,
+    )
+    limits = Limits(
+        max_head_size=head,
+        max_uri_length=_number(
+            table,
+            "max_uri_length",
+            "limits",
+            errors,
+            default=d.max_uri_length,
+            kind=int,
+            low=64,
+            high=1 << 20,
+        ),
+        max_headers=_number(
+            table,
+            "max_headers",
+            "limits",
+            errors,
+            default=d.max_headers,
+            kind=int,
+            low=1,
+            high=10000,
+        ),
+        max_body_size=_number(
+            table,
+            "max_body_size",
+            "limits",
+            errors,
+            default=d.max_body_size,
+            kind=int,
+            low=0,
+            high=1 << 40,
+        ),
+        max_response_head_size=_number(
+            table,
+            "max_response_head_size",
+            "limits",
+            errors,
+            default=d.max_response_head_size,
+            kind=int,
+            low=1024,
+            high=1 << 20,
+        ),
+        max_discard_size=_number(
+            table,
+            "max_discard_size",
+            "limits",
+            errors,
+            default=d.max_discard_size,
+            kind=int,
+            low=0,
+            high=1 << 30,
+        ),
+    )
+    if limits.max_uri_length > limits.max_head_size:
+        errors.add(
+            "limits.max_uri_length",
+            limits.max_uri_length,
+            f"larger than limits.max_head_size ({limits.max_head_size})",
+        )
+    return limits
+
+
+def _timeouts(table: Mapping[str, Any], errors: _Errors) -> Timeouts:
+    names = list(Timeouts.__dataclass_fields__)
+    _check_keys(table, names, "timeouts", errors)
+    d = Timeouts()
+    values = {
+        name: _number(
+            table,
+            name,
+            "timeouts",
+            errors,
+            default=getattr(d, name),
+            kind=float,
+            low=0.001,
+            high=86400.0,
+        )
+        for name in names
+    }
+    return Timeouts(**values)
+
+
+def _log(table: Mapping[str, Any], errors: _Errors) -> LogConfig:
+    _check_keys(table, ["access", "level"], "log", errors)
+    access = _string(table, "access", "log", errors) or "stderr"
+    level = table.get("level", "info")
+    if level not in _LOG_LEVELS:
+        hint = _did_you_mean(level, _LOG_LEVELS) if isinstance(level, str) else ""
+        errors.add("log.level", level, f"not one of {', '.join(_LOG_LEVELS)}{hint}")
+        level = "info"
+    if access not in ("stderr", "off") and not access.startswith("/"):
+        errors.add("log.access", access, "'stderr', 'off' or an absolute file path")
+    return LogConfig(access, level)
+
+
+def build_config(
+    raw: Mapping[str, Any],
+    *,
+    listen: list[str] | None = None,
+    routes: list[str] | None = None,
+) -> FrontConfig:
+    """Validate a parsed TOML document plus the command-line quick flags.
+
+    ``listen`` (``--listen``) replaces the file's listeners when given;
+    ``routes`` (``--route PREFIX=unix:PATH``, pass mode) are added to its routes.
+    """
+    errors = _Errors()
+    _check_keys(raw, _TOP_KEYS, "", errors)
+    addresses: list[Address] = []
+    backlogs: list[int] = []
+    listen_tables = (
+        [{"address": text} for text in listen] if listen else _tables(raw, "listen", errors)
+    )
+    for index, table in enumerate(listen_tables):
+        label = "--listen" if listen else f"listen[{index}]"
+        address, backlog = _listen(table, label, errors)
+        if address is not None:
+            addresses.append(address)
+            backlogs.append(backlog)
+    route_configs: list[RouteConfig] = []
+    route_tables = [(f"route[{i}]", t) for i, t in enumerate(_tables(raw, "route", errors))]
+    for text in routes or []:
+        prefix, sep, backend = text.partition("=")
+        if not sep:
+            errors.add(f"--route {text!r}", text, "expected PREFIX=unix:PATH")
+            continue
+        route_tables.append((f"--route {text!r}", {"prefix": prefix, "backend": backend}))
+    seen: dict[tuple[str, str | None], str] = {}
+    for label, table in route_tables:
+        route = _route(table, label, errors)
+        if route is None:
+            continue
+        key = (route.prefix, route.host.lower() if route.host else None)
+        if key in seen:
+            errors.add(f"{label}.prefix", route.prefix, f"same prefix and host as {seen[key]}")
+            continue
+        seen[key] = label
+        route_configs.append(route)
+    if not addresses and not errors.lines:
+        errors.add("listen", [], "nothing to listen on: add a [[listen]] table or --listen")
+    if not route_configs and not errors.lines:
+        errors.add("route", [], "no routes: add a [[route]] table or --route")
+    seen_listen: set[str] = set()
+    for address in addresses:
+        if address.text in seen_listen and not address.text.endswith(":0"):
+            errors.add("listen", address.text, "listed twice")
+        seen_listen.add(address.text)
+    config = FrontConfig(
+        tuple(addresses),
+        tuple(route_configs),
+        tuple(backlogs),
+        _limits(_table(raw, "limits", errors), errors),
+        _timeouts(_table(raw, "timeouts", errors), errors),
+        _log(_table(raw, "log", errors), errors),
+    )
+    errors.raise_if_any()
+    return config
+
+
+def load_config(
+    path: str | os.PathLike[str] | None,
+    *,
+    listen: list[str] | None = None,
+    routes: list[str] | None = None,
+) -> FrontConfig:
+    """Read and validate a TOML file (optional when flags give listen and routes)."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with Path(path).open("rb") as handle:
+                raw = tomllib.load(handle)
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return build_config(raw, listen=listen, routes=routes)
+
+
+def warnings(config: FrontConfig) -> list[str]:
+    """Things that are valid but probably wrong right now (``fdhandoff check``)."""
+    found: list[str] = []
+    for route in config.routes:
+        if route.backend and not os.path.exists(route.backend):
+            found.append(
+                f"route {route.prefix!r}: backend {route.backend} does not exist yet "
+                f"(requests answer 503 until it does)"
+            )
+        if route.allowed_prefix and not os.path.isdir(route.allowed_prefix):
+            found.append(
+                f"route {route.prefix!r}: allowed_prefix {route.allowed_prefix} "
+                "is not an existing directory"
+            )
+    return found

@@ -1,0 +1,530 @@
+"""HTTP/1.1 request heads under limits (RFC 9112), sans-IO.
+
+The front needs the request head and nothing else: it must find where the
+head ends without reading a byte past it (the body and any pipelined request
+stay in the kernel for the receiver), then parse it strictly.  Parsing is done
+by llhttp through ``httptools``: the fastest parser measured for Python and
+the strictest (NUL/CR/DEL in values, obs-fold, bare LF, conflicting or
+repeated ``Content-Length``, ``Content-Length`` together with
+``Transfer-Encoding`` and invalid header-name characters are all refused).
+This module adds what llhttp leaves to the server: size limits with their own
+statuses, the ``Host`` rules of RFC 9112 §3.2, the request-target forms of
+§3.2, and the HTTP-version decision.
+
+Every error is a :class:`~fdhandoff.errors.ProtocolError` whose
+``status_hint`` is the answer to give (see docs/security.md):
+
+=====  ==========================================================
+400    malformed head, bad Host, bad framing headers
+408    (the caller's timeout, not raised here)
+414    request line longer than ``max_uri_length``
+431    head larger than ``max_head_size`` or too many header lines
+501    method unknown to llhttp (a valid token, but not one we implement)
+505    any HTTP version but 1.1
+=====  ==========================================================
+
+Bytes in, values out: no sockets, no asyncio.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Final
+
+import httptools
+
+from .errors import ProtocolError
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "HEAD_END",
+    "MAX_CHUNK_SIZE_DIGITS",
+    "MAX_HEADERS",
+    "MAX_HEAD_SIZE",
+    "MAX_URI_LENGTH",
+    "ChunkedReader",
+    "HeadLimits",
+    "RequestHead",
+    "ResponseHead",
+    "find_head_end",
+    "incomplete_head_error",
+    "is_token",
+    "parse_head",
+    "parse_response_head",
+    "split_host",
+]
+
+# --- limits (docs/security.md, "Front") ----------------------------------------
+
+#: Largest request head (request line + header lines + the blank line).
+#: nginx's largest is 1k + 4 x 8k (large_client_header_buffers); 32 KiB keeps
+#: every request nginx fd_pass accepted acceptable here.  Over it: 431.
+MAX_HEAD_SIZE: Final = 32 * 1024
+
+#: Longest request line.  nginx refuses a request line that does not fit one
+#: 8k large_client_header_buffer with 414; the same limit, the same answer.
+MAX_URI_LENGTH: Final = 8 * 1024
+
+#: Most header lines in one head.  Apache's LimitRequestFields default; each
+#: becomes one SCGI pair.  Over it: 431.
+MAX_HEADERS: Final = 100
+
+#: Hex digits allowed in a chunk size (16 = 2**64 - 1 at most); more is a
+#: malformed body (400), never an integer overflow.
+MAX_CHUNK_SIZE_DIGITS: Final = 16
+
+#: Longest chunk-size line (size + extensions).  Extensions are ignored, but
+#: an endless one would otherwise grow a buffer: 4 KiB (llhttp has no limit;
+#: h11 caps the line similarly).
+MAX_CHUNK_LINE: Final = 4096
+
+#: The end of every head (RFC 9112 §2.1: CRLF after the last field line).
+HEAD_END: Final = b"\r\n\r\n"
+
+_TOKEN_CHARS: Final = frozenset(
+    b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+)
+_HOST_CHARS: Final = frozenset(
+    b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~!$&'()*+,;=%:[]"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class HeadLimits:
+    """Size limits for one request head (defaults above)."""
+
+    max_head_size: int = MAX_HEAD_SIZE
+    max_uri_length: int = MAX_URI_LENGTH
+    max_headers: int = MAX_HEADERS
+
+
+DEFAULT_LIMITS: Final = HeadLimits()
+
+HeaderPairs = tuple[tuple[bytes, bytes], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHead:
+    """One parsed request head.
+
+    ``target`` is the request-target exactly as sent (SCGI ``REQUEST_URI``);
+    ``path`` and ``query`` are its parts, still percent-encoded (for an
+    absolute-form target, the path and query of the URL).  ``host`` is the
+    lower-cased host without port, from the absolute-form target or the
+    ``Host`` header (RFC 9112 §3.2.2); ``port`` is the port given there, or
+    ``b""``.  ``headers`` are in arrival order, names as sent.
+    """
+
+    method: bytes
+    target: bytes
+    path: bytes
+    query: bytes
+    version: bytes
+    headers: HeaderPairs
+    host: bytes
+    port: bytes
+    content_length: int | None
+    chunked: bool
+    upgrade: bool
+    size: int
+
+    def values(self, name: bytes) -> list[bytes]:
+        """Every value of header ``name`` (lower case), in arrival order."""
+        return [value for key, value in self.headers if key.lower() == name]
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseHead:
+    """A parsed response head (from an upstream application)."""
+
+    status: int
+    reason: bytes
+    version: bytes
+    headers: HeaderPairs
+    content_length: int | None
+    chunked: bool
+    size: int
+
+    def values(self, name: bytes) -> list[bytes]:
+        return [value for key, value in self.headers if key.lower() == name]
+
+
+def is_token(value: bytes) -> bool:
+    """True if ``value`` is an RFC 9110 §5.6.2 token."""
+    return bool(value) and all(byte in _TOKEN_CHARS for byte in value)
+
+
+# --- finding the end ----------------------------------------------------------------
+
+
+def find_head_end(buf: bytes | bytearray, start: int = 0, end: int | None = None) -> int:
+    """Index just past the blank line that ends the head, or -1.
+
+    ``start`` lets a caller resume a search: pass the length already searched
+    minus 3, so a terminator split across reads is found.  Only CRLF line
+    ends count: a bare-LF head never ends and is refused by
+    :func:`incomplete_head_error` (RFC 9112 §2.2 lets a recipient accept bare
+    LF, but a lenient front and a strict receiver would disagree on where the
+    head ends, which is how request smuggling starts).
+    """
+    if end is None:
+        end = len(buf)
+    found = buf.find(HEAD_END, start, end)
+    return -1 if found < 0 else found + 4
+
+
+def incomplete_head_error(
+    buf: bytes | bytearray, limits: HeadLimits = DEFAULT_LIMITS
+) -> ProtocolError | None:
+    """The error for a head that has not ended yet, or None if it may still end well.
+
+    Catches early what can already be judged: a bare LF (400), a request line
+    already longer than the URI limit (414), and a head that has reached the
+    size limit without ending (414 if its request line did not end either,
+    else 431).
+    """
+    line_end = buf.find(b"\r\n")
+    if buf.count(b"\n") != buf.count(b"\r\n"):
+        return ProtocolError("line ends with a bare LF, not CRLF (RFC 9112 §2.2)")
+    if (line_end < 0 and len(buf) > limits.max_uri_length) or line_end > limits.max_uri_length:
+        return ProtocolError(
+            f"request line longer than {limits.max_uri_length} bytes", status_hint=414
+        )
+    if len(buf) >= limits.max_head_size:
+        return ProtocolError(
+            f"request head larger than {limits.max_head_size} bytes", status_hint=431
+        )
+    return None
+
+
+# --- parsing --------------------------------------------------------------------------
+
+
+class _Collector:
+    """httptools callbacks: the URL and the header pairs."""
+
+    __slots__ = ("complete", "headers", "url")
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.complete = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.complete = True
+
+
+def parse_head(head: bytes, limits: HeadLimits = DEFAULT_LIMITS) -> RequestHead:
+    """Parse one complete request head (ending with CRLF CRLF).
+
+    Raises :class:`ProtocolError` with the status to answer (module docstring).
+    """
+    if len(head) > limits.max_head_size:
+        raise ProtocolError(
+            f"request head larger than {limits.max_head_size} bytes", status_hint=431
+        )
+    line_end = head.find(b"\r\n")
+    if line_end > limits.max_uri_length:
+        raise ProtocolError(
+            f"request line longer than {limits.max_uri_length} bytes", status_hint=414
+        )
+    if head.startswith(b"PRI * HTTP/2.0\r\n"):  # the HTTP/2 connection preface (RFC 9113 §3.4)
+        raise ProtocolError("HTTP/2 is not supported, only HTTP/1.1", status_hint=505)
+    collector = _Collector()
+    parser = httptools.HttpRequestParser(collector)
+    try:
+        parser.feed_data(head)
+    except httptools.HttpParserUpgrade:
+        pass  # Upgrade or CONNECT: llhttp stops after the head, which is all we feed
+    except httptools.HttpParserInvalidMethodError:
+        method = head[: head.find(b" ")] if b" " in head[:line_end] else b""
+        if is_token(method):
+            # RFC 9110 §9.1: an unrecognised method is answered with 501.
+            raise ProtocolError(
+                f"method {method[:32]!r} is not implemented", status_hint=501
+            ) from None
+        raise ProtocolError("malformed request line: the method is not a token") from None
+    except httptools.HttpParserError as exc:
+        raise _parser_error(exc) from None
+    if not collector.complete:
+        raise ProtocolError("request head is empty or incomplete")
+    if len(collector.headers) > limits.max_headers:
+        raise ProtocolError(f"more than {limits.max_headers} header lines", status_hint=431)
+    method = parser.get_method()
+    version = parser.get_http_version().encode("ascii")
+    if version != b"1.1":
+        # nginx fd_pass answers 505 to anything but HTTP/1.1, and so do we:
+        # receivers are written for 1.1 (chunked responses, Upgrade, Host),
+        # which an HTTP/1.0 client cannot take (docs/front.md).
+        raise ProtocolError(
+            f"HTTP/{version.decode()} is not supported, only HTTP/1.1", status_hint=505
+        )
+    headers = tuple(collector.headers)
+    return _build(
+        method=method,
+        target=collector.url,
+        version=version,
+        headers=headers,
+        upgrade=parser.should_upgrade(),
+        size=len(head),
+    )
+
+
+def _parser_error(exc: Exception) -> ProtocolError:
+    reason = str(exc) or type(exc).__name__
+    return ProtocolError(f"malformed request head: {reason}")
+
+
+def _build(
+    *,
+    method: bytes,
+    target: bytes,
+    version: bytes,
+    headers: HeaderPairs,
+    upgrade: bool,
+    size: int,
+) -> RequestHead:
+    if method == b"CONNECT":
+        # authority-form (RFC 9112 §3.2.3) is for proxies; this is not one.
+        raise ProtocolError("CONNECT is not implemented (not a proxy)", status_hint=501)
+    if b"#" in target:
+        raise ProtocolError("request-target contains a fragment ('#'), RFC 9112 §3.2")
+    host_values: list[bytes] = []
+    content_length: int | None = None
+    chunked = False
+    for name, value in headers:
+        lower = name.lower()
+        if lower == b"host":
+            host_values.append(value)
+        elif lower == b"content-length":
+            content_length = int(value)  # llhttp checked: digits, one value
+        elif lower == b"transfer-encoding":
+            # llhttp refused every request whose final coding is not chunked.
+            chunked = True
+    if len(host_values) != 1:
+        # RFC 9112 §3.2: exactly one Host, or 400.
+        raise ProtocolError(
+            "missing Host header" if not host_values else "more than one Host header"
+        )
+    if target.startswith(b"/"):
+        path, _, query = target.partition(b"?")
+        host, port = split_host(host_values[0])
+    elif target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
+        path, query, host, port = _absolute_form(target)
+    elif target == b"*" and method == b"OPTIONS":
+        path, query = b"*", b""
+        host, port = split_host(host_values[0])
+    else:
+        raise ProtocolError(f"request-target {target[:64]!r} is not origin- or absolute-form")
+    return RequestHead(
+        method,
+        target,
+        path,
+        query,
+        version,
+        headers,
+        host,
+        port,
+        content_length,
+        chunked,
+        upgrade,
+        size,
+    )
+
+
+def _absolute_form(target: bytes) -> tuple[bytes, bytes, bytes, bytes]:
+    # RFC 9112 §3.2.2: a server MUST accept absolute-form; its authority
+    # replaces the Host header.
+    try:
+        url = httptools.parse_url(target)
+    except httptools.HttpParserInvalidURLError:
+        raise ProtocolError(f"malformed absolute-form request-target {target[:64]!r}") from None
+    if not url.host or url.userinfo:
+        raise ProtocolError("absolute-form request-target without a host or with userinfo")
+    port = b"%d" % url.port if url.port is not None else b""
+    return url.path or b"/", url.query or b"", url.host.lower(), port
+
+
+def split_host(value: bytes) -> tuple[bytes, bytes]:
+    """``Host`` header → (lower-cased host, port or ``b""``); 400 if malformed.
+
+    Accepts ``name``, ``name:port``, ``[v6]`` and ``[v6]:port`` (RFC 9110 §7.2,
+    RFC 3986 §3.2.2).  An empty Host is allowed by RFC 9110 (no authority).
+    """
+    if not all(byte in _HOST_CHARS for byte in value):
+        raise ProtocolError(f"malformed Host header {value[:64]!r}")
+    if value.startswith(b"["):
+        close = value.find(b"]")
+        if close < 0:
+            raise ProtocolError(f"malformed Host header {value[:64]!r}")
+        host, rest = value[: close + 1], value[close + 1 :]
+        if rest and not rest.startswith(b":"):
+            raise ProtocolError(f"malformed Host header {value[:64]!r}")
+        port = rest[1:]
+    else:
+        host, _, port = value.partition(b":")
+        if b":" in port or b"[" in host or b"]" in host:
+            raise ProtocolError(f"malformed Host header {value[:64]!r}")
+    if port and not (port.isdigit() and len(port) <= 5):
+        raise ProtocolError(f"malformed port in Host header {value[:64]!r}")
+    return host.lower(), port
+
+
+# --- response heads (auth mode upstreams) ------------------------------------------------
+
+
+class _ResponseCollector:
+    __slots__ = ("complete", "headers", "reason")
+
+    def __init__(self) -> None:
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.reason = b""
+        self.complete = False
+
+    def on_status(self, status: bytes) -> None:
+        self.reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.complete = True
+
+
+def parse_response_head(head: bytes, *, max_headers: int = MAX_HEADERS) -> ResponseHead:
+    """Parse one complete response head from an upstream application.
+
+    Raises :class:`ProtocolError` (the front answers the client 502).
+    """
+    collector = _ResponseCollector()
+    parser = httptools.HttpResponseParser(collector)
+    try:
+        parser.feed_data(head)
+    except httptools.HttpParserUpgrade:
+        pass
+    except httptools.HttpParserError as exc:
+        raise ProtocolError(f"malformed response head: {exc}", status_hint=502) from None
+    if not collector.complete:
+        raise ProtocolError("response head is incomplete", status_hint=502)
+    if len(collector.headers) > max_headers:
+        raise ProtocolError(f"more than {max_headers} response header lines", status_hint=502)
+    content_length: int | None = None
+    chunked = False
+    for name, value in collector.headers:
+        lower = name.lower()
+        if lower == b"content-length":
+            content_length = int(value)
+        elif lower == b"transfer-encoding" and value.lower().rstrip().endswith(b"chunked"):
+            chunked = True
+    return ResponseHead(
+        parser.get_status_code(),
+        collector.reason,
+        parser.get_http_version().encode("ascii"),
+        tuple(collector.headers),
+        content_length,
+        chunked,
+        len(head),
+    )
+
+
+# --- chunked bodies ----------------------------------------------------------------------
+
+
+class _ChunkState(Enum):
+    SIZE = 1
+    DATA = 2
+    DATA_CRLF = 3
+    TRAILER = 4
+    DONE = 5
+    FAILED = 6
+
+
+class ChunkedReader:
+    """Finds the end of a chunked body (RFC 9112 §7.1) without over-reading, sans-IO.
+
+    :meth:`feed` takes bytes the caller has *peeked* and returns how many of
+    them belong to the body and the decoded data found in them; the caller
+    then consumes exactly that many bytes, so a pipelined request after the
+    body stays unread.  Chunk extensions and trailer fields are validated for
+    length and dropped.  After a :class:`ProtocolError` (400) the reader stays
+    failed.
+    """
+
+    __slots__ = ("_line", "_remaining", "_state")
+
+    def __init__(self) -> None:
+        self._state = _ChunkState.SIZE
+        self._remaining = 0
+        self._line = bytearray()
+
+    @property
+    def done(self) -> bool:
+        return self._state is _ChunkState.DONE
+
+    def feed(self, data: bytes) -> tuple[int, list[bytes]]:
+        """Return ``(consumed, decoded_pieces)`` for a prefix of ``data``."""
+        if self._state is _ChunkState.FAILED:
+            raise ProtocolError("chunked body already failed")
+        try:
+            return self._feed(data)
+        except ProtocolError:
+            self._state = _ChunkState.FAILED
+            raise
+
+    def _feed(self, data: bytes) -> tuple[int, list[bytes]]:
+        pos, pieces, size = 0, [], len(data)
+        while pos < size and self._state is not _ChunkState.DONE:
+            state = self._state
+            if state is _ChunkState.DATA:
+                take = min(self._remaining, size - pos)
+                pieces.append(data[pos : pos + take])
+                pos += take
+                self._remaining -= take
+                if self._remaining == 0:
+                    self._state = _ChunkState.DATA_CRLF
+                continue
+            # SIZE, DATA_CRLF and TRAILER are line-based.
+            newline = data.find(b"\n", pos)
+            stop = size if newline < 0 else newline + 1
+            self._line += data[pos:stop]
+            pos = stop
+            if len(self._line) > MAX_CHUNK_LINE:
+                raise ProtocolError(f"chunk line longer than {MAX_CHUNK_LINE} bytes")
+            if newline < 0:
+                break
+            line, self._line = bytes(self._line), bytearray()
+            if not line.endswith(b"\r\n"):
+                raise ProtocolError("chunked body line ends with a bare LF")
+            self._line_done(line[:-2])
+        return pos, pieces
+
+    def _line_done(self, line: bytes) -> None:
+        if self._state is _ChunkState.DATA_CRLF:
+            if line:
+                raise ProtocolError("chunk data is not followed by CRLF")
+            self._state = _ChunkState.SIZE
+        elif self._state is _ChunkState.SIZE:
+            digits = line.split(b";", 1)[0].rstrip(b" \t")
+            if (
+                not digits
+                or len(digits) > MAX_CHUNK_SIZE_DIGITS
+                or not all(byte in b"0123456789abcdefABCDEF" for byte in digits)
+            ):
+                raise ProtocolError(f"malformed chunk size {line[:32]!r}")
+            self._remaining = int(digits, 16)
+            self._state = _ChunkState.DATA if self._remaining else _ChunkState.TRAILER
+        elif not line:  # TRAILER: the blank line ends the body
+            self._state = _ChunkState.DONE
+        elif b":" not in line or b"\x00" in line or b"\r" in line:
+            raise ProtocolError(f"malformed trailer field {line[:32]!r}")

@@ -1,0 +1,229 @@
+"""Front configuration: TOML → frozen dataclasses, and ``fdhandoff check``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fdhandoff.errors import ConfigError
+from fdhandoff.front.config import (
+    HandoffFormat,
+    Limits,
+    Mode,
+    Timeouts,
+    build_config,
+    load_config,
+)
+
+EXAMPLE = """
+[[listen]]
+address = "127.0.0.1:8080"
+[[listen]]
+address = "[::1]:8080"
+[[listen]]
+address = "unix:/run/front.sock"
+
+[[route]]
+prefix = "/events"
+host = "example.com"
+backend = "unix:/run/stream.sock"
+
+[[route]]
+prefix = "/ws"
+mode = "websocket"
+backend = "unix:/run/ws.sock"
+
+[[route]]
+prefix = "/app"
+mode = "auth"
+upstream = "http://127.0.0.1:9000"
+allowed_prefix = "/run/"
+
+[[route]]
+prefix = "/app2"
+mode = "auth"
+upstream = "unix:/run/app.sock"
+allowed_prefix = "/run/daemons"
+handoff_format = "scgi"
+
+[limits]
+max_head_size = 16384
+
+[timeouts]
+handoff = 0.5
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "front.toml"
+    path.write_text(text)
+    return path
+
+
+def test_full_example(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, EXAMPLE))
+    assert [a.text for a in config.listen] == [
+        "127.0.0.1:8080",
+        "[::1]:8080",
+        "unix:/run/front.sock",
+    ]
+    assert config.listen[1].host == "::1" and config.listen[1].port == 8080
+    assert config.listen[2].path == "/run/front.sock"
+    events, ws, app, app2 = config.routes
+    assert events.mode is Mode.PASS and events.host == "example.com"
+    assert events.backend == "/run/stream.sock"
+    assert ws.mode is Mode.WEBSOCKET
+    assert app.mode is Mode.AUTH and app.upstream is not None
+    assert (app.upstream.host, app.upstream.port) == ("127.0.0.1", 9000)
+    assert app.handoff_format is HandoffFormat.APACHE
+    assert app2.upstream is not None and app2.upstream.path == "/run/app.sock"
+    assert app2.handoff_format is HandoffFormat.SCGI
+    assert config.limits == Limits(max_head_size=16384)
+    assert config.timeouts == Timeouts(handoff=0.5)
+
+
+def test_defaults_are_documented_values() -> None:
+    limits, timeouts = Limits(), Timeouts()
+    assert (limits.max_head_size, limits.max_uri_length, limits.max_headers) == (32768, 8192, 100)
+    assert timeouts.handoff == 1.0 and timeouts.head == 10.0
+
+
+def errors_of(raw: dict[str, object], **flags: list[str]) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        build_config(raw, **flags)  # type: ignore[arg-type]
+    return str(info.value).splitlines()
+
+
+def test_every_problem_is_reported_with_key_path_value_and_why() -> None:
+    lines = errors_of(
+        {
+            "listen": [{"adress": "127.0.0.1:1"}, {"address": "localhost:80"}],
+            "route": [
+                {"prefix": "events", "mode": "websockets", "backend": "/run/x"},
+                {"prefix": "/app", "mode": "auth", "upstream": "https://x"},
+            ],
+            "limits": {"max_head_sise": 3, "max_headers": True},
+            "timeouts": {"handoff": -1},
+            "log": {"level": "verbose"},
+            "routes": [],
+        }
+    )
+    text = "\n".join(lines)
+    assert "listen[0].adress = '127.0.0.1:1': unknown key (did you mean 'address'?)" in text
+    assert "listen[0].address = (missing)" in text
+    assert "listen[1].address = 'localhost:80': 'localhost' is not an IP address" in text
+    assert "route[0].prefix = 'events': must start with '/'" in text
+    assert "route[0].mode = 'websockets': not one of auth, pass, websocket" in text
+    assert "(did you mean 'websocket'?)" in text
+    assert "route[0].backend = '/run/x': a backend is a UNIX socket" in text
+    assert "route[1].upstream = 'https://x'" in text
+    assert "route[1].allowed_prefix = (missing)" in text
+    assert "limits.max_head_sise = 3: unknown key (did you mean 'max_head_size'?)" in text
+    assert "limits.max_headers = true: must be an integer" in text
+    assert "timeouts.handoff = -1: must be between" in text
+    assert "log.level = 'verbose'" in text
+    assert "routes = []: unknown key (did you mean 'route'?)" in text
+
+
+def test_mode_specific_keys() -> None:
+    text = "\n".join(
+        errors_of(
+            {
+                "listen": [{"address": "127.0.0.1:0"}],
+                "route": [
+                    {"prefix": "/a", "backend": "unix:/x", "upstream": "http://h:1"},
+                    {
+                        "prefix": "/b",
+                        "mode": "auth",
+                        "backend": "unix:/x",
+                        "upstream": "http://h",
+                        "allowed_prefix": "run",
+                    },
+                ],
+            }
+        )
+    )
+    assert "route[0].upstream = 'http://h:1': only used in auth mode, not pass" in text
+    assert "route[1].backend = 'unix:/x': not used in auth mode" in text
+    assert "route[1].allowed_prefix = 'run': must be an absolute directory" in text
+
+
+def test_duplicates_and_empty() -> None:
+    text = "\n".join(
+        errors_of(
+            {
+                "listen": [{"address": "127.0.0.1:80"}, {"address": "127.0.0.1:80"}],
+                "route": [{"prefix": "/a", "backend": "unix:/x"}],
+            },
+            routes=["/a=unix:/y"],
+        )
+    )
+    assert "same prefix and host as route[0]" in text
+    assert "listen = '127.0.0.1:80': listed twice" in text
+    assert errors_of({}) == [
+        "listen = []: nothing to listen on: add a [[listen]] table or --listen"
+    ]
+
+
+def test_flags_replace_listen_and_add_routes() -> None:
+    config = build_config(
+        {
+            "listen": [{"address": "127.0.0.1:80"}],
+            "route": [{"prefix": "/a", "backend": "unix:/x"}],
+        },
+        listen=["[::1]:0"],
+        routes=["/b=unix:/y"],
+    )
+    assert [a.text for a in config.listen] == ["[::1]:0"]
+    assert [(r.prefix, r.backend) for r in config.routes] == [("/a", "/x"), ("/b", "/y")]
+    text = "\n".join(errors_of({}, listen=["127.0.0.1:0"], routes=["/nobackend"]))
+    assert "--route '/nobackend'" in text
+
+
+@pytest.mark.parametrize(
+    ("address", "why"),
+    [
+        ("127.0.0.1", "expected HOST:PORT"),
+        ("::1:80", "--listen = '::1:80': IPv6 addresses must be written in brackets"),
+        ("localhost:80", "is not an IP address"),
+        ("127.0.0.1:70000", "port"),
+        ("unix:relative", "absolute"),
+        ("unix:/" + "x" * 200, "107 bytes"),
+    ],
+)
+def test_bad_addresses(address: str, why: str) -> None:
+    text = "\n".join(errors_of({}, listen=[address], routes=["/=unix:/x"]))
+    assert why in text
+
+
+def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(write(tmp_path, "[[listen]\n"))
+
+
+def run_check(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fdhandoff", "check", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_check_command(tmp_path: Path) -> None:
+    good = run_check("--config", str(write(tmp_path, EXAMPLE)))
+    assert good.returncode == 0, good.stderr
+    assert "ok: 3 listener(s)" in good.stdout
+    assert "/ws -> websocket /run/ws.sock" in good.stdout
+    bad = run_check("--config", str(write(tmp_path, EXAMPLE.replace('"websocket"', '"ws"'))))
+    assert bad.returncode == 2
+    assert "route[1].mode = 'ws': not one of auth, pass, websocket" in bad.stderr
+    missing = run_check()
+    assert missing.returncode == 2
+    assert "give --config" in missing.stderr
