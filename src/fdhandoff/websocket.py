@@ -201,6 +201,7 @@ class WebSocket:
         "_max_size",
         "_msg",
         "_out",
+        "_pos",
         "_state",
     )
 
@@ -210,7 +211,11 @@ class WebSocket:
         self._max_size = max_message_size
         self._client = client
         self._state = State.OPEN
-        self._buf: bytearray | None = None  # unparsed bytes; None when there are none
+        # Unparsed bytes from self._pos on; None when there are none.  A single
+        # receive_data() is kept as the caller's bytes object (no copy); only
+        # bytes that must wait for more are copied into a bytearray.
+        self._buf: bytes | bytearray | None = None
+        self._pos = 0
         self._frame: _Frame | None = None
         self._msg: _Message | None = None
         self._out = b""  # queued automatic replies
@@ -236,14 +241,21 @@ class WebSocket:
             if data:
                 raise RuntimeError("receive_data() called after EOF")
             return
+        buf = self._buf
         if not data:
             self._eof = True
         elif self._state is State.CLOSED:
             pass  # after the peer's close frame nothing more is read (§5.5.1)
-        elif self._buf is None:
-            self._buf = bytearray(data)
+        elif buf is None:
+            self._buf = data if type(data) is bytes else bytes(data)
         else:
-            self._buf += data
+            if isinstance(buf, bytearray):
+                if self._pos:
+                    del buf[: self._pos]  # cheap: bytearray moves its start, no copy
+            else:
+                buf = self._buf = bytearray(memoryview(buf)[self._pos :])
+            self._pos = 0
+            buf += data
 
     def next_event(self) -> Event | _NeedData:
         """The next event, or :data:`NEED_DATA`.  Raises :class:`WebSocketProtocolError`."""
@@ -259,9 +271,21 @@ class WebSocket:
         while self._state is not State.CLOSED:
             frame = self._frame
             if frame is None:
-                frame = self._frame = self._parse_header()
-                if frame is None:
+                header = self._parse_header()
+                if header is None:
                     break
+                opcode, fin, length, mask = header
+                if fin and opcode != Opcode.CONTINUATION and self._available() >= length:
+                    # Fast path: a whole unfragmented message or control frame.
+                    payload = self._take(length)
+                    if mask is not None:
+                        payload = apply_mask(payload, mask)
+                    if opcode >= Opcode.CLOSE:
+                        return self._control(opcode, bytes(payload))
+                    return self._whole_message(opcode, payload)
+                if opcode != Opcode.CONTINUATION and opcode < Opcode.CLOSE:
+                    self._msg = _Message(opcode)
+                frame = self._frame = _Frame(opcode, fin, length, mask)
             event = self._read_payload(frame)
             if event is not None:
                 return event
@@ -269,14 +293,36 @@ class WebSocket:
                 break  # payload incomplete
         if self._eof and self._state is not State.CLOSED:
             return self._lost()
+        if self._pos:
+            # Waiting with a partial header: keep just its bytes, not the whole
+            # chunk the caller received it in.
+            self._buf, self._pos = self._buf[self._pos :], 0  # type: ignore[index]
         return NEED_DATA
 
-    def _parse_header(self) -> _Frame | None:
-        """The next frame header, validated; None until all of it is here."""
-        buf = self._buf
-        if buf is None or len(buf) < 2:
+    def _available(self) -> int:
+        return 0 if self._buf is None else len(self._buf) - self._pos
+
+    def _take(self, n: int) -> bytes | bytearray:
+        """Remove and return up to ``n`` buffered bytes."""
+        buf, pos = self._buf, self._pos
+        if buf is None:
+            return b""
+        end = pos + n
+        if end >= len(buf):
+            self._buf, self._pos = None, 0  # drop the buffer: idle connections hold none
+            return buf[pos:] if pos else buf
+        self._pos = end
+        return buf[pos:end]
+
+    def _parse_header(self) -> tuple[int, bool, int, bytes | None] | None:
+        """The next frame header, validated and consumed; None until all of it is here."""
+        buf, pos = self._buf, self._pos
+        if buf is None:
             return None
-        first, second = buf[0], buf[1]
+        avail = len(buf) - pos
+        if avail < 2:
+            return None
+        first, second = buf[pos], buf[pos + 1]
         # Every check that the first two bytes allow is made before waiting for
         # the rest of the header.
         if first & _RSV:
@@ -303,17 +349,17 @@ class WebSocket:
                 raise _violation("continuation frame with no message to continue (RFC 6455 §5.4)")
         elif self._msg is not None:
             raise _violation("new data frame inside a fragmented message (RFC 6455 §5.4)")
-        pos = 2
+        size = 2
         if length == _LEN16:
-            if len(buf) < 4:
+            if avail < 4:
                 return None
-            length, pos = int.from_bytes(buf[2:4], "big"), 4
+            length, size = int.from_bytes(buf[pos + 2 : pos + 4], "big"), 4
             if length < _LEN16:
                 raise _violation("non-minimal 16-bit payload length (RFC 6455 §5.2)")
         elif length == _LEN64:
-            if len(buf) < 10:
+            if avail < 10:
                 return None
-            length, pos = int.from_bytes(buf[2:10], "big"), 10
+            length, size = int.from_bytes(buf[pos + 2 : pos + 10], "big"), 10
             if length >> 63:
                 raise _violation("64-bit payload length with the top bit set (RFC 6455 §5.2)")
             if length <= 0xFFFF:
@@ -328,32 +374,30 @@ class WebSocket:
                 )
         mask = None
         if masked:
-            if len(buf) < pos + 4:
+            if avail < size + 4:
                 return None
-            mask = bytes(buf[pos : pos + 4])
-            pos += 4
-        self._consume(pos)
-        if opcode in (Opcode.TEXT, Opcode.BINARY):
-            self._msg = _Message(opcode)
-        return _Frame(opcode, fin, length, mask)
+            mask = bytes(buf[pos + size : pos + size + 4])
+            size += 4
+        self._take(size)
+        return opcode, fin, length, mask
 
-    def _consume(self, n: int) -> bytes:
-        """Remove and return the first ``n`` buffered bytes (fewer if fewer are here)."""
-        buf = self._buf
-        if buf is None:
-            return b""
-        if n >= len(buf):
-            self._buf = None  # drop the buffer: idle connections hold none
-            return bytes(buf)
-        chunk = bytes(buf[:n])
-        del buf[:n]  # cheap: bytearray moves its start instead of copying
-        return chunk
+    def _whole_message(self, opcode: int, payload: bytes | bytearray) -> Message:
+        if opcode == Opcode.BINARY:
+            return Message(bytes(payload))
+        try:
+            return Message(payload.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise _violation(
+                f"text message is not UTF-8: {exc.reason}", CloseCode.INVALID_DATA
+            ) from None
 
     def _read_payload(self, frame: _Frame) -> Event | None:
         """Take what is here of ``frame``'s payload; the event once it is complete."""
-        chunk = self._consume(frame.remaining) if frame.remaining else b""
-        if chunk and frame.mask is not None:
-            chunk = apply_mask(chunk, frame.mask, frame.offset)
+        taken = self._take(frame.remaining) if frame.remaining else b""
+        if frame.mask is None:
+            chunk = bytes(taken)
+        else:
+            chunk = apply_mask(taken, frame.mask, frame.offset)
             frame.offset += len(chunk)
         frame.remaining -= len(chunk)
         done = frame.remaining == 0
@@ -431,6 +475,7 @@ class WebSocket:
     def _closed(self) -> None:
         self._state = State.CLOSED
         self._buf = self._frame = self._msg = None
+        self._pos = 0
 
     def _fail(self, exc: WebSocketProtocolError) -> None:
         if self._state is State.OPEN:  # §7.1.7: fail the connection with a close frame
