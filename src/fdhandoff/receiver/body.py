@@ -89,6 +89,11 @@ class BodyDecoder:
         self._state = _State.SIZE if chunked else _State.DATA
 
     @property
+    def length(self) -> int | None:
+        """The announced body length; None when chunked."""
+        return None if self._chunked else self._remaining
+
+    @property
     def done(self) -> bool:
         return self._state is _State.DONE
 

@@ -288,7 +288,8 @@ class Handoff(HandoffInfo):
             decoder = BodyDecoder(length, chunked)
         else:
             decoder = BodyDecoder(0, False)  # nothing describes a body
-        decoder.receive_data(self.already_read)
+        if self.already_read:
+            decoder.receive_data(self.already_read)
         self._body = decoder
         return decoder
 
@@ -323,6 +324,11 @@ class Handoff(HandoffInfo):
     async def read_body(self, max_size: int | None = None) -> bytes:
         """The whole request body; 413 (``ProtocolError``) above ``max_size``."""
         limit = self.receiver.options.max_body_size if max_size is None else max_size
+        announced = self._body_decoder().length
+        if announced is not None and announced > limit:
+            raise ProtocolError(
+                f"request body of {announced} bytes is larger than {limit}", status_hint=413
+            )
         parts: list[bytes] = []
         size = 0
         async for piece in self.iter_body():
