@@ -1,0 +1,325 @@
+"""Responses, streamed bodies and SSE: slow clients get everything, gone clients are noticed."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from fdhandoff.receiver import Channel, ConnectionClosed, Handoff, Options, SSEStream
+from fdhandoff.receiver.listeners import Bind
+from test_receiver_support import (
+    MarkerSender,
+    ReceiverThread,
+    dechunk,
+    front_headers,
+    read_all,
+    read_until,
+    send_payload,
+    send_scgi,
+    split_response,
+    tcp_pair,
+)
+
+BIG = 50 * 1024 * 1024
+
+
+def _slow_client() -> tuple[socket.socket, socket.socket]:
+    client, server_side = tcp_pair()
+    # Small windows on both sides so the receiver meets EAGAIN over and over.
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+    server_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * 1024)
+    return client, server_side
+
+
+def _read_slowly(client: socket.socket, pause_every: int = 4 * 1024 * 1024) -> bytes:
+    """Read in small pieces, pausing every few MB: a client on a slow link."""
+    client.settimeout(30)
+    out = bytearray()
+    mark = pause_every
+    while True:
+        data = client.recv(32 * 1024)
+        if not data:
+            return bytes(out)
+        out += data
+        if len(out) >= mark:
+            time.sleep(0.2)
+            mark += pause_every
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_50mb_response_reaches_a_slow_reader_over_a_nonblocking_fd(
+    tmp_path: Path, loop: str, no_fd_leak: None
+) -> None:
+    """Apache hands over O_NONBLOCK fds; its example daemons lose data here."""
+    body = hashlib.sha256(b"seed").digest() * (BIG // 32)
+
+    async def handler(handoff: Handoff) -> None:
+        await handoff.respond(200, [("Content-Type", "application/octet-stream")], body)
+
+    path = str(tmp_path / "a.sock")
+    with ReceiverThread(handler, [Bind(path, socket.SOCK_SEQPACKET)], loop=loop):
+        client, server_side = _slow_client()
+        send_payload(path, b"", server_side)
+        status, headers, got = split_response(_read_slowly(client))
+        client.close()
+    assert status == 200
+    assert headers["content-length"] == str(BIG)
+    assert len(got) == BIG
+    assert hashlib.sha256(got).digest() == hashlib.sha256(body).digest()
+
+
+def test_chunked_stream_to_slow_reader(tmp_path: Path, no_fd_leak: None) -> None:
+    piece = bytes(range(256)) * 256  # 64 KiB
+
+    async def handler(handoff: Handoff) -> None:
+        writer = await handoff.start_response(200, [("Content-Type", "text/plain")])
+        for _ in range(160):  # 10 MiB
+            await writer.write(piece)
+        await writer.end()
+
+    path = str(tmp_path / "r.sock")
+    with ReceiverThread(handler, [Bind(path)]):
+        client, server_side = _slow_client()
+        send_scgi(path, front_headers(), server_side)
+        status, headers, raw = split_response(_read_slowly(client, 1024 * 1024))
+        client.close()
+    assert status == 200
+    assert headers["transfer-encoding"] == "chunked"
+    assert dechunk(raw) == piece * 160
+
+
+def test_content_length_stream_and_http10_close_delimited(tmp_path: Path, no_fd_leak: None) -> None:
+    async def handler(handoff: Handoff) -> None:
+        length = 10 if handoff.path == "/cl" else None
+        writer = await handoff.start_response(200, content_length=length)
+        await writer.write(b"01234")
+        await writer.write(b"56789")
+        await writer.end()
+
+    path = str(tmp_path / "r.sock")
+    with ReceiverThread(handler, [Bind(path)]):
+        client, server_side = tcp_pair()
+        send_scgi(path, front_headers("GET", "/cl"), server_side)
+        status, headers, body = split_response(read_all(client))
+        client.close()
+        assert (status, headers["content-length"], body) == (200, "10", b"0123456789")
+
+        client, server_side = tcp_pair()
+        headers10 = [(n, "HTTP/1.0" if n == "SERVER_PROTOCOL" else v) for n, v in front_headers()]
+        send_scgi(path, headers10, server_side)
+        data = read_all(client)
+        client.close()
+        assert data.startswith(b"HTTP/1.0 200 OK\r\n")
+        status, headers, body = split_response(data)
+        assert "transfer-encoding" not in headers
+        assert body == b"0123456789"
+
+
+def test_head_request_gets_no_body(tmp_path: Path, no_fd_leak: None) -> None:
+    async def handler(handoff: Handoff) -> None:
+        await handoff.respond(200, [], b"hello")
+
+    path = str(tmp_path / "r.sock")
+    with ReceiverThread(handler, [Bind(path)]):
+        client, server_side = tcp_pair()
+        send_scgi(path, front_headers("HEAD", "/"), server_side)
+        status, headers, body = split_response(read_all(client))
+        client.close()
+    assert (status, headers["content-length"], body) == (200, "5", b"")
+
+
+def test_client_that_never_reads_is_dropped_after_write_timeout(
+    tmp_path: Path, no_fd_leak: None
+) -> None:
+    outcome: list[str] = []
+
+    async def handler(handoff: Handoff) -> None:
+        try:
+            await handoff.respond(200, [], b"x" * (20 * 1024 * 1024))
+        except ConnectionClosed as exc:
+            outcome.append(str(exc))
+            raise
+
+    path = str(tmp_path / "r.sock")
+    with ReceiverThread(handler, [Bind(path)], Options(write_timeout=1.0)):
+        client, server_side = _slow_client()
+        send_scgi(path, front_headers(), server_side)
+        deadline = time.monotonic() + 20
+        while not outcome and time.monotonic() < deadline:
+            time.sleep(0.05)
+        client.close()
+    assert outcome and "write timeout" in outcome[0]
+
+
+# --- SSE ------------------------------------------------------------------------------------
+
+
+def test_sse_events_comments_and_retry(tmp_path: Path, no_fd_leak: None) -> None:
+    async def handler(handoff: Handoff) -> None:
+        stream = await handoff.sse(retry=1500)
+        stream.send("line one\nline two\r\nline three", event="multi", id="7")
+        stream.comment()
+        stream.comment("keep-alive")
+        await stream.send(b"bytes too")
+        stream.close()
+
+    path = str(tmp_path / "r.sock")
+    with ReceiverThread(handler, [Bind(path)]):
+        client, server_side = tcp_pair()
+        send_scgi(path, front_headers("GET", "/events"), server_side)
+        status, headers, body = split_response(read_all(client))
+        client.close()
+    assert status == 200
+    assert headers["content-type"] == "text/event-stream"
+    assert headers["cache-control"] == "no-cache"
+    assert body == (
+        b"retry: 1500\n\n"
+        b"event: multi\nid: 7\ndata: line one\ndata: line two\ndata: line three\n\n"
+        b":\n\n"
+        b": keep-alive\n\n"
+        b"data: bytes too\n\n"
+    )
+
+
+class Hub:
+    """Handler keeping every SSE stream in a channel; no task per stream."""
+
+    def __init__(self) -> None:
+        self.channel = Channel()
+        self.closed: list[SSEStream] = []
+        self.handlers_done = 0
+
+    async def __call__(self, handoff: Handoff) -> None:
+        stream = await handoff.sse()
+        stream.on_close = self.closed.append
+        self.channel.add(stream)
+        self.handlers_done += 1
+
+
+def _wait(predicate: object, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < deadline:  # type: ignore[operator]
+        time.sleep(0.02)
+    assert predicate(), "condition not met in time"  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_channel_broadcast_and_departures(tmp_path: Path, loop: str, no_fd_leak: None) -> None:
+    hub = Hub()
+    path = str(tmp_path / "r.sock")
+    with ReceiverThread(hub, [Bind(path)], loop=loop) as receiver:
+        clients = []
+        for _ in range(20):
+            client, server_side = tcp_pair()
+            send_scgi(path, front_headers("GET", "/events"), server_side)
+            clients.append(client)
+        _wait(lambda: len(hub.channel) == 20)
+        for c in clients:
+            read_until(c, b"\r\n\r\n")
+        assert receiver.call(lambda: hub.channel.send("one", event="n")) == 20
+        for c in clients:
+            assert read_until(c, b"\n\n").endswith(b"event: n\ndata: one\n\n")
+        # Five clients leave: their streams notice without any write.
+        for c in clients[:5]:
+            c.close()
+        _wait(lambda: len(hub.channel) == 15 and len(hub.closed) == 5)
+        assert all(s.closed for s in hub.closed)
+        assert receiver.call(lambda: hub.channel.send("two")) == 15
+        for c in clients[5:]:
+            assert read_until(c, b"\n\n").endswith(b"data: two\n\n")
+        receiver.call(hub.channel.close)
+        for c in clients[5:]:
+            assert read_all(c) == b""
+            c.close()
+    assert hub.handlers_done == 20
+
+
+def test_slow_consumer_is_dropped_others_keep_receiving(tmp_path: Path, no_fd_leak: None) -> None:
+    hub = Hub()
+    path = str(tmp_path / "r.sock")
+    options = Options(max_stream_buffer=256 * 1024)
+    with ReceiverThread(hub, [Bind(path)], options) as receiver:
+        stalled, server_side = _slow_client()
+        send_scgi(path, front_headers("GET", "/events"), server_side)
+        reader, server_side = tcp_pair()
+        send_scgi(path, front_headers("GET", "/events"), server_side)
+        _wait(lambda: len(hub.channel) == 2)
+        received = bytearray()
+        stop = threading.Event()
+
+        def drain() -> None:
+            reader.settimeout(0.2)
+            while not stop.is_set():
+                try:
+                    data = reader.recv(1 << 16)
+                except TimeoutError:
+                    continue
+                if not data:
+                    return
+                received.extend(data)
+
+        thread = threading.Thread(target=drain)
+        thread.start()
+        event = "x" * 1000
+        for _ in range(2000):  # 2 MB: far beyond the stalled client's windows
+            receiver.call(lambda: hub.channel.send(event))
+        _wait(lambda: len(hub.channel) == 1)
+        assert len(hub.closed) == 1  # the stalled one was dropped
+        _wait(lambda: received.count(b"data: ") == 2000, timeout=30)
+        stop.set()
+        thread.join()
+        stalled.close()
+        reader.close()
+
+
+def test_awaited_send_raises_once_the_client_left(tmp_path: Path, no_fd_leak: None) -> None:
+    outcome: list[str] = []
+    left = threading.Event()
+
+    async def handler(handoff: Handoff) -> None:
+        stream = await handoff.sse()
+        await stream.send("first")
+        while not left.is_set():
+            await asyncio.sleep(0.02)
+        try:
+            for _ in range(1000):
+                await stream.send("more")
+                await asyncio.sleep(0.01)
+        except ConnectionClosed:
+            outcome.append("closed")
+
+    path = str(tmp_path / "r.sock")
+    with ReceiverThread(handler, [Bind(path)]):
+        client, server_side = tcp_pair()
+        send_scgi(path, front_headers("GET", "/events"), server_side)
+        assert b"data: first" in read_until(client, b"data: first")
+        client.close()
+        left.set()
+        _wait(lambda: outcome == ["closed"])
+
+
+def test_sse_for_apache_payload_and_mod_proxy_fdpass(tmp_path: Path, no_fd_leak: None) -> None:
+    async def handler(handoff: Handoff) -> None:
+        stream = await handoff.sse()
+        stream.send(handoff.payload or b"none")
+        stream.close()
+
+    seq = str(tmp_path / "a.sock")
+    path = str(tmp_path / "b.sock")
+    with ReceiverThread(handler, [Bind(seq, socket.SOCK_SEQPACKET), Bind(path)]):
+        client, server_side = tcp_pair()
+        send_payload(seq, b'{"prompt":"hi"}', server_side)
+        assert read_all(client).endswith(b'\r\n\r\ndata: {"prompt":"hi"}\n\n')
+        client.close()
+        sender = MarkerSender(path)
+        client, server_side = tcp_pair()
+        sender.send(b"\x00", server_side)  # Apache already sent the head
+        assert read_all(client) == b"data: none\n\n"
+        client.close()
+        sender.close()
