@@ -605,3 +605,44 @@ def test_partial_frame_memory_is_released() -> None:
     assert drain(ws) == [Message(bytes(100_000))]
     shared = {id(None), id(False), id(0), id(b""), id(State.OPEN), id(MAX_MESSAGE_SIZE)}
     assert all(id(getattr(ws, slot)) in shared for slot in WebSocket.__slots__)
+
+
+def test_waiting_on_a_partial_header_keeps_only_its_bytes() -> None:
+    ws = WebSocket()
+    chunk = cf(Opcode.BINARY, bytes(50_000)) + cf(Opcode.TEXT, b"next")[:3]
+    ws.receive_data(chunk)
+    assert drain(ws) == [Message(bytes(50_000))]
+    kept = ws._buf  # the only way to see it: nothing else may pin the 50 kB chunk
+    assert kept is not None and len(kept) == 3
+    ws.receive_data(cf(Opcode.TEXT, b"next")[3:])
+    assert drain(ws) == [Message("next")]
+    assert ws._buf is None
+
+
+@pytest.mark.parametrize("kind", [bytearray, memoryview])
+def test_receive_data_takes_any_bytes_like(kind: type) -> None:
+    ws = WebSocket()
+    data = cf(Opcode.TEXT, b"Hello") + cf(Opcode.BINARY, b"x" * 300)
+    ws.receive_data(kind(data[:4]))
+    ws.receive_data(kind(data[4:]))
+    assert drain(ws) == [Message("Hello"), Message(b"x" * 300)]
+
+
+@pytest.mark.parametrize("opcode", [Opcode.BINARY, Opcode.TEXT])
+def test_one_byte_fragments_do_not_amplify_memory(opcode: Opcode) -> None:
+    # 30 kB as 30,000 one-byte fragments: a list of pieces would hold at least
+    # a pointer per byte; the message buffer must stay near the payload size.
+    size = 30_000
+    frames = [cf(opcode, b"a", fin=False)]
+    frames += [cf(Opcode.CONTINUATION, b"a", fin=False)] * (size - 2)
+    frames.append(cf(Opcode.CONTINUATION, b"a"))
+    stream = b"".join(frames)
+    ws = WebSocket()
+    tracemalloc.start()
+    try:
+        events = feed(ws, (stream[i : i + 4096] for i in range(0, len(stream), 4096)))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert events == [Message("a" * size if opcode == Opcode.TEXT else b"a" * size)]
+    assert peak < 4 * size, peak

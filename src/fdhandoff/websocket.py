@@ -24,7 +24,7 @@ import codecs
 import secrets
 from dataclasses import dataclass
 from enum import Enum
-from typing import Final, cast
+from typing import Final
 
 from .errors import ProtocolError
 from .websocket_frames import (
@@ -171,14 +171,18 @@ class _Frame:
 
 
 class _Message:
-    """The data message being received, possibly over several fragments."""
+    """The data message being received, possibly over several fragments.
 
-    __slots__ = ("decoder", "opcode", "parts", "size")
+    Payload goes into one bytearray, not a list of pieces: a message sent as
+    one-byte fragments must not cost ~40 bytes of object per payload byte.
+    """
+
+    __slots__ = ("data", "decoder", "opcode")
 
     def __init__(self, opcode: int) -> None:
         self.opcode = opcode
-        self.size = 0
-        self.parts: list[bytes | str] = []
+        self.data = bytearray()
+        # For text: checks UTF-8 as the pieces arrive, to fail fast (§8.1).
         self.decoder: codecs.IncrementalDecoder | None = None
 
 
@@ -366,7 +370,7 @@ class WebSocket:
                 raise _violation("non-minimal 64-bit payload length (RFC 6455 §5.2)")
         if opcode < Opcode.CLOSE:
             # Refused from the header alone: nothing of the payload is kept.
-            total = length + (self._msg.size if self._msg is not None else 0)
+            total = length + (len(self._msg.data) if self._msg is not None else 0)
             if total > self._max_size:
                 raise _violation(
                     f"message of {total} bytes or more exceeds the limit of {self._max_size}",
@@ -418,33 +422,23 @@ class WebSocket:
         msg = self._msg
         assert msg is not None  # created with the message's first frame header
         self._msg = None
-        if msg.opcode == Opcode.TEXT:
-            return Message("".join(cast("list[str]", msg.parts)))
-        return Message(b"".join(cast("list[bytes]", msg.parts)))
+        return self._whole_message(msg.opcode, msg.data)
 
     def _data(self, chunk: bytes, last: bool) -> None:
         msg = self._msg
         assert msg is not None
-        msg.size += len(chunk)
-        if msg.opcode != Opcode.TEXT:
-            if chunk:
-                msg.parts.append(chunk)
-            return
+        msg.data += chunk
+        if msg.opcode != Opcode.TEXT or last:
+            return  # the last piece is checked with the whole message
+        if msg.decoder is None:
+            msg.decoder = _Utf8Decoder()
         try:
-            if last and msg.decoder is None:
-                text = chunk.decode("utf-8")  # the whole message at once
-            else:
-                if msg.decoder is None:
-                    msg.decoder = _Utf8Decoder()
-                text = msg.decoder.decode(chunk, last)
-                if not last:
-                    _check_pending(msg.decoder)
+            msg.decoder.decode(chunk, False)
         except UnicodeDecodeError as exc:
             raise _violation(
                 f"text message is not UTF-8: {exc.reason}", CloseCode.INVALID_DATA
             ) from None
-        if text:
-            msg.parts.append(text)
+        _check_pending(msg.decoder)
 
     def _control(self, opcode: int, payload: bytes) -> Event:
         if opcode == Opcode.PING:

@@ -79,6 +79,7 @@ _RESERVED_RESPONSE_HEADERS: Final = frozenset(
     }
 )
 
+
 def accept_key(key: bytes) -> bytes:
     """``Sec-WebSocket-Accept`` for a client key: base64(SHA-1(key + GUID)) (§4.2.2)."""
     # SHA-1 is what RFC 6455 mandates here; it proves the server read the
