@@ -553,7 +553,7 @@ def test_pair_violation_reaches_the_peer_as_a_close() -> None:
 # --- memory ----------------------------------------------------------------------------------
 
 #: Documented in docs/websocket.md: an idle server connection object is 112
-#: bytes on 64-bit CPython 3.11-3.13 (10 slots + object and GC headers).
+#: bytes on 64-bit CPython 3.11 (10 slots + object and GC headers).
 IDLE_OBJECT_BOUND = 128
 #: tracemalloc bytes per idle connection, object plus a list slot to hold it.
 IDLE_TRACED_BOUND = 160
