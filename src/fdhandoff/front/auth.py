@@ -1,0 +1,468 @@
+"""Auth mode: ask the application first, hand off if it says so (mod_socket_handoff's pattern).
+
+The request (head and body) goes to the upstream application over HTTP/1.1,
+one upstream connection per request (``Connection: close``).  If the
+response carries ``X-Socket-Handoff: /path``, the application has decided
+that a daemon takes the client from here:
+
+* the path must be absolute, its ``os.path.realpath`` (symlinks resolved:
+  Apache's module compares the text only, so a symlink inside the prefix
+  could point anywhere) must lie inside the route's ``allowed_prefix``, and
+  it must be a socket: else 403, with the reason in the log;
+* the application's response is dropped (its body read and discarded, up to
+  ``limits.max_discard_size``);
+* the client fd goes to the daemon with the ``X-Handoff-Data`` value: by
+  default in Apache's format (one ``SOCK_SEQPACKET`` record, the value
+  verbatim or ``\\x00`` when absent), so mod_socket_handoff daemons work
+  unchanged; or, with ``handoff_format = "scgi"``, as the SCGI description
+  with ``HANDOFF_DATA``.
+
+Otherwise the response is relayed to the client as it came, minus those two
+headers and with ``Connection: close`` (the front closes after one response
+in this mode).  ``X-Socket-Handoff``/``X-Handoff-Data`` sent by the *client*
+are removed before the request goes upstream, so a client can trigger
+nothing.  The request body has been read by the front to send it upstream:
+after a handoff the daemon gets the payload only, as with Apache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import stat
+from typing import TYPE_CHECKING, Final
+
+from .. import aio
+from ..errors import ProtocolError
+from ..httphead import ChunkedReader, RequestHead, ResponseHead, parse_response_head
+from ..message import MAX_PAYLOAD_SIZE, encode_payload
+from .config import HandoffFormat, RouteConfig
+from .describe import Endpoint, describe
+
+if TYPE_CHECKING:
+    from .server import Front, Request
+
+__all__ = ["check_handoff_path", "serve_auth"]
+
+log = logging.getLogger("fdhandoff.front")
+
+#: Request headers never forwarded upstream: hop-by-hop ones (RFC 9110 §7.6.1;
+#: the front sets its own Connection and framing) and the two handoff headers,
+#: which only the application may send.
+_DROP_REQUEST: Final = frozenset(
+    (
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"expect",
+        b"x-socket-handoff",
+        b"x-handoff-data",
+        b"x-forwarded-proto",
+    )
+)
+#: Response headers the client never sees (the front adds Connection: close).
+_DROP_RESPONSE: Final = frozenset(
+    (b"x-socket-handoff", b"x-handoff-data", b"connection", b"keep-alive")
+)
+
+#: Bytes per read when relaying bodies.
+_CHUNK: Final = 64 * 1024
+
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class _Answer(Exception):
+    """Stop and answer the client with ``status`` (the text is logged and shown)."""
+
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(text)
+        self.status = status
+
+
+def check_handoff_path(value: bytes, allowed_prefix: str) -> str:
+    """The resolved socket path an application named, or ``_Answer`` 403/503 saying why."""
+    try:
+        text = value.strip().decode("utf-8")
+    except UnicodeDecodeError:
+        raise _Answer(403, "X-Socket-Handoff is not UTF-8") from None
+    if not text.startswith("/") or "\x00" in text:
+        raise _Answer(403, f"X-Socket-Handoff {text[:200]!r} is not an absolute path")
+    real = os.path.realpath(text)
+    allowed = os.path.realpath(allowed_prefix)
+    if os.path.commonpath([real, allowed]) != allowed:
+        raise _Answer(
+            403,
+            f"X-Socket-Handoff {text[:200]!r} resolves to {real[:200]!r}, "
+            f"outside allowed_prefix {allowed_prefix!r}",
+        )
+    try:
+        mode = os.stat(real).st_mode
+    except OSError as exc:
+        raise _Answer(503, f"handoff socket {real[:200]!r}: {exc.strerror}") from None
+    if not stat.S_ISSOCK(mode):
+        raise _Answer(403, f"X-Socket-Handoff {real[:200]!r} is not a socket")
+    return real
+
+
+async def serve_auth(
+    front: Front,
+    client: socket.socket,
+    head: RequestHead,
+    route: RouteConfig,
+    req: Request,
+    *,
+    peer: Endpoint,
+    server: Endpoint,
+) -> None:
+    """Run one auth-mode request to its end; the client is answered, relayed or handed off."""
+    exchange = _Exchange(front, client, head, route, req, peer=peer, server=server)
+    try:
+        await exchange.run()
+    except _Answer as answer:
+        exchange.close_upstream()
+        if not exchange.owned:
+            return
+        if exchange.replied:  # part of a response is out: all that is left is to close
+            exchange.abort(str(answer))
+            return
+        if answer.status >= 500:
+            log.warning("%s %s: %d %s", req.client, _show(head.target), answer.status, answer)
+        exchange.owned = False
+        front.reject(client, req, answer.status, str(answer))
+    except asyncio.CancelledError:
+        exchange.close_upstream()
+        exchange.abort("front shutting down")
+        raise
+    except Exception:
+        log.exception("internal error in auth mode for %s", req.client)
+        exchange.close_upstream()
+        exchange.abort("internal error")
+
+
+def _show(target: bytes) -> str:
+    return target[:200].decode("ascii", "replace")
+
+
+class _Exchange:
+    """One request to the application and what follows from its answer."""
+
+    def __init__(
+        self,
+        front: Front,
+        client: socket.socket,
+        head: RequestHead,
+        route: RouteConfig,
+        req: Request,
+        *,
+        peer: Endpoint,
+        server: Endpoint,
+    ) -> None:
+        self.front = front
+        self.client = client
+        self.head = head
+        self.route = route
+        self.req = req
+        self.peer = peer
+        self.server = server
+        self.timeouts = front.config.timeouts
+        self.limits = front.config.limits
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.replied = False  # bytes of a response already went to the client
+        self.owned = True  # False once the client was handed off or closed
+
+    # --- the steps ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self.client.setblocking(False)
+        head = self.head
+        if head.content_length is not None and head.content_length > self.limits.max_body_size:
+            raise _Answer(413, f"request body larger than {self.limits.max_body_size} bytes")
+        await self._connect()
+        if head.has_body and any(
+            value.strip().lower() == b"100-continue" for value in head.values(b"expect")
+        ):
+            # The application never sees Expect: the front asks for the body itself.
+            await self._send_client(_CONTINUE, interim=True)
+        assert self.writer is not None
+        self.writer.write(self._upstream_head())
+        await self._send_body()
+        response = await self._response_head()
+        targets = response.values(b"x-socket-handoff")
+        if targets:
+            await self._handoff(response, targets)
+        else:
+            await self._relay(response)
+
+    async def _connect(self) -> None:
+        upstream = self.route.upstream
+        assert upstream is not None
+        try:
+            async with asyncio.timeout(self.timeouts.upstream_connect):
+                if upstream.is_unix:
+                    connection = asyncio.open_unix_connection(
+                        upstream.path, limit=self.limits.max_response_head_size
+                    )
+                else:
+                    connection = asyncio.open_connection(
+                        upstream.host, upstream.port, limit=self.limits.max_response_head_size
+                    )
+                self.reader, self.writer = await connection
+        except TimeoutError:
+            raise _Answer(
+                504,
+                f"upstream {upstream.text}: no connection within "
+                f"{self.timeouts.upstream_connect:g} s",
+            ) from None
+        except OSError as exc:
+            raise _Answer(502, f"upstream {upstream.text}: {exc.strerror or exc}") from None
+
+    def _upstream_head(self) -> bytes:
+        head = self.head
+        target = head.target
+        if not target.startswith(b"/") and target != b"*":  # absolute-form → origin-form
+            target = head.path + (b"?" + head.query if head.query else b"")
+        lines = [b"%s %s HTTP/1.1" % (head.method, target)]
+        connection_named = {
+            token.strip().lower()
+            for value in head.values(b"connection")
+            for token in value.split(b",")
+        }
+        forwarded_for: list[bytes] = []
+        for name, value in head.headers:
+            lower = name.lower()
+            if lower in _DROP_REQUEST or lower in connection_named:
+                continue
+            if lower == b"x-forwarded-for":
+                forwarded_for.append(value)
+                continue
+            lines.append(name + b": " + value)
+        client_addr = self.peer.addr if self.peer.port else b"unix"
+        lines.append(b"X-Forwarded-For: " + b", ".join([*forwarded_for, client_addr]))
+        lines.append(b"X-Forwarded-Proto: http")
+        if head.chunked:
+            lines.append(b"Transfer-Encoding: chunked")
+        lines.append(b"Connection: close")
+        return b"\r\n".join(lines) + b"\r\n\r\n"
+
+    async def _send_body(self) -> None:
+        head = self.head
+        assert self.writer is not None
+        if head.chunked:
+            await self._send_chunked()
+        elif head.content_length:
+            remaining = head.content_length
+            while remaining:
+                # Exactly what the body still owes: a pipelined request after
+                # it is not read (nothing past the request is ever consumed).
+                data = await self._recv_client(min(remaining, _CHUNK))
+                remaining -= len(data)
+                self.writer.write(data)
+                await self._drain()
+        await self._drain()
+
+    async def _send_chunked(self) -> None:
+        assert self.writer is not None
+        reader = ChunkedReader()
+        total = 0
+        while not reader.done:
+            data = await self._recv_client(_CHUNK, peek=True)
+            try:
+                used, pieces = reader.feed(data)
+            except ProtocolError as exc:
+                raise _Answer(400, f"malformed chunked body: {exc}") from None
+            self.client.recv(used)  # consume exactly the body's bytes (peeked above)
+            for piece in pieces:
+                total += len(piece)
+                if total > self.limits.max_body_size:
+                    raise _Answer(
+                        413, f"request body larger than {self.limits.max_body_size} bytes"
+                    )
+                self.writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            await self._drain()
+        self.writer.write(b"0\r\n\r\n")
+
+    async def _response_head(self) -> ResponseHead:
+        assert self.reader is not None
+        upstream = self.route.upstream
+        assert upstream is not None
+        while True:
+            try:
+                async with asyncio.timeout(self.timeouts.upstream):
+                    raw = await self.reader.readuntil(b"\r\n\r\n")
+            except TimeoutError:
+                raise _Answer(
+                    504,
+                    f"upstream {upstream.text}: no response within {self.timeouts.upstream:g} s",
+                ) from None
+            except asyncio.LimitOverrunError:
+                raise _Answer(
+                    502,
+                    f"upstream {upstream.text}: response head larger than "
+                    f"{self.limits.max_response_head_size} bytes",
+                ) from None
+            except (asyncio.IncompleteReadError, OSError):
+                raise _Answer(
+                    502, f"upstream {upstream.text}: closed before a complete response head"
+                ) from None
+            try:
+                response = parse_response_head(raw)
+            except ProtocolError as exc:
+                raise _Answer(502, f"upstream {upstream.text}: {exc}") from None
+            if not 100 <= response.status < 200:
+                return response
+            # An interim 1xx (we sent no Expect, but an application may): skip it.
+
+    # --- handoff --------------------------------------------------------------------------
+
+    async def _handoff(self, response: ResponseHead, targets: list[bytes]) -> None:
+        if len(targets) > 1:
+            raise _Answer(502, "the application sent X-Socket-Handoff more than once")
+        path = check_handoff_path(targets[0], self.route.allowed_prefix)
+        data_values = response.values(b"x-handoff-data")
+        data = data_values[0] if data_values else None
+        if self.route.handoff_format is HandoffFormat.APACHE:
+            sock_type = socket.SOCK_SEQPACKET
+            try:
+                message = encode_payload(data or b"")
+            except ValueError:
+                raise _Answer(
+                    500, f"X-Handoff-Data is larger than {MAX_PAYLOAD_SIZE} bytes"
+                ) from None
+        else:
+            sock_type = socket.SOCK_STREAM
+            message, _ = describe(
+                self.head,
+                remote=self.peer,
+                server=self.server,
+                route=self.route.prefix.encode("utf-8"),
+                handoff_data=data,
+            )
+        usock = self.front.connect_backend(path, sock_type, self.client, self.req)
+        self.owned = False  # answered 503, or about to be handed off: the front's now
+        if usock is not None:
+            self.front.send_handoff(self.client, usock, message, self.req)
+        await self._discard(response)
+
+    async def _discard(self, response: ResponseHead) -> None:
+        """Read and drop the application's response body, bounded, then close."""
+        assert self.reader is not None
+        budget = self.limits.max_discard_size
+        if response.content_length is not None:
+            budget = min(budget, response.content_length)
+        with contextlib.suppress(TimeoutError, OSError):
+            async with asyncio.timeout(self.timeouts.linger):
+                while budget > 0:
+                    data = await self.reader.read(min(budget, _CHUNK))
+                    if not data:
+                        break
+                    budget -= len(data)
+        self.close_upstream()
+
+    # --- relaying -------------------------------------------------------------------------
+
+    async def _relay(self, response: ResponseHead) -> None:
+        assert self.reader is not None
+        lines = [b"HTTP/1.1 %d %s" % (response.status, response.reason)]
+        lines += [
+            name + b": " + value
+            for name, value in response.headers
+            if name.lower() not in _DROP_RESPONSE
+        ]
+        lines.append(b"Connection: close")
+        await self._send_client(b"\r\n".join(lines) + b"\r\n\r\n")
+        if self.head.method != b"HEAD" and response.status not in (204, 304):
+            await self._relay_body(response)
+        self.close_upstream()
+        self.owned = False
+        self.front.log_request(self.req, f"relayed {response.status}")
+        self.front.send_and_linger(self.client, b"")
+
+    async def _relay_body(self, response: ResponseHead) -> None:
+        assert self.reader is not None
+        remaining = response.content_length
+        chunked = ChunkedReader() if response.chunked and remaining is None else None
+        while remaining is None or remaining > 0:
+            size = _CHUNK if remaining is None else min(remaining, _CHUNK)
+            try:
+                async with asyncio.timeout(self.timeouts.upstream):
+                    data = await self.reader.read(size)
+            except TimeoutError:
+                raise _Answer(504, "upstream stalled inside the response body") from None
+            if not data:
+                if remaining or (chunked is not None and not chunked.done):
+                    raise _Answer(502, "upstream closed inside the response body")
+                return
+            if chunked is not None:
+                try:
+                    used, _ = chunked.feed(data)
+                except ProtocolError as exc:
+                    raise _Answer(502, f"upstream sent a malformed chunked body: {exc}") from None
+                data = data[:used]
+            if remaining is not None:
+                remaining -= len(data)
+            await self._send_client(data)
+            if chunked is not None and chunked.done:
+                return
+
+    # --- client I/O -----------------------------------------------------------------------
+
+    async def _recv_client(self, size: int, *, peek: bool = False) -> bytes:
+        flags = socket.MSG_PEEK if peek else 0
+        try:
+            async with asyncio.timeout(self.timeouts.body):
+                while True:
+                    try:
+                        data = self.client.recv(size, flags)
+                        break
+                    except BlockingIOError:
+                        await aio.wait_readable(self.client)
+        except TimeoutError:
+            raise _Answer(
+                408, f"request body not received within {self.timeouts.body:g} s"
+            ) from None
+        except OSError as exc:
+            raise _Answer(400, f"client connection failed: {exc.strerror}") from None
+        if not data:
+            raise _Answer(400, "client closed inside the request body")
+        return data
+
+    async def _send_client(self, data: bytes, *, interim: bool = False) -> None:
+        self.replied = self.replied or not interim
+        try:
+            async with asyncio.timeout(self.timeouts.upstream):
+                await self.front.loop.sock_sendall(self.client, data)
+        except (TimeoutError, OSError) as exc:
+            raise _Answer(499, f"client stopped reading: {exc}") from None
+
+    async def _drain(self) -> None:
+        assert self.writer is not None
+        try:
+            async with asyncio.timeout(self.timeouts.upstream):
+                await self.writer.drain()
+        except TimeoutError:
+            raise _Answer(504, "upstream stopped reading the request body") from None
+        except OSError as exc:
+            raise _Answer(502, f"upstream connection failed: {exc.strerror or exc}") from None
+
+    # --- endings --------------------------------------------------------------------------
+
+    def close_upstream(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def abort(self, why: str) -> None:
+        """Close the client without an answer (one was already partly sent)."""
+        if not self.owned:
+            return
+        self.owned = False
+        self.front.log_request(self.req, f'closed "{why}"')
+        self.client.close()

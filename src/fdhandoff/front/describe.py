@@ -1,0 +1,114 @@
+"""The SCGI description of a request that travels with the client fd (sans-IO).
+
+A superset of what nginx's ``fd_pass`` sends (docs/front.md has the byte
+layout), so a receiver written for nginx works unchanged:
+
+``CONTENT_LENGTH``
+    bytes the front already read from the client that follow the netstring
+    (always 0 on plain TCP: the front never reads past the head).
+``SCGI`` = ``1``, [``HTTPS`` = ``on``], ``REMOTE_ADDR``, ``REMOTE_PORT``,
+``REQUEST_METHOD``, ``REQUEST_URI`` (raw), ``SERVER_ADDR``, ``SERVER_PORT``,
+``QUERY_STRING`` (always, may be empty)
+    as nginx, in nginx's order.
+``SERVER_PROTOCOL``, ``SERVER_NAME``, ``HANDOFF_ROUTE``, [``HANDOFF_UPGRADED``], [``HANDOFF_DATA``]
+    added by fdhandoff.
+``HTTP_<NAME>``
+    one per header name, in order of first appearance.  SCGI requires unique
+    names, so repeated headers are merged as nginx ``scgi_pass`` (1.23+) does:
+    ``Cookie`` values joined with ``"; "`` (RFC 6265 §5.4), others with
+    ``", "`` (RFC 9110 §5.3).  Names containing ``_`` are dropped (nginx's
+    default, ``underscores_in_headers off``): ``X_A`` and ``X-A`` would both
+    become ``HTTP_X_A``, and a client could smuggle one past a check on the
+    other.
+
+Values come from the strict head parser, which refuses NUL bytes, so the
+block needs no escaping.
+"""
+
+from __future__ import annotations
+
+from typing import Final, NamedTuple
+
+from ..httphead import RequestHead
+
+__all__ = ["Endpoint", "describe"]
+
+_COOKIE: Final = b"HTTP_COOKIE"
+
+
+class Endpoint(NamedTuple):
+    """One end of the client connection as SCGI reports it (``b""`` port for UNIX).
+
+    A named tuple rather than a dataclass: two are built per request on the
+    hot path, and a tuple is the cheapest immutable record.
+    """
+
+    addr: bytes
+    port: bytes
+
+
+def _header_pairs(head: RequestHead) -> tuple[list[bytes], list[bytes]]:
+    merged: dict[bytes, bytes] = {}
+    dropped: list[bytes] = []
+    for name, value in head.headers:
+        if b"_" in name:
+            dropped.append(name)
+            continue
+        key = b"HTTP_" + name.upper().replace(b"-", b"_")
+        previous = merged.get(key)
+        if previous is None:
+            merged[key] = value
+        else:
+            merged[key] = previous + (b"; " if key == _COOKIE else b", ") + value
+    parts: list[bytes] = []
+    for key, value in merged.items():
+        parts += (key, value)
+    return parts, dropped
+
+
+def describe(
+    head: RequestHead,
+    *,
+    remote: Endpoint,
+    server: Endpoint,
+    route: bytes,
+    https: bool = False,
+    upgraded: bytes | None = None,
+    handoff_data: bytes | None = None,
+    already_read: bytes = b"",
+) -> tuple[bytes, list[bytes]]:
+    """The SCGI message (netstring + ``already_read``) and the header names dropped."""
+    parts = [b"CONTENT_LENGTH", b"%d" % len(already_read), b"SCGI", b"1"]
+    if https:
+        parts += (b"HTTPS", b"on")
+    parts += (
+        b"REMOTE_ADDR",
+        remote.addr,
+        b"REMOTE_PORT",
+        remote.port,
+        b"REQUEST_METHOD",
+        head.method,
+        b"REQUEST_URI",
+        head.target,
+        b"SERVER_ADDR",
+        server.addr,
+        b"SERVER_PORT",
+        server.port,
+        b"QUERY_STRING",
+        head.query,
+        b"SERVER_PROTOCOL",
+        b"HTTP/" + head.version,
+        b"SERVER_NAME",
+        head.host or server.addr,
+        b"HANDOFF_ROUTE",
+        route,
+    )
+    if upgraded is not None:
+        parts += (b"HANDOFF_UPGRADED", upgraded)
+    if handoff_data is not None:
+        parts += (b"HANDOFF_DATA", handoff_data)
+    headers, dropped = _header_pairs(head)
+    parts += headers
+    parts.append(b"")  # the block ends with NUL
+    block = b"\x00".join(parts)
+    return b"%d:%s,%s" % (len(block), block, already_read), dropped

@@ -1,0 +1,759 @@
+"""The front's engine: accept, read the head without over-reading, route, hand off.
+
+Built on readiness callbacks (``loop.add_reader``), not on a task or a
+stream per connection: a connection whose head is already in the kernel when
+it is accepted (the usual case, thanks to TCP_DEFER_ACCEPT) is peeked,
+parsed, routed and handed off inside the accept callback, and the front keeps
+nothing of it once the receiver has taken it.  Only auth mode, which talks
+HTTP to an application, runs a coroutine (:mod:`.auth`).
+
+Reading the head never consumes a byte past it (the body and any pipelined
+request stay in the kernel for the receiver, RFC 9112 §9.3):
+
+1. ``recv(MSG_PEEK)`` whatever is buffered, into one shared buffer;
+2. if the blank line that ends the head is there, ``recv`` exactly up to it;
+3. if not, everything peeked is head, so it is consumed into a per-connection
+   buffer (a peek alone would leave the socket readable and spin the loop)
+   and the connection waits for more, under the head timeout.
+
+A handoff is one ``sendmsg`` (through :mod:`fdhandoff.fdpass`) of the SCGI
+description with the client fd on a new UNIX connection, then the *taken
+acknowledgement*: the receiver closes its end once it has read the handoff
+(as receivers written for nginx fd_pass do), and only then does the front
+close its copy of the client fd.  A receiver that closes without reading
+(``ECONNRESET``) or does not close within ``timeouts.handoff`` has not taken
+the connection: the client gets 503 (or a WebSocket close 1013 after a 101).
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import errno
+import fcntl
+import logging
+import signal
+import socket
+import termios
+import time
+from typing import Final, TypeVar
+
+from .. import fdpass, websocket
+from ..errors import FdPassError, ProtocolError
+from ..httphead import HEAD_END, RequestHead, incomplete_head_error, parse_head
+from ..routing import Router, normalize_path
+from .accesslog import AccessLog
+from .auth import serve_auth
+from .config import FrontConfig, Mode, RouteConfig
+from .describe import Endpoint, describe
+from .listeners import (
+    Listener,
+    close_listener,
+    open_listener,
+    peer_endpoint,
+    server_endpoint,
+)
+from .responses import error_response
+
+__all__ = ["Front", "Request"]
+
+_T = TypeVar("_T")
+
+log = logging.getLogger("fdhandoff.front")
+
+# --- constants (docs/security.md, "Front") ------------------------------------------
+
+#: Connections accepted per wake-up of a listener before other work runs:
+#: bounds how long a connection storm can starve handoffs already under way.
+ACCEPT_BATCH: Final = 64
+
+#: How long accepting stops after EMFILE/ENFILE (out of fds): the pending
+#: connections wait in the kernel backlog while handoffs finish and fds free
+#: up, instead of the loop spinning on a listener it cannot serve (trio's
+#: serve_listeners does the same).
+EMFILE_PAUSE: Final = 0.1
+
+#: Housekeeping period: expires head/handoff/linger deadlines, flushes the
+#: access log.  Deadlines are therefore honoured within this much.
+TICK: Final = 0.1
+
+#: After an error answer, at most this many bytes the client is still sending
+#: are read and dropped before closing (lingering close, as nginx does): a
+#: close with unread data sends RST, which can destroy the answer in flight.
+LINGER_MAX_BYTES: Final = 256 * 1024
+
+#: The bytes read per recv while lingering.
+_LINGER_READ: Final = 64 * 1024
+
+#: WebSocket close code sent when the handoff fails after the 101 was sent
+#: (RFC 6455 §7.4 registry: 1013 Try Again Later).
+WS_TRY_AGAIN: Final = 1013
+
+_PEEK: Final = socket.MSG_PEEK | socket.MSG_DONTWAIT
+_NOWAIT: Final = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
+_ACCEPT_PAUSE_ERRNOS: Final = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+_BACKEND_REASONS: Final = {
+    errno.ENOENT: "socket file missing",
+    errno.ECONNREFUSED: "nobody listening",
+    errno.EAGAIN: "backlog full",
+    errno.EACCES: "permission denied",
+    errno.ENOTSOCK: "not a socket",
+    errno.EMFILE: "front out of file descriptors",
+    errno.ENFILE: "system out of file descriptors",
+}
+
+
+def _unsent_bytes(sock: socket.socket) -> int:
+    """Bytes sent on a UNIX socket that the peer has not read yet (SIOCOUTQ, unix(7))."""
+    count = array.array("i", [0])
+    fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, count)
+    return count[0]
+
+
+def _send_failure(exc: OSError) -> str:
+    if exc.errno in (errno.EPIPE, errno.ECONNRESET):
+        # The receiver accepted and closed before our sendmsg: nothing was taken.
+        return f"receiver closed without taking the connection ({exc.strerror}, before sending)"
+    return f"sending the handoff failed: {exc}"
+
+
+def _close_frame(code: int, reason: bytes) -> bytes:
+    # RFC 6455 §5.5.1: server frames are unmasked; payload = code + reason (< 126).
+    payload = code.to_bytes(2, "big") + reason[:123]
+    return bytes((0x88, len(payload))) + payload
+
+
+class Request:
+    """What the access log needs about one request while it is in flight."""
+
+    __slots__ = ("client", "method", "route", "start", "target")
+
+    def __init__(self, client: str, start: float) -> None:
+        self.client = client
+        self.start = start
+        self.method = b""
+        self.target = b""
+        self.route: str | None = None
+
+
+class _Pending:
+    """A connection whose head has not fully arrived."""
+
+    __slots__ = ("addr", "buf", "fd", "listener", "sock", "start")
+
+    def __init__(self, sock: socket.socket, addr: object, listener: Listener, start: float):
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.addr = addr
+        self.listener = listener
+        self.buf = bytearray()
+        self.start = start
+
+
+class _Ack:
+    """A handoff sent (or being sent), waiting for the receiver to take it."""
+
+    __slots__ = ("client", "fd", "fd_pending", "req", "rest", "usock", "websocket")
+
+    def __init__(
+        self, client: socket.socket, usock: socket.socket, req: Request, websocket: bool
+    ) -> None:
+        self.client = client
+        self.usock = usock
+        self.fd = usock.fileno()
+        self.req = req
+        self.websocket = websocket
+        self.rest: memoryview | None = None
+        self.fd_pending = False
+
+
+class _Linger:
+    __slots__ = ("budget", "fd", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.budget = LINGER_MAX_BYTES
+
+
+def _client_label(listener: Listener, addr: object) -> str:
+    if listener.is_unix:
+        return "unix"
+    assert isinstance(addr, tuple)
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _request_line(head: bytes) -> tuple[bytes, bytes]:
+    """Method and target of an unparseable head, best effort, for the access log."""
+    line = head.split(b"\r\n", 1)[0]
+    parts = line.split(b" ", 2)
+    return parts[0][:32], (parts[1] if len(parts) > 1 else b"")
+
+
+class Front:
+    """One front server: its listeners, routes, and the connections in flight."""
+
+    def __init__(self, config: FrontConfig) -> None:
+        self.config = config
+        self.timeouts = config.timeouts
+        self.head_limits = config.limits.head
+        self.router: Router[RouteConfig] = Router((r.prefix, r.host, r) for r in config.routes)
+        self.access = AccessLog(config.log.access)
+        self.listeners: list[Listener] = []
+        self._buf = bytearray(self.head_limits.max_head_size)
+        self._max_head = self.head_limits.max_head_size
+        self._pending: dict[_Pending, float] = {}
+        self._acks: dict[_Ack, float] = {}
+        self._lingering: dict[_Linger, float] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._accepting = False
+        self._stopping = False
+        self._stop_event: asyncio.Event | None = None
+        self._tick_handle: asyncio.TimerHandle | None = None
+        self._resume_handle: asyncio.TimerHandle | None = None
+
+    # --- life cycle -------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Bind every listener (ConfigError on failure, nothing left open)."""
+        try:
+            for address, backlog in zip(
+                self.config.listen, self.config.backlog or (1024,) * 99, strict=False
+            ):
+                self.listeners.append(open_listener(address, backlog))
+        except BaseException:
+            for listener in self.listeners:
+                close_listener(listener)
+            self.listeners.clear()
+            raise
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None, "the front is not running"
+        return self._loop
+
+    async def serve(self) -> int:
+        """Serve until SIGTERM/SIGINT, then shut down cleanly; return the exit status."""
+        self._loop = asyncio.get_running_loop()
+        self._stop_event = asyncio.Event()
+        if not self.listeners:
+            self.open()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(signum, self.stop)
+        self._resume_accepting()
+        self._tick_handle = self.loop.call_later(TICK, self._tick)
+        labels = ", ".join(listener.label for listener in self.listeners)
+        log.info("ready, listening on %s", labels)
+        try:
+            await self._stop_event.wait()
+            await self._shutdown()
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self.loop.remove_signal_handler(signum)
+            if self._tick_handle is not None:
+                self._tick_handle.cancel()
+            self.access.close()
+        return 0
+
+    def stop(self) -> None:
+        """Begin a clean shutdown (signal handler)."""
+        if self._stop_event is not None:
+            self._stop_event.set()
+
+    def in_flight(self) -> int:
+        return len(self._pending) + len(self._acks) + len(self._lingering) + len(self.tasks)
+
+    async def _shutdown(self) -> None:
+        self._stopping = True
+        self._pause_accepting()
+        if self._resume_handle is not None:
+            self._resume_handle.cancel()
+        for listener in self.listeners:
+            close_listener(listener)
+        self.listeners.clear()
+        log.info(
+            "shutting down: listeners closed, finishing %d connection(s) in flight",
+            self.in_flight(),
+        )
+        deadline = time.monotonic() + self.timeouts.shutdown
+        while self.in_flight() and time.monotonic() < deadline:
+            await asyncio.sleep(TICK / 2)
+        if self.in_flight():
+            log.warning("shutdown timeout: closing %d connections in flight", self.in_flight())
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+        for pending in list(self._pending):
+            self._drop_pending(pending)
+            pending.sock.close()
+        for ack in list(self._acks):
+            self._ack_expired(ack)
+        for linger in list(self._lingering):
+            self._end_linger(linger)
+        log.info("stopped")
+
+    # --- accepting ----------------------------------------------------------------------
+
+    def _resume_accepting(self) -> None:
+        self._resume_handle = None
+        if self._accepting or self._stopping:
+            return
+        for listener in self.listeners:
+            self.loop.add_reader(listener.sock.fileno(), self._on_accept, listener)
+        self._accepting = True
+
+    def _pause_accepting(self) -> None:
+        if not self._accepting:
+            return
+        for listener in self.listeners:
+            self.loop.remove_reader(listener.sock.fileno())
+        self._accepting = False
+
+    def _on_accept(self, listener: Listener) -> None:
+        accept = listener.sock.accept
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, addr = accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._accept_failed(listener, exc)
+                return
+            try:
+                self._start(sock, addr, listener)
+            except Exception:  # never let one connection take the loop down
+                log.exception("internal error on a new connection from %r", addr)
+                sock.close()
+
+    def _accept_failed(self, listener: Listener, exc: OSError) -> None:
+        if exc.errno in _ACCEPT_PAUSE_ERRNOS:
+            log.warning(
+                "accept on %s: %s; not accepting for %d ms",
+                listener.label,
+                exc.strerror,
+                EMFILE_PAUSE * 1000,
+            )
+            self._pause_accepting()
+            if self._resume_handle is None:
+                self._resume_handle = self.loop.call_later(EMFILE_PAUSE, self._resume_accepting)
+        elif exc.errno not in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+            log.error("accept on %s: %s", listener.label, exc)
+
+    # --- reading the head -----------------------------------------------------------------
+
+    def _start(self, sock: socket.socket, addr: object, listener: Listener) -> None:
+        start = time.monotonic()
+        buf = self._buf
+        try:
+            n = sock.recv_into(buf, self._max_head, _PEEK)
+        except BlockingIOError:
+            n = -1
+        except OSError:
+            sock.close()
+            return
+        if n == 0:  # connected and closed without a byte: nothing to answer or log
+            sock.close()
+            return
+        if n > 0:
+            end = buf.find(HEAD_END, 0, n)
+            if end >= 0:
+                self._take_head(sock, end + 4, addr, listener, start)
+                return
+        pending = _Pending(sock, addr, listener, start)
+        if n > 0 and not self._absorb(pending, n):
+            return
+        self.loop.add_reader(pending.fd, self._on_readable, pending)
+        self._pending[pending] = start + self.timeouts.head
+
+    def _take_head(
+        self, sock: socket.socket, length: int, addr: object, listener: Listener, start: float
+    ) -> None:
+        try:
+            head = sock.recv(length, socket.MSG_DONTWAIT)
+        except OSError:
+            head = b""
+        if len(head) != length:  # the peeked bytes are ours: only a reset loses them
+            sock.close()
+            return
+        self._dispatch(sock, head, addr, listener, start)
+
+    def _on_readable(self, pending: _Pending) -> None:
+        room = self._max_head - len(pending.buf)
+        try:
+            n = pending.sock.recv_into(self._buf, room, _PEEK)
+        except BlockingIOError:
+            return
+        except OSError:
+            n = 0
+        if n == 0:
+            self._drop_pending(pending)
+            req = Request(_client_label(pending.listener, pending.addr), pending.start)
+            req.method, req.target = _request_line(bytes(pending.buf))
+            self.log_request(req, 'closed "client closed inside the request head"')
+            pending.sock.close()
+            return
+        if self._absorb(pending, n):
+            return  # still incomplete, still registered
+        # done (dispatched or answered): _absorb unregistered it
+
+    def _absorb(self, pending: _Pending, n: int) -> bool:
+        """Take ``n`` peeked bytes; True if the head is still incomplete (keep waiting)."""
+        before = len(pending.buf)
+        combined = pending.buf + self._buf[:n]
+        end = combined.find(HEAD_END, max(0, before - 3))
+        sock = pending.sock
+        if end >= 0:
+            end += 4
+            self._drop_pending(pending)
+            try:
+                rest = sock.recv(end - before, socket.MSG_DONTWAIT)
+            except OSError:
+                rest = b""
+            if len(rest) != end - before:
+                sock.close()
+                return False
+            self._dispatch(
+                sock, bytes(combined[:end]), pending.addr, pending.listener, pending.start
+            )
+            return False
+        try:  # every peeked byte is head: consume it so the socket stops being readable
+            taken = sock.recv(n, socket.MSG_DONTWAIT)
+        except OSError:
+            taken = b""
+        if len(taken) != n:
+            self._drop_pending(pending)
+            sock.close()
+            return False
+        pending.buf = combined
+        error = incomplete_head_error(combined, self.head_limits)
+        if error is None:
+            return True
+        self._drop_pending(pending)
+        req = Request(_client_label(pending.listener, pending.addr), pending.start)
+        req.method, req.target = _request_line(bytes(combined))
+        self.reject(sock, req, error.status_hint, str(error))
+        return False
+
+    def _drop_pending(self, pending: _Pending) -> None:
+        if self._pending.pop(pending, None) is not None:
+            self.loop.remove_reader(pending.fd)
+
+    # --- dispatch ---------------------------------------------------------------------------
+
+    def _dispatch(
+        self, sock: socket.socket, raw: bytes, addr: object, listener: Listener, start: float
+    ) -> None:
+        req = Request(_client_label(listener, addr), start)
+        try:
+            head = parse_head(raw, self.head_limits)
+        except ProtocolError as exc:
+            req.method, req.target = _request_line(raw)
+            self.reject(sock, req, exc.status_hint, str(exc))
+            return
+        req.method, req.target = head.method, head.target
+        try:
+            path = normalize_path(head.path)
+        except ProtocolError as exc:
+            self.reject(sock, req, exc.status_hint, str(exc))
+            return
+        match = self.router.match(path, head.host)
+        if match is None:
+            self.reject(sock, req, 404, f"no route for {path.decode('utf-8', 'replace')}")
+            return
+        route = match.value
+        req.route = route.prefix
+        peer = peer_endpoint(listener, addr)
+        server = server_endpoint(listener, sock)
+        if route.mode is Mode.PASS:
+            self._pass(sock, head, route, req, peer=peer, server=server)
+        elif route.mode is Mode.WEBSOCKET:
+            self._websocket(sock, head, route, req, peer=peer, server=server)
+        else:
+            task = self.loop.create_task(
+                serve_auth(self, sock, head, route, req, peer=peer, server=server)
+            )
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    def _pass(
+        self,
+        sock: socket.socket,
+        head: RequestHead,
+        route: RouteConfig,
+        req: Request,
+        *,
+        peer: Endpoint,
+        server: Endpoint,
+    ) -> None:
+        message, dropped = describe(
+            head,
+            remote=peer,
+            server=server,
+            route=route.prefix.encode("utf-8"),
+        )
+        if dropped:
+            self._log_dropped(req, dropped)
+        usock = self.connect_backend(route.backend, socket.SOCK_STREAM, sock, req)
+        if usock is not None:
+            self.send_handoff(sock, usock, message, req)
+
+    def _websocket(
+        self,
+        sock: socket.socket,
+        head: RequestHead,
+        route: RouteConfig,
+        req: Request,
+        *,
+        peer: Endpoint,
+        server: Endpoint,
+    ) -> None:
+        try:
+            key = websocket.check_upgrade(head.method, head.version, head.headers)
+        except ProtocolError as exc:
+            self.log_request(req, f'{exc.status_hint} "{exc}"')
+            self.send_and_linger(sock, websocket.error_response(exc))
+            return
+        message, dropped = describe(
+            head,
+            remote=peer,
+            server=server,
+            route=route.prefix.encode("utf-8"),
+            upgraded=b"websocket",
+        )
+        if dropped:
+            self._log_dropped(req, dropped)
+        # Connect first: while the backend can still refuse, the client can
+        # still get a plain 503 instead of a 101 followed by a close.
+        usock = self.connect_backend(route.backend, socket.SOCK_STREAM, sock, req)
+        if usock is None:
+            return
+        response = websocket.handshake_response(key)
+        try:
+            sent = sock.send(response, _NOWAIT)
+        except OSError:
+            sent = -1
+        if sent != len(response):  # a fresh socket takes ~150 bytes, unless it is gone
+            usock.close()
+            sock.close()
+            self.log_request(req, 'closed "client gone before the 101 was sent"')
+            return
+        self.send_handoff(sock, usock, message, req, websocket=True)
+
+    # --- handing off ----------------------------------------------------------------------
+
+    def connect_backend(
+        self,
+        path: str,
+        sock_type: int,
+        client: socket.socket,
+        req: Request,
+        *,
+        websocket: bool = False,
+    ) -> socket.socket | None:
+        """A new non-blocking UNIX connection to ``path``; on failure answer 503, None."""
+        try:
+            usock = socket.socket(socket.AF_UNIX, sock_type | socket.SOCK_NONBLOCK)
+        except OSError as exc:
+            self._handoff_refused(client, req, path, exc, websocket)
+            return None
+        try:
+            # Non-blocking: a full backlog is EAGAIN at once (unix(7)), never a wait.
+            usock.connect(path)
+        except OSError as exc:
+            usock.close()
+            self._handoff_refused(client, req, path, exc, websocket)
+            return None
+        return usock
+
+    def _handoff_refused(
+        self, client: socket.socket, req: Request, path: str, exc: OSError, ws: bool
+    ) -> None:
+        reason = _BACKEND_REASONS.get(exc.errno or 0, exc.strerror or str(exc))
+        text = f"backend {path}: {reason}"
+        log.warning("%s %s: 503 %s", req.client, req.target.decode("ascii", "replace"), text)
+        self.fail_client(client, req, 503, text, ws)
+
+    def send_handoff(
+        self,
+        client: socket.socket,
+        usock: socket.socket,
+        message: bytes,
+        req: Request,
+        *,
+        websocket: bool = False,
+    ) -> None:
+        """One sendmsg of ``message`` with the client fd, then wait until it is taken."""
+        ack = _Ack(client, usock, req, websocket)
+        try:
+            sent = fdpass.send_fd_nowait(usock, message, client.fileno())
+        except BlockingIOError:
+            sent = 0
+        except (OSError, FdPassError) as exc:
+            self._handoff_failed(ack, _send_failure(exc), register=False)
+            return
+        self._acks[ack] = time.monotonic() + self.timeouts.handoff
+        if sent == len(message):
+            self.loop.add_reader(ack.fd, self._on_ack, ack)
+            return
+        # The UNIX socket buffer is full (a receiver that is not reading):
+        # finish the message when it drains, the fd only with its first byte.
+        ack.rest = memoryview(message)[sent:]
+        ack.fd_pending = sent == 0
+        self.loop.add_writer(ack.fd, self._on_ack_writable, ack)
+
+    def _on_ack_writable(self, ack: _Ack) -> None:
+        assert ack.rest is not None
+        try:
+            sent = fdpass.send_fd_nowait(
+                ack.usock, ack.rest, ack.client.fileno() if ack.fd_pending else None
+            )
+        except BlockingIOError:
+            return
+        except (OSError, FdPassError) as exc:
+            self.loop.remove_writer(ack.fd)
+            self._handoff_failed(ack, _send_failure(exc))
+            return
+        ack.fd_pending = False
+        ack.rest = ack.rest[sent:]
+        if not ack.rest:
+            ack.rest = None
+            self.loop.remove_writer(ack.fd)
+            self.loop.add_reader(ack.fd, self._on_ack, ack)
+
+    def _on_ack(self, ack: _Ack) -> None:
+        try:
+            data = ack.usock.recv(256)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.loop.remove_reader(ack.fd)
+            # ECONNRESET: the receiver closed with our message unread (unix(7)).
+            self._handoff_failed(
+                ack, f"receiver closed without taking the connection ({exc.strerror})"
+            )
+            return
+        if data:
+            return  # the protocol has no reply; only the close counts
+        self.loop.remove_reader(ack.fd)
+        self._handoff_taken(ack)
+
+    def _handoff_taken(self, ack: _Ack) -> None:
+        del self._acks[ack]
+        ack.client.close()
+        ack.usock.close()
+        self.log_request(ack.req, "101 handed-off" if ack.websocket else "handed-off")
+
+    def _ack_expired(self, ack: _Ack) -> None:
+        """The handoff timeout: taken if the receiver read it, else failed."""
+        if ack.rest is not None:
+            self.loop.remove_writer(ack.fd)
+        else:
+            self.loop.remove_reader(ack.fd)
+        try:
+            unread = ack.rest is not None or _unsent_bytes(ack.usock) > 0
+        except OSError:
+            unread = True
+        if not unread:
+            # The receiver read the handoff but keeps its end open: it has the fd.
+            self._handoff_taken(ack)
+            return
+        self._handoff_failed(
+            ack, f"receiver did not take the connection within {self.timeouts.handoff:g} s"
+        )
+
+    def _handoff_failed(self, ack: _Ack, why: str, *, register: bool = True) -> None:
+        if register:
+            del self._acks[ack]
+        ack.usock.close()
+        log.warning("%s %s: 503 %s", ack.req.client, ack.req.target.decode("ascii", "replace"), why)
+        self.fail_client(ack.client, ack.req, 503, why, ack.websocket)
+
+    # --- answering ------------------------------------------------------------------------
+
+    def fail_client(
+        self, client: socket.socket, req: Request, status: int, text: str, upgraded: bool
+    ) -> None:
+        """Answer ``status``; after a 101 that is a WebSocket close 1013 instead."""
+        if not upgraded:
+            self.reject(client, req, status, text)
+            return
+        self.log_request(req, f'101 closed-1013 "{text}"')
+        self.send_and_linger(client, _close_frame(WS_TRY_AGAIN, b"backend unavailable"))
+
+    def reject(self, sock: socket.socket, req: Request, status: int, text: str) -> None:
+        """Answer the client with an error of the front's own and close (lingering)."""
+        self.log_request(req, f'{status} "{text}"')
+        self.send_and_linger(sock, error_response(status, text))
+
+    def send_and_linger(self, sock: socket.socket, data: bytes) -> None:
+        """Send a final answer, then read and drop what the client still sends until
+        it closes (bounded in bytes and time), so our answer is not lost to an RST."""
+        try:
+            sock.send(data, _NOWAIT)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            sock.close()
+            return
+        linger = _Linger(sock)
+        self.loop.add_reader(linger.fd, self._on_linger, linger)
+        self._lingering[linger] = time.monotonic() + self.timeouts.linger
+
+    def _on_linger(self, linger: _Linger) -> None:
+        try:
+            data = linger.sock.recv(_LINGER_READ, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        linger.budget -= len(data)
+        if not data or linger.budget <= 0:
+            self._end_linger(linger)
+
+    def _end_linger(self, linger: _Linger) -> None:
+        if self._lingering.pop(linger, None) is not None:
+            self.loop.remove_reader(linger.fd)
+        linger.sock.close()
+
+    # --- housekeeping ---------------------------------------------------------------------
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        for pending in _expired(self._pending, now):
+            self._drop_pending(pending)
+            req = Request(_client_label(pending.listener, pending.addr), pending.start)
+            req.method, req.target = _request_line(bytes(pending.buf))
+            self.reject(
+                pending.sock,
+                req,
+                408,
+                f"request head not complete within {self.timeouts.head:g} s",
+            )
+        for ack in _expired(self._acks, now):
+            self._ack_expired(ack)
+        for linger in _expired(self._lingering, now):
+            self._end_linger(linger)
+        self.access.flush()
+        self._tick_handle = self.loop.call_later(TICK, self._tick)
+
+    def log_request(self, req: Request, outcome: str) -> None:
+        self.access.log(
+            req.client, req.method, req.target, route=req.route, outcome=outcome, start=req.start
+        )
+
+    def _log_dropped(self, req: Request, dropped: list[bytes]) -> None:
+        names = ", ".join(name.decode("ascii", "replace") for name in dropped)
+        log.info("%s: dropped header(s) with '_' in the name: %s", req.client, names)
+
+
+def _expired(deadlines: dict[_T, float], now: float) -> list[_T]:
+    """Entries past their deadline.  Every dict holds one timeout, so insertion
+    order is deadline order and the scan stops at the first live entry."""
+    found = []
+    for item, deadline in deadlines.items():
+        if deadline > now:
+            break
+        found.append(item)
+    return found

@@ -1,0 +1,538 @@
+"""Pass mode end to end: a real front subprocess, real curl, a receiver on fdhandoff.fdpass."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from fdhandoff import scgi
+from handoff_receiver import (
+    FIXTURES_NGINX,
+    FrontProcess,
+    Handoff,
+    TestReceiver,
+    http_exchange,
+    parse_response,
+    respond,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def sockdir() -> Iterator[Path]:
+    """A short directory for UNIX sockets (sun_path holds 107 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="fh-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def receivers(sockdir: Path) -> Iterator[Callable[..., TestReceiver]]:
+    made: list[TestReceiver] = []
+
+    def make(name: str = "r.sock", **kwargs: object) -> TestReceiver:
+        receiver = TestReceiver(sockdir / name, **kwargs)  # type: ignore[arg-type]
+        made.append(receiver)
+        return receiver
+
+    yield make
+    for receiver in made:
+        receiver.close()
+
+
+@pytest.fixture
+def fronts(sockdir: Path) -> Iterator[Callable[..., FrontProcess]]:
+    made: list[FrontProcess] = []
+
+    def make(
+        *routes: str, config: str | None = None, listen: str = "127.0.0.1:0", **kwargs: object
+    ) -> FrontProcess:
+        args = ["--listen", listen]
+        for route in routes:
+            args += ["--route", route]
+        if config is not None:
+            path = sockdir / f"front{len(made)}.toml"
+            path.write_text(config)
+            args += ["--config", str(path)]
+        front = FrontProcess(args, **kwargs)  # type: ignore[arg-type]
+        made.append(front)
+        return front
+
+    yield make
+    for front in made:
+        front.stop()
+
+
+def curl(*args: str) -> subprocess.CompletedProcess[bytes]:
+    path = shutil.which("curl")
+    assert path is not None
+    return subprocess.run(
+        [path, "-sS", "--max-time", "20", *args], capture_output=True, timeout=60, check=False
+    )
+
+
+def names(pairs: list[tuple[bytes, bytes]]) -> list[bytes]:
+    return [name for name, _ in pairs]
+
+
+# --- what the receiver gets ------------------------------------------------------------------
+
+
+def test_curl_get_with_query_scgi_description(
+    require_tool: Callable[[str], str],
+    receivers: Callable[..., TestReceiver],
+    fronts: Callable[..., FrontProcess],
+) -> None:
+    require_tool("curl")
+    receiver = receivers()
+    front = fronts(f"/fd=unix:{receiver.path}")
+    host, port = front.host_port
+    result = curl("-H", "X-Custom-Header: abc", f"{front.url}/fd/hello?x=1&y=two%20words")
+    assert result.returncode == 0, result.stderr
+    handoff = receiver.next()
+    headers = handoff.headers
+    assert headers[b"CONTENT_LENGTH"] == b"0"
+    assert headers[b"SCGI"] == b"1"
+    assert headers[b"REMOTE_ADDR"] == b"127.0.0.1"
+    assert headers[b"REQUEST_METHOD"] == b"GET"
+    assert headers[b"REQUEST_URI"] == b"/fd/hello?x=1&y=two%20words"
+    assert headers[b"QUERY_STRING"] == b"x=1&y=two%20words"
+    assert headers[b"SERVER_ADDR"] == host.encode()
+    assert headers[b"SERVER_PORT"] == str(port).encode()
+    assert headers[b"SERVER_PROTOCOL"] == b"HTTP/1.1"
+    assert headers[b"SERVER_NAME"] == b"127.0.0.1"
+    assert headers[b"HANDOFF_ROUTE"] == b"/fd"
+    assert headers[b"HTTP_X_CUSTOM_HEADER"] == b"abc"
+    assert headers[b"HTTP_USER_AGENT"].startswith(b"curl/")
+    # A superset of nginx fd_pass: its names, in its order, then ours.
+    nginx_pairs, _ = scgi.decode(
+        (FIXTURES_NGINX / "get-query.bin").read_bytes(), allow_duplicates=True
+    )
+    ours = names(handoff.pairs)
+    assert [n for n in ours if n in set(names(nginx_pairs))] == names(nginx_pairs)
+    assert ours[:9] == names(nginx_pairs)[:9]
+    # The receiver's answer reached curl, and the socket has TCP_NODELAY.
+    assert b'"REQUEST_URI": "/fd/hello?x=1&y=two%20words"' in result.stdout
+    assert handoff.nodelay == 1
+    assert handoff.peer_pid == front.proc.pid
+    line = front.wait_for(r'"GET /fd/hello\?x=1&y=two%20words" route=/fd handed-off')
+    assert line.string.split()[1].startswith("127.0.0.1:")
+
+
+def test_curl_post_body_reaches_the_receiver(
+    require_tool: Callable[[str], str],
+    receivers: Callable[..., TestReceiver],
+    fronts: Callable[..., FrontProcess],
+) -> None:
+    require_tool("curl")
+    receiver = receivers()
+    front = fronts(f"/=unix:{receiver.path}")
+    # The request nginx fd_pass lost its body on (post-form-body-swallowed.bin).
+    result = curl("--data", "name=value&other=thing1", f"{front.url}/fd/upload?q=1")
+    assert result.returncode == 0, result.stderr
+    handoff = receiver.next()
+    assert handoff.body == b"name=value&other=thing1"
+    assert handoff.headers[b"CONTENT_LENGTH"] == b"0"
+    assert handoff.headers[b"HTTP_CONTENT_LENGTH"] == b"23"
+    assert b'"body": "name=value&other=thing1"' in result.stdout
+
+
+def test_big_body_in_the_same_segment_as_the_head(
+    receivers: Callable[..., TestReceiver], fronts: Callable[..., FrontProcess]
+) -> None:
+    receiver = receivers()
+    front = fronts(f"/=unix:{receiver.path}")
+    body = bytes(range(256)) * 20  # 5120 bytes; nginx fd_pass kept 4032 of 5000
+    request = b"POST /u HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    status, _, _ = http_exchange(front, request)
+    assert status == 200
+    assert receiver.next().body == body
+
+
+def test_pipelined_requests_survive(
+    receivers: Callable[..., TestReceiver], fronts: Callable[..., FrontProcess]
+) -> None:
+    second = b"GET /second HTTP/1.1\r\nHost: a\r\n\r\n"
+    receiver = receivers(extra_bytes=len(second))
+    front = fronts(f"/=unix:{receiver.path}")
+    first = b"POST /first HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello"
+    status, _, _ = http_exchange(front, first + second)
+    assert status == 200
+    handoff = receiver.next()
+    assert handoff.headers[b"REQUEST_URI"] == b"/first"
+    assert handoff.body == b"hello"
+    assert handoff.extra == second  # still in the socket, for the receiver
+
+
+def test_head_arriving_in_pieces_keeps_what_follows(
+    receivers: Callable[..., TestReceiver], fronts: Callable[..., FrontProcess]
+) -> None:
+    receiver = receivers()
+    front = fronts(f"/=unix:{receiver.path}")
+    request = b"POST /slow HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\nbody"
+    with front.connect() as sock:
+        # Split inside the terminator: "\r\n\r" then "\nbody".
+        cut = request.index(b"\r\n\r\n") + 3
+        for piece in (request[:5], request[5:cut], request[cut:]):
+            sock.sendall(piece)
+            time.sleep(0.15)
+        status, _, _ = parse_response(read_until_closed(sock))
+    assert status == 200
+    handoff = receiver.next()
+    assert handoff.headers[b"REQUEST_URI"] == b"/slow"
+    assert handoff.body == b"body"
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    sock.settimeout(10)
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def test_repeated_headers_are_merged_and_underscores_dropped(
+    receivers: Callable[..., TestReceiver], fronts: Callable[..., FrontProcess]
+) -> None:
+    receiver = receivers()
+    front = fronts(f"/=unix:{receiver.path}")
+    request = (
+        b"GET /fd/dup%2Fpath?a=%20b HTTP/1.1\r\nHost: x\r\nX-A: 1\r\nX-A: 2\r\n"
+        b"Cookie: c1=1\r\nCookie: c2=2\r\nX_A: sneaky\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\n\r\n"
+    )
+    status, _, _ = http_exchange(front, request)
+    assert status == 200
+    handoff = receiver.next()
+    pairs = handoff.pairs
+    assert len(set(names(pairs))) == len(pairs)  # unique names: valid SCGI
+    assert handoff.headers[b"HTTP_X_A"] == b"1, 2"
+    assert handoff.headers[b"HTTP_COOKIE"] == b"c1=1; c2=2"
+    assert handoff.headers[b"HTTP_UPGRADE"] == b"websocket"
+    # The order of first appearance, as in nginx's duplicate-headers.bin.
+    http_names = [n for n in names(pairs) if n.startswith(b"HTTP_")]
+    assert http_names == [
+        b"HTTP_HOST",
+        b"HTTP_X_A",
+        b"HTTP_COOKIE",
+        b"HTTP_UPGRADE",
+        b"HTTP_CONNECTION",
+    ]
+    front.wait_for(r"dropped header\(s\) with '_' in the name: X_A")
+
+
+def test_receiver_written_for_nginx_works_unchanged(
+    receivers: Callable[..., TestReceiver], fronts: Callable[..., FrontProcess]
+) -> None:
+    receiver = receivers(mode="nginx")
+    front = fronts(f"/fd=unix:{receiver.path}")
+    body = b"x" * 3000
+    request = b"POST /fd/up HTTP/1.1\r\nHost: a\r\nContent-Length: 3000\r\n\r\n" + body
+    status, _, reply = http_exchange(front, request)
+    assert status == 200
+    handoff = receiver.next()
+    assert handoff.headers[b"REQUEST_URI"] == b"/fd/up"
+    assert handoff.body == body
+    assert b'"SCGI": "1"' in reply
+
+
+def test_ipv6_and_unix_listeners(
+    require_tool: Callable[[str], str],
+    receivers: Callable[..., TestReceiver],
+    fronts: Callable[..., FrontProcess],
+    sockdir: Path,
+) -> None:
+    require_tool("curl")
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    receiver = receivers()
+    listen_path = sockdir / "front.sock"
+    config = f"""
+[[listen]]
+address = "[::1]:0"
+[[listen]]
+address = "unix:{listen_path}"
+[[route]]
+prefix = "/"
+backend = "unix:{receiver.path}"
+"""
+    front = FrontProcess(["--config", str(write(sockdir, config))])
+    try:
+        assert front.addresses[0].startswith("[::1]:")
+        v6 = curl(f"http://{front.addresses[0]}/six")
+        assert v6.returncode == 0, v6.stderr
+        handoff = receiver.next()
+        assert handoff.headers[b"REMOTE_ADDR"] == b"::1"
+        assert handoff.headers[b"SERVER_ADDR"] == b"::1"
+        local = curl("--unix-socket", str(listen_path), "http://localhost/local")
+        assert local.returncode == 0, local.stderr
+        handoff = receiver.next()
+        assert handoff.headers[b"REMOTE_ADDR"] == b"unix:"
+        assert handoff.headers[b"SERVER_ADDR"] == f"unix:{listen_path}".encode()
+        assert handoff.nodelay is None  # a UNIX client socket
+    finally:
+        assert front.stop() == 0
+    assert not listen_path.exists()  # removed on shutdown
+
+
+def write(directory: Path, text: str) -> Path:
+    path = directory / "front.toml"
+    path.write_text(text)
+    return path
+
+
+# --- answers of the front's own --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "why"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: a\r\nBad Header: x\r\n\r\n", 400, "malformed request head"),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX: a\x00b\r\n\r\n", 400, "malformed"),
+        (b"GET / HTTP/1.1\r\n\r\n", 400, "missing Host"),
+        (
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+            400,
+            "Content-Length",
+        ),
+        (
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n",
+            400,
+            "Transfer-Encoding",
+        ),
+        (b"GET /../x HTTP/1.1\r\nHost: a\r\n\r\n", 400, "above the root"),
+        (b"GET /nowhere HTTP/1.1\r\nHost: a\r\n\r\n", 404, "no route for /nowhere"),
+        (b"GET /" + b"u" * 9000 + b" HTTP/1.1\r\nHost: a\r\n\r\n", 414, "request line longer"),
+        (
+            b"GET /fd HTTP/1.1\r\nHost: a\r\n" + b"X-Big: " + b"v" * 40000 + b"\r\n\r\n",
+            431,
+            "request head larger than 32768",
+        ),
+        (
+            b"GET /fd HTTP/1.1\r\nHost: a\r\n" + b"X-Many: 1\r\n" * 101 + b"\r\n",
+            431,
+            "more than 100 header lines",
+        ),
+        (b"GET /fd HTTP/1.0\r\nHost: a\r\n\r\n", 505, "only HTTP/1.1"),
+        (b"BREW /fd HTTP/1.1\r\nHost: a\r\n\r\n", 501, "not implemented"),
+        (b"GET /fd HTTP/1.1\nHost: a\n\n", 400, "bare LF"),
+    ],
+)
+def test_error_answers(
+    no_fd_leak: None,
+    receivers: Callable[..., TestReceiver],
+    fronts: Callable[..., FrontProcess],
+    request_bytes: bytes,
+    status: int,
+    why: str,
+) -> None:
+    receiver = receivers()
+    front = fronts(f"/fd=unix:{receiver.path}")
+    baseline = front.fd_count()
+    got, headers, body = http_exchange(front, request_bytes)
+    assert got == status
+    assert headers["connection"] == "close"
+    assert why in body.decode()
+    front.wait_for(rf' {status} ".*{why}')
+    assert receiver.handoffs.empty()
+    assert front.settled_fd_count(baseline) == baseline
+
+
+def test_head_timeout_answers_408(
+    no_fd_leak: None, receivers: Callable[..., TestReceiver], fronts: Callable[..., FrontProcess]
+) -> None:
+    receiver = receivers()
+    front = fronts(f"/=unix:{receiver.path}", config="[timeouts]\nhead = 0.5\n")
+    baseline = front.fd_count()
+    with front.connect() as sock:
+        sock.sendall(b"GET /slow HTTP/1.1\r\nHost: a\r\n")  # never finished
+        status, _headers, body = parse_response(read_until_closed(sock))
+    assert status == 408
+    assert b"not complete within 0.5 s" in body
+    front.wait_for(r'"GET /slow" route=- 408 "request head not complete')
+    assert front.settled_fd_count(baseline) == baseline
+
+
+def test_client_closing_inside_the_head(
+    no_fd_leak: None, receivers: Callable[..., TestReceiver], fronts: Callable[..., FrontProcess]
+) -> None:
+    receiver = receivers()
+    front = fronts(f"/=unix:{receiver.path}")
+    baseline = front.fd_count()
+    with front.connect() as sock:
+        sock.sendall(b"GET /gone HTTP/1.1\r\nHo")
+        time.sleep(0.2)
+    front.wait_for(r'"GET /gone" route=- closed "client closed inside the request head"')
+    with front.connect():
+        pass  # connected and closed without a byte: nothing to log, nothing left open
+    assert front.settled_fd_count(baseline) == baseline
+
+
+def test_backend_missing_answers_503(
+    no_fd_leak: None, fronts: Callable[..., FrontProcess], sockdir: Path
+) -> None:
+    front = fronts(f"/=unix:{sockdir / 'absent.sock'}")
+    baseline = front.fd_count()
+    status, _, body = http_exchange(front, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert status == 503
+    assert b"socket file missing" in body
+    front.wait_for(r"503 backend .*absent.sock: socket file missing")
+    assert front.settled_fd_count(baseline) == baseline
+
+
+def test_backend_refusing_answers_503(
+    no_fd_leak: None, fronts: Callable[..., FrontProcess], sockdir: Path
+) -> None:
+    path = sockdir / "dead.sock"
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(str(path))  # bound, never listening: connect() is refused
+    try:
+        front = fronts(f"/=unix:{path}")
+        baseline = front.fd_count()
+        status, _, body = http_exchange(front, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert status == 503
+        assert b"nobody listening" in body
+        assert front.settled_fd_count(baseline) == baseline
+    finally:
+        dead.close()
+
+
+def test_backend_backlog_full_answers_503_at_once(
+    no_fd_leak: None, receivers: Callable[..., TestReceiver], fronts: Callable[..., FrontProcess]
+) -> None:
+    receiver = receivers(mode="backlog")
+    front = fronts(f"/=unix:{receiver.path}", config="[timeouts]\nhandoff = 2.0\n")
+    baseline = front.fd_count()
+    clients = []
+    for _ in range(4):  # listen(1) queues two connections; the rest find it full
+        sock = front.connect()
+        sock.sendall(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+        clients.append(sock)
+    started = time.monotonic()
+    answers = [parse_response(read_until_closed(sock)) for sock in clients[::-1]]
+    for sock in clients:
+        sock.close()
+    bodies = [body for _, _, body in answers]
+    assert all(status == 503 for status, _, _ in answers)
+    assert any(b"backlog full" in body for body in bodies)
+    # The ones that did get in the queue were never taken: 503 after the timeout.
+    assert any(b"did not take the connection within 2 s" in body for body in bodies)
+    assert time.monotonic() - started >= 1.0
+    assert front.settled_fd_count(baseline) == baseline
+
+
+def test_backend_not_reading_answers_503_after_the_handoff_timeout(
+    no_fd_leak: None, receivers: Callable[..., TestReceiver], fronts: Callable[..., FrontProcess]
+) -> None:
+    receiver = receivers(mode="hold")
+    front = fronts(f"/=unix:{receiver.path}", config="[timeouts]\nhandoff = 0.5\n")
+    baseline = front.fd_count()
+    status, _, body = http_exchange(front, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert status == 503
+    assert b"did not take the connection within 0.5 s" in body
+    front.wait_for(r"503 receiver did not take the connection")
+    assert front.settled_fd_count(baseline) == baseline
+
+
+def test_backend_closing_without_reading_answers_503(
+    no_fd_leak: None, receivers: Callable[..., TestReceiver], fronts: Callable[..., FrontProcess]
+) -> None:
+    receiver = receivers(mode="close")
+    front = fronts(f"/=unix:{receiver.path}")
+    baseline = front.fd_count()
+    status, _, body = http_exchange(front, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert status == 503
+    assert b"receiver closed without taking the connection" in body
+    assert front.settled_fd_count(baseline) == baseline
+
+
+def test_receiver_keeping_its_end_open_still_counts_as_taken(
+    no_fd_leak: None, receivers: Callable[..., TestReceiver], fronts: Callable[..., FrontProcess]
+) -> None:
+    receiver = receivers(mode="keep-open")
+    front = fronts(f"/=unix:{receiver.path}", config="[timeouts]\nhandoff = 0.3\n")
+    baseline = front.fd_count()
+    status, _, body = http_exchange(front, b"GET /kept HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert status == 200  # the receiver answered; no 503 crossed it
+    assert b'"REQUEST_URI": "/kept"' in body
+    front.wait_for(r'"GET /kept" route=/ handed-off')
+    assert front.settled_fd_count(baseline) == baseline
+
+
+def test_no_fd_left_after_many_handoffs(
+    receivers: Callable[..., TestReceiver], fronts: Callable[..., FrontProcess]
+) -> None:
+    receiver = receivers()
+    front = fronts(f"/=unix:{receiver.path}")
+    baseline = front.fd_count()
+    for index in range(50):
+        status, _, _ = http_exchange(front, b"GET /n%d HTTP/1.1\r\nHost: a\r\n\r\n" % index)
+        assert status == 200
+    assert front.settled_fd_count(baseline) == baseline
+
+
+def slow_answer(receiver: TestReceiver, handoff: Handoff, client: socket.socket) -> None:
+    time.sleep(0.2)
+    respond(client, {"uri": handoff.headers[b"REQUEST_URI"].decode()})
+
+
+def test_sigterm_finishes_in_flight_requests_and_exits_0(
+    receivers: Callable[..., TestReceiver], fronts: Callable[..., FrontProcess]
+) -> None:
+    receiver = receivers(behaviour=slow_answer)
+    front = fronts(f"/=unix:{receiver.path}")
+    with front.connect() as sock:
+        sock.sendall(b"GET /late HTTP/1.1\r\nHost: a\r\n")  # head not finished yet
+        time.sleep(0.3)
+        front.proc.send_signal(15)
+        front.wait_for("shutting down")
+        with pytest.raises(OSError):  # no new connections
+            socket.create_connection(front.host_port, timeout=2).close()
+        sock.sendall(b"\r\n")
+        status, _, body = parse_response(read_until_closed(sock))
+    assert status == 200
+    assert b'"/late"' in body
+    assert front.proc.wait(timeout=30) == 0
+    front.wait_for("stopped")
+
+
+def test_accept_survives_running_out_of_fds(
+    receivers: Callable[..., TestReceiver], fronts: Callable[..., FrontProcess]
+) -> None:
+    import resource  # noqa: PLC0415
+
+    def low_limit() -> None:
+        resource.setrlimit(
+            resource.RLIMIT_NOFILE, (40, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+        )
+
+    receiver = receivers()
+    front = fronts(f"/=unix:{receiver.path}", preexec=low_limit)
+    hogs = []
+    try:
+        for _ in range(60):  # more connections than fds: each waits with half a head
+            sock = front.connect()
+            sock.sendall(b"GET /hog HTTP/1.1\r\n")
+            hogs.append(sock)
+        front.wait_for(r"accept on 127\.0\.0\.1:\d+: Too many open files; not accepting")
+    finally:
+        for sock in hogs:
+            sock.close()
+    # Fds come back as the hogs go away; the front serves again.
+    deadline = time.monotonic() + 20
+    while True:
+        status, _, _ = http_exchange(front, b"GET /after HTTP/1.1\r\nHost: a\r\n\r\n")
+        if status == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert status == 200
+    assert front.proc.poll() is None
