@@ -15,15 +15,19 @@ import os
 import queue
 import re
 import select
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pytest
 
 from fdhandoff import fdpass, scgi
 from fdhandoff.message import HandoffRecord
@@ -353,3 +357,52 @@ def parse_response(data: bytes) -> tuple[int, dict[str, str], bytes]:
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
     return status, headers, body
+
+
+# --- fixtures shared by the front tests ------------------------------------------------------
+# A test module imports them as ``*_fixture``; pytest knows them as sockdir, receivers, fronts.
+
+
+@pytest.fixture(name="sockdir")
+def sockdir_fixture() -> Iterator[Path]:
+    """A short directory for UNIX sockets (sun_path holds 107 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="fh-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(name="receivers")
+def receivers_fixture(sockdir: Path) -> Iterator[Callable[..., TestReceiver]]:
+    made: list[TestReceiver] = []
+
+    def make(name: str = "r.sock", **kwargs: object) -> TestReceiver:
+        receiver = TestReceiver(sockdir / name, **kwargs)  # type: ignore[arg-type]
+        made.append(receiver)
+        return receiver
+
+    yield make
+    for receiver in made:
+        receiver.close()
+
+
+@pytest.fixture(name="fronts")
+def fronts_fixture(sockdir: Path) -> Iterator[Callable[..., FrontProcess]]:
+    made: list[FrontProcess] = []
+
+    def make(
+        *routes: str, config: str | None = None, listen: str = "127.0.0.1:0", **kwargs: object
+    ) -> FrontProcess:
+        args = ["--listen", listen]
+        for route in routes:
+            args += ["--route", route]
+        if config is not None:
+            path = sockdir / f"front{len(made)}.toml"
+            path.write_text(config)
+            args += ["--config", str(path)]
+        front = FrontProcess(args, **kwargs)  # type: ignore[arg-type]
+        made.append(front)
+        return front
+
+    yield make
+    for front in made:
+        front.stop()

@@ -5,9 +5,8 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,57 +17,15 @@ from handoff_receiver import (
     FrontProcess,
     Handoff,
     TestReceiver,
+    fronts_fixture,  # noqa: F401  (fixture)
     http_exchange,
     parse_response,
+    receivers_fixture,  # noqa: F401  (fixture)
     respond,
+    sockdir_fixture,  # noqa: F401  (fixture)
 )
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def sockdir() -> Iterator[Path]:
-    """A short directory for UNIX sockets (sun_path holds 107 bytes)."""
-    path = Path(tempfile.mkdtemp(prefix="fh-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def receivers(sockdir: Path) -> Iterator[Callable[..., TestReceiver]]:
-    made: list[TestReceiver] = []
-
-    def make(name: str = "r.sock", **kwargs: object) -> TestReceiver:
-        receiver = TestReceiver(sockdir / name, **kwargs)  # type: ignore[arg-type]
-        made.append(receiver)
-        return receiver
-
-    yield make
-    for receiver in made:
-        receiver.close()
-
-
-@pytest.fixture
-def fronts(sockdir: Path) -> Iterator[Callable[..., FrontProcess]]:
-    made: list[FrontProcess] = []
-
-    def make(
-        *routes: str, config: str | None = None, listen: str = "127.0.0.1:0", **kwargs: object
-    ) -> FrontProcess:
-        args = ["--listen", listen]
-        for route in routes:
-            args += ["--route", route]
-        if config is not None:
-            path = sockdir / f"front{len(made)}.toml"
-            path.write_text(config)
-            args += ["--config", str(path)]
-        front = FrontProcess(args, **kwargs)  # type: ignore[arg-type]
-        made.append(front)
-        return front
-
-    yield make
-    for front in made:
-        front.stop()
 
 
 def curl(*args: str) -> subprocess.CompletedProcess[bytes]:

@@ -1,0 +1,190 @@
+"""WebSocket mode: the front answers the upgrade (101) and hands off the open connection.
+
+The client is the ``websockets`` library; the receiver frames with the same
+library's sans-IO protocol started in the OPEN state, i.e. it never saw the
+handshake, exactly like a daemon behind the front.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+import struct
+from collections.abc import Callable
+
+import pytest
+from websockets.frames import Frame, Opcode
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+from websockets.sync.client import connect
+
+from handoff_receiver import (
+    IO_TIMEOUT,
+    FrontProcess,
+    Handoff,
+    TestReceiver,
+    fronts_fixture,  # noqa: F401  (fixture)
+    http_exchange,
+    receivers_fixture,  # noqa: F401  (fixture)
+    sockdir_fixture,  # noqa: F401  (fixture)
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+KEY = base64.b64encode(os.urandom(16))
+
+
+def upgrade_request(path: bytes = b"/ws", *, version: bytes = b"13", key: bytes = KEY) -> bytes:
+    return (
+        b"GET %s HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: %s\r\n\r\n" % (path, key, version)
+    )
+
+
+def masked_text_frame(text: bytes) -> bytes:
+    mask = os.urandom(4)
+    payload = bytes(b ^ mask[i % 4] for i, b in enumerate(text))
+    return bytes((0x81, 0x80 | len(text))) + mask + payload
+
+
+def ws_echo(receiver: TestReceiver, handoff: Handoff, client: socket.socket) -> None:
+    """Echo text messages until the client closes; report what arrived."""
+    protocol = ServerProtocol(state=State.OPEN)
+    client.settimeout(IO_TIMEOUT)
+    received = []
+    while protocol.state is State.OPEN:
+        data = client.recv(65536)
+        protocol.receive_data(data) if data else protocol.receive_eof()
+        for event in protocol.events_received():
+            if isinstance(event, Frame) and event.opcode is Opcode.TEXT:
+                received.append(event.data)
+                protocol.send_text(b"echo:" + event.data)
+        for out in protocol.data_to_send():
+            if out:
+                client.sendall(out)
+        if not data:
+            break
+    handoff.body = b"|".join(received)
+
+
+def test_websockets_client_through_the_front(
+    receivers: Callable[..., TestReceiver], fronts: Callable[..., FrontProcess]
+) -> None:
+    receiver = receivers(behaviour=ws_echo)
+    front = fronts(
+        config=f'[[route]]\nprefix = "/ws"\nmode = "websocket"\nbackend = "unix:{receiver.path}"\n'
+    )
+    baseline = front.fd_count()
+    with connect(
+        f"ws://{front.addresses[0]}/ws/chat?room=1",
+        proxy=None,
+        compression=None,
+        open_timeout=IO_TIMEOUT,
+    ) as ws:
+        ws.send("hello")
+        assert ws.recv(timeout=IO_TIMEOUT) == "echo:hello"
+        ws.send("again")
+        assert ws.recv(timeout=IO_TIMEOUT) == "echo:again"
+    handoff = receiver.next()
+    headers = handoff.headers
+    assert headers[b"HANDOFF_UPGRADED"] == b"websocket"
+    assert headers[b"HANDOFF_ROUTE"] == b"/ws"
+    assert headers[b"REQUEST_URI"] == b"/ws/chat?room=1"
+    assert headers[b"HTTP_SEC_WEBSOCKET_VERSION"] == b"13"
+    assert handoff.body == b"hello|again"
+    front.wait_for(r'"GET /ws/chat\?room=1" route=/ws 101 handed-off')
+    assert front.settled_fd_count(baseline) == baseline
+
+
+def test_frames_sent_with_the_upgrade_request_reach_the_receiver(
+    receivers: Callable[..., TestReceiver], fronts: Callable[..., FrontProcess]
+) -> None:
+    receiver = receivers(behaviour=ws_echo)
+    front = fronts(
+        config=f'[[route]]\nprefix = "/ws"\nmode = "websocket"\nbackend = "unix:{receiver.path}"\n'
+    )
+    with front.connect() as sock:
+        # ONE write: the upgrade request and a masked frame (OpenResty loses it).
+        sock.sendall(upgrade_request() + masked_text_frame(b"early"))
+        sock.settimeout(IO_TIMEOUT)
+        data = b""
+        while b"echo:early" not in data:
+            chunk = sock.recv(65536)
+            assert chunk, f"closed early: {data!r}"
+            data += chunk
+        head, _, frames = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101 Switching Protocols")
+        assert frames == b"\x81\x0aecho:early"
+        sock.sendall(bytes((0x88, 0x82)) + b"\x00\x00\x00\x00" + struct.pack("!H", 1000))
+    assert receiver.next().body == b"early"
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "why"),
+    [
+        (upgrade_request(version=b"8"), 426, "unsupported Sec-WebSocket-Version"),
+        (upgrade_request(key=b"short"), 400, "Sec-WebSocket-Key"),
+        (b"GET /ws HTTP/1.1\r\nHost: a\r\n\r\n", 400, "Upgrade header does not list"),
+        (upgrade_request().replace(b"GET", b"POST"), 400, "must use GET"),
+    ],
+)
+def test_invalid_upgrades(
+    no_fd_leak: None,
+    receivers: Callable[..., TestReceiver],
+    fronts: Callable[..., FrontProcess],
+    request_bytes: bytes,
+    status: int,
+    why: str,
+) -> None:
+    receiver = receivers(behaviour=ws_echo)
+    front = fronts(
+        config=f'[[route]]\nprefix = "/ws"\nmode = "websocket"\nbackend = "unix:{receiver.path}"\n'
+    )
+    baseline = front.fd_count()
+    got, headers, body = http_exchange(front, request_bytes)
+    assert got == status
+    assert why in body.decode()
+    if status == 426:
+        assert headers["sec-websocket-version"] == "13"
+    assert "close" in headers["connection"]
+    assert receiver.handoffs.empty()
+    front.wait_for(rf'route=/ws {status} ".*{why}')
+    assert front.settled_fd_count(baseline) == baseline
+
+
+def test_backend_down_is_a_503_not_a_101(
+    no_fd_leak: None, fronts: Callable[..., FrontProcess]
+) -> None:
+    front = fronts(
+        config='[[route]]\nprefix = "/ws"\nmode = "websocket"\n'
+        'backend = "unix:/nonexistent/ws.sock"\n'
+    )
+    baseline = front.fd_count()
+    status, _, body = http_exchange(front, upgrade_request())
+    assert status == 503
+    assert b"socket file missing" in body
+    assert front.settled_fd_count(baseline) == baseline
+
+
+def test_receiver_not_taking_it_after_the_101_gets_a_close_1013(
+    no_fd_leak: None, receivers: Callable[..., TestReceiver], fronts: Callable[..., FrontProcess]
+) -> None:
+    receiver = receivers(mode="hold")
+    front = fronts(
+        config=f'[timeouts]\nhandoff = 0.5\n[[route]]\nprefix = "/ws"\n'
+        f'mode = "websocket"\nbackend = "unix:{receiver.path}"\n'
+    )
+    baseline = front.fd_count()
+    with front.connect() as sock:
+        sock.sendall(upgrade_request())
+        sock.settimeout(IO_TIMEOUT)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, frame = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101")
+    assert frame[0] == 0x88  # close frame, unmasked
+    assert struct.unpack("!H", frame[2:4])[0] == 1013
+    front.wait_for(r'route=/ws 101 closed-1013 "receiver did not take the connection')
+    assert front.settled_fd_count(baseline) == baseline
