@@ -48,7 +48,7 @@ _channel: Any = None
 
 
 def _hub() -> Any:
-    global _channel  # noqa: PLW0603 - one hub per receiver process
+    global _channel
     if _channel is None:
         from fdhandoff.receiver import Channel  # noqa: PLC0415 - only in the receiver
 

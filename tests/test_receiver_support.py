@@ -288,6 +288,69 @@ def front_headers(
     return out
 
 
+class MiniFront:
+    """A front for tests: accepts TCP clients, reads each request head and hands
+    the connection over in the fdhandoff front's SCGI format (already-read
+    bytes included), so real HTTP/WebSocket client libraries can be used."""
+
+    def __init__(self, unix_path: str, **extra: str) -> None:
+        self.unix_path = unix_path
+        self.extra = extra
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.2)
+        self.port: int = self.listener.getsockname()[1]
+        self.handed = 0
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._main, daemon=True)
+        self.thread.start()
+
+    def _main(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, addr = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            try:
+                self._hand_over(conn, addr)
+            except OSError:
+                conn.close()
+
+    def _hand_over(self, conn: socket.socket, addr: tuple[str, int]) -> None:
+        conn.settimeout(10)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65536)
+            if not chunk:
+                conn.close()
+                return
+            data += chunk
+        head, _, rest = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        method, target, version = lines[0].split(" ")
+        pairs = [tuple(x.strip() for x in line.split(":", 1)) for line in lines[1:]]
+        headers = front_headers(method, target, pairs, rest, **self.extra)  # type: ignore[arg-type]
+        headers = [(n, version if n == "SERVER_PROTOCOL" else v) for n, v in headers]
+        headers = [
+            (n, addr[0] if n == "REMOTE_ADDR" else str(addr[1]) if n == "REMOTE_PORT" else v)
+            for n, v in headers
+        ]
+        send_scgi(self.unix_path, headers, conn, rest)
+        self.handed += 1
+
+    def close(self) -> None:
+        self._stop.set()
+        self.thread.join(10)
+        self.listener.close()
+
+    def __enter__(self) -> MiniFront:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 # --- subprocess receivers -----------------------------------------------------------------
 
 

@@ -13,6 +13,7 @@ from .options import Options
 from .request import HandoffInfo
 from .runner import run
 from .stream import Channel, ConnectionClosed, Stream
+from .ws import WebSocket
 
 __all__ = [
     "Bind",
@@ -27,6 +28,7 @@ __all__ = [
     "ResponseWriter",
     "SSEStream",
     "Stream",
+    "WebSocket",
     "run",
     "serve",
 ]

@@ -93,12 +93,13 @@ _CLOSED_SEND: Final = _ClosedSend(None)
 class _Backlog:
     """Bytes the kernel did not take yet, with their stall timer and waiters."""
 
-    __slots__ = ("data", "timer", "waiters")
+    __slots__ = ("data", "timer", "waiters", "why")
 
     def __init__(self, data: bytes, timer: asyncio.TimerHandle) -> None:
         self.data = bytearray(data)
         self.timer = timer
         self.waiters: list[asyncio.Future[None]] = []
+        self.why: str | None = None  # set when closing: logged once written
 
 
 class Stream:
@@ -201,9 +202,10 @@ class Stream:
                 self._receiver.options.write_timeout, self._stalled
             )
             return
+        why = backlog.why
         self._drop_backlog()
         if self._state is _State.CLOSING:
-            self._finish(None)
+            self._finish(why, clean=True)
 
     def _drop_backlog(self) -> None:
         backlog = self._backlog
@@ -259,28 +261,30 @@ class Stream:
 
     def close(self) -> None:
         """End the stream once what was sent is written (bounded by the write timeout)."""
-        if self._state is not _State.OPEN:
-            return
-        self._state = _State.CLOSING
-        self._before_close()
-        if self._backlog is None:
-            self._finish(None)
+        self._end(None)
 
     def going_away(self) -> None:
         """Close because the receiver is stopping (WebSocket: close code 1001)."""
         self.close()
 
-    def _before_close(self) -> None:
-        """Subclass hook: last bytes to queue before a clean close."""
+    def _end(self, why: str | None) -> None:
+        """Close cleanly after the backlog is written; ``why`` goes to the log."""
+        if self._state is not _State.OPEN:
+            return
+        self._state = _State.CLOSING
+        if self._backlog is None:
+            self._finish(why, clean=True)
+        else:
+            self._backlog.why = why
 
     def _abort(self, why: str) -> None:
         """End at once, dropping what is queued."""
         if self._state in (_State.CLOSED, _State.ABORTED):
             return
-        self._finish(why)
+        self._finish(why, clean=False)
 
-    def _finish(self, why: str | None) -> None:
-        self._state = _State.CLOSED if why is None else _State.ABORTED
+    def _finish(self, why: str | None, *, clean: bool) -> None:
+        self._state = _State.CLOSED if clean else _State.ABORTED
         loop = self._receiver.loop
         fd = self._sock.fileno()
         if fd >= 0:
@@ -291,12 +295,16 @@ class Stream:
         self._receiver.untrack(self)
         self._log_end(why)
         self._leave_channels()
+        self._ended()
         callback, self.on_close = self.on_close, None
         if callback is not None:
             try:
                 callback(self)
             except Exception:
                 log.exception("on_close callback of %r failed", self)
+
+    def _ended(self) -> None:
+        """Subclass hook: the connection is closed; release what is held."""
 
     def _log_end(self, why: str | None) -> None:
         prefix, self._log = self._log, None

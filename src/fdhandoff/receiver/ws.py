@@ -1,16 +1,339 @@
-"""WebSocket connections (placeholder until the frame codec is available)."""
+"""WebSocket connections (RFC 6455) on handed-off sockets, asyncio flavour.
+
+:func:`accept` completes the opening handshake from the request the sender
+described (``check_upgrade`` + ``handshake_response`` of
+:mod:`fdhandoff.websocket`), or skips it when the sender already answered 101
+(``HANDOFF_UPGRADED=websocket`` from the fdhandoff front, marker ``X`` from
+OpenResty).  Client bytes the sender had already read are frames and are
+processed first: nothing the client sent together with its upgrade is lost.
+
+A :class:`WebSocket` is a :class:`~fdhandoff.receiver.stream.Stream`: no task
+per connection, one reader callback feeding the sans-IO codec, writes straight
+to the kernel.  Two ways to consume messages:
+
+* callbacks: ``ws.on_message = fn`` (``fn(ws, message)``), ``ws.on_close``;
+  the handler returns and the connection lives on its own (the cheap way);
+* coroutines: ``async for message in ws`` / ``await ws.receive()``; messages
+  wait in a small queue, and reading from the client pauses while it is full
+  (back-pressure instead of unbounded memory).
+
+A client that breaks the protocol (a frame header announcing 2^62 bytes, bad
+UTF-8, an unmasked frame) gets the close frame the codec chose (1002, 1007,
+1009) and only its own connection ends.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Final
+
+from .. import websocket
+from ..errors import ProtocolError
+from ..message import Format
+from ..websocket import CloseCode, Opcode, WebSocketProtocolError, encode_frame
+from .http import HeaderInput
+from .stream import _CLOSED_SEND, ConnectionClosed, Sent, Stream
 
 if TYPE_CHECKING:
+    from .engine import Receiver
     from .handoff import Handoff
 
+__all__ = ["CLOSE_TIMEOUT", "INBOX_LIMIT", "WebSocket", "accept"]
 
-class WebSocket:
-    pass
+log = logging.getLogger("fdhandoff.receiver")
+
+#: Seconds to wait for the client's close frame after sending ours
+#: (RFC 6455 section 7.1.1: the server then closes the TCP connection).
+CLOSE_TIMEOUT: Final = 5.0
+
+#: Messages queued for ``receive()`` before reading from the client pauses;
+#: the `websockets` library's default queue is the same size.
+INBOX_LIMIT: Final = 16
+
+Message = str | bytes
+MessageCallback = Callable[["WebSocket", Message], None]
+
+#: Close codes after which ``async for`` ends quietly.
+_NORMAL: Final = frozenset({CloseCode.NORMAL, CloseCode.GOING_AWAY, CloseCode.NO_STATUS})
 
 
-async def accept(handoff: Handoff, *args: Any) -> WebSocket:
-    raise NotImplementedError("WebSocket support is not available yet")
+class _Inbox:
+    """Messages waiting for ``receive()``; exists only in the coroutine style."""
+
+    __slots__ = ("messages", "paused", "waiter")
+
+    def __init__(self) -> None:
+        self.messages: deque[Message] = deque()
+        self.waiter: asyncio.Future[None] | None = None
+        self.paused = False
+
+    def wake(self) -> None:
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+class WebSocket(Stream):
+    """One WebSocket connection; see the module documentation."""
+
+    __slots__ = ("_close_timer", "_codec", "_inbox", "_on_message", "close_code", "subprotocol")
+
+    def __init__(
+        self,
+        handoff: Handoff,
+        codec: websocket.WebSocket,
+        subprotocol: str | None,
+    ) -> None:
+        super().__init__(handoff.socket, handoff.receiver, handoff.log_prefix(101))
+        self._codec = codec
+        self._on_message: MessageCallback | None = None
+        self._inbox: _Inbox | None = None
+        self._close_timer: asyncio.TimerHandle | None = None
+        #: The close code once the connection ended (1006: closed without one).
+        self.close_code: int | None = None
+        self.subprotocol = subprotocol
+        self._sent = handoff.bytes_sent  # the 101 response, for the access log
+
+    # --- state --------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """True once a close frame was sent or received, or the connection ended."""
+        return super().closed or self._codec.state is not websocket.State.OPEN
+
+    @property
+    def on_message(self) -> MessageCallback | None:
+        """``fn(ws, message)`` for each message; setting it delivers queued ones."""
+        return self._on_message
+
+    @on_message.setter
+    def on_message(self, callback: MessageCallback | None) -> None:
+        self._on_message = callback
+        inbox = self._inbox
+        if callback is None or inbox is None:
+            return
+        while inbox.messages and self._on_message is callback:
+            self._deliver(callback, inbox.messages.popleft())
+        self._resume_reading(inbox)
+
+    # --- sending ---------------------------------------------------------------------
+
+    @classmethod
+    def encode(cls, message: Message) -> bytes:
+        """A server frame for ``message`` (text for ``str``), the same for every client."""
+        if isinstance(message, str):
+            return encode_frame(Opcode.TEXT, message.encode("utf-8"))
+        return encode_frame(Opcode.BINARY, bytes(message))
+
+    def _send_encoded(self, data: bytes) -> Sent:
+        if self._codec.state is not websocket.State.OPEN:
+            return _CLOSED_SEND
+        return self._write(data)
+
+    def send(self, message: Message) -> Sent:
+        """Send a text (``str``) or binary message; never blocks (await to drain)."""
+        return self._send_encoded(self.encode(message))
+
+    def ping(self, payload: bytes = b"") -> Sent:
+        if self._codec.state is not websocket.State.OPEN:
+            return _CLOSED_SEND
+        return self._write(self._codec.send_ping(payload))
+
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """Start the closing handshake; the TCP connection ends when the client
+        answers (or after :data:`CLOSE_TIMEOUT`)."""
+        if super().closed:
+            return
+        frame = self._codec.send_close(code, reason)
+        if not frame:
+            return  # a close frame was already sent
+        self._write(frame)
+        if self._close_timer is None and not super().closed:
+            self._close_timer = self._receiver.loop.call_later(
+                CLOSE_TIMEOUT, self._abort, "client did not answer the close frame"
+            )
+
+    def going_away(self) -> None:
+        self.close(CloseCode.GOING_AWAY, "server shutting down")
+
+    # --- receiving ------------------------------------------------------------------------
+
+    def _on_data(self, data: bytes) -> None:
+        self._codec.receive_data(data)
+        self._pump()
+
+    def _on_eof(self) -> None:
+        if self.close_code is None:
+            self.close_code = CloseCode.ABNORMAL
+        self._abort("client closed the connection")
+
+    def _pump(self) -> None:
+        codec = self._codec
+        while not super().closed:
+            try:
+                event = codec.next_event()
+            except WebSocketProtocolError as exc:
+                self.close_code = exc.close_code
+                self._flush_replies()
+                log.info("WebSocket client broke the protocol: %s (close %d)", exc, exc.close_code)
+                self._end(f"protocol error, close {exc.close_code}: {exc}")
+                return
+            if event is websocket.NEED_DATA:
+                break
+            if isinstance(event, websocket.Message):
+                self._received(event.data)
+            elif isinstance(event, websocket.Close):
+                self.close_code = event.code
+                self._flush_replies()
+                self._end(None)
+                return
+            # Ping: the pong is queued in the codec; Pong: nothing to do.
+        self._flush_replies()
+
+    def _flush_replies(self) -> None:
+        out = self._codec.data_to_send()
+        if out:
+            self._write(out)
+
+    def _received(self, message: Message) -> None:
+        callback = self._on_message
+        if callback is not None:
+            self._deliver(callback, message)
+            return
+        inbox = self._inbox
+        if inbox is None:
+            inbox = self._inbox = _Inbox()
+        inbox.messages.append(message)
+        inbox.wake()
+        if len(inbox.messages) >= INBOX_LIMIT and not inbox.paused:
+            inbox.paused = True
+            self._receiver.loop.remove_reader(self._sock.fileno())
+
+    def _deliver(self, callback: MessageCallback, message: Message) -> None:
+        try:
+            callback(self, message)
+        except Exception:
+            log.exception("on_message callback failed; closing with 1011")
+            self.close(CloseCode.INTERNAL_ERROR, "internal error")
+
+    def _resume_reading(self, inbox: _Inbox) -> None:
+        if inbox.paused and len(inbox.messages) < INBOX_LIMIT // 2 and not super().closed:
+            inbox.paused = False
+            self._receiver.loop.add_reader(self._sock.fileno(), self._on_readable)
+
+    async def receive(self) -> Message:
+        """The next message; raises :class:`ConnectionClosed` once the connection ended."""
+        while True:
+            inbox = self._inbox
+            if inbox is None:
+                inbox = self._inbox = _Inbox()
+            if inbox.messages:
+                message = inbox.messages.popleft()
+                self._resume_reading(inbox)
+                return message
+            if super().closed:
+                raise ConnectionClosed(f"WebSocket closed (code {self.close_code})")
+            inbox.waiter = self._receiver.loop.create_future()
+            await inbox.waiter
+
+    def __aiter__(self) -> WebSocket:
+        return self
+
+    async def __anext__(self) -> Message:
+        try:
+            return await self.receive()
+        except ConnectionClosed:
+            raise StopAsyncIteration from None
+
+    def _ended(self) -> None:
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
+        if self._inbox is not None:
+            self._inbox.wake()
+
+
+# --- the opening handshake -------------------------------------------------------------------
+
+
+def _choose_subprotocol(handoff: Handoff, subprotocol: str | None) -> bytes | None:
+    if subprotocol is None:
+        return None
+    offered = websocket.parse_subprotocols(handoff.raw_headers)
+    chosen = subprotocol.encode("latin-1")
+    if chosen not in offered:
+        raise ValueError(f"subprotocol {subprotocol!r} was not offered by the client")
+    return chosen
+
+
+def _header_bytes(headers: HeaderInput) -> Iterable[tuple[bytes, bytes]]:
+    for name, value in headers:
+        yield (
+            name.encode("latin-1") if isinstance(name, str) else name,
+            value.encode("latin-1") if isinstance(value, str) else value,
+        )
+
+
+async def _handshake(
+    handoff: Handoff, subprotocol: str | None, headers: HeaderInput, key: str | None
+) -> None:
+    from .handoff import Phase  # noqa: PLC0415 - handoff imports this module lazily
+
+    if handoff.format is Format.PLAIN_SCGI:
+        raise ProtocolError("WebSocket is not possible over plain SCGI (no upgrade through it)")
+    if key is not None:
+        raw_key = key.encode("latin-1")
+    elif not handoff.has_request:
+        raise ProtocolError(
+            f"a {handoff.format.value} handoff carries no request head: pass the client's "
+            "Sec-WebSocket-Key as key="
+        )
+    else:
+        assert handoff.method is not None
+        try:
+            raw_key = websocket.check_upgrade(
+                handoff.method.encode("latin-1"),
+                handoff.http_version.encode(),
+                handoff.raw_headers,
+            )
+        except ProtocolError as exc:
+            handoff.status = exc.status_hint
+            await handoff.send_raw(websocket.error_response(exc))
+            handoff.phase = Phase.DONE
+            raise
+    response = websocket.handshake_response(
+        raw_key,
+        subprotocol=_choose_subprotocol(handoff, subprotocol),
+        extra_headers=list(_header_bytes(headers)),
+    )
+    handoff.status = 101
+    await handoff.send_raw(response)
+
+
+async def accept(
+    handoff: Handoff,
+    subprotocol: str | None = None,
+    headers: HeaderInput = (),
+    max_message_size: int | None = None,
+    key: str | None = None,
+) -> WebSocket:
+    """Turn ``handoff`` into an open :class:`WebSocket` (see :meth:`Handoff.websocket`)."""
+    from .handoff import Phase  # noqa: PLC0415
+
+    if handoff.phase is not Phase.NEW:
+        raise RuntimeError(f"a response was already started ({handoff.phase.name})")
+    receiver: Receiver = handoff.receiver
+    limit = receiver.options.max_ws_message_size if max_message_size is None else max_message_size
+    codec = websocket.WebSocket(max_message_size=limit)
+    if not handoff.upgraded:
+        await _handshake(handoff, subprotocol, headers, key)
+    handoff.status = 101
+    ws = WebSocket(handoff, codec, subprotocol)
+    handoff.phase = Phase.HANDED_OVER
+    if handoff.already_read:
+        # Frames the client sent right behind its upgrade request.
+        ws._on_data(handoff.already_read)
+    return ws

@@ -1,0 +1,268 @@
+"""WebSocket on handed-off connections: the real `websockets` client, raw frames, bad clients."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import socket
+import struct
+import time
+from pathlib import Path
+
+import pytest
+from websockets.exceptions import ConnectionClosed as WsClosed
+from websockets.sync.client import connect
+
+from fdhandoff.receiver import Channel, Handoff, Options, WebSocket
+from fdhandoff.receiver.listeners import Bind
+from fdhandoff.websocket import Opcode, encode_frame
+from test_receiver_support import (
+    MarkerSender,
+    MiniFront,
+    ReceiverThread,
+    front_headers,
+    read_all,
+    read_until,
+    send_scgi,
+    split_response,
+    tcp_pair,
+)
+
+
+async def echo(handoff: Handoff) -> None:
+    ws = await handoff.websocket()
+    ws.on_message = lambda ws, message: ws.send(message)
+
+
+async def coroutine_echo(handoff: Handoff) -> None:
+    ws = await handoff.websocket(subprotocol="chat.v1" if handoff.path == "/proto" else None)
+    async for message in ws:
+        await ws.send(message)
+    ws.close()
+
+
+def _url(front: MiniFront, path: str = "/ws") -> str:
+    return f"ws://127.0.0.1:{front.port}{path}"
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("handler", [echo, coroutine_echo])
+def test_echo_with_the_websockets_client(
+    tmp_path: Path, loop: str, handler: object, no_fd_leak: None
+) -> None:
+    path = str(tmp_path / "r.sock")
+    receiver = ReceiverThread(handler, [Bind(path)], loop=loop)  # type: ignore[arg-type]
+    with receiver, MiniFront(path) as front:
+        with connect(_url(front), open_timeout=10, compression=None) as client:
+            client.send("héllo")
+            assert client.recv(timeout=10) == "héllo"
+            client.send(b"\x00\x01binary")
+            assert client.recv(timeout=10) == b"\x00\x01binary"
+            big = os.urandom(300_000)
+            client.send(big)
+            assert client.recv(timeout=10) == big
+            client.ping(b"p").wait(10)  # answered by the receiver's codec
+        assert client.close_code == 1000
+
+
+def test_subprotocol_is_negotiated(tmp_path: Path, no_fd_leak: None) -> None:
+    path = str(tmp_path / "r.sock")
+    with ReceiverThread(coroutine_echo, [Bind(path)]), MiniFront(path) as front:
+        offers = ["other", "chat.v1"]
+        with connect(_url(front, "/proto"), subprotocols=offers, open_timeout=10) as client:  # type: ignore[arg-type]
+            assert client.subprotocol == "chat.v1"
+            client.send("x")
+            assert client.recv(timeout=10) == "x"
+
+
+class Chat:
+    def __init__(self) -> None:
+        self.room = Channel()
+
+    async def __call__(self, handoff: Handoff) -> None:
+        ws = await handoff.websocket()
+        self.room.add(ws)
+        ws.on_message = lambda ws, message: self.room.send(message)
+
+
+def test_broadcast_and_one_bad_client_ends_alone(tmp_path: Path, no_fd_leak: None) -> None:
+    """A frame header announcing 2^62 bytes gets 1009 and ends only that client."""
+    chat = Chat()
+    path = str(tmp_path / "r.sock")
+    with (
+        ReceiverThread(chat, [Bind(path)]) as receiver,
+        MiniFront(path) as front,
+        contextlib.ExitStack() as stack,
+    ):
+        clients = [stack.enter_context(connect(_url(front), open_timeout=10)) for _ in range(20)]
+        deadline = time.monotonic() + 10
+        while len(chat.room) < 20 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(chat.room) == 20
+        clients[0].send("hello all")
+        for c in clients:
+            assert c.recv(timeout=10) == "hello all"
+
+        bad = socket.create_connection(("127.0.0.1", front.port))
+        key = base64.b64encode(os.urandom(16))
+        bad.sendall(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: " + key + b"\r\n\r\n"
+        )
+        assert read_until(bad, b"\r\n\r\n").startswith(b"HTTP/1.1 101")
+        # FIN+binary, masked, 64-bit length 2^62, mask key.
+        bad.sendall(bytes([0x82, 0x80 | 127]) + struct.pack("!Q", 1 << 62) + b"abcd")
+        rest = read_all(bad)
+        bad.close()
+        assert rest[0] == 0x88  # a close frame
+        assert struct.unpack("!H", rest[2:4])[0] == 1009
+
+        clients[5].send("still here")
+        for c in clients:
+            assert c.recv(timeout=10) == "still here"
+        assert receiver.call(lambda: len(chat.room)) == 20
+        for c in clients:
+            c.close()
+        deadline = time.monotonic() + 10
+        while len(chat.room) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(chat.room) == 0
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        (bytes([0x81, 0x05]) + b"hello", 1002),  # unmasked client frame
+        (encode_frame(Opcode.TEXT, b"\xff\xfe", mask=b"abcd"), 1007),  # not UTF-8
+        (encode_frame(Opcode.BINARY, b"x" * 2000, mask=b"abcd"), 1009),  # over the limit
+        (bytes([0xF1, 0x80]) + b"abcd", 1002),  # RSV bits
+    ],
+)
+def test_protocol_violations_get_their_close_code(
+    tmp_path: Path, frame: bytes, code: int, no_fd_leak: None
+) -> None:
+    path = str(tmp_path / "r.sock")
+    options = Options(max_ws_message_size=1000)
+    with ReceiverThread(echo, [Bind(path)], options):
+        client, server_side = tcp_pair()
+        send_scgi(path, front_headers("GET", "/", HANDOFF_UPGRADED="websocket"), server_side)
+        client.sendall(frame)
+        rest = read_all(client)
+        client.close()
+    assert rest[0] == 0x88
+    assert struct.unpack("!H", rest[2:4])[0] == code
+
+
+def test_frames_sent_with_the_upgrade_are_not_lost(tmp_path: Path, no_fd_leak: None) -> None:
+    """The fdhandoff front hands over what it read past the head; OpenResty lost it."""
+    path = str(tmp_path / "r.sock")
+    with ReceiverThread(echo, [Bind(path)]):
+        client, server_side = tcp_pair()
+        early = encode_frame(Opcode.TEXT, b"early", mask=b"wxyz")
+        key = base64.b64encode(os.urandom(16)).decode()
+        headers = front_headers(
+            "GET",
+            "/ws",
+            [
+                ("Host", "x"),
+                ("Upgrade", "websocket"),
+                ("Connection", "Upgrade"),
+                ("Sec-WebSocket-Version", "13"),
+                ("Sec-WebSocket-Key", key),
+            ],
+            early,
+        )
+        send_scgi(path, headers, server_side, early)
+        data = read_until(client, b"early")
+        client.sendall(encode_frame(Opcode.CLOSE, b"\x03\xe8", mask=b"abcd"))
+        data += read_all(client)
+        client.close()
+    head, _, frames = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101 Switching Protocols")
+    assert frames.startswith(encode_frame(Opcode.TEXT, b"early"))
+    assert frames.endswith(encode_frame(Opcode.CLOSE, b"\x03\xe8"))
+
+
+@pytest.mark.parametrize("via", ["front-upgraded", "openresty-marker"])
+def test_already_upgraded_connections(tmp_path: Path, via: str, no_fd_leak: None) -> None:
+    path = str(tmp_path / "r.sock")
+    with ReceiverThread(echo, [Bind(path)]):
+        client, server_side = tcp_pair()
+        hello = encode_frame(Opcode.TEXT, b"hi", mask=b"1234")
+        if via == "front-upgraded":
+            headers = front_headers("GET", "/ws", [], hello, HANDOFF_UPGRADED="websocket")
+            send_scgi(path, headers, server_side, hello)
+        else:
+            sender = MarkerSender(path)
+            sender.send(b"X", server_side)
+            sender.close()
+            client.sendall(hello)
+        assert read_until(client, b"hi") == encode_frame(Opcode.TEXT, b"hi")  # no HTTP head
+        client.sendall(encode_frame(Opcode.CLOSE, b"\x03\xe8", mask=b"abcd"))
+        assert read_all(client) == encode_frame(Opcode.CLOSE, b"\x03\xe8")
+        client.close()
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ([("Host", "x"), ("Upgrade", "websocket"), ("Connection", "Upgrade")], 426),
+        (
+            [
+                ("Host", "x"),
+                ("Upgrade", "websocket"),
+                ("Connection", "Upgrade"),
+                ("Sec-WebSocket-Version", "13"),
+            ],
+            400,
+        ),
+        ([("Host", "x")], 400),
+    ],
+)
+def test_bad_upgrade_requests_are_answered(
+    tmp_path: Path, headers: list[tuple[str, str]], status: int, no_fd_leak: None
+) -> None:
+    path = str(tmp_path / "r.sock")
+    with ReceiverThread(echo, [Bind(path)]):
+        client, server_side = tcp_pair()
+        send_scgi(path, front_headers("GET", "/ws", headers), server_side)
+        got, hdrs, _ = split_response(read_all(client))
+        client.close()
+    assert got == status
+    if status == 426:
+        assert hdrs["sec-websocket-version"] == "13"
+
+
+def test_failing_callback_closes_with_1011(tmp_path: Path, no_fd_leak: None) -> None:
+    async def handler(handoff: Handoff) -> None:
+        ws = await handoff.websocket()
+
+        def boom(ws: WebSocket, message: str | bytes) -> None:
+            raise RuntimeError("application bug")
+
+        ws.on_message = boom
+
+    path = str(tmp_path / "r.sock")
+    with ReceiverThread(handler, [Bind(path)]), MiniFront(path) as front:
+        with connect(_url(front), open_timeout=10) as client:
+            client.send("x")
+            with pytest.raises(WsClosed):
+                client.recv(timeout=10)
+        assert client.close_code == 1011
+
+
+def test_server_close_handshake(tmp_path: Path, no_fd_leak: None) -> None:
+    async def handler(handoff: Handoff) -> None:
+        ws = await handoff.websocket()
+        await ws.send("bye")
+        ws.close(4000, "done")
+
+    path = str(tmp_path / "r.sock")
+    with ReceiverThread(handler, [Bind(path)]), MiniFront(path) as front:
+        with connect(_url(front), open_timeout=10) as client:
+            assert client.recv(timeout=10) == "bye"
+            with pytest.raises(WsClosed):
+                client.recv(timeout=10)
+        assert client.close_code == 4000
+        assert client.close_reason == "done"
