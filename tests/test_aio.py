@@ -323,7 +323,7 @@ def test_recv_handoff_plain_scgi(run: Run[Any], kit: Kit) -> None:
 # --- cancellation and timeouts: the received fd is closed --------------------------------------
 
 
-def test_cancel_after_the_fd_arrived_closes_it(run: Run[Any], kit: Kit) -> None:
+def test_cancel_after_the_fd_arrived_closes_it(run: Run[Any], kit: Kit, no_fd_leak: None) -> None:
     sender, receiver = kit.unix_pair("socketpair", STREAM)
     accepted, client = kit.tcp()
 
@@ -345,7 +345,7 @@ def test_cancel_after_the_fd_arrived_closes_it(run: Run[Any], kit: Kit) -> None:
     assert_fully_closed(client)
 
 
-def test_timeout_after_the_fd_arrived_closes_it(run: Run[Any], kit: Kit) -> None:
+def test_timeout_after_the_fd_arrived_closes_it(run: Run[Any], kit: Kit, no_fd_leak: None) -> None:
     sender, receiver = kit.unix_pair("socketpair", STREAM)
     accepted, client = kit.tcp()
 
@@ -360,7 +360,9 @@ def test_timeout_after_the_fd_arrived_closes_it(run: Run[Any], kit: Kit) -> None
     assert_fully_closed(client)
 
 
-def test_cancel_while_waiting_leaves_the_socket_usable(run: Run[Any], kit: Kit) -> None:
+def test_cancel_while_waiting_leaves_the_socket_usable(
+    run: Run[Any], kit: Kit, no_fd_leak: None
+) -> None:
     sender, receiver = kit.unix_pair("socketpair", SEQPACKET)
     accepted, client = kit.tcp()
 
@@ -403,6 +405,27 @@ def test_extra_fds_closed(run: Run[Any], kit: Kit, kind: str, count: int, no_fd_
     with pytest.raises(FdPassError):
         run(aio.recv_handoff(receiver))
     assert_fully_closed(client)
+
+
+def test_truncated_record_closes_the_fd(run: Run[Any], kit: Kit, no_fd_leak: None) -> None:
+    sender, receiver = kit.unix_pair("socketpair", SEQPACKET)
+    accepted, client = kit.tcp()
+    fdpass.send_fd(sender, b"p" * 100, accepted.fileno(), timeout=WAIT)
+    accepted.close()
+    with pytest.raises(FdPassError, match="truncated"):
+        run(aio.recv_fd(receiver, 10))
+    assert_fully_closed(client)
+
+
+def test_nothing_to_receive_times_out(run: Run[Any], kit: Kit, no_fd_leak: None) -> None:
+    _, receiver = kit.unix_pair("socketpair", STREAM)
+
+    async def main() -> None:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.1):
+                await aio.recv_fd(receiver)
+
+    run(main())
 
 
 def test_non_socket_fd_closed(run: Run[Any], kit: Kit, no_fd_leak: None) -> None:
