@@ -1,0 +1,427 @@
+"""Auth mode: the application decides (X-Socket-Handoff), the front checks and hands off.
+
+The application is a real HTTP/1.1 server in a thread; the daemons are test
+receivers in Apache's SEQPACKET format and in SCGI.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from handoff_receiver import (
+    FrontProcess,
+    Handoff,
+    TestReceiver,
+    fronts_fixture,  # noqa: F401  (fixture)
+    http_exchange,
+    read_exactly,
+    receivers_fixture,  # noqa: F401  (fixture)
+    respond,
+    sockdir_fixture,  # noqa: F401  (fixture)
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class App(BaseHTTPRequestHandler):
+    """The application: what it answers depends on the path."""
+
+    protocol_version = "HTTP/1.1"
+    seen: list[dict[str, object]]  # set on the subclass per test
+    daemon_path = ""
+    big_payload = b""
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def _body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            body = b""
+            while True:
+                size = int(self.rfile.readline().split(b";")[0], 16)
+                if size == 0:
+                    self.rfile.readline()
+                    return body
+                body += self.rfile.read(size)
+                self.rfile.readline()
+        return self.rfile.read(int(self.headers.get("Content-Length", "0")))
+
+    def _answer(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        self.handle_request()
+
+    def do_POST(self) -> None:
+        self.handle_request()
+
+    def handle_request(self) -> None:
+        body = self._body()
+        self.seen.append(
+            {"path": self.path, "headers": dict(self.headers.items()), "body": body.decode()}
+        )
+        name = self.path.split("?")[0].rsplit("/", 1)[-1]
+        if name == "handoff":
+            self._answer(
+                200,
+                {"X-Socket-Handoff": self.daemon_path, "X-Handoff-Data": '{"user_id":12345}'},
+                b"dropped: the daemon answers",
+            )
+        elif name == "nodata":
+            self._answer(200, {"X-Socket-Handoff": self.daemon_path}, b"")
+        elif name == "bigdata":
+            self._answer(
+                200,
+                {"X-Socket-Handoff": self.daemon_path, "X-Handoff-Data": self.big_payload.decode()},
+                b"",
+            )
+        elif name.startswith("path="):
+            self._answer(200, {"X-Socket-Handoff": name[5:].replace("%2F", "/")}, b"")
+        elif name == "slow":
+            time.sleep(3)
+            self._answer(200, {}, b"late")
+        elif name == "chunked":
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.send_header("X-Handoff-Data", "secret")
+            self.end_headers()
+            self.wfile.write(b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+        else:
+            self._answer(
+                201, {"X-Handoff-Data": "must-not-leak", "X-App": "yes"}, b"from the app: " + body
+            )
+
+
+@pytest.fixture
+def app(sockdir: Path) -> Iterator[type[App]]:
+    handler = type("TestApp", (App,), {"seen": [], "daemon_path": str(sockdir / "daemon.sock")})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    handler.port = server.server_address[1]  # type: ignore[attr-defined]
+    yield handler
+    server.shutdown()
+    server.server_close()
+
+
+def payload_echo(receiver: TestReceiver, handoff: Handoff, client: socket.socket) -> None:
+    if receiver.extra_bytes:
+        handoff.extra = read_exactly(client, receiver.extra_bytes)
+    respond(
+        client,
+        {
+            "payload": handoff.record.payload.decode(),
+            "headers": {k.decode(): v.decode() for k, v in handoff.headers.items()},
+            "extra": handoff.extra.decode(),
+        },
+    )
+
+
+def auth_config(app: type[App], sockdir: Path, **route: str) -> str:
+    lines = [
+        "[[route]]",
+        'prefix = "/app"',
+        'mode = "auth"',
+        f'upstream = "http://127.0.0.1:{app.port}"',  # type: ignore[attr-defined]
+        f'allowed_prefix = "{sockdir}"',
+    ]
+    lines += [f'{key} = "{value}"' for key, value in route.items()]
+    return "\n".join(lines) + "\n"
+
+
+def warm_fd_count(front: FrontProcess, path: bytes = b"/app/warmup") -> int:
+    """The front's fd count after one auth request: the event loop opens one fd
+    of its own (libuv's reserve, on /dev/null) the first time it connects out."""
+    http_exchange(front, b"GET %s HTTP/1.1\r\nHost: a\r\n\r\n" % path)
+    time.sleep(0.2)
+    return front.fd_count()
+
+
+def curl(*args: str) -> subprocess.CompletedProcess[bytes]:
+    path = shutil.which("curl")
+    assert path is not None
+    return subprocess.run(
+        [path, "-sS", "-i", "--max-time", "20", *args],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_apache_format_handoff_reaches_an_unchanged_daemon(
+    require_tool: Callable[[str], str],
+    app: type[App],
+    sockdir: Path,
+    receivers: Callable[..., TestReceiver],
+    fronts: Callable[..., FrontProcess],
+) -> None:
+    require_tool("curl")
+    daemon = receivers("daemon.sock", sock_type=socket.SOCK_SEQPACKET, behaviour=payload_echo)
+    front = fronts(config=auth_config(app, sockdir))
+    baseline = warm_fd_count(front)
+    result = curl("-H", "X-Socket-Handoff: /etc/passwd", f"{front.url}/app/handoff?prompt=hi")
+    assert result.returncode == 0, result.stderr
+    assert b'"payload": "{\\"user_id\\":12345}"' in result.stdout
+    assert b"dropped" not in result.stdout  # the application's response never left
+    assert b"X-Socket-Handoff" not in result.stdout
+    handoff = daemon.next()
+    assert handoff.record.payload == b'{"user_id":12345}'
+    seen = app.seen[-1]
+    assert seen["path"] == "/app/handoff?prompt=hi"
+    headers = seen["headers"]
+    assert isinstance(headers, dict)
+    assert "X-Socket-Handoff" not in headers  # what the client sent never went upstream
+    assert headers["X-Forwarded-For"] == "127.0.0.1"
+    assert headers["X-Forwarded-Proto"] == "http"
+    assert headers["Connection"] == "close"
+    front.wait_for(r'"GET /app/handoff\?prompt=hi" route=/app handed-off')
+    assert front.settled_fd_count(baseline) == baseline
+
+
+def test_absent_payload_is_apaches_single_nul(
+    app: type[App],
+    sockdir: Path,
+    receivers: Callable[..., TestReceiver],
+    fronts: Callable[..., FrontProcess],
+) -> None:
+    daemon = receivers("daemon.sock", sock_type=socket.SOCK_SEQPACKET, behaviour=payload_echo)
+    front = fronts(config=auth_config(app, sockdir))
+    status, _, _ = http_exchange(front, b"GET /app/nodata HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert status == 200
+    assert daemon.next().record.payload == b""  # b"\x00" on the wire, decoded as "none"
+
+
+def test_scgi_format_handoff_with_body_and_pipelined_request(
+    app: type[App],
+    sockdir: Path,
+    receivers: Callable[..., TestReceiver],
+    fronts: Callable[..., FrontProcess],
+) -> None:
+    pipelined = b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n"
+    daemon = receivers("daemon.sock", behaviour=payload_echo, extra_bytes=len(pipelined))
+    front = fronts(config=auth_config(app, sockdir, handoff_format="scgi"))
+    request = (
+        b"POST /app/handoff HTTP/1.1\r\nHost: a\r\nContent-Length: 11\r\n\r\nhello world"
+        + pipelined
+    )
+    status, _, body = http_exchange(front, request)
+    assert status == 200
+    handoff = daemon.next()
+    assert handoff.headers[b"HANDOFF_DATA"] == b'{"user_id":12345}'
+    assert handoff.headers[b"REQUEST_URI"] == b"/app/handoff"
+    assert handoff.headers[b"CONTENT_LENGTH"] == b"0"
+    assert handoff.extra == pipelined  # the body went upstream; what follows stayed
+    assert app.seen[-1]["body"] == "hello world"
+    assert json.loads(body)["extra"] == pipelined.decode()
+
+
+def test_response_relayed_without_the_handoff_headers(
+    require_tool: Callable[[str], str],
+    app: type[App],
+    sockdir: Path,
+    fronts: Callable[..., FrontProcess],
+) -> None:
+    require_tool("curl")
+    front = fronts(config=auth_config(app, sockdir))
+    baseline = warm_fd_count(front)
+    result = curl("--data-binary", "posted", f"{front.url}/app/plain")
+    assert result.returncode == 0, result.stderr
+    head, _, body = result.stdout.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 201 Created")
+    assert b"X-App: yes" in head
+    assert b"must-not-leak" not in head
+    assert b"Connection: close" in head
+    assert body == b"from the app: posted"
+    front.wait_for(r'"POST /app/plain" route=/app relayed 201')
+    # A chunked response is relayed verbatim, minus X-Handoff-Data.
+    chunked = curl("--raw", f"{front.url}/app/chunked")
+    head, _, body = chunked.stdout.partition(b"\r\n\r\n")
+    assert b"secret" not in head
+    assert body == b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+    assert front.settled_fd_count(baseline) == baseline
+
+
+def test_chunked_request_body_and_expect_continue(
+    require_tool: Callable[[str], str],
+    app: type[App],
+    sockdir: Path,
+    fronts: Callable[..., FrontProcess],
+) -> None:
+    require_tool("curl")
+    front = fronts(config=auth_config(app, sockdir))
+    result = curl(
+        "-H",
+        "Transfer-Encoding: chunked",
+        "-H",
+        "Expect: 100-continue",
+        "--data-binary",
+        "x" * 5000,
+        f"{front.url}/app/plain",
+    )
+    assert result.returncode == 0, result.stderr
+    assert b"100 Continue" in result.stdout
+    assert result.stdout.endswith(b"from the app: " + b"x" * 5000)
+    headers = app.seen[-1]["headers"]
+    assert isinstance(headers, dict)
+    assert headers["Transfer-Encoding"] == "chunked"
+    assert "Expect" not in headers
+
+
+def make_socket(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.bind(str(path))
+    sock.listen()
+    return sock
+
+
+@pytest.mark.parametrize("case", ["symlink", "outside", "dotdot", "not-a-socket", "relative"])
+def test_handoff_path_checks_answer_403(
+    no_fd_leak: None,
+    app: type[App],
+    sockdir: Path,
+    fronts: Callable[..., FrontProcess],
+    case: str,
+) -> None:
+    allowed = sockdir / "allowed"
+    outside = sockdir / "outside"
+    allowed.mkdir()
+    outside.mkdir()
+    secret = make_socket(outside / "secret.sock")
+    try:
+        if case == "symlink":  # the hole in mod_socket_handoff: a link inside, a socket outside
+            (allowed / "link.sock").symlink_to(outside / "secret.sock")
+            target = str(allowed / "link.sock")
+            why = "resolves to"
+        elif case == "outside":
+            target, why = str(outside / "secret.sock"), "outside allowed_prefix"
+        elif case == "dotdot":
+            target, why = f"{allowed}/../outside/secret.sock", "outside allowed_prefix"
+        elif case == "not-a-socket":
+            (allowed / "file").write_text("x")
+            target, why = str(allowed / "file"), "is not a socket"
+        else:
+            target, why = "relative.sock", "is not an absolute path"
+        config = auth_config(app, sockdir).replace(f'"{sockdir}"', f'"{allowed}"')
+        front = fronts(config=config)
+        baseline = warm_fd_count(front)
+        encoded = target.replace("/", "%2F").encode()
+        status, _, body = http_exchange(
+            front, b"GET /app/path=%s HTTP/1.1\r\nHost: a\r\n\r\n" % encoded
+        )
+        assert status == 403
+        assert why in body.decode()
+        front.wait_for(rf'403 ".*{why}')
+        assert front.settled_fd_count(baseline) == baseline
+    finally:
+        secret.close()
+
+
+def test_upstream_down_is_502(
+    no_fd_leak: None, sockdir: Path, fronts: Callable[..., FrontProcess]
+) -> None:
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()  # nothing listens on it now
+    config = (
+        f'[[route]]\nprefix = "/app"\nmode = "auth"\nupstream = "http://127.0.0.1:{port}"\n'
+        f'allowed_prefix = "{sockdir}"\n'
+    )
+    front = fronts(config=config)
+    baseline = warm_fd_count(front)
+    status, _, body = http_exchange(front, b"GET /app/x HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert status == 502
+    assert b"upstream" in body
+    front.wait_for(r"502 upstream http://127\.0\.0\.1:\d+")
+    assert front.settled_fd_count(baseline) == baseline
+
+
+def test_upstream_timeout_is_504(
+    no_fd_leak: None, app: type[App], sockdir: Path, fronts: Callable[..., FrontProcess]
+) -> None:
+    front = fronts(config=auth_config(app, sockdir) + "[timeouts]\nupstream = 0.5\n")
+    baseline = warm_fd_count(front)
+    status, _, body = http_exchange(front, b"GET /app/slow HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert status == 504
+    assert b"no response within 0.5 s" in body
+    assert front.settled_fd_count(baseline) == baseline
+
+
+def test_unix_upstream_and_missing_daemon(
+    no_fd_leak: None, sockdir: Path, fronts: Callable[..., FrontProcess]
+) -> None:
+    # An application on a UNIX socket that names a daemon which is not there: 503.
+    app_path = sockdir / "app.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(app_path))
+    listener.listen()
+    missing = sockdir / "gone.sock"
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\nX-Socket-Handoff: %s\r\nContent-Length: 0\r\n\r\n"
+                % str(missing).encode()
+            )
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        config = (
+            f'[[route]]\nprefix = "/"\nmode = "auth"\nupstream = "unix:{app_path}"\n'
+            f'allowed_prefix = "{sockdir}"\n'
+        )
+        front = fronts(config=config)
+        status, _, body = http_exchange(front, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert status == 503
+        assert b"gone.sock" in body
+    finally:
+        thread.join(timeout=10)
+        listener.close()
+
+
+def test_oversize_payload_is_500(
+    no_fd_leak: None,
+    app: type[App],
+    sockdir: Path,
+    receivers: Callable[..., TestReceiver],
+    fronts: Callable[..., FrontProcess],
+) -> None:
+    receivers("daemon.sock", sock_type=socket.SOCK_SEQPACKET, behaviour=payload_echo)
+    app.big_payload = b"p" * 213000  # Apache's limit is 212960
+    config = auth_config(app, sockdir) + "[limits]\nmax_response_head_size = 262144\n"
+    front = fronts(config=config)
+    baseline = warm_fd_count(front)
+    status, _, body = http_exchange(front, b"GET /app/bigdata HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert status == 500
+    assert b"larger than 212960" in body
+    assert front.settled_fd_count(baseline) == baseline
+
+
+def test_request_body_over_the_limit_is_413(
+    no_fd_leak: None, app: type[App], sockdir: Path, fronts: Callable[..., FrontProcess]
+) -> None:
+    front = fronts(config=auth_config(app, sockdir) + "[limits]\nmax_body_size = 10\n")
+    status, _, _ = http_exchange(
+        front, b"POST /app/x HTTP/1.1\r\nHost: a\r\nContent-Length: 11\r\n\r\nhello world"
+    )
+    assert status == 413
+    assert app.seen == []
