@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -366,6 +367,13 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
+class Served(subprocess.Popen[str]):
+    """A receiver process; its output goes to a file (a pipe nobody reads
+    would fill up and block the receiver's logging)."""
+
+    log_path: Path
+
+
 @contextlib.contextmanager
 def serve_process(
     target: str,
@@ -373,30 +381,32 @@ def serve_process(
     *args: str,
     env: dict[str, str] | None = None,
     preexec: Callable[[], None] | None = None,
-) -> Iterator[subprocess.Popen[str]]:
-    """``fdhandoff serve`` in a subprocess, ready once every socket file exists."""
+) -> Iterator[Served]:
+    """``fdhandoff serve`` in a subprocess, ready once every socket accepts."""
     cmd = [sys.executable, "-m", "fdhandoff", "serve", target, "--interface", "handoff"]
     for bind in binds:
         cmd += ["--bind", bind]
     cmd += list(args)
     full_env = dict(os.environ, PYTHONPATH=f"{TESTS}{os.pathsep}{REPO / 'src'}")
     full_env.update(env or {})
-    proc = subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        env=full_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        preexec_fn=preexec,
-    )
+    with tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False) as log:
+        log_path = Path(log.name)
+    with open(log_path, "w") as out:
+        proc = Served(
+            cmd,
+            cwd=REPO,
+            env=full_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            preexec_fn=preexec,  # noqa: PLW1509 - resource limits for EMFILE tests
+        )
+    proc.log_path = log_path
     try:
-        paths = [b.split(":", 1)[1] for b in binds]
         deadline = time.monotonic() + 20
-        while not all(_listening(p) for p in paths):
+        while not all(_listening(b) for b in binds):
             if proc.poll() is not None:
-                out = proc.stdout.read() if proc.stdout else ""
-                raise AssertionError(f"receiver exited early:\n{out}")
+                raise AssertionError(f"receiver exited early:\n{log_path.read_text()}")
             assert time.monotonic() < deadline, "receiver did not start listening"
             time.sleep(0.05)
         yield proc
@@ -408,18 +418,25 @@ def serve_process(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        if proc.stdout:
-            proc.stdout.close()
+        with contextlib.suppress(OSError):
+            log_path.unlink()
 
 
-def _listening(path: str) -> bool:
-    return os.path.exists(path)
+def _listening(bind: str) -> bool:
+    """True once something accepts connections at the bind address."""
+    scheme, _, path = bind.partition(":")
+    kind = socket.SOCK_SEQPACKET if scheme == "unix-seqpacket" else socket.SOCK_STREAM
+    with socket.socket(socket.AF_UNIX, kind) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+    return True
 
 
-def output_of(proc: subprocess.Popen[str]) -> str:
-    """Everything the (stopped) process printed."""
-    assert proc.stdout is not None
-    return proc.stdout.read()
+def output_of(proc: Served) -> str:
+    """Everything the process printed so far."""
+    return proc.log_path.read_text()
 
 
 def readable(sock: socket.socket, timeout: float) -> bool:

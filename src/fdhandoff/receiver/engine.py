@@ -29,17 +29,16 @@ import contextlib
 import errno
 import logging
 import os
-import resource
 import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Final
 
-from .. import aio
+from .. import aio, fdpass
 from ..errors import FdPassError, ProtocolError
 from ..fdpass import peer_credentials
-from ..message import Format, HandoffReader, HandoffRecord
+from ..message import CLOSED, NEED_DATA, Format, HandoffReader, HandoffRecord
 from . import http
 from .handoff import Handoff, Phase
 from .options import ACCEPT_BACKOFF, Options
@@ -60,9 +59,42 @@ ACCEPT_BATCH: Final = 64
 #: back off and retry instead of failing (trio's serve_listeners does the same).
 _RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
-#: Free fds below which a truncated SCM_RIGHTS message is blamed on EMFILE:
-#: the kernel reports a failed fd install only as MSG_CTRUNC (scm_detach_fds).
-_FD_HEADROOM: Final = 8
+
+
+class FdReserve:
+    """One spare fd, so that a handoff read at the fd limit is never lost.
+
+    When ``recvmsg`` cannot install the passed fd (EMFILE), Linux drops the fd
+    and only sets ``MSG_CTRUNC`` (``scm_detach_fds``): the client would be
+    disconnected.  So the spare is closed right before each ``recvmsg`` (no
+    await in between, nothing else can take the slot) and reopened after.  If
+    it cannot be reopened the process is at its limit: accepting pauses and
+    handoffs wait in the kernel until a connection ends and frees an fd.
+    """
+
+    __slots__ = ("fd",)
+
+    def __init__(self) -> None:
+        self.fd = -1
+        self.refill()
+
+    @property
+    def held(self) -> bool:
+        return self.fd >= 0
+
+    def refill(self) -> bool:
+        if self.fd < 0:
+            try:
+                self.fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                if exc.errno not in _RESOURCE_ERRNOS:
+                    raise
+        return self.fd >= 0
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class Receiver:
@@ -84,6 +116,8 @@ class Receiver:
         self._tasks: set[asyncio.Task[None]] = set()
         #: Tasks waiting for the next marker on a persistent BYTE connection.
         self._marker_readers: set[asyncio.Task[None]] = set()
+        self._reserve = FdReserve()
+        self._starved_since: float | None = None
 
     # --- listening ----------------------------------------------------------------
 
@@ -97,6 +131,9 @@ class Receiver:
         self._backoff = None
         if self._accepting or self.stopping or self._at_limit():
             return
+        if not self._reserve.refill():
+            self._back_off("at the open-files limit (EMFILE)")
+            return
         self._accepting = True
         for sock in self._listeners:
             self.loop.add_reader(sock.fileno(), self._on_listener, sock)
@@ -109,7 +146,10 @@ class Receiver:
             self.loop.remove_reader(sock.fileno())
 
     def _back_off(self, why: str) -> None:
-        log.warning("%s: not accepting handoffs for %.0f ms", why, ACCEPT_BACKOFF * 1000)
+        # Logged once per episode: at the limit this fires every 100 ms.
+        if self._starved_since is None:
+            self._starved_since = self.loop.time()
+            log.warning("%s: pausing handoffs, retrying every %.0f ms", why, ACCEPT_BACKOFF * 1000)
         self._pause()
         if self._backoff is None and not self.stopping:
             self._backoff = self.loop.call_later(ACCEPT_BACKOFF, self._resume)
@@ -132,6 +172,11 @@ class Receiver:
                     continue
                 log.error("accept on %s failed: %s", listener.getsockname(), exc)
                 return
+            if self._starved_since is not None:
+                log.warning(
+                    "taking handoffs again after %.1f s", self.loop.time() - self._starved_since
+                )
+                self._starved_since = None
             self._on_connection(conn)
             if self._at_limit():
                 log.warning(
@@ -224,7 +269,7 @@ class Receiver:
         timeout = self.options.handoff_timeout if first else None
         try:
             async with asyncio.timeout(timeout):
-                got = await aio.recv_handoff(conn, reader)
+                got = await self._recv_handoff(conn, reader)
         except TimeoutError:
             log.warning(
                 "UNIX connection sent no complete handoff within %.1f s; closed",
@@ -232,10 +277,7 @@ class Receiver:
             )
             return None
         except FdPassError as exc:
-            if _short_of_fds():
-                self._back_off(f"handoff lost, out of file descriptors ({exc})")
-            else:
-                log.warning("invalid handoff: %s", exc)
+            log.warning("invalid handoff: %s", exc)
             return None
         except ProtocolError as exc:
             log.warning("invalid handoff: %s", exc)
@@ -249,6 +291,43 @@ class Receiver:
         if got is None and first:
             log.info("UNIX connection closed without a handoff")
         return got
+
+    async def _recv_handoff(
+        self, conn: socket.socket, reader: HandoffReader
+    ) -> tuple[HandoffRecord, socket.socket] | None:
+        """:func:`fdhandoff.aio.recv_handoff` with the spare fd released around
+        each ``recvmsg`` (see :class:`FdReserve`)."""
+        client: socket.socket | None = None
+        bufsize = fdpass.recv_size(conn)
+        reserve = self._reserve
+        try:
+            while True:
+                await aio.wait_readable(conn)
+                while not reserve.refill():
+                    await asyncio.sleep(ACCEPT_BACKOFF)  # at the limit: wait for an fd
+                reserve.release()
+                try:
+                    data, fd_sock = fdpass.recv_fd_nowait(conn, bufsize, blocking=False)
+                except BlockingIOError:
+                    continue
+                finally:
+                    if not reserve.refill():
+                        self._back_off("at the open-files limit (EMFILE)")
+                client = fdpass.absorb(reader, client, data, fd_sock)
+                record = reader.next_record()
+                if record is NEED_DATA:
+                    continue
+                if record is CLOSED:
+                    return None
+                assert isinstance(record, HandoffRecord)
+                if record.format is Format.PLAIN_SCGI:
+                    return record, conn  # no fd: the connection itself is the client
+                assert client is not None
+                result, client = (record, client), None
+                return result
+        finally:
+            if client is not None:
+                client.close()
 
     # --- running the handler ------------------------------------------------------------
 
@@ -389,15 +468,7 @@ class Receiver:
         for item in list(self._live):
             if isinstance(item, Stream):
                 item._abort("closed at shutdown")
-
-
-def _short_of_fds() -> bool:
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    try:
-        used = len(os.listdir("/proc/self/fd"))
-    except OSError:  # pragma: no cover - /proc missing
-        return False
-    return soft != resource.RLIM_INFINITY and used >= soft - _FD_HEADROOM
+        self._reserve.release()
 
 
 async def _reject(sock: socket.socket, status: int, cgi: bool) -> None:

@@ -1,0 +1,339 @@
+"""ASGI 3 adapter: serve an unchanged ASGI app (Starlette, FastAPI...) on handed-off connections.
+
+``fdhandoff serve app:app`` (``--interface asgi``, the default) wraps the app
+with :func:`make_asgi_handler`.  For every handoff the adapter takes the
+client socket from the :class:`~fdhandoff.receiver.handoff.Handoff`
+(``detach()``) and serves it in a task of its own, so nothing of the handoff
+(record, reader, engine frames) stays alive with the connection:
+
+* the first request is the one the handoff describes (its body starts with
+  the bytes the sender had already read); :mod:`.asgi_http` runs the ``http``
+  cycle, :mod:`.asgi_ws` the ``websocket`` one;
+* keep-alive: after a complete response, when neither side asked to close and
+  the request body was consumed, the adapter reads the next request head from
+  the socket itself (:func:`fdhandoff.httphead.parse_head`, same limits and
+  answers as the front: 400/414/431/505) and serves it with the same app,
+  pipelined requests included.  Only SCGI handoffs (fdhandoff front, nginx
+  ``fd_pass``) keep the connection: other formats describe no request (or,
+  for plain SCGI, the connection is the sender's);
+* lifespan (:mod:`.asgi_lifespan`): :meth:`ASGIAdapter.startup` and
+  :meth:`ASGIAdapter.shutdown` for a caller that runs them around the
+  receiver; when nobody called ``startup()``, the first handoff runs it
+  (before the app sees any request) and the shutdown runs when the event
+  loop is torn down.
+
+See docs/howto-asgi.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Final
+
+from .. import websocket
+from ..errors import ConfigError, ProtocolError
+from ..httphead import DEFAULT_LIMITS, HeadLimits, find_head_end, incomplete_head_error, parse_head
+from ..message import Format
+from .asgi_conn import Connection
+from .asgi_http import HTTPCycle, error_response
+from .asgi_lifespan import Lifespan
+from .asgi_scope import (
+    Request,
+    connection_tokens,
+    extension_for,
+    http_scope,
+    request_from_handoff,
+    request_from_head,
+    websocket_scope,
+)
+from .asgi_ws import WebSocketCycle
+from .body import BodyDecoder, framing
+from .handoff import Handoff
+from .options import Options
+from .stream import ConnectionClosed
+
+__all__ = ["HEAD_TIMEOUT", "KEEPALIVE_TIMEOUT", "ASGIAdapter", "make_asgi_handler"]
+
+log = logging.getLogger("fdhandoff.receiver.asgi")
+
+#: Longest wait for the next request on a kept-alive connection; then it is
+#: closed quietly.  uvicorn's and Apache's default (nginx: 75 s).  Idle
+#: connections cost a task each, so the wait is short.
+KEEPALIVE_TIMEOUT: Final = 5.0
+
+#: Longest time from the first byte of a next request to the end of its head
+#: (408 after it): a client trickling a head must not hold a connection.
+HEAD_TIMEOUT: Final = 10.0
+
+#: (content_length, chunked) of a request body, as body.framing() gives it.
+_Framing = tuple[int | None, bool]
+
+
+def make_asgi_handler(app: Any, options: Options | None = None) -> ASGIAdapter:
+    """The handler ``fdhandoff serve --interface asgi`` runs for every handoff."""
+    return ASGIAdapter(app, options)
+
+
+class ASGIAdapter:
+    """An async handler taking a :class:`Handoff`, serving it with an ASGI 3 app."""
+
+    def __init__(
+        self,
+        app: Any,
+        options: Options | None = None,
+        *,
+        keepalive_timeout: float = KEEPALIVE_TIMEOUT,
+        head_limits: HeadLimits = DEFAULT_LIMITS,
+    ) -> None:
+        if not callable(app):
+            raise ConfigError(f"--interface asgi: {app!r} is not an ASGI application (callable)")
+        if keepalive_timeout < 0:
+            raise ConfigError("the keep-alive timeout must not be negative")
+        self.app = app
+        self.options = options if options is not None else Options()
+        #: 0 turns keep-alive off: one request per handoff.
+        self.keepalive_timeout = keepalive_timeout
+        self.head_limits = head_limits
+        self.lifespan = Lifespan(app)
+        self._starting: asyncio.Task[None] | None = None
+
+    # --- lifespan ------------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        """The app's lifespan startup; raises :class:`ConfigError` if it failed."""
+        await self.lifespan.startup()
+
+    async def shutdown(self) -> None:
+        """The app's lifespan shutdown (call once the connections are done)."""
+        await self.lifespan.shutdown()
+
+    async def _startup_on_first_handoff(self) -> None:
+        if self._starting is None:
+            log.debug("running the app's lifespan startup before the first request")
+            self._starting = asyncio.get_running_loop().create_task(self._startup_logged())
+        await asyncio.shield(self._starting)
+
+    async def _startup_logged(self) -> None:
+        try:
+            await self.lifespan.startup()
+        except ConfigError as exc:
+            log.error("%s: every request gets 503", exc)
+
+    # --- taking a handoff ------------------------------------------------------------------
+
+    async def __call__(self, handoff: Handoff) -> None:
+        if not self.lifespan.started:
+            await self._startup_on_first_handoff()
+        if self.lifespan.failed:
+            await handoff.respond(503, [("Content-Type", "text/plain")], b"503 startup failed\n")
+            return
+        request = request_from_handoff(handoff)
+        cgi = handoff.format is Format.PLAIN_SCGI
+        if cgi:
+            body: _Framing = (len(handoff.already_read) + handoff.record.remaining, False)
+        elif request.described:
+            body = framing(request.headers)  # ProtocolError: the engine answers 400
+        else:
+            body = (0, False)
+        conn = Connection(
+            handoff.detach(),
+            handoff.receiver,
+            buf=handoff.already_read,
+            client=handoff.client,
+            server=handoff.server,
+            tls=handoff.tls,
+            extensions={"fdhandoff": extension_for(handoff)},
+        )
+        # Only an SCGI handoff leaves the client's next request to us.
+        persistent = handoff.format is Format.SCGI and self.keepalive_timeout > 0
+        handoff.receiver.spawn(self._serve(conn, request, body, persistent, cgi))
+
+    # --- serving a connection -------------------------------------------------------------
+
+    async def _serve(
+        self, conn: Connection, request: Request, body: _Framing, persistent: bool, cgi: bool
+    ) -> None:
+        """Serve requests on ``conn`` until it ends or moves to another task."""
+        moved = False
+        try:
+            while True:
+                if request.is_websocket and not cgi and not request.head_sent:
+                    await self._websocket(conn, request)
+                    return
+                cycle = self._http_cycle(conn, request, body, persistent, cgi)
+                if await cycle.run(self.app):
+                    moved = True
+                    return
+                following = await self._next(cycle)
+                if following is None:
+                    return
+                request, body = following
+        except Exception:
+            log.exception("internal error serving %s", request.describe())
+        finally:
+            if not moved:
+                conn.close()
+
+    def _http_cycle(
+        self, conn: Connection, request: Request, body: _Framing, persistent: bool, cgi: bool
+    ) -> HTTPCycle:
+        keep_alive = (
+            persistent
+            and request.http_version == "1.1"
+            and b"close" not in connection_tokens(request.headers)
+        )
+        decoder: BodyDecoder | None = None
+        length, chunked = body
+        if chunked or length:
+            decoder = BodyDecoder(length, chunked)
+            early = conn.take_buffer()
+            if early:
+                decoder.receive_data(early)
+        scope = http_scope(
+            request,
+            scheme=conn.scheme,
+            client=conn.client,
+            server=conn.server,
+            state=self.lifespan.state,
+            extensions=conn.extensions,
+        )
+        return HTTPCycle(
+            conn,
+            request,
+            scope,
+            decoder,
+            keep_alive=keep_alive,
+            cgi=cgi,
+            on_move=self._move if keep_alive else None,
+        )
+
+    def _move(self, cycle: HTTPCycle) -> None:
+        # The response is complete but the app runs on (background tasks):
+        # the connection goes on in a task of its own.
+        cycle.conn.receiver.spawn(self._continue(cycle))
+
+    async def _continue(self, cycle: HTTPCycle) -> None:
+        conn = cycle.conn
+        try:
+            following = await self._next(cycle)
+        except Exception:
+            log.exception("internal error on a kept-alive connection")
+            conn.close()
+            return
+        if following is None:
+            conn.close()
+            return
+        await self._serve(conn, *following, persistent=True, cgi=False)
+
+    async def _next(self, cycle: HTTPCycle) -> tuple[Request, _Framing] | None:
+        """The next request on the connection, or None once it is closed."""
+        conn = cycle.conn
+        if not cycle.reusable():
+            if cycle.complete and not conn.broken:
+                await conn.linger_close()
+            else:
+                conn.close()
+            return None
+        try:
+            head = await self._read_head(conn)
+            if head is None:
+                conn.close()
+                return None
+            request = request_from_head(parse_head(head, self.head_limits))
+            return request, framing(request.headers)
+        except ProtocolError as exc:
+            await self._refuse(conn, exc)
+            return None
+
+    async def _read_head(self, conn: Connection) -> bytes | None:
+        """The next request head (CRLF CRLF included); None when the client is done."""
+        buf = conn.take_buffer()
+        searched = 0
+        while True:
+            # RFC 9112 section 2.2: empty lines before a request line are ignored.
+            if buf[:1] in (b"\r", b"\n"):
+                buf = buf.lstrip(b"\r\n")
+                searched = 0
+            end = find_head_end(buf, max(0, searched - 3))
+            if end > 0:
+                conn.buf = buf[end:]
+                return buf[:end]
+            error = incomplete_head_error(buf, self.head_limits)
+            if error is not None:
+                raise error
+            searched = len(buf)
+            timeout = HEAD_TIMEOUT if buf else self.keepalive_timeout
+            try:
+                data = await conn.recv(timeout)
+            except TimeoutError:
+                if buf:
+                    raise ProtocolError(
+                        f"request head incomplete after {timeout:.0f} s", status_hint=408
+                    ) from None
+                return None  # idle keep-alive connection: closed quietly
+            except ConnectionClosed:
+                return None
+            if not data:
+                if buf:
+                    log.info("client closed inside a request head (%d bytes)", len(buf))
+                return None
+            buf += data
+
+    async def _refuse(self, conn: Connection, exc: ProtocolError) -> None:
+        """Answer a bad next request (400, 408, 414, 431, 501, 505) and close."""
+        client = f"{conn.client[0]}:{conn.client[1]}" if conn.client else "-"
+        log.info("%s: bad request on a kept-alive connection: %s", client, exc)
+        conn.bytes_sent = 0
+        try:
+            await conn.write(error_response(exc.status_hint))
+        except ConnectionClosed:
+            conn.close()
+            return
+        conn.receiver.access_log(f'{client} "-" {exc.status_hint}', conn.bytes_sent, 0.0, str(exc))
+        await conn.linger_close()
+
+    # --- WebSocket -------------------------------------------------------------------------
+
+    async def _websocket(self, conn: Connection, request: Request) -> None:
+        key: bytes | None = None
+        try:
+            if not request.upgraded:
+                key = websocket.check_upgrade(
+                    request.method.encode("latin-1"),
+                    request.http_version.encode(),
+                    request.headers,
+                )
+            offered = websocket.parse_subprotocols(request.headers)
+        except ProtocolError as exc:
+            if request.upgraded:
+                offered = []  # the sender accepted it: the app decides
+            else:
+                await self._refuse_upgrade(conn, request, exc)
+                return
+        extensions = conn.extensions
+        if key is not None:
+            extensions = {**extensions, "websocket.http.response": {}}
+        scope = websocket_scope(
+            request,
+            [p.decode("latin-1") for p in offered],
+            scheme=conn.scheme,
+            client=conn.client,
+            server=conn.server,
+            state=self.lifespan.state,
+            extensions=extensions,
+        )
+        await WebSocketCycle(conn, request, scope, key).run(self.app)
+
+    async def _refuse_upgrade(self, conn: Connection, request: Request, exc: ProtocolError) -> None:
+        client = f"{conn.client[0]}:{conn.client[1]}" if conn.client else "-"
+        log.info('%s "%s": WebSocket upgrade refused: %s', client, request.describe(), exc)
+        conn.bytes_sent = 0
+        try:
+            await conn.write(websocket.error_response(exc))
+        except ConnectionClosed:
+            return
+        conn.receiver.access_log(
+            f'{client} "{request.describe()}" {exc.status_hint}', conn.bytes_sent, 0.0, str(exc)
+        )
+        await conn.linger_close()

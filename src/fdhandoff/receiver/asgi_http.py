@@ -1,0 +1,535 @@
+"""One HTTP request/response cycle of the ASGI adapter: ``receive()`` and ``send()``.
+
+``receive()`` hands the request body over as ``http.request`` messages: the
+bytes the sender had already read first, then the socket, cut by
+:class:`~fdhandoff.receiver.body.BodyDecoder` (Content-Length or chunked),
+with ``100 Continue`` sent before the first socket read when the client asked
+for it.  Once the body is complete, ``receive()`` waits for the client to go
+away (EOF or reset) or for the response to complete, and then returns
+``http.disconnect`` (ASGI HTTP spec).
+
+``send()`` writes the response.  The head is held back until the first body
+message so that a response given in one piece goes out in one write with a
+``Content-Length`` computed here; a streamed response is chunked (HTTP/1.1)
+or close-delimited (HTTP/1.0, plain SCGI, payload-only handoffs).  HEAD
+requests and 204/304 answers get no body.  Once the client is gone ``send()``
+raises :class:`~fdhandoff.receiver.stream.ConnectionClosed`, an ``OSError``
+(ASGI spec 2.4), so a streaming app stops at its next write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Final
+
+from ..errors import ProtocolError
+from ..httphead import MAX_HEAD_SIZE
+from . import http
+from .asgi_conn import READ_SIZE, Connection
+from .asgi_scope import Request
+from .body import END, NEED_DATA, BodyDecoder
+from .stream import ConnectionClosed
+
+__all__ = ["HTTPCycle", "error_response"]
+
+log = logging.getLogger("fdhandoff.receiver.asgi")
+
+#: Bodies up to this size are written together with the head or chunk framing
+#: (one copy, one syscall); bigger ones are written on their own (no copy).
+_COALESCE: Final = 64 * 1024
+
+_NO_BODY_STATUSES: Final = frozenset({204, 304})
+
+#: Response headers the adapter decides itself: the framing of the body and
+#: the connection's persistence (RFC 9112 sections 6 and 9.6).
+_HOP_BY_HOP: Final = frozenset({b"transfer-encoding", b"connection", b"keep-alive"})
+
+#: ``X-Accel-Buffering: no`` on streamed plain-SCGI answers: nginx buffers
+#: SCGI responses unless told not to, which would hold back every stream.
+_NO_PROXY_BUFFERING: Final = b"X-Accel-Buffering: no\r\n"
+
+
+def _disconnect() -> dict[str, Any]:
+    return {"type": "http.disconnect"}
+
+
+def _as_bytes(value: bytes | str) -> bytes:
+    return value.encode("latin-1") if isinstance(value, str) else bytes(value)
+
+
+def error_response(
+    status: int,
+    *,
+    cgi: bool = False,
+    head_only: bool = False,
+    extra: Iterable[tuple[bytes, bytes]] = (),
+) -> bytes:
+    """A complete plain-text answer ending the connection (``Connection: close``)."""
+    phrase = http.reason(status)
+    body = f"{status} {phrase}\n".encode()
+    headers = [(b"Content-Type", b"text/plain; charset=utf-8"), *extra]
+    headers.append((b"Content-Length", b"%d" % len(body)))
+    if not cgi:
+        headers.append((b"Connection", b"close"))
+    head = http.response_head(status, headers, cgi=cgi)
+    return head if head_only else head + body
+
+
+class HTTPCycle:
+    """``receive``/``send`` for one request; the adapter runs the app with them.
+
+    After :meth:`run`, :meth:`reusable` tells whether the connection may carry
+    the next request.  ``on_move`` is called (once, from the event loop) if the
+    response completed while the app keeps running (Starlette background
+    tasks): the connection then moves on without waiting for the app.
+    """
+
+    __slots__ = (
+        "_chunked",
+        "_continue",
+        "_decoder",
+        "_head",
+        "_length",
+        "_no_body",
+        "_reading",
+        "_received",
+        "_request_done",
+        "_started_at",
+        "_waiter",
+        "_why",
+        "_written",
+        "can_chunk",
+        "cgi",
+        "complete",
+        "conn",
+        "disconnected",
+        "keep_alive",
+        "moved",
+        "on_move",
+        "request",
+        "running",
+        "scope",
+        "started",
+        "status",
+    )
+
+    def __init__(
+        self,
+        conn: Connection,
+        request: Request,
+        scope: dict[str, Any],
+        body: BodyDecoder | None,
+        *,
+        keep_alive: bool,
+        cgi: bool = False,
+        on_move: Callable[[HTTPCycle], None] | None = None,
+    ) -> None:
+        self.conn = conn
+        self.request = request
+        self.scope = scope
+        self.cgi = cgi
+        self.keep_alive = keep_alive
+        self.on_move = on_move
+        # Chunked needs an HTTP/1.1 client we know of; plain SCGI answers and
+        # payload-only handoffs (client version unknown) end with the connection.
+        self.can_chunk = (
+            request.http_version == "1.1" and request.described and not cgi
+        ) and not request.head_sent
+        # A body of length 0 needs no decoder: the first receive() says so.
+        self._decoder = body
+        self._request_done = False
+        self._received = 0
+        self._continue = (
+            body is not None
+            and not cgi
+            and request.http_version == "1.1"
+            and any(n == b"expect" and v.lower() == b"100-continue" for n, v in request.headers)
+        )
+        self._waiter: asyncio.Future[None] | None = None
+        self._reading = False
+        self.disconnected = False
+        self.started = False
+        self.complete = False
+        self.status = 0
+        self._head: bytes | None = None  # app headers, until the first body message
+        self._length: int | None = None  # Content-Length bytes still to come
+        self._no_body = request.method == "HEAD"
+        self._chunked = False
+        self._written = False
+        self._started_at = time.monotonic()
+        self._why: str | None = None
+        self.running = False
+        self.moved = False
+
+    # --- running the app ---------------------------------------------------------------
+
+    async def run(self, app: Any) -> bool:
+        """Run the app for this request; True if the connection moved on meanwhile."""
+        self.running = True
+        self.conn.bytes_sent = 0  # counted per request for the access log
+        try:
+            await app(self.scope, self.receive, self.send)
+        except asyncio.CancelledError:
+            self.keep_alive = False
+            self._why = self._why or "cancelled at shutdown"
+            raise
+        except Exception as exc:
+            await self._app_failed(exc)
+        else:
+            if not self.started:
+                log.error("%s: ASGI app returned without a response: 500", self._describe())
+                self._why = "app returned without a response"
+                await self._send_error(500)
+            elif not self.complete and not self.disconnected:
+                log.error("%s: ASGI app returned before ending its response", self._describe())
+                if self._written:
+                    self._abort("app returned before ending its response")
+                else:
+                    self._why = "app returned without a response body"
+                    await self._send_error(500)
+        finally:
+            self.running = False
+            self._stop_watching()
+            self._log_once()
+        return self.moved
+
+    async def _app_failed(self, exc: Exception) -> None:
+        if self.moved:
+            log.error("%s: ASGI app failed after its response", self._describe(), exc_info=exc)
+            return
+        if self.disconnected:
+            # ClientDisconnect and friends: the app stopped because the client left.
+            log.debug("%s: app ended after the client left: %r", self._describe(), exc)
+            self._why = self._why or "client disconnected"
+            self.keep_alive = False
+            return
+        log.error("%s: exception in ASGI app", self._describe(), exc_info=exc)
+        self._why = "app error"
+        if not self._written:
+            await self._send_error(500)
+        else:
+            self._abort("app error during the response")
+
+    def _abort(self, why: str) -> None:
+        """The response cannot end well: close without finishing it."""
+        self._why = self._why or why
+        self.keep_alive = False
+        self.conn.broken = True
+
+    def reusable(self) -> bool:
+        """True when the next request may be read from this connection."""
+        conn = self.conn
+        if not (self.complete and self.keep_alive) or self.disconnected or conn.broken:
+            return False
+        if conn.closed or conn.receiver.stopping:
+            return False
+        return self._body_consumed()
+
+    def _body_consumed(self) -> bool:
+        decoder = self._decoder
+        if decoder is None:
+            return True
+        # The app left (part of) the body unread: skip what already arrived;
+        # reading more from the client just to discard it is not worth it.
+        try:
+            while True:
+                event = decoder.next_event()
+                if event is END:
+                    self._decoder = None
+                    self.conn.buf = decoder.trailing_data
+                    return True
+                if event is NEED_DATA:
+                    return False
+        except ProtocolError:
+            return False
+
+    def _describe(self) -> str:
+        client = self.conn.client
+        where = f"{client[0]}:{client[1]}" if client else "-"
+        return f'{where} "{self.request.describe()}"'
+
+    def _log_once(self) -> None:
+        if self._started_at < 0:
+            return
+        duration = time.monotonic() - self._started_at
+        self._started_at = -1.0
+        self.conn.receiver.access_log(
+            f"{self._describe()} {self.status}", self.conn.bytes_sent, duration, self._why
+        )
+
+    # --- receive ---------------------------------------------------------------------------
+
+    async def receive(self) -> dict[str, Any]:
+        if self.disconnected or self.complete:
+            return _disconnect()
+        if self._decoder is not None:
+            return await self._read_body()
+        if not self._request_done:
+            self._request_done = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await self._wait_disconnect()
+        return _disconnect()
+
+    async def _read_body(self) -> dict[str, Any]:
+        decoder = self._decoder
+        assert decoder is not None
+        limit = self.conn.options.max_body_size
+        parts: list[bytes] = []
+        while True:
+            try:
+                event = decoder.next_event()
+            except ProtocolError as exc:
+                return await self._body_failed(exc)
+            if event is END:
+                self._decoder = None
+                self._request_done = True
+                self.conn.buf = decoder.trailing_data
+                return {"type": "http.request", "body": b"".join(parts), "more_body": False}
+            if event is NEED_DATA:
+                if parts:
+                    return {"type": "http.request", "body": b"".join(parts), "more_body": True}
+                data = await self._read_more()
+                if not data:
+                    return _disconnect()
+                decoder.receive_data(data)
+                continue
+            assert isinstance(event, bytes)
+            self._received += len(event)
+            if self._received > limit:
+                return await self._body_failed(
+                    ProtocolError(f"request body larger than {limit} bytes", status_hint=413)
+                )
+            parts.append(event)
+
+    async def _read_more(self) -> bytes:
+        """Body bytes from the socket; ``b""`` once the request is over (answered)."""
+        if self._continue and not self.started:
+            # RFC 9110 section 10.1.1: the client may wait for this before
+            # sending the body; the senders never send it themselves.
+            self._continue = False
+            try:
+                await self.conn.write(http.CONTINUE)
+            except ConnectionClosed:
+                self.disconnected = True
+                return b""
+        timeout = self.conn.options.body_timeout
+        try:
+            data = await self.conn.recv(timeout)
+        except TimeoutError:
+            await self._body_failed(
+                ProtocolError(f"request body stalled for {timeout:.0f} s", status_hint=408)
+            )
+            return b""
+        except ConnectionClosed:
+            data = b""
+        if not data:
+            self.disconnected = True
+            self._why = "client left inside the request body"
+        return data
+
+    async def _body_failed(self, exc: ProtocolError) -> dict[str, Any]:
+        log.info("%s: %s", self._describe(), exc)
+        self._why = str(exc)
+        self.keep_alive = False
+        if not self._written:
+            await self._send_error(exc.status_hint)
+        # From the app's side the client is gone: it gets http.disconnect and
+        # its send() raises, as for a client that left.
+        self.disconnected = True
+        return _disconnect()
+
+    async def _wait_disconnect(self) -> None:
+        waiter = self._waiter
+        if waiter is None:
+            waiter = self._waiter = self.conn.loop.create_future()
+            if len(self.conn.buf) < MAX_HEAD_SIZE:
+                self.conn.loop.add_reader(self.conn.sock.fileno(), self._on_readable)
+                self._reading = True
+        # Shielded: an app cancelling its receive() (Starlette's
+        # is_disconnected) must not end the watch others rely on.
+        await asyncio.shield(waiter)
+
+    def _on_readable(self) -> None:
+        conn = self.conn
+        try:
+            data = conn.sock.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if data:
+            # A pipelined request: keep it for later, up to one head's worth.
+            conn.buf += data
+            if len(conn.buf) >= MAX_HEAD_SIZE:
+                conn.loop.remove_reader(conn.sock.fileno())
+                self._reading = False
+            return
+        self.disconnected = True
+        self._why = self._why or "client disconnected"
+        self._stop_watching()
+
+    def _stop_watching(self) -> None:
+        if self._reading:
+            self._reading = False
+            self.conn.loop.remove_reader(self.conn.sock.fileno())
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # --- send ------------------------------------------------------------------------------
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if self.disconnected:
+            raise ConnectionClosed("the client disconnected")
+        kind = message["type"]
+        if not self.started:
+            if kind != "http.response.start":
+                raise RuntimeError(f"expected 'http.response.start', got {kind!r}")
+            self._start(message)
+            return
+        if self.complete:
+            raise RuntimeError(f"{kind!r} sent after the response was complete")
+        if kind != "http.response.body":
+            raise RuntimeError(f"expected 'http.response.body', got {kind!r}")
+        await self._body(message.get("body", b""), bool(message.get("more_body", False)))
+
+    def _start(self, message: dict[str, Any]) -> None:
+        status = message["status"]
+        if not isinstance(status, int) or not 200 <= status <= 999:
+            raise ValueError(f"invalid response status {status!r} (informational ones included)")
+        kept: list[tuple[bytes, bytes]] = []
+        length: int | None = None
+        has_date = False
+        for raw_name, raw_value in message.get("headers", ()):
+            name, value = _as_bytes(raw_name), _as_bytes(raw_value)
+            lower = name.lower()
+            if lower in _HOP_BY_HOP:
+                if lower == b"connection" and b"close" in value.lower():
+                    self.keep_alive = False
+                continue
+            if lower == b"content-length":
+                length = _content_length(value, length)
+            elif lower == b"date":
+                has_date = True
+            kept.append((name, value))
+        head = bytearray()
+        if not self.request.head_sent:
+            if self.cgi:
+                head += b"Status: %d %s\r\n" % (status, http.reason(status).encode())
+            else:
+                head += b"HTTP/1.1 %d %s\r\n" % (status, http.reason(status).encode())
+                if not has_date:
+                    head += b"Date: " + http.http_date() + b"\r\n"
+            head += http.encode_headers(kept)  # raises ValueError on CR/LF/NUL
+        self._head = bytes(head)
+        self._length = length
+        self.status = status
+        if status in _NO_BODY_STATUSES:
+            self._no_body = True
+        self.started = True
+
+    async def _body(self, body: bytes, more: bool) -> None:
+        head = self._head
+        if head is not None:
+            self._head = None
+            head = self._frame(head, len(body), more)
+        payload = b"" if self._no_body else self._payload(body, more)
+        try:
+            if head and len(payload) <= _COALESCE:
+                await self.conn.write(head + payload)
+            else:
+                if head:
+                    await self.conn.write(head)
+                if payload:
+                    await self.conn.write(payload)
+        except ConnectionClosed as exc:
+            self.disconnected = True
+            self.keep_alive = False
+            self._why = self._why or str(exc)
+            raise
+        finally:
+            self._written = True
+        if not more:
+            self._completed()
+
+    def _frame(self, head: bytes, size: int, more: bool) -> bytes:
+        """Finish the head once the first body message shows how the body ends."""
+        if self.request.head_sent:
+            self.keep_alive = False
+            return b""
+        extra = b""
+        if self._no_body or self._length is not None:
+            pass
+        elif not more:
+            self._length = size
+            extra += b"Content-Length: %d\r\n" % size
+        elif self.can_chunk:
+            self._chunked = True
+            extra += b"Transfer-Encoding: chunked\r\n"
+        else:
+            self.keep_alive = False  # close-delimited: the end of the body is the close
+            if self.cgi and b"x-accel-buffering:" not in head.lower():
+                extra += _NO_PROXY_BUFFERING
+        if not self.keep_alive and not self.cgi:
+            extra += b"Connection: close\r\n"
+        return head + extra + b"\r\n"
+
+    def _payload(self, body: bytes, more: bool) -> bytes:
+        if self._length is not None:
+            if len(body) > self._length:
+                self._abort("response longer than its Content-Length")
+                raise RuntimeError("response body longer than its Content-Length")
+            self._length -= len(body)
+            if not more and self._length:
+                self._abort("response shorter than its Content-Length")
+                raise RuntimeError(
+                    f"response ended {self._length} bytes short of its Content-Length"
+                )
+        if not self._chunked:
+            return body
+        if more:
+            return http.chunk(body)
+        return http.chunk(body) + http.LAST_CHUNK
+
+    def _completed(self) -> None:
+        self.complete = True
+        self._stop_watching()
+        if not self.keep_alive:
+            # FIN now: a close-delimited body ends even if the app runs on.
+            self.conn.shutdown_write()
+        self._log_once()
+        if self.on_move is not None:
+            self.conn.loop.call_soon(self._maybe_move)
+
+    def _maybe_move(self) -> None:
+        if self.running and not self.moved and self.on_move is not None:
+            self.moved = True
+            self.on_move(self)
+
+    async def _send_error(self, status: int) -> None:
+        """Answer ``status`` ourselves (nothing of the app's answer was written)."""
+        self.keep_alive = False
+        self.started = True
+        self.complete = True
+        self.status = status
+        self._stop_watching()
+        if self.request.head_sent:
+            return  # Apache already sent a head: nothing sensible can follow
+        data = error_response(status, cgi=self.cgi, head_only=self.request.method == "HEAD")
+        with contextlib.suppress(ConnectionClosed):
+            await self.conn.write(data)
+        self._written = True
+
+
+def _content_length(value: bytes, previous: int | None) -> int:
+    text = value.strip()
+    if not text.isdigit() or not text.isascii() or len(text) > 18:
+        raise ValueError(f"invalid Content-Length {value[:32]!r} in the app's response")
+    length = int(text)
+    if previous is not None and previous != length:
+        raise ValueError("the app's response has conflicting Content-Length headers")
+    return length

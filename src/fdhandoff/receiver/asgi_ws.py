@@ -1,0 +1,334 @@
+"""One WebSocket connection of the ASGI adapter: ``receive()`` and ``send()``.
+
+The app receives ``websocket.connect`` first and answers:
+
+* ``websocket.accept``: the adapter writes the ``101 Switching Protocols``
+  (RFC 6455 section 4.2.2) with the chosen subprotocol and headers.  When the
+  sender already did the handshake (fdhandoff front ``HANDOFF_UPGRADED``,
+  OpenResty's ``X`` marker) nothing is written, and a subprotocol or headers
+  the app asks for cannot reach the client any more: a warning says so;
+* ``websocket.close``: ``403 Forbidden`` (ASGI spec), or, after a handshake
+  done by the sender, a close frame with the app's code;
+* ``websocket.http.response.start`` / ``.body``: any HTTP answer instead
+  (the ``websocket.http.response`` extension).
+
+Frames are decoded by :class:`fdhandoff.websocket.WebSocket` as the app asks
+for them: no queue, no task of our own; bytes the client sent early (with the
+upgrade request) are decoded first.  Pings are answered as they are read.  A
+frame that breaks RFC 6455 ends only this connection, with the close code the
+codec chose (1002, 1007 or 1009) and a ``websocket.disconnect`` to the app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from enum import Enum
+from typing import Any, Final
+
+from .. import websocket
+from ..websocket import NEED_DATA, Close, CloseCode, Message, WebSocketProtocolError
+from .asgi_conn import Connection
+from .asgi_http import HTTPCycle, error_response
+from .asgi_scope import Request
+from .stream import ConnectionClosed
+
+__all__ = ["WebSocketCycle"]
+
+log = logging.getLogger("fdhandoff.receiver.asgi")
+
+#: Status in the access log for a connection that became a WebSocket.
+_SWITCHED: Final = 101
+
+
+class _State(Enum):
+    CONNECTING = 1  # waiting for the app's accept
+    OPEN = 2
+    CLOSING = 3  # our close frame is sent, the client's is awaited
+    CLOSED = 4  # the client's close frame arrived, or the connection is gone
+    ANSWERED = 5  # refused with an HTTP answer (403, 500, denial response)
+
+
+class WebSocketCycle:
+    """``receive``/``send`` for one WebSocket; :meth:`run` ends the connection."""
+
+    __slots__ = (
+        "_close",
+        "_connect_sent",
+        "_denial",
+        "_started_at",
+        "_why",
+        "conn",
+        "key",
+        "request",
+        "scope",
+        "state",
+        "status",
+        "ws",
+    )
+
+    def __init__(
+        self, conn: Connection, request: Request, scope: dict[str, Any], key: bytes | None
+    ) -> None:
+        self.conn = conn
+        self.request = request
+        self.scope = scope
+        #: The client's Sec-WebSocket-Key; None when the sender did the handshake.
+        self.key = key
+        self.state = _State.CONNECTING
+        self.status = 0
+        self.ws: websocket.WebSocket | None = None
+        self._connect_sent = False
+        self._close: tuple[int, str] | None = None  # what ended the connection
+        self._denial: HTTPCycle | None = None
+        self._started_at = time.monotonic()
+        self._why: str | None = None
+
+    def _describe(self) -> str:
+        client = self.conn.client
+        where = f"{client[0]}:{client[1]}" if client else "-"
+        return f'{where} "{self.request.describe()}"'
+
+    # --- running the app ------------------------------------------------------------
+
+    async def run(self, app: Any) -> None:
+        """Run the app, then end the connection (closing handshake, close)."""
+        try:
+            await app(self.scope, self.receive, self.send)
+        except asyncio.CancelledError:
+            if self.state is _State.OPEN and self.ws is not None:
+                # The receiver is stopping: tell the client (RFC 6455 7.4.1).
+                with contextlib.suppress(ValueError, RuntimeError, WebSocketProtocolError):
+                    self.conn.send_nowait(self.ws.send_close(CloseCode.GOING_AWAY))
+            self._why = "cancelled at shutdown"
+            self.conn.close()
+            self._log()
+            raise
+        except Exception as exc:
+            await self._app_failed(exc)
+        else:
+            if self.state is _State.CONNECTING:
+                log.error(
+                    "%s: ASGI app returned without accepting the WebSocket: 500", self._describe()
+                )
+                self._why = "app returned without accepting"
+                await self._answer(error_response(500), 500)
+        await self._finish()
+
+    async def _app_failed(self, exc: Exception) -> None:
+        if self.state is _State.CLOSED or self.conn.broken:
+            log.debug("%s: app ended after the client left: %r", self._describe(), exc)
+            return
+        log.error("%s: exception in ASGI app", self._describe(), exc_info=exc)
+        self._why = "app error"
+        if self.state is _State.CONNECTING:
+            await self._answer(error_response(500), 500)
+        elif self.state is _State.OPEN:
+            await self._send_close(CloseCode.INTERNAL_ERROR, "")
+        elif self.state is _State.ANSWERED:
+            self.conn.broken = True  # a denial response cut short
+
+    async def _finish(self) -> None:
+        conn = self.conn
+        try:
+            if self.state is _State.OPEN:
+                await self._send_close(CloseCode.NORMAL, "")
+            if self.state is _State.CLOSING and not conn.broken:
+                # RFC 6455 section 7.1.1: wait a moment for the client's close
+                # frame so that it, not us, sees the TCP close first... then close.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(conn.options.linger_timeout):
+                        while self._close is None:
+                            await self._next_message()
+            if self.state is _State.ANSWERED and not conn.broken:
+                await conn.linger_close()
+        finally:
+            conn.close()
+            self._log()
+
+    def _log(self) -> None:
+        if self._started_at < 0:
+            return
+        duration = time.monotonic() - self._started_at
+        self._started_at = -1.0
+        why = self._why
+        if why is None and self._close is not None:
+            why = f"close {self._close[0]}"
+        self.conn.receiver.access_log(
+            f"{self._describe()} {self.status}", self.conn.bytes_sent, duration, why
+        )
+
+    # --- receive ---------------------------------------------------------------------
+
+    async def receive(self) -> dict[str, Any]:
+        if not self._connect_sent:
+            self._connect_sent = True
+            return {"type": "websocket.connect"}
+        if self._close is not None:
+            return _disconnect(*self._close)
+        if self.state is _State.CONNECTING:
+            raise RuntimeError("receive() called again before websocket.accept")
+        if self.state is _State.ANSWERED:
+            self._close = (CloseCode.ABNORMAL, "")
+            return _disconnect(*self._close)
+        return await self._next_message()
+
+    async def _next_message(self) -> dict[str, Any]:
+        ws = self.ws
+        assert ws is not None
+        while True:
+            try:
+                event = ws.next_event()
+            except WebSocketProtocolError as exc:
+                log.info("%s: closing: %s", self._describe(), exc)
+                self._why = f"client broke RFC 6455: {exc}"
+                await self._write_quietly(ws.data_to_send())
+                return self._closed(exc.close_code, "")
+            if event is NEED_DATA:
+                ws.receive_data(await self._recv())
+                continue
+            out = ws.data_to_send()  # pongs, our reply to a close frame
+            if out:
+                await self._write_quietly(out)
+            if isinstance(event, Message):
+                if isinstance(event.data, str):
+                    return {"type": "websocket.receive", "text": event.data}
+                return {"type": "websocket.receive", "bytes": event.data}
+            if isinstance(event, Close):
+                return self._closed(event.code, event.reason)
+            # Ping (already answered) or Pong: nothing for the app.
+
+    async def _recv(self) -> bytes:
+        try:
+            return await self.conn.recv()
+        except ConnectionClosed:
+            return b""  # the codec turns EOF into close code 1006
+
+    async def _write_quietly(self, data: bytes) -> None:
+        if not data:
+            return
+        with contextlib.suppress(ConnectionClosed):
+            await self.conn.write(data)
+
+    def _closed(self, code: int, reason: str) -> dict[str, Any]:
+        self.state = _State.CLOSED
+        self._close = (code, reason)
+        return _disconnect(code, reason)
+
+    # --- send ------------------------------------------------------------------------
+
+    async def send(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        state = self.state
+        if state is _State.CONNECTING:
+            if kind == "websocket.accept":
+                await self._accept(message.get("subprotocol"), message.get("headers") or [])
+            elif kind == "websocket.close":
+                await self._refuse(message)
+            elif kind == "websocket.http.response.start" and self.key is not None:
+                await self._deny(message)
+            else:
+                raise RuntimeError(f"{kind!r} sent before the WebSocket was accepted")
+        elif state is _State.OPEN:
+            if kind == "websocket.send":
+                await self._send_message(message)
+            elif kind == "websocket.close":
+                await self._send_close(
+                    message.get("code", CloseCode.NORMAL), message.get("reason") or ""
+                )
+            else:
+                raise RuntimeError(f"{kind!r} is not a message for an open WebSocket")
+        elif state is _State.ANSWERED and kind == "websocket.http.response.body":
+            assert self._denial is not None
+            await self._denial.send({**message, "type": "http.response.body"})
+        elif self._close is not None or self.conn.broken:
+            raise ConnectionClosed("the WebSocket connection is closed")
+        elif kind == "websocket.close" and state is _State.CLOSING:
+            return  # closing already
+        else:
+            raise RuntimeError(f"{kind!r} sent after the WebSocket was closed")
+
+    async def _accept(self, subprotocol: str | None, headers: list[Any]) -> None:
+        if self.key is None:
+            if subprotocol is not None or headers:
+                log.warning(
+                    "%s: the handshake was done by the sender: the subprotocol %r and "
+                    "%d header(s) the app chose cannot be sent any more",
+                    self._describe(),
+                    subprotocol,
+                    len(headers),
+                )
+        else:
+            if subprotocol is not None and subprotocol not in self.scope["subprotocols"]:
+                raise ValueError(f"subprotocol {subprotocol!r} was not offered by the client")
+            response = websocket.handshake_response(
+                self.key,
+                subprotocol=subprotocol.encode() if subprotocol is not None else None,
+                extra_headers=[(bytes(n), bytes(v)) for n, v in headers],
+            )
+            await self._write(response)
+        self.status = _SWITCHED
+        self.state = _State.OPEN
+        ws = self.ws = websocket.WebSocket(max_message_size=self.conn.options.max_ws_message_size)
+        early = self.conn.take_buffer()
+        if early:  # frames sent right behind the upgrade request
+            ws.receive_data(early)
+
+    async def _refuse(self, message: dict[str, Any]) -> None:
+        if self.key is None:
+            # The 101 is gone already: all that is left is a close frame.
+            self.status = _SWITCHED
+            self.state = _State.OPEN
+            self.ws = websocket.WebSocket(max_message_size=self.conn.options.max_ws_message_size)
+            await self._send_close(
+                message.get("code", CloseCode.NORMAL), message.get("reason") or ""
+            )
+            return
+        self._why = "refused by the app"
+        await self._answer(error_response(403), 403)
+
+    async def _deny(self, message: dict[str, Any]) -> None:
+        self.state = _State.ANSWERED
+        denial = self._denial = HTTPCycle(
+            self.conn, self.request, self.scope, None, keep_alive=False
+        )
+        await denial.send({**message, "type": "http.response.start"})
+        self.status = denial.status
+
+    async def _answer(self, data: bytes, status: int) -> None:
+        self.state = _State.ANSWERED
+        self.status = status
+        with contextlib.suppress(ConnectionClosed):
+            await self.conn.write(data)
+
+    async def _send_message(self, message: dict[str, Any]) -> None:
+        ws = self.ws
+        assert ws is not None
+        data = message.get("bytes")
+        if data is None:
+            data = message.get("text")
+            if data is None:
+                raise ValueError("websocket.send needs 'bytes' or 'text'")
+        await self._write(ws.send_message(data))
+
+    async def _send_close(self, code: int, reason: str) -> None:
+        ws = self.ws
+        assert ws is not None
+        frame = ws.send_close(code, reason)
+        self.state = _State.CLOSING
+        with contextlib.suppress(ConnectionClosed):
+            await self._write(frame)
+
+    async def _write(self, data: bytes) -> None:
+        try:
+            await self.conn.write(data)
+        except ConnectionClosed:
+            self.state = _State.CLOSED
+            self._close = (CloseCode.ABNORMAL, "")
+            raise
+
+
+def _disconnect(code: int, reason: str) -> dict[str, Any]:
+    return {"type": "websocket.disconnect", "code": code, "reason": reason}
