@@ -21,21 +21,17 @@ handoff, the way every sender in use hands them over.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
-import time
 from collections.abc import AsyncIterator
-from enum import Enum
 from typing import TYPE_CHECKING, Final
 
 from .. import aio
 from ..errors import ProtocolError
-from ..message import Format, HandoffRecord
+from ..message import HandoffRecord
 from . import http
-from .body import END, NEED_DATA, BodyDecoder, framing
+from .answer import COALESCE, HandoffBase, Phase, check_body_size
+from .body import END, NEED_DATA
 from .http import HeaderInput
-from .request import MARKER_HEAD_SENT, HandoffInfo
-from .sse import CONTENT_TYPE as SSE_CONTENT_TYPE
 from .sse import encode_comment, encode_event
 from .stream import ConnectionClosed, Sent, Stream
 
@@ -43,85 +39,25 @@ if TYPE_CHECKING:
     from .engine import Receiver
     from .ws import WebSocket
 
-__all__ = ["Handoff", "ResponseWriter", "SSEStream"]
+__all__ = ["Handoff", "Phase", "ResponseWriter", "SSEStream"]
 
 #: Bytes read from the client per recv while reading a body.
 BODY_READ_SIZE: Final = 64 * 1024
 
-#: Bodies up to this size are sent in one write together with the head.
-_COALESCE: Final = 64 * 1024
 
-_NO_BODY_STATUSES: Final = frozenset({204, 304})
-
-
-class Phase(Enum):
-    """Where the answer stands; the engine finishes the connection accordingly."""
-
-    NEW = 1  # nothing sent yet
-    STREAMING = 2  # response head sent, body in progress
-    DONE = 3  # complete response written
-    HANDED_OVER = 4  # owned by a stream or by whoever called detach()
-
-
-class Handoff(HandoffInfo):
+class Handoff(HandoffBase):
     """One handed-off client connection (asyncio flavour).
 
     ``socket`` is the client connection, non-blocking.  For plain SCGI it is
     the UNIX connection itself (the response goes back to nginx or Apache).
+    ``receiver`` is the engine that runs it (options, access log, stopping).
     """
 
-    __slots__ = (
-        "_body",
-        "_continue_sent",
-        "bytes_sent",
-        "phase",
-        "receiver",
-        "socket",
-        "started",
-        "status",
-    )
+    __slots__ = ("receiver",)
 
     def __init__(self, record: HandoffRecord, sock: socket.socket, receiver: Receiver) -> None:
-        super().__init__(record)
-        self.socket = sock
+        super().__init__(record, sock)
         self.receiver = receiver
-        self.status: int | None = None
-        self.bytes_sent = 0
-        self.started = time.monotonic()
-        self.phase = Phase.NEW
-        self._body: BodyDecoder | None = None
-        self._continue_sent = False
-        if self.client is None or self.server is None:
-            self._addresses_from_socket(sock)
-
-    def _addresses_from_socket(self, sock: socket.socket) -> None:
-        # PAYLOAD and BYTE handoffs say nothing about the request: the TCP
-        # socket itself still knows both ends.
-        if sock.family not in (socket.AF_INET, socket.AF_INET6):
-            return
-        with contextlib.suppress(OSError):
-            if self.client is None:
-                peer = sock.getpeername()
-                self.client = (peer[0], peer[1])
-            if self.server is None:
-                local = sock.getsockname()
-                self.server = (local[0], local[1])
-
-    # --- facts -------------------------------------------------------------------
-
-    @property
-    def head_sent_by_sender(self) -> bool:
-        """True when the sender already wrote the response head (mod_proxy_fdpass)."""
-        return self.format is Format.BYTE and self.marker == MARKER_HEAD_SENT
-
-    @property
-    def _cgi(self) -> bool:
-        return self.format is Format.PLAIN_SCGI
-
-    def log_prefix(self, status: int) -> str:
-        """Start of this connection's access-log line."""
-        client = f"{self.client[0]}:{self.client[1]}" if self.client else "-"
-        return f'{client} "{self.describe()}" {status}'
 
     # --- low-level writing ------------------------------------------------------------
 
@@ -152,47 +88,14 @@ class Handoff(HandoffInfo):
                         f"client read nothing for {timeout:.0f} s (write timeout)"
                     ) from None
 
-    def _head(
-        self, status: int, headers: HeaderInput, length: int | None, chunked: bool
-    ) -> bytes:
-        if self.phase is not Phase.NEW:
-            raise RuntimeError(f"a response was already started ({self.phase.name})")
-        if self.head_sent_by_sender:
-            return b""  # Apache sent it; only the body is ours
-        given = list(headers)
-        if http.has_header(given, b"content-length") or http.has_header(
-            given, b"transfer-encoding"
-        ):
-            raise ValueError("Content-Length and Transfer-Encoding are set by the receiver")
-        extra: list[tuple[str | bytes, str | bytes]] = []
-        if length is not None:
-            extra.append((b"Content-Length", b"%d" % length))
-        elif chunked:
-            extra.append((b"Transfer-Encoding", b"chunked"))
-        if not self._cgi:
-            extra.append((b"Connection", b"close"))
-        return http.response_head(
-            status, given + extra, version=self.http_version, cgi=self._cgi
-        )
-
-    def _start(self, status: int) -> None:
-        self.status = status
-        self.phase = Phase.STREAMING
-
     # --- answers -------------------------------------------------------------------------
 
     async def respond(
         self, status: int = 200, headers: HeaderInput = (), body: bytes = b""
     ) -> None:
         """Send a whole response and finish the connection."""
-        no_body = status in _NO_BODY_STATUSES or 100 <= status < 200
-        if no_body and body:
-            raise ValueError(f"a {status} response has no body")
-        head = self._head(status, headers, None if no_body else len(body), False)
-        self._start(status)
-        if self.method == "HEAD":
-            body = b""
-        if len(body) <= _COALESCE:
+        head, body = self._whole_response(status, headers, body)
+        if len(body) <= COALESCE:
             await self.send_raw(head + body)
         else:
             await self.send_raw(head)
@@ -211,14 +114,7 @@ class Handoff(HandoffInfo):
         Without ``content_length`` the body is chunked (HTTP/1.1) or ends when
         the connection closes (HTTP/1.0, plain SCGI, head sent by Apache).
         """
-        chunked = (
-            content_length is None
-            and self.http_version == "1.1"
-            and not self._cgi
-            and not self.head_sent_by_sender
-        )
-        head = self._head(status, headers, content_length, chunked)
-        self._start(status)
+        head, chunked = self._streamed_head(status, headers, content_length)
         writer = ResponseWriter(self, chunked, content_length, self.method == "HEAD")
         if head:
             await self.send_raw(head)
@@ -233,18 +129,7 @@ class Handoff(HandoffInfo):
         stream lives on without a task.  The body is close-delimited, so every
         stream gets the same bytes for one event.
         """
-        given = list(headers)
-        if not http.has_header(given, b"content-type"):
-            given.append((b"Content-Type", SSE_CONTENT_TYPE))
-        if not http.has_header(given, b"cache-control"):
-            given.append((b"Cache-Control", b"no-cache"))
-        if self._cgi:
-            # nginx buffers SCGI responses unless told not to.
-            given.append((b"X-Accel-Buffering", b"no"))
-        head = self._head(status, given, None, False)
-        if retry is not None:
-            head += encode_event(retry=retry)
-        self._start(status)
+        head = self._sse_head(headers, status, retry)
         stream = SSEStream(self.socket, self.receiver, self.log_prefix(status))
         self.phase = Phase.HANDED_OVER
         await stream._write(head)
@@ -278,21 +163,6 @@ class Handoff(HandoffInfo):
 
     # --- request body --------------------------------------------------------------------
 
-    def _body_decoder(self) -> BodyDecoder:
-        if self._body is not None:
-            return self._body
-        if self.format is Format.PLAIN_SCGI:
-            decoder = BodyDecoder(len(self.already_read) + self.record.remaining, False)
-        elif self.has_request:
-            length, chunked = framing(self.raw_headers)
-            decoder = BodyDecoder(length, chunked)
-        else:
-            decoder = BodyDecoder(0, False)  # nothing describes a body
-        if self.already_read:
-            decoder.receive_data(self.already_read)
-        self._body = decoder
-        return decoder
-
     async def iter_body(self) -> AsyncIterator[bytes]:
         """Yield the request body piece by piece (``body_timeout`` per read)."""
         decoder = self._body_decoder()
@@ -323,20 +193,14 @@ class Handoff(HandoffInfo):
 
     async def read_body(self, max_size: int | None = None) -> bytes:
         """The whole request body; 413 (``ProtocolError``) above ``max_size``."""
-        limit = self.receiver.options.max_body_size if max_size is None else max_size
-        announced = self._body_decoder().length
-        if announced is not None and announced > limit:
-            raise ProtocolError(
-                f"request body of {announced} bytes is larger than {limit}", status_hint=413
-            )
+        limit = self._body_limit(
+            self.receiver.options.max_body_size if max_size is None else max_size
+        )
         parts: list[bytes] = []
         size = 0
         async for piece in self.iter_body():
             size += len(piece)
-            if size > limit:
-                raise ProtocolError(
-                    f"request body larger than {limit} bytes", status_hint=413
-                )
+            check_body_size(size, limit)
             parts.append(piece)
         return b"".join(parts)
 
@@ -344,11 +208,7 @@ class Handoff(HandoffInfo):
         # RFC 9110 section 10.1.1: a client that sent "Expect: 100-continue"
         # may wait for the interim response before sending the body; the
         # senders never send it, so the receiver does, once, before reading.
-        if self._continue_sent or self.phase is not Phase.NEW or self._cgi:
-            return
-        self._continue_sent = True
-        expect = self.header("expect")
-        if expect is not None and expect.lower() == "100-continue" and self.http_version == "1.1":
+        if self._wants_continue():
             await self.send_raw(http.CONTINUE)
             self.bytes_sent -= len(http.CONTINUE)
 

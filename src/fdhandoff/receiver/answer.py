@@ -1,0 +1,204 @@
+"""What both flavours of ``Handoff`` share: answer state and response framing (no I/O).
+
+The asyncio :class:`~fdhandoff.receiver.handoff.Handoff` and the sync
+:class:`~fdhandoff.receiver.sync.Handoff` differ only in how they write and
+read; which head to send, how to frame a body, when to send ``100 Continue``
+and how long a body may be are decided here, once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+from enum import Enum
+from typing import Final
+
+from ..errors import ProtocolError
+from ..message import Format, HandoffRecord
+from . import http
+from .body import BodyDecoder, framing
+from .http import HeaderInput
+from .request import MARKER_HEAD_SENT, HandoffInfo
+from .sse import CONTENT_TYPE as SSE_CONTENT_TYPE
+from .sse import encode_event
+
+__all__ = ["COALESCE", "HandoffBase", "Phase", "check_body_size"]
+
+#: Bodies up to this size are sent in one write together with the head.
+COALESCE: Final = 64 * 1024
+
+#: Statuses whose responses never have a body (RFC 9110 sections 15.3.5, 15.4.5).
+_NO_BODY_STATUSES: Final = frozenset({204, 304})
+
+
+class Phase(Enum):
+    """Where the answer stands; the engine finishes the connection accordingly."""
+
+    NEW = 1  # nothing sent yet
+    STREAMING = 2  # response head sent, body in progress
+    DONE = 3  # complete response written
+    HANDED_OVER = 4  # owned by a stream or by whoever called detach()
+
+
+def check_body_size(size: int, limit: int) -> None:
+    if size > limit:
+        raise ProtocolError(f"request body larger than {limit} bytes", status_hint=413)
+
+
+class HandoffBase(HandoffInfo):
+    """A handoff being answered: the client socket and what was sent on it."""
+
+    __slots__ = ("_body", "_continue_sent", "bytes_sent", "phase", "socket", "started", "status")
+
+    def __init__(self, record: HandoffRecord, sock: socket.socket) -> None:
+        super().__init__(record)
+        #: The client connection (for plain SCGI: the UNIX connection itself).
+        self.socket = sock
+        self.status: int | None = None
+        self.bytes_sent = 0
+        self.started = time.monotonic()
+        self.phase = Phase.NEW
+        self._body: BodyDecoder | None = None
+        self._continue_sent = False
+        if self.client is None or self.server is None:
+            self._addresses_from_socket(sock)
+
+    def _addresses_from_socket(self, sock: socket.socket) -> None:
+        # PAYLOAD and BYTE handoffs say nothing about the request: the TCP
+        # socket itself still knows both ends.
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return
+        with contextlib.suppress(OSError):
+            if self.client is None:
+                peer = sock.getpeername()
+                self.client = (peer[0], peer[1])
+            if self.server is None:
+                local = sock.getsockname()
+                self.server = (local[0], local[1])
+
+    # --- facts ---------------------------------------------------------------------
+
+    @property
+    def head_sent_by_sender(self) -> bool:
+        """True when the sender already wrote the response head (mod_proxy_fdpass)."""
+        return self.format is Format.BYTE and self.marker == MARKER_HEAD_SENT
+
+    @property
+    def cgi(self) -> bool:
+        """True when answering an SCGI client (``Status:`` head, no connection headers)."""
+        return self.format is Format.PLAIN_SCGI
+
+    def log_prefix(self, status: int) -> str:
+        """Start of this connection's access-log line."""
+        client = f"{self.client[0]}:{self.client[1]}" if self.client else "-"
+        return f'{client} "{self.describe()}" {status}'
+
+    # --- heads -----------------------------------------------------------------------
+
+    def _head(
+        self, status: int, headers: HeaderInput, length: int | None, chunked: bool
+    ) -> bytes:
+        if self.phase is not Phase.NEW:
+            raise RuntimeError(f"a response was already started ({self.phase.name})")
+        if self.head_sent_by_sender:
+            return b""  # Apache sent it; only the body is ours
+        given = list(headers)
+        if http.has_header(given, b"content-length") or http.has_header(
+            given, b"transfer-encoding"
+        ):
+            raise ValueError("Content-Length and Transfer-Encoding are set by the receiver")
+        extra: list[tuple[str | bytes, str | bytes]] = []
+        if length is not None:
+            extra.append((b"Content-Length", b"%d" % length))
+        elif chunked:
+            extra.append((b"Transfer-Encoding", b"chunked"))
+        if not self.cgi:
+            extra.append((b"Connection", b"close"))
+        return http.response_head(status, given + extra, version=self.http_version, cgi=self.cgi)
+
+    def _started(self, status: int) -> None:
+        self.status = status
+        self.phase = Phase.STREAMING
+
+    def _whole_response(
+        self, status: int, headers: HeaderInput, body: bytes
+    ) -> tuple[bytes, bytes]:
+        """Head and the body to send for :meth:`respond` (HEAD gets no body)."""
+        no_body = status in _NO_BODY_STATUSES or 100 <= status < 200
+        if no_body and body:
+            raise ValueError(f"a {status} response has no body")
+        head = self._head(status, headers, None if no_body else len(body), False)
+        self._started(status)
+        return head, b"" if self.method == "HEAD" else body
+
+    def _streamed_head(
+        self, status: int, headers: HeaderInput, content_length: int | None
+    ) -> tuple[bytes, bool]:
+        """Head of a streamed response and whether its body is chunked.
+
+        Without a length the body is chunked on HTTP/1.1, close-delimited for
+        HTTP/1.0, SCGI clients and heads sent by Apache (RFC 9112 section 6.3).
+        """
+        chunked = (
+            content_length is None
+            and self.http_version == "1.1"
+            and not self.cgi
+            and not self.head_sent_by_sender
+        )
+        head = self._head(status, headers, content_length, chunked)
+        self._started(status)
+        return head, chunked
+
+    def _sse_head(self, headers: HeaderInput, status: int, retry: int | None) -> bytes:
+        given = list(headers)
+        if not http.has_header(given, b"content-type"):
+            given.append((b"Content-Type", SSE_CONTENT_TYPE))
+        if not http.has_header(given, b"cache-control"):
+            given.append((b"Cache-Control", b"no-cache"))
+        if self.cgi:
+            # nginx buffers SCGI responses unless told not to.
+            given.append((b"X-Accel-Buffering", b"no"))
+        head = self._head(status, given, None, False)
+        if retry is not None:
+            head += encode_event(retry=retry)
+        self._started(status)
+        return head
+
+    # --- request body -----------------------------------------------------------------
+
+    def _body_decoder(self) -> BodyDecoder:
+        if self._body is not None:
+            return self._body
+        if self.format is Format.PLAIN_SCGI:
+            decoder = BodyDecoder(len(self.already_read) + self.record.remaining, False)
+        elif self.has_request:
+            length, chunked = framing(self.raw_headers)
+            decoder = BodyDecoder(length, chunked)
+        else:
+            decoder = BodyDecoder(0, False)  # nothing describes a body
+        if self.already_read:
+            decoder.receive_data(self.already_read)
+        self._body = decoder
+        return decoder
+
+    def _body_limit(self, max_size: int) -> int:
+        """``max_size``, after refusing (413) a body announced larger."""
+        announced = self._body_decoder().length
+        if announced is not None and announced > max_size:
+            raise ProtocolError(
+                f"request body of {announced} bytes is larger than {max_size}", status_hint=413
+            )
+        return max_size
+
+    def _wants_continue(self) -> bool:
+        # RFC 9110 section 10.1.1: a client that sent "Expect: 100-continue"
+        # may wait for the interim response before sending the body; the
+        # senders never send it, so the receiver does, once, before reading.
+        if self._continue_sent or self.phase is not Phase.NEW or self.cgi:
+            return False
+        self._continue_sent = True
+        expect = self.header("expect")
+        return (
+            expect is not None and expect.lower() == "100-continue" and self.http_version == "1.1"
+        )
