@@ -668,3 +668,47 @@ def test_recv_size() -> None:
     with socket.socket(socket.AF_UNIX, SEQPACKET) as seq, socket.socket(socket.AF_UNIX) as st:
         assert fdpass.recv_size(seq) == message.MAX_PAYLOAD_SIZE + 1
         assert fdpass.recv_size(st) == fdpass.RECV_SIZE
+
+
+# --- sockets that carry a Python-level timeout ----------------------------------------------
+
+SOCKET_TIMEOUT = 30.0  # far longer than any wait below: hitting it means it was used
+
+
+def test_nowait_forms_ignore_the_sockets_own_timeout(kit: Kit, no_fd_leak: None) -> None:
+    sender, receiver = kit.unix_pair("socketpair", STREAM)
+    sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    for sock in (sender, receiver):
+        sock.settimeout(SOCKET_TIMEOUT)
+    accepted, client = kit.tcp()
+    started = time.monotonic()
+    with pytest.raises(BlockingIOError):
+        fdpass.recv_fd_nowait(receiver)
+    with pytest.raises(TimeoutError):
+        fdpass.recv_fd(receiver, timeout=0.2)
+    fill(sender)
+    with pytest.raises(BlockingIOError):
+        fdpass.send_fd_nowait(sender, b"X", accepted.fileno())
+    with pytest.raises(TimeoutError):
+        fdpass.send_fd(sender, b"X", accepted.fileno(), timeout=0.2)
+    assert time.monotonic() - started < SOCKET_TIMEOUT / 2
+    # the caller's setting is left as it was
+    assert sender.gettimeout() == receiver.gettimeout() == SOCKET_TIMEOUT
+    assert nonblocking_flag(sender) and nonblocking_flag(receiver)
+    assert_same_connection(accepted, client)
+
+
+def test_handoff_over_sockets_with_a_timeout(kit: Kit, no_fd_leak: None) -> None:
+    sender, receiver = kit.unix_pair("bound", STREAM)
+    sender.settimeout(SOCKET_TIMEOUT)
+    receiver.settimeout(SOCKET_TIMEOUT)
+    accepted, client = kit.tcp()
+    fdpass.send_fd(sender, message.encode_scgi([("SCGI", "1")]), accepted.fileno(), timeout=WAIT)
+    accepted.close()
+    got = fdpass.recv_handoff(receiver, timeout=WAIT)
+    assert got is not None
+    record, handed = got
+    with handed:
+        assert record.format is Format.SCGI
+        assert_same_connection(handed, client)
+    assert receiver.gettimeout() == sender.gettimeout() == SOCKET_TIMEOUT

@@ -32,6 +32,7 @@ import selectors
 import socket
 import struct
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final
 
@@ -85,6 +86,22 @@ def peer_credentials(sock: socket.socket) -> PeerCredentials:
     return PeerCredentials(pid, uid, gid)
 
 
+@contextlib.contextmanager
+def _no_python_timeout(sock: socket.socket, timeout: float) -> Iterator[None]:
+    """Run one call as if ``sock`` had timeout 0.0, then restore ``timeout``.
+
+    On a socket with a positive timeout CPython poll()s for up to that long
+    before every send/recv, whatever MSG_DONTWAIT says, so a "nowait" call
+    would block and end in TimeoutError instead of BlockingIOError.  The fd
+    is O_NONBLOCK for both settings, so only Python's bookkeeping changes.
+    """
+    sock.settimeout(0.0)
+    try:
+        yield
+    finally:
+        sock.settimeout(timeout)
+
+
 # --- sending -------------------------------------------------------------------
 
 
@@ -102,8 +119,13 @@ def send_fd_nowait(sock: socket.socket, data: bytes | memoryview, fd: int | None
     if not data:
         raise ValueError("an fd must travel with at least one data byte (unix(7))")
     ancillary = _rights(fd) if fd is not None else []
+    flags = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
+    timeout = sock.gettimeout()
     try:
-        return sock.sendmsg([data], ancillary, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+        if not timeout:  # None or 0.0: MSG_DONTWAIT alone keeps the call from waiting
+            return sock.sendmsg([data], ancillary, flags)
+        with _no_python_timeout(sock, timeout):
+            return sock.sendmsg([data], ancillary, flags)
     except OSError as exc:
         if exc.errno == errno.EMSGSIZE:
             raise FdPassError(
@@ -189,9 +211,13 @@ def recv_fd_nowait(
     ``(b"", None)`` means EOF.  Raises ``BlockingIOError`` when nothing is
     there, :class:`FdPassError` for truncation, several fds or a non-socket fd.
     """
-    data, ancdata, msg_flags, _ = sock.recvmsg(
-        bufsize, _CMSG_SPACE, _RECV_FLAGS | socket.MSG_DONTWAIT
-    )
+    flags = _RECV_FLAGS | socket.MSG_DONTWAIT
+    timeout = sock.gettimeout()
+    if not timeout:  # None or 0.0: MSG_DONTWAIT alone keeps the call from waiting
+        data, ancdata, msg_flags, _ = sock.recvmsg(bufsize, _CMSG_SPACE, flags)
+    else:
+        with _no_python_timeout(sock, timeout):
+            data, ancdata, msg_flags, _ = sock.recvmsg(bufsize, _CMSG_SPACE, flags)
     fd = _check_received(data, ancdata, msg_flags, bufsize)
     return data, (wrap_fd(fd, blocking=blocking) if fd is not None else None)
 
