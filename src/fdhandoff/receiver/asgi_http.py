@@ -211,6 +211,10 @@ class HTTPCycle:
         self._why = "app error"
         if not self._written:
             await self._send_error(500)
+        elif self.complete:
+            # Starlette answers 500 itself, then re-raises: the answer is
+            # whole, but the app's state is unknown, so no further request.
+            self.keep_alive = False
         else:
             self._abort("app error during the response")
 
@@ -433,6 +437,8 @@ class HTTPCycle:
         self.started = True
 
     async def _body(self, body: bytes, more: bool) -> None:
+        if self._length is not None and not self._no_body:
+            self._check_length(len(body), more)
         head = self._head
         if head is not None:
             self._head = None
@@ -478,17 +484,20 @@ class HTTPCycle:
             extra += b"Connection: close\r\n"
         return head + extra + b"\r\n"
 
+    def _check_length(self, size: int, more: bool) -> None:
+        remaining = self._length
+        assert remaining is not None
+        if size > remaining or (not more and size < remaining):
+            self.keep_alive = False
+            if self._written:
+                self._abort("response does not match its Content-Length")
+            raise RuntimeError(
+                f"response body of {'more' if size > remaining else 'fewer'} bytes than "
+                "its Content-Length"
+            )
+        self._length = remaining - size
+
     def _payload(self, body: bytes, more: bool) -> bytes:
-        if self._length is not None:
-            if len(body) > self._length:
-                self._abort("response longer than its Content-Length")
-                raise RuntimeError("response body longer than its Content-Length")
-            self._length -= len(body)
-            if not more and self._length:
-                self._abort("response shorter than its Content-Length")
-                raise RuntimeError(
-                    f"response ended {self._length} bytes short of its Content-Length"
-                )
         if not self._chunked:
             return body
         if more:
