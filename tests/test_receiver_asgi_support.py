@@ -70,12 +70,10 @@ def hand_over(
     client, server_side = tcp_pair()
     client.settimeout(IO_TIMEOUT)
     all_headers = [("Host", "test.local"), *headers]
-    send_scgi(
-        path,
-        front_headers(method, target, all_headers, already_read, **extra),
-        server_side,
-        already_read,
-    )
+    scgi_headers = front_headers(method, target, all_headers, already_read)
+    # Extra SCGI variables replace the front's own (SERVER_PROTOCOL...) or are added.
+    scgi_headers = [(n, extra.pop(n, v)) for n, v in scgi_headers] + list(extra.items())
+    send_scgi(path, scgi_headers, server_side, already_read)
     return client
 
 

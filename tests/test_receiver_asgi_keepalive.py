@@ -1,0 +1,270 @@
+"""ASGI adapter keep-alive: next requests read from the handed-off socket, pipelining, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+import fdhandoff.receiver.asgi as asgi_module
+from test_receiver_asgi_support import ASGIReceiver, ResponseReader, hand_over
+
+LOOPS = ["asyncio", "uvloop"]
+
+
+@pytest.fixture
+def sock_path(tmp_path: Path) -> str:
+    return str(tmp_path / "asgi.sock")
+
+
+class Counter:
+    """The requests served, with the client address each one saw."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, Any]] = []
+        self.background_done = threading.Event()
+
+    def app(self) -> Starlette:
+        async def echo(request: Request) -> Response:
+            body = await request.body()
+            self.seen.append((request.method, request.url.path, request.client))
+            return PlainTextResponse(f"{request.method} {request.url.path} {len(body)}")
+
+        async def ignore_body(request: Request) -> Response:
+            return PlainTextResponse("not reading it")
+
+        async def stream(request: Request) -> Response:
+            async def parts() -> Any:
+                for i in range(3):
+                    yield f"{i};"
+
+            return StreamingResponse(parts())
+
+        async def slow_background() -> None:
+            await asyncio.sleep(1.5)
+            self.background_done.set()
+
+        async def background(request: Request) -> Response:
+            return PlainTextResponse("answered", background=BackgroundTask(slow_background))
+
+        async def closing(request: Request) -> Response:
+            return PlainTextResponse("bye", headers={"Connection": "close"})
+
+        return Starlette(
+            routes=[
+                Route("/ignore", ignore_body, methods=["POST"]),
+                Route("/stream", stream),
+                Route("/background", background),
+                Route("/closing", closing),
+                Route("/{path:path}", echo, methods=["GET", "POST"]),
+            ]
+        )
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_three_sequential_requests_on_one_connection(sock_path: str, loop: str) -> None:
+    counter = Counter()
+    with ASGIReceiver(counter.app(), sock_path, loop=loop):
+        client = hand_over(sock_path, "GET", "/one")
+        reader = ResponseReader(client)
+        first = reader.read()
+        client.sendall(b"POST /two HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
+        second = reader.read()
+        client.sendall(b"GET /three?q=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        third = reader.read()
+        client.close()
+    assert [r.body for r in (first, second, third)] == [
+        b"GET /one 0",
+        b"POST /two 3",
+        b"GET /three 0",
+    ]
+    assert all(r.header("connection") is None for r in (first, second, third))
+    assert [s[2] for s in counter.seen] == [("127.0.0.1", 40000)] * 3
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_pipelined_requests_in_the_socket(sock_path: str, loop: str) -> None:
+    counter = Counter()
+    with ASGIReceiver(counter.app(), sock_path, loop=loop):
+        client = hand_over(sock_path, "POST", "/a", [("Content-Length", "2")])
+        client.sendall(
+            b"hi"
+            b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3\r\nxyz\r\n0\r\n\r\n"
+            b"GET /d HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        reader = ResponseReader(client)
+        bodies = [reader.read().body for _ in range(5)]
+        assert reader.closed()
+        client.close()
+    assert bodies == [b"POST /a 2", b"GET /b 0", b"0;1;2;", b"POST /c 3", b"GET /d 0"]
+
+
+def test_pipelined_requests_already_read_by_the_sender(sock_path: str) -> None:
+    """What the front read past the head (TLS) may hold the body and the next requests."""
+    counter = Counter()
+    already = b"body!GET /next HTTP/1.1\r\nHost: x\r\n\r\nGET /last HTTP/1.1\r\nHost: x\r\n\r\n"
+    with ASGIReceiver(counter.app(), sock_path):
+        client = hand_over(
+            sock_path, "POST", "/first", [("Content-Length", "5")], already_read=already
+        )
+        reader = ResponseReader(client)
+        bodies = [reader.read().body for _ in range(3)]
+        client.close()
+    assert bodies == [b"POST /first 5", b"GET /next 0", b"GET /last 0"]
+
+
+def test_empty_lines_between_requests_are_ignored(sock_path: str) -> None:
+    with ASGIReceiver(Counter().app(), sock_path):
+        client = hand_over(sock_path, "POST", "/a", [("Content-Length", "1")])
+        client.sendall(b"x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+        reader = ResponseReader(client)
+        assert [reader.read().body for _ in range(2)] == [b"POST /a 1", b"GET /b 0"]
+        client.close()
+
+
+def test_client_connection_close_is_honoured(sock_path: str, no_fd_leak: None) -> None:
+    with ASGIReceiver(Counter().app(), sock_path):
+        client = hand_over(sock_path, "GET", "/a")
+        reader = ResponseReader(client)
+        assert reader.read().header("connection") is None
+        client.sendall(b"GET /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        last = reader.read()
+        assert last.header("connection") == "close"
+        assert reader.closed()
+        client.close()
+
+
+def test_app_connection_close_is_honoured(sock_path: str, no_fd_leak: None) -> None:
+    with ASGIReceiver(Counter().app(), sock_path):
+        client = hand_over(sock_path, "GET", "/closing")
+        reader = ResponseReader(client)
+        response = reader.read()
+        assert response.body == b"bye"
+        assert response.header("connection") == "close"
+        assert reader.closed()
+        client.close()
+
+
+def test_http10_request_is_answered_close_delimited(sock_path: str, no_fd_leak: None) -> None:
+    with ASGIReceiver(Counter().app(), sock_path):
+        client = hand_over(sock_path, "GET", "/stream", SERVER_PROTOCOL="HTTP/1.0")
+        reader = ResponseReader(client)
+        response = reader.read()
+        client.close()
+    assert response.header("transfer-encoding") is None
+    assert response.header("connection") == "close"
+    assert response.body == b"0;1;2;"
+
+
+def test_idle_keepalive_connection_is_closed_after_the_timeout(
+    sock_path: str, no_fd_leak: None
+) -> None:
+    with ASGIReceiver(Counter().app(), sock_path, keepalive_timeout=0.3):
+        client = hand_over(sock_path, "GET", "/a")
+        reader = ResponseReader(client)
+        assert reader.read().status == 200
+        started = time.monotonic()
+        assert reader.closed(timeout=10)
+        assert time.monotonic() - started < 8
+        client.close()
+
+
+def test_keepalive_off(sock_path: str, no_fd_leak: None) -> None:
+    with ASGIReceiver(Counter().app(), sock_path, keepalive_timeout=0):
+        client = hand_over(sock_path, "GET", "/a")
+        reader = ResponseReader(client)
+        assert reader.read().header("connection") == "close"
+        assert reader.closed()
+        client.close()
+
+
+def test_unread_body_ends_the_connection(sock_path: str, no_fd_leak: None) -> None:
+    """The app answered without reading a body still on its way: no next request."""
+    with ASGIReceiver(Counter().app(), sock_path):
+        client = hand_over(sock_path, "POST", "/ignore", [("Content-Length", "100000")])
+        reader = ResponseReader(client)
+        response = reader.read()
+        client.sendall(b"a" * 1000)
+        assert response.body == b"not reading it"
+        assert reader.closed()
+        client.close()
+
+
+def test_background_task_does_not_hold_the_next_request(sock_path: str) -> None:
+    counter = Counter()
+    with ASGIReceiver(counter.app(), sock_path):
+        client = hand_over(sock_path, "GET", "/background")
+        reader = ResponseReader(client)
+        assert reader.read().body == b"answered"
+        client.sendall(b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert reader.read().body == b"GET /after 0"
+        assert not counter.background_done.is_set()  # still sleeping
+        assert counter.background_done.wait(10)
+        client.sendall(b"GET /later HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert reader.read().body == b"GET /later 0"
+        client.close()
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"GARBAGE\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\n\r\n", 400),  # no Host
+        (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+        (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-Big: " + b"b" * 40000 + b"\r\n\r\n", 431),
+        (b"GET / HTTP/1.0\r\nHost: x\r\n\r\n", 505),
+        (b"GET / HTTP/1.1\nHost: x\n\n", 400),  # bare LF
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
+    ],
+)
+def test_bad_next_request_is_answered_and_closed(
+    sock_path: str, request_bytes: bytes, status: int, no_fd_leak: None
+) -> None:
+    counter = Counter()
+    with ASGIReceiver(counter.app(), sock_path):
+        client = hand_over(sock_path, "GET", "/ok")
+        reader = ResponseReader(client)
+        assert reader.read().status == 200
+        client.sendall(request_bytes)
+        answer = reader.read()
+        assert answer.status == status
+        assert answer.header("connection") == "close"
+        assert reader.closed()
+        client.close()
+    assert [s[1] for s in counter.seen] == ["/ok"]
+
+
+def test_trickled_head_gets_408(
+    sock_path: str, monkeypatch: pytest.MonkeyPatch, no_fd_leak: None
+) -> None:
+    monkeypatch.setattr(asgi_module, "HEAD_TIMEOUT", 0.5)
+    with ASGIReceiver(Counter().app(), sock_path):
+        client = hand_over(sock_path, "GET", "/ok")
+        reader = ResponseReader(client)
+        assert reader.read().status == 200
+        client.sendall(b"GET /slow HTTP/1.1\r\nHo")
+        assert reader.read().status == 408
+        assert reader.closed()
+        client.close()
+
+
+def test_client_closing_inside_a_next_head(sock_path: str, no_fd_leak: None) -> None:
+    with ASGIReceiver(Counter().app(), sock_path):
+        client = hand_over(sock_path, "GET", "/ok")
+        reader = ResponseReader(client)
+        assert reader.read().status == 200
+        client.sendall(b"GET /half HTTP/1.1\r\n")
+        client.close()
+        time.sleep(0.2)
