@@ -16,6 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
+
+from fdhandoff import fdpass, scgi
+from fdhandoff.websocket import Opcode, encode_frame
 from test_receiver_support import (
     REPO,
     TESTS,
@@ -33,8 +36,7 @@ from test_receiver_support import (
     wait_closed,
 )
 
-from fdhandoff import fdpass, scgi
-from fdhandoff.websocket import Opcode, encode_frame
+ECHO = "test_receiver_support:echo"
 
 
 def _serve(*args: str) -> subprocess.CompletedProcess[str]:
@@ -106,13 +108,13 @@ def test_live_socket_and_regular_file_are_not_replaced(tmp_path: Path) -> None:
     with socket.socket(socket.AF_UNIX) as other:
         other.bind(live)
         other.listen()
-        done = _serve("test_receiver_support:echo", "--interface", "handoff", "--bind", f"unix:{live}")
+        done = _serve(ECHO, "--interface", "handoff", "--bind", f"unix:{live}")
         assert done.returncode == 2
         assert "in use" in done.stderr
         assert os.path.exists(live)
     regular = tmp_path / "file.sock"
     regular.write_text("precious")
-    done = _serve("test_receiver_support:echo", "--interface", "handoff", "--bind", f"unix:{regular}")
+    done = _serve(ECHO, "--interface", "handoff", "--bind", f"unix:{regular}")
     assert done.returncode == 2
     assert "not a socket" in done.stderr
     assert regular.read_text() == "precious"
@@ -235,7 +237,7 @@ def test_workers_share_sockets_restart_and_stop(tmp_path: Path) -> None:
     assert not os.path.exists(path)
 
 
-# --- resource exhaustion and fd accounting ---------------------------------------------------------
+# --- resource exhaustion and fd accounting ----------------------------------------------------
 
 
 def _low_fd_limit() -> None:
@@ -293,7 +295,8 @@ def test_error_paths_leave_no_fd_in_the_receiver(tmp_path: Path) -> None:
         with socket.socket(socket.AF_UNIX) as conn:
             conn.connect(path)
             fds = array.array("i", [s1.fileno(), s2.fileno()]).tobytes()
-            conn.sendmsg([scgi.encode(front_headers())], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)]
+            conn.sendmsg([scgi.encode(front_headers())], rights)
             s1.close()
             s2.close()
             assert wait_closed(conn)

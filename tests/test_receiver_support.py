@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fdhandoff import fdpass, message, scgi
-from fdhandoff.receiver import Handoff, Options, Receiver, engine
+from fdhandoff.receiver import Handoff, Options, Receiver, engine, sync
 from fdhandoff.receiver.listeners import Bind, Listener, close_listener, open_listener
 from fdhandoff.receiver.runner import new_event_loop
 
@@ -117,6 +117,36 @@ class ReceiverThread:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class SyncReceiverThread:
+    """The sync engine in a thread (it starts one more thread per connection)."""
+
+    def __init__(
+        self,
+        handler: Callable[[Any], object],
+        binds: Sequence[Bind],
+        options: Options | None = None,
+    ) -> None:
+        self.listeners = [open_listener(b) for b in binds]
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(
+            target=sync.serve,
+            args=(handler, [x.sock for x in self.listeners], options or Options()),
+            kwargs={"stop": self.stop_event},
+            daemon=True,
+        )
+
+    def __enter__(self) -> SyncReceiverThread:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_event.set()
+        self.thread.join(60)
+        assert not self.thread.is_alive(), "sync receiver did not stop"
+        for listener in self.listeners:
+            close_listener(listener)
 
 
 # --- client connections to hand over -----------------------------------------------------
@@ -399,7 +429,7 @@ def serve_process(
             stdout=out,
             stderr=subprocess.STDOUT,
             text=True,
-            preexec_fn=preexec,  # noqa: PLW1509 - resource limits for EMFILE tests
+            preexec_fn=preexec,
         )
     proc.log_path = log_path
     try:

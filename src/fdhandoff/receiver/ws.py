@@ -35,6 +35,7 @@ from ..errors import ProtocolError
 from ..message import Format
 from ..websocket import CloseCode, Opcode, WebSocketProtocolError, encode_frame
 from .http import HeaderInput
+from .request import HandoffInfo
 from .stream import _CLOSED_SEND, ConnectionClosed, Sent, Stream
 
 if TYPE_CHECKING:
@@ -259,7 +260,7 @@ class WebSocket(Stream):
 # --- the opening handshake -------------------------------------------------------------------
 
 
-def _choose_subprotocol(handoff: Handoff, subprotocol: str | None) -> bytes | None:
+def choose_subprotocol(handoff: HandoffInfo, subprotocol: str | None) -> bytes | None:
     if subprotocol is None:
         return None
     offered = websocket.parse_subprotocols(handoff.raw_headers)
@@ -269,7 +270,7 @@ def _choose_subprotocol(handoff: Handoff, subprotocol: str | None) -> bytes | No
     return chosen
 
 
-def _header_bytes(headers: HeaderInput) -> Iterable[tuple[bytes, bytes]]:
+def header_bytes(headers: HeaderInput) -> Iterable[tuple[bytes, bytes]]:
     for name, value in headers:
         yield (
             name.encode("latin-1") if isinstance(name, str) else name,
@@ -306,8 +307,8 @@ async def _handshake(
             raise
     response = websocket.handshake_response(
         raw_key,
-        subprotocol=_choose_subprotocol(handoff, subprotocol),
-        extra_headers=list(_header_bytes(headers)),
+        subprotocol=choose_subprotocol(handoff, subprotocol),
+        extra_headers=list(header_bytes(headers)),
     )
     handoff.status = 101
     await handoff.send_raw(response)

@@ -1,0 +1,301 @@
+"""The sync engine: accept in the calling thread, one thread per connection."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import selectors
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Final
+
+from ... import fdpass
+from ...errors import FdPassError, ProtocolError
+from ...fdpass import peer_credentials
+from ...message import Format, HandoffReader, HandoffRecord
+from .. import http
+from ..answer import Phase
+from ..options import ACCEPT_BACKOFF, Options
+from ..stream import ConnectionClosed
+from .handoff import Handoff
+from .streams import _SyncStream
+
+__all__ = ["DEFAULT_MAX_THREADS", "Handler", "Receiver", "serve"]
+
+log = logging.getLogger("fdhandoff.receiver")
+access_logger = logging.getLogger("fdhandoff.access")
+
+#: Connection threads at most when ``max_connections`` is 0: past a few
+#: hundred threads the asyncio flavour is the better tool.
+DEFAULT_MAX_THREADS: Final = 512
+
+_RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+Handler = Callable[[Handoff], object]
+
+
+class Receiver:
+    """Accepts handoffs in the calling thread; one thread per connection."""
+
+    def __init__(self, handler: Handler, options: Options | None = None) -> None:
+        self.handler = handler
+        self.options = options if options is not None else Options()
+        self.stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._live: set[Handoff | _SyncStream] = set()
+        self._threads: set[threading.Thread] = set()
+        limit = self.options.max_connections or DEFAULT_MAX_THREADS
+        self._slots = threading.BoundedSemaphore(limit)
+
+    # --- bookkeeping -------------------------------------------------------------------
+
+    def _track(self, item: Handoff | _SyncStream) -> None:
+        with self._lock:
+            self._live.add(item)
+
+    def _untrack(self, item: Handoff | _SyncStream) -> None:
+        with self._lock:
+            self._live.discard(item)
+
+    def access_log(self, prefix: str, sent: int, duration: float, why: str | None = None) -> None:
+        if not self.options.access_log or not access_logger.isEnabledFor(logging.INFO):
+            return
+        if why:
+            access_logger.info("%s %d %.3fs (%s)", prefix, sent, duration, why)
+        else:
+            access_logger.info("%s %d %.3fs", prefix, sent, duration)
+
+    def _spawn(self, target: Callable[..., None], *args: Any) -> None:
+        self._slots.acquire()
+
+        def run() -> None:
+            try:
+                target(*args)
+            finally:
+                with self._lock:
+                    self._threads.discard(thread)
+                self._slots.release()
+
+        thread = threading.Thread(target=run, daemon=True, name="fdhandoff-connection")
+        with self._lock:
+            self._threads.add(thread)
+        thread.start()
+
+    # --- accepting ---------------------------------------------------------------------
+
+    def serve(self, listeners: Iterable[socket.socket]) -> None:
+        """Accept until :attr:`stopping` is set, then shut down gracefully."""
+        socks = list(listeners)
+        with selectors.DefaultSelector() as sel:
+            for sock in socks:
+                sock.setblocking(False)
+                sel.register(sock, selectors.EVENT_READ)
+            while not self.stopping.is_set():
+                for key, _ in sel.select(0.2):
+                    self._accept(key.fileobj)  # type: ignore[arg-type]
+        for sock in socks:
+            sock.close()
+        self._shutdown()
+
+    def _accept(self, listener: socket.socket) -> None:
+        try:
+            conn, _ = listener.accept()
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            if exc.errno in _RESOURCE_ERRNOS:
+                log.warning(
+                    "accept failed: %s: pausing %.0f ms", exc.strerror, ACCEPT_BACKOFF * 1000
+                )
+                time.sleep(ACCEPT_BACKOFF)
+            elif exc.errno not in (errno.ECONNABORTED, errno.EINTR):
+                log.error("accept failed: %s", exc)
+            return
+        if not self._allowed(conn):
+            conn.close()
+            return
+        self._spawn(self._take, conn)
+
+    def _allowed(self, conn: socket.socket) -> bool:
+        uids, gids = self.options.allow_uids, self.options.allow_gids
+        if not uids and not gids:
+            return True
+        try:
+            cred = peer_credentials(conn)
+        except OSError as exc:
+            log.warning("refused handoff connection: SO_PEERCRED failed: %s", exc)
+            return False
+        if cred.uid in uids or cred.gid in gids:
+            return True
+        log.warning(
+            "refused handoff connection from pid %d uid %d gid %d "
+            "(not in --allow-uid/--allow-gid); its client connection is closed",
+            cred.pid,
+            cred.uid,
+            cred.gid,
+        )
+        return False
+
+    def _take(self, conn: socket.socket) -> None:
+        keep = False
+        try:
+            conn.setblocking(True)
+            reader = HandoffReader(conn.type)
+            got = self._receive(conn, reader, self.options.handoff_timeout)
+            if got is None:
+                return
+            record, client = got
+            if record.format is Format.BYTE:
+                self._spawn(self._run, record, client)
+                while not self.stopping.is_set():
+                    got = self._receive(conn, reader, None)
+                    if got is None:
+                        return
+                    self._spawn(self._run, *got)
+            elif record.format is Format.PLAIN_SCGI:
+                keep = True
+                self._run(record, conn)
+            else:
+                conn.close()  # "taken"
+                self._run(record, client)
+        finally:
+            if not keep:
+                conn.close()
+
+    def _receive(
+        self, conn: socket.socket, reader: HandoffReader, timeout: float | None
+    ) -> tuple[HandoffRecord, socket.socket] | None:
+        try:
+            return fdpass.recv_handoff(conn, reader, blocking=True, timeout=timeout)
+        except TimeoutError:
+            log.warning("UNIX connection sent no complete handoff within %.1f s; closed", timeout)
+        except (ProtocolError, FdPassError) as exc:
+            log.warning("invalid handoff: %s", exc)
+        except OSError as exc:
+            log.warning("reading a handoff failed: %s", exc)
+        return None
+
+    # --- running -----------------------------------------------------------------------------
+
+    def _run(self, record: HandoffRecord, sock: socket.socket) -> None:
+        try:
+            handoff = Handoff(record, sock, self)
+        except ProtocolError as exc:
+            log.warning("bad request description in handoff: %s", exc)
+            _reject(sock, exc.status_hint, record.format is Format.PLAIN_SCGI)
+            return
+        self._track(handoff)
+        why: str | None = None
+        try:
+            if handoff.ktls_rx_relay:
+                log.error(
+                    "%s: TLS handed over without kernel TLS receive offload (KTLS_RX=0); "
+                    "unsupported, answering 502",
+                    handoff.describe(),
+                )
+                handoff.respond(502, [("Content-Type", "text/plain")], b"TLS relay not supported\n")
+            else:
+                self.handler(handoff)
+        except ConnectionClosed as exc:
+            why = str(exc)
+        except ProtocolError as exc:
+            why = str(exc)
+            log.info("%s: %s", handoff.describe(), exc)
+            _answer_error(handoff, exc.status_hint)
+        except Exception:
+            why = "handler error"
+            log.exception("handler failed for %s", handoff.describe())
+            _answer_error(handoff, 500)
+        finally:
+            self._untrack(handoff)
+        self._complete(handoff, why)
+
+    def _complete(self, handoff: Handoff, why: str | None) -> None:
+        if handoff.phase is Phase.HANDED_OVER:
+            return
+        if handoff.phase is Phase.NEW and why is None:
+            log.error("handler returned without answering %s: 500", handoff.describe())
+            _answer_error(handoff, 500)
+        if handoff.phase is Phase.STREAMING and why is None:
+            why = "handler returned before ending its response"
+        if handoff.phase is Phase.DONE and why is None:
+            handoff.linger_close()
+        else:
+            handoff.socket.close()
+        self.access_log(
+            handoff.log_prefix(handoff.status or 0),
+            handoff.bytes_sent,
+            time.monotonic() - handoff.started,
+            why,
+        )
+
+    # --- stopping ------------------------------------------------------------------------------
+
+    def _shutdown(self) -> None:
+        grace = self.options.grace
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._threads and not self._live:
+                    return
+            time.sleep(0.05)
+        with self._lock:
+            live = list(self._live)
+        for item in live:
+            if isinstance(item, _SyncStream):
+                with contextlib.suppress(Exception):
+                    item.going_away()
+            else:
+                with contextlib.suppress(OSError):
+                    item.socket.shutdown(socket.SHUT_RDWR)  # unblocks its thread
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join(max(1.0, grace))
+
+
+def _reject(sock: socket.socket, status: int, cgi: bool) -> None:
+    extra = [] if cgi else [("Connection", "close")]
+    head = http.response_head(status, [("Content-Length", "0"), *extra], cgi=cgi)
+    try:
+        sock.settimeout(1.0)
+        sock.sendall(head)
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+def _answer_error(handoff: Handoff, status: int) -> None:
+    if handoff.phase is not Phase.NEW or handoff.socket.fileno() < 0:
+        return
+    body = f"{status} {http.reason(status)}\n".encode()
+    with contextlib.suppress(ConnectionClosed, OSError):
+        handoff.respond(status, [("Content-Type", "text/plain; charset=utf-8")], body)
+
+
+def serve(
+    handler: Handler,
+    listeners: Iterable[socket.socket],
+    options: Options | None = None,
+    *,
+    stop: threading.Event | None = None,
+) -> None:
+    """Serve until SIGTERM/SIGINT (main thread) or until ``stop`` is set."""
+    receiver = Receiver(handler, options)
+    if stop is not None:
+        receiver.stopping = stop
+    previous: dict[signal.Signals, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous[signum] = signal.signal(signum, lambda *_: receiver.stopping.set())
+    try:
+        receiver.serve(listeners)
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+

@@ -1,0 +1,179 @@
+"""The sync flavour: same names, blocking calls, one thread per connection."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.exceptions import ConnectionClosed as WsClosed
+from websockets.sync.client import connect
+
+from fdhandoff import scgi
+from fdhandoff.receiver import Options
+from fdhandoff.receiver.listeners import Bind
+from fdhandoff.receiver.sync import Channel, ConnectionClosed, Handoff, WebSocket
+from fdhandoff.websocket import Opcode, encode_frame
+from test_receiver_support import (
+    MiniFront,
+    SyncReceiverThread,
+    front_headers,
+    read_all,
+    read_until,
+    send_payload,
+    send_scgi,
+    split_response,
+    tcp_pair,
+)
+
+
+def echo(handoff: Handoff) -> None:
+    if handoff.path == "/raise":
+        raise RuntimeError("boom")
+    body = handoff.read_body()
+    answer = f"{handoff.format.value} ".encode() + body
+    handoff.respond(200, [("Content-Type", "text/plain")], answer)
+
+
+def test_respond_and_body_in_every_format(tmp_path: Path, no_fd_leak: None) -> None:
+    path = str(tmp_path / "r.sock")
+    seq = str(tmp_path / "a.sock")
+    with SyncReceiverThread(echo, [Bind(path), Bind(seq, socket.SOCK_SEQPACKET)]):
+        client, server_side = tcp_pair()
+        headers = front_headers("POST", "/p", [("Content-Length", "10")], b"01234")
+        send_scgi(path, headers, server_side, b"01234")
+        client.sendall(b"56789")
+        assert split_response(read_all(client))[2] == b"scgi 0123456789"
+        client.close()
+
+        client, server_side = tcp_pair()
+        send_payload(seq, b'{"x":1}', server_side)
+        assert split_response(read_all(client))[2] == b"payload "
+        client.close()
+
+        with socket.socket(socket.AF_UNIX) as conn:
+            conn.connect(path)
+            request = [("SCGI", "1"), ("REQUEST_METHOD", "POST"), ("REQUEST_URI", "/")]
+            conn.sendall(scgi.encode(request, b"abc"))
+            answer = read_all(conn)
+        assert answer.startswith(b"Status: 200 OK\r\n")
+        assert answer.endswith(b"plain-scgi abc")
+
+        client, server_side = tcp_pair()
+        send_scgi(path, front_headers("GET", "/raise"), server_side)
+        assert split_response(read_all(client))[0] == 500
+        client.close()
+
+
+def test_big_response_to_a_slow_reader(tmp_path: Path, no_fd_leak: None) -> None:
+    body = hashlib.sha256(b"x").digest() * (20 * 1024 * 1024 // 32)
+
+    def handler(handoff: Handoff) -> None:
+        handoff.respond(200, [], body)
+
+    path = str(tmp_path / "a.sock")
+    with SyncReceiverThread(handler, [Bind(path, socket.SOCK_SEQPACKET)]):
+        client, server_side = tcp_pair()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+        send_payload(path, b"", server_side)  # O_NONBLOCK fd, as Apache passes it
+        client.settimeout(30)
+        got = bytearray()
+        while data := client.recv(32 * 1024):
+            got += data
+            if len(got) % (4 * 1024 * 1024) < 32 * 1024:
+                time.sleep(0.1)
+        client.close()
+    assert split_response(bytes(got))[2] == body
+
+
+class SyncHub:
+    def __init__(self) -> None:
+        self.channel = Channel()
+        self.ready = threading.Semaphore(0)
+
+    def __call__(self, handoff: Handoff) -> None:
+        stream = handoff.sse()
+        self.channel.add(stream)
+        self.ready.release()
+
+
+def test_sse_channel_from_another_thread(tmp_path: Path, no_fd_leak: None) -> None:
+    hub = SyncHub()
+    path = str(tmp_path / "r.sock")
+    with SyncReceiverThread(hub, [Bind(path)]):
+        clients = []
+        for _ in range(5):
+            client, server_side = tcp_pair()
+            send_scgi(path, front_headers("GET", "/events"), server_side)
+            clients.append(client)
+        for _ in range(5):
+            assert hub.ready.acquire(timeout=10)
+        assert hub.channel.send("tick", event="t") == 5
+        for c in clients:
+            assert read_until(c, b"\n\n").endswith(b"event: t\ndata: tick\n\n")
+        clients[0].close()
+        time.sleep(0.2)
+        # The departed client is noticed when writing to it fails.
+        deadline = time.monotonic() + 10
+        while len(hub.channel) == 5 and time.monotonic() < deadline:
+            hub.channel.send("again")
+            time.sleep(0.05)
+        assert len(hub.channel) == 4
+        hub.channel.close()
+        for c in clients[1:]:
+            assert b"data: again" in read_all(c)
+            c.close()
+
+
+def ws_echo(handoff: Handoff) -> None:
+    ws = handoff.websocket()
+    for message in ws:
+        ws.send(message)
+
+
+def test_websocket_echo_and_bad_frame(tmp_path: Path, no_fd_leak: None) -> None:
+    path = str(tmp_path / "r.sock")
+    with SyncReceiverThread(ws_echo, [Bind(path)], Options(max_ws_message_size=1000)):
+        with MiniFront(path) as front:
+            with connect(f"ws://127.0.0.1:{front.port}/ws", open_timeout=10) as client:
+                client.send("hello")
+                assert client.recv(timeout=10) == "hello"
+                client.send(b"\x01\x02")
+                assert client.recv(timeout=10) == b"\x01\x02"
+            assert client.close_code == 1000
+        client_sock, server_side = tcp_pair()
+        send_scgi(path, front_headers("GET", "/", HANDOFF_UPGRADED="websocket"), server_side)
+        client_sock.sendall(encode_frame(Opcode.BINARY, b"x" * 2000, mask=b"abcd"))
+        rest = read_all(client_sock)
+        client_sock.close()
+        assert rest[:1] == b"\x88"
+        assert int.from_bytes(rest[2:4], "big") == 1009
+
+
+def test_websocket_closed_from_another_thread(tmp_path: Path, no_fd_leak: None) -> None:
+    sockets: list[WebSocket] = []
+    got: list[Any] = []
+
+    def handler(handoff: Handoff) -> None:
+        ws = handoff.websocket()
+        sockets.append(ws)
+        got.extend(ws)  # blocks until the connection ends
+
+    path = str(tmp_path / "r.sock")
+    with SyncReceiverThread(handler, [Bind(path)]), MiniFront(path) as front:
+        with connect(f"ws://127.0.0.1:{front.port}/ws", open_timeout=10) as client:
+            client.send("one")
+            deadline = time.monotonic() + 10
+            while not got and time.monotonic() < deadline:
+                time.sleep(0.02)
+            sockets[0].close(4001, "bye")  # from this thread, while the handler receives
+            with pytest.raises(WsClosed):
+                client.recv(timeout=10)
+        assert client.close_code == 4001
+        assert got == ["one"]
+        with pytest.raises(ConnectionClosed):
+            sockets[0].send("late")
