@@ -1,0 +1,1 @@
+"""The ``fdhandoff demo``: a front, the demo receivers and a small auth application."""
