@@ -10,6 +10,7 @@ needs, as one line of JSON.  The front then hands the client socket over.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from urllib.parse import parse_qs, urlsplit
 
 log = logging.getLogger("fdhandoff.demo.app")
 
-DEMO_TOKEN: Final = "demo-token"
+DEMO_TOKEN: Final = "demo-token"  # noqa: S105 - a public demo value, printed on start
 #: Bounds for the demo app's own reading: a head larger than this, or slower
 #: than this, is answered 431 / dropped; the app has no reason to wait longer.
 MAX_HEAD: Final = 16 * 1024
@@ -66,10 +67,8 @@ class AuthApp:
         else:
             reply = self.answer(parts[0].decode("latin-1"), parts[1].decode("latin-1"))
         writer.write(reply)
-        try:
+        with contextlib.suppress(ConnectionError):
             await writer.drain()
-        except ConnectionError:
-            pass
         writer.close()
 
     async def serve_unix(self, path: str) -> asyncio.Server:
