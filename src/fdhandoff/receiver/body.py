@@ -134,13 +134,26 @@ class BodyDecoder:
         return NEED_DATA
 
     def _line(self) -> bytes | None:
-        end = self._buf.find(b"\r\n", 0, MAX_CHUNK_LINE)
-        if end < 0:
-            if len(self._buf) >= MAX_CHUNK_LINE:
+        buf = self._buf
+        if self._state is _State.DATA_END:
+            # Exactly CRLF after chunk data, refused as soon as it is not.
+            if buf[:1] not in (b"", b"\r") or (len(buf) >= 2 and buf[:2] != b"\r\n"):
+                raise ProtocolError("chunk data not followed by CRLF")
+            if len(buf) < 2:
+                return None
+            del buf[:2]
+            return b""
+        lf = buf.find(b"\n", 0, MAX_CHUNK_LINE)
+        if lf < 0:
+            if len(buf) >= MAX_CHUNK_LINE:
                 raise ProtocolError("chunked body line too long")
             return None
-        line = bytes(self._buf[:end])
-        del self._buf[: end + 2]
+        if lf == 0 or buf[lf - 1] != 0x0D:
+            # RFC 9112 section 2.2 lets a recipient accept a bare LF; a strict
+            # one does not, so no two parsers can disagree about the framing.
+            raise ProtocolError("chunked body line not ended by CRLF")
+        line = bytes(buf[: lf - 1])
+        del buf[: lf + 1]
         return line
 
     def _on_line(self, state: _State, line: bytes) -> None:
