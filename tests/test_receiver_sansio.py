@@ -117,7 +117,10 @@ def test_plain_scgi_content_headers_and_cgi_fallbacks() -> None:
     [
         ([(b"REQUEST_URI", b"/")], 400),
         ([(b"REQUEST_METHOD", b"GET")], 400),
-        ([(b"REQUEST_METHOD", b"GET"), (b"REQUEST_URI", b"/"), (b"SERVER_PROTOCOL", b"HTTP/2")], 505),
+        (
+            [(b"REQUEST_METHOD", b"GET"), (b"REQUEST_URI", b"/"), (b"SERVER_PROTOCOL", b"HTTP/2")],
+            505,
+        ),
     ],
 )
 def test_unusable_descriptions(pairs: list[tuple[bytes, bytes]], status: int) -> None:

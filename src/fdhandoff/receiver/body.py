@@ -137,7 +137,7 @@ class BodyDecoder:
         buf = self._buf
         if self._state is _State.DATA_END:
             # Exactly CRLF after chunk data, refused as soon as it is not.
-            if buf[:1] not in (b"", b"\r") or (len(buf) >= 2 and buf[:2] != b"\r\n"):
+            if (buf and buf[0] != 0x0D) or (len(buf) >= 2 and buf[1] != 0x0A):
                 raise ProtocolError("chunk data not followed by CRLF")
             if len(buf) < 2:
                 return None
