@@ -93,7 +93,7 @@ class App(BaseHTTPRequestHandler):
         elif name.startswith("path="):
             self._answer(200, {"X-Socket-Handoff": name[5:].replace("%2F", "/")}, b"")
         elif name == "slow":
-            time.sleep(3)
+            time.sleep(1.5)
             self._answer(200, {}, b"late")
         elif name == "chunked":
             self.send_response(200)
@@ -111,7 +111,10 @@ class App(BaseHTTPRequestHandler):
 def app(sockdir: Path) -> Iterator[type[App]]:
     handler = type("TestApp", (App,), {"seen": [], "daemon_path": str(sockdir / "daemon.sock")})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
+    # server_close() waits for the handler threads, so none outlives the test
+    # holding a socket (the slow handler sleeps past the front's timeout).
+    server.daemon_threads = False
+    server.block_on_close = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     handler.port = server.server_address[1]  # type: ignore[attr-defined]

@@ -33,6 +33,7 @@ import logging
 import os
 import socket
 import stat
+from _socket import socket as Socket
 from typing import TYPE_CHECKING, Final
 
 from .. import aio
@@ -113,7 +114,7 @@ def check_handoff_path(value: bytes, allowed_prefix: str) -> str:
 
 async def serve_auth(
     front: Front,
-    client: socket.socket,
+    client: Socket,
     head: RequestHead,
     route: RouteConfig,
     req: Request,
@@ -122,6 +123,8 @@ async def serve_auth(
     server: Endpoint,
 ) -> None:
     """Run one auth-mode request to its end; the client is answered, relayed or handed off."""
+    # asyncio's socket verbs want a socket.socket (the hot path uses the C type).
+    client = socket.socket(client.family, client.type, client.proto, client.detach())
     exchange = _Exchange(front, client, head, route, req, peer=peer, server=server)
     try:
         await exchange.run()
@@ -348,7 +351,7 @@ class _Exchange:
         usock = self.front.connect_backend(path, sock_type, self.client, self.req)
         self.owned = False  # answered 503, or about to be handed off: the front's now
         if usock is not None:
-            self.front.send_handoff(self.client, usock, message, self.req)
+            self.front.handoffs.send(self.client, usock, message, self.req)
         await self._discard(response)
 
     async def _discard(self, response: ResponseHead) -> None:

@@ -47,22 +47,35 @@ class Endpoint(NamedTuple):
     port: bytes
 
 
+#: Header name as sent → its SCGI name (None: dropped for its "_").  Most
+#: requests repeat the same dozen names, so the transformation is done once
+#: per name, not per request; bounded so odd names cannot grow it forever.
+_NAMES: dict[bytes, bytes | None] = {}
+MAX_CACHED_NAMES: Final = 2048
+
+
+def _scgi_name(name: bytes) -> bytes | None:
+    scgi_name = None if b"_" in name else b"HTTP_" + name.upper().replace(b"-", b"_")
+    if len(_NAMES) < MAX_CACHED_NAMES:
+        _NAMES[name] = scgi_name
+    return scgi_name
+
+
 def _header_pairs(head: RequestHead) -> tuple[list[bytes], list[bytes]]:
     merged: dict[bytes, bytes] = {}
     dropped: list[bytes] = []
+    names = _NAMES
     for name, value in head.headers:
-        if b"_" in name:
+        key = names[name] if name in names else _scgi_name(name)
+        if key is None:
             dropped.append(name)
-            continue
-        key = b"HTTP_" + name.upper().replace(b"-", b"_")
-        previous = merged.get(key)
-        if previous is None:
-            merged[key] = value
+        elif key in merged:
+            merged[key] += (b"; " if key == _COOKIE else b", ") + value
         else:
-            merged[key] = previous + (b"; " if key == _COOKIE else b", ") + value
+            merged[key] = value
     parts: list[bytes] = []
-    for key, value in merged.items():
-        parts += (key, value)
+    for item in merged.items():
+        parts += item
     return parts, dropped
 
 
@@ -78,31 +91,33 @@ def describe(
     already_read: bytes = b"",
 ) -> tuple[bytes, list[bytes]]:
     """The SCGI message (netstring + ``already_read``) and the header names dropped."""
-    parts = [b"CONTENT_LENGTH", b"%d" % len(already_read), b"SCGI", b"1"]
-    if https:
-        parts += (b"HTTPS", b"on")
-    parts += (
+    parts = [
+        b"CONTENT_LENGTH",
+        b"%d" % len(already_read),
+        b"SCGI",
+        b"1",
+        *((b"HTTPS", b"on") if https else ()),
         b"REMOTE_ADDR",
-        remote.addr,
+        remote[0],
         b"REMOTE_PORT",
-        remote.port,
+        remote[1],
         b"REQUEST_METHOD",
         head.method,
         b"REQUEST_URI",
         head.target,
         b"SERVER_ADDR",
-        server.addr,
+        server[0],
         b"SERVER_PORT",
-        server.port,
+        server[1],
         b"QUERY_STRING",
         head.query,
         b"SERVER_PROTOCOL",
-        b"HTTP/" + head.version,
+        b"HTTP/1.1" if head.version == b"1.1" else b"HTTP/" + head.version,
         b"SERVER_NAME",
-        head.host or server.addr,
+        head.host or server[0],
         b"HANDOFF_ROUTE",
         route,
-    )
+    ]
     if upgraded is not None:
         parts += (b"HANDOFF_UPGRADED", upgraded)
     if handoff_data is not None:

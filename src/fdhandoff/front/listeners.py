@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import _socket
 import contextlib
 import errno
 import logging
 import os
 import socket
 import stat
-from dataclasses import dataclass
-from typing import Final
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final
 
 from ..errors import ConfigError
 from .config import Address
@@ -40,6 +42,13 @@ class Listener:
     is_unix: bool
     #: (st_dev, st_ino) of the socket file we created, so only ours is removed.
     inode: tuple[int, int] | None = None
+    #: accept4(2) returning (fd, address): the C method under socket.accept().
+    accept: Callable[[], tuple[int, Any]] = field(init=False)
+    family: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.accept = self.sock._accept  # type: ignore[attr-defined]
+        self.family = int(self.sock.family)
 
 
 def _remove_stale_unix_socket(path: str) -> None:
@@ -128,7 +137,7 @@ def peer_endpoint(listener: Listener, addr: object) -> Endpoint:
     return Endpoint(addr[0].encode("ascii"), b"%d" % addr[1])
 
 
-def server_endpoint(listener: Listener, sock: socket.socket) -> Endpoint:
+def server_endpoint(listener: Listener, sock: _socket.socket) -> Endpoint:
     """SERVER_ADDR / SERVER_PORT: fixed per listener unless it is a wildcard."""
     if listener.server is not None:
         return listener.server

@@ -27,25 +27,24 @@ the connection: the client gets 503 (or a WebSocket close 1013 after a 101).
 
 from __future__ import annotations
 
-import array
 import asyncio
 import errno
-import fcntl
 import logging
 import signal
 import socket
-import termios
 import time
+from _socket import socket as Socket  # the C socket type, see _on_accept
 from typing import Final, TypeVar
 
-from .. import fdpass, websocket
-from ..errors import FdPassError, ProtocolError
+from .. import websocket
+from ..errors import ProtocolError
 from ..httphead import HEAD_END, RequestHead, incomplete_head_error, parse_head
 from ..routing import Router, normalize_path
 from .accesslog import AccessLog
 from .auth import serve_auth
 from .config import FrontConfig, Mode, RouteConfig
 from .describe import Endpoint, describe
+from .handoff import Handoffs, InFlight
 from .listeners import (
     Listener,
     close_listener,
@@ -89,8 +88,14 @@ _LINGER_READ: Final = 64 * 1024
 #: (RFC 6455 §7.4 registry: 1013 Try Again Later).
 WS_TRY_AGAIN: Final = 1013
 
-_PEEK: Final = socket.MSG_PEEK | socket.MSG_DONTWAIT
-_NOWAIT: Final = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
+# Plain ints: the socket module's IntEnum/IntFlag operators cost more than
+# the rest of what is done with them on the hot path.
+_PEEK: Final = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
+_STREAM: Final = int(socket.SOCK_STREAM)
+_AF_UNIX: Final = int(socket.AF_UNIX)
+_NONBLOCK: Final = int(socket.SOCK_NONBLOCK)
+_NOWAIT: Final = int(socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+_DONTWAIT: Final = int(socket.MSG_DONTWAIT)
 _ACCEPT_PAUSE_ERRNOS: Final = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 _BACKEND_REASONS: Final = {
     errno.ENOENT: "socket file missing",
@@ -103,20 +108,6 @@ _BACKEND_REASONS: Final = {
 }
 
 
-def _unsent_bytes(sock: socket.socket) -> int:
-    """Bytes sent on a UNIX socket that the peer has not read yet (SIOCOUTQ, unix(7))."""
-    count = array.array("i", [0])
-    fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, count)
-    return count[0]
-
-
-def _send_failure(exc: OSError) -> str:
-    if exc.errno in (errno.EPIPE, errno.ECONNRESET):
-        # The receiver accepted and closed before our sendmsg: nothing was taken.
-        return f"receiver closed without taking the connection ({exc.strerror}, before sending)"
-    return f"sending the handoff failed: {exc}"
-
-
 def _close_frame(code: int, reason: bytes) -> bytes:
     # RFC 6455 §5.5.1: server frames are unmasked; payload = code + reason (< 126).
     payload = code.to_bytes(2, "big") + reason[:123]
@@ -126,7 +117,7 @@ def _close_frame(code: int, reason: bytes) -> bytes:
 class Request:
     """What the access log needs about one request while it is in flight."""
 
-    __slots__ = ("client", "method", "route", "start", "target")
+    __slots__ = ("client", "method", "route", "start", "target", "upgraded")
 
     def __init__(self, client: str, start: float) -> None:
         self.client = client
@@ -134,6 +125,7 @@ class Request:
         self.method = b""
         self.target = b""
         self.route: str | None = None
+        self.upgraded = False  # a 101 went out: failures become a WebSocket close
 
 
 class _Pending:
@@ -141,7 +133,7 @@ class _Pending:
 
     __slots__ = ("addr", "buf", "fd", "listener", "sock", "start")
 
-    def __init__(self, sock: socket.socket, addr: object, listener: Listener, start: float):
+    def __init__(self, sock: Socket, addr: object, listener: Listener, start: float):
         self.sock = sock
         self.fd = sock.fileno()
         self.addr = addr
@@ -150,27 +142,10 @@ class _Pending:
         self.start = start
 
 
-class _Ack:
-    """A handoff sent (or being sent), waiting for the receiver to take it."""
-
-    __slots__ = ("client", "fd", "fd_pending", "req", "rest", "usock", "websocket")
-
-    def __init__(
-        self, client: socket.socket, usock: socket.socket, req: Request, websocket: bool
-    ) -> None:
-        self.client = client
-        self.usock = usock
-        self.fd = usock.fileno()
-        self.req = req
-        self.websocket = websocket
-        self.rest: memoryview | None = None
-        self.fd_pending = False
-
-
 class _Linger:
     __slots__ = ("budget", "fd", "sock")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: Socket) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.budget = LINGER_MAX_BYTES
@@ -204,7 +179,7 @@ class Front:
         self._buf = bytearray(self.head_limits.max_head_size)
         self._max_head = self.head_limits.max_head_size
         self._pending: dict[_Pending, float] = {}
-        self._acks: dict[_Ack, float] = {}
+        self._handoffs: Handoffs | None = None
         self._lingering: dict[_Linger, float] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -230,6 +205,11 @@ class Front:
             raise
 
     @property
+    def handoffs(self) -> Handoffs:
+        assert self._handoffs is not None, "the front is not running"
+        return self._handoffs
+
+    @property
     def loop(self) -> asyncio.AbstractEventLoop:
         assert self._loop is not None, "the front is not running"
         return self._loop
@@ -242,6 +222,9 @@ class Front:
             self.open()
         for signum in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(signum, self.stop)
+        self._handoffs = Handoffs(
+            self.loop, self.timeouts.handoff, taken=self._handoff_taken, failed=self._handoff_failed
+        )
         self._resume_accepting()
         self._tick_handle = self.loop.call_later(TICK, self._tick)
         labels = ", ".join(listener.label for listener in self.listeners)
@@ -254,6 +237,7 @@ class Front:
                 self.loop.remove_signal_handler(signum)
             if self._tick_handle is not None:
                 self._tick_handle.cancel()
+            self.handoffs.close()
             self.access.close()
         return 0
 
@@ -263,7 +247,8 @@ class Front:
             self._stop_event.set()
 
     def in_flight(self) -> int:
-        return len(self._pending) + len(self._acks) + len(self._lingering) + len(self.tasks)
+        handoffs = len(self._handoffs) if self._handoffs is not None else 0
+        return len(self._pending) + handoffs + len(self._lingering) + len(self.tasks)
 
     async def _shutdown(self) -> None:
         self._stopping = True
@@ -289,8 +274,7 @@ class Front:
         for pending in list(self._pending):
             self._drop_pending(pending)
             pending.sock.close()
-        for ack in list(self._acks):
-            self._ack_expired(ack)
+        self.handoffs.settle_all()
         for linger in list(self._lingering):
             self._end_linger(linger)
         log.info("stopped")
@@ -313,15 +297,23 @@ class Front:
         self._accepting = False
 
     def _on_accept(self, listener: Listener) -> None:
-        accept = listener.sock.accept
+        # The raw accept and the C socket type, not socket.socket.accept():
+        # its wrapper (enum conversions of family and type, a Python
+        # __init__, a Python close) costs several µs per connection, on a
+        # path that does nothing else for most requests.  Every method used
+        # on a client (recv_into, recv, send, shutdown, close, fileno) is the
+        # C type's own.
+        accept = listener.accept
+        family = listener.family
         for _ in range(ACCEPT_BATCH):
             try:
-                sock, addr = accept()
+                fd, addr = accept()
             except BlockingIOError:
                 return
             except OSError as exc:
                 self._accept_failed(listener, exc)
                 return
+            sock = Socket(family, _STREAM, 0, fd)
             try:
                 self._start(sock, addr, listener)
             except Exception:  # never let one connection take the loop down
@@ -344,7 +336,7 @@ class Front:
 
     # --- reading the head -----------------------------------------------------------------
 
-    def _start(self, sock: socket.socket, addr: object, listener: Listener) -> None:
+    def _start(self, sock: Socket, addr: object, listener: Listener) -> None:
         start = time.monotonic()
         buf = self._buf
         try:
@@ -369,10 +361,10 @@ class Front:
         self._pending[pending] = start + self.timeouts.head
 
     def _take_head(
-        self, sock: socket.socket, length: int, addr: object, listener: Listener, start: float
+        self, sock: Socket, length: int, addr: object, listener: Listener, start: float
     ) -> None:
         try:
-            head = sock.recv(length, socket.MSG_DONTWAIT)
+            head = sock.recv(length, _DONTWAIT)
         except OSError:
             head = b""
         if len(head) != length:  # the peeked bytes are ours: only a reset loses them
@@ -409,7 +401,7 @@ class Front:
             end += 4
             self._drop_pending(pending)
             try:
-                rest = sock.recv(end - before, socket.MSG_DONTWAIT)
+                rest = sock.recv(end - before, _DONTWAIT)
             except OSError:
                 rest = b""
             if len(rest) != end - before:
@@ -420,7 +412,7 @@ class Front:
             )
             return False
         try:  # every peeked byte is head: consume it so the socket stops being readable
-            taken = sock.recv(n, socket.MSG_DONTWAIT)
+            taken = sock.recv(n, _DONTWAIT)
         except OSError:
             taken = b""
         if len(taken) != n:
@@ -444,7 +436,7 @@ class Front:
     # --- dispatch ---------------------------------------------------------------------------
 
     def _dispatch(
-        self, sock: socket.socket, raw: bytes, addr: object, listener: Listener, start: float
+        self, sock: Socket, raw: bytes, addr: object, listener: Listener, start: float
     ) -> None:
         req = Request(_client_label(listener, addr), start)
         try:
@@ -480,7 +472,7 @@ class Front:
 
     def _pass(
         self,
-        sock: socket.socket,
+        sock: Socket,
         head: RequestHead,
         route: RouteConfig,
         req: Request,
@@ -498,11 +490,11 @@ class Front:
             self._log_dropped(req, dropped)
         usock = self.connect_backend(route.backend, socket.SOCK_STREAM, sock, req)
         if usock is not None:
-            self.send_handoff(sock, usock, message, req)
+            self.handoffs.send(sock, usock, message, req)
 
     def _websocket(
         self,
-        sock: socket.socket,
+        sock: Socket,
         head: RequestHead,
         route: RouteConfig,
         req: Request,
@@ -540,7 +532,8 @@ class Front:
             sock.close()
             self.log_request(req, 'closed "client gone before the 101 was sent"')
             return
-        self.send_handoff(sock, usock, message, req, websocket=True)
+        req.upgraded = True
+        self.handoffs.send(sock, usock, message, req)
 
     # --- handing off ----------------------------------------------------------------------
 
@@ -548,133 +541,46 @@ class Front:
         self,
         path: str,
         sock_type: int,
-        client: socket.socket,
+        client: Socket,
         req: Request,
-        *,
-        websocket: bool = False,
-    ) -> socket.socket | None:
+    ) -> Socket | None:
         """A new non-blocking UNIX connection to ``path``; on failure answer 503, None."""
         try:
-            usock = socket.socket(socket.AF_UNIX, sock_type | socket.SOCK_NONBLOCK)
+            usock = Socket(_AF_UNIX, sock_type | _NONBLOCK)
         except OSError as exc:
-            self._handoff_refused(client, req, path, exc, websocket)
+            self._handoff_refused(client, req, path, exc)
             return None
         try:
             # Non-blocking: a full backlog is EAGAIN at once (unix(7)), never a wait.
             usock.connect(path)
         except OSError as exc:
             usock.close()
-            self._handoff_refused(client, req, path, exc, websocket)
+            self._handoff_refused(client, req, path, exc)
             return None
         return usock
 
-    def _handoff_refused(
-        self, client: socket.socket, req: Request, path: str, exc: OSError, ws: bool
-    ) -> None:
+    def _handoff_refused(self, client: Socket, req: Request, path: str, exc: OSError) -> None:
         reason = _BACKEND_REASONS.get(exc.errno or 0, exc.strerror or str(exc))
         text = f"backend {path}: {reason}"
         log.warning("%s %s: 503 %s", req.client, req.target.decode("ascii", "replace"), text)
-        self.fail_client(client, req, 503, text, ws)
+        self.fail_client(client, req, 503, text, req.upgraded)
 
-    def send_handoff(
-        self,
-        client: socket.socket,
-        usock: socket.socket,
-        message: bytes,
-        req: Request,
-        *,
-        websocket: bool = False,
-    ) -> None:
-        """One sendmsg of ``message`` with the client fd, then wait until it is taken."""
-        ack = _Ack(client, usock, req, websocket)
-        try:
-            sent = fdpass.send_fd_nowait(usock, message, client.fileno())
-        except BlockingIOError:
-            sent = 0
-        except (OSError, FdPassError) as exc:
-            self._handoff_failed(ack, _send_failure(exc), register=False)
-            return
-        self._acks[ack] = time.monotonic() + self.timeouts.handoff
-        if sent == len(message):
-            self.loop.add_reader(ack.fd, self._on_ack, ack)
-            return
-        # The UNIX socket buffer is full (a receiver that is not reading):
-        # finish the message when it drains, the fd only with its first byte.
-        ack.rest = memoryview(message)[sent:]
-        ack.fd_pending = sent == 0
-        self.loop.add_writer(ack.fd, self._on_ack_writable, ack)
+    def _handoff_taken(self, flight: InFlight) -> None:
+        req = flight.context
+        assert isinstance(req, Request)
+        if self.access.enabled:
+            self.log_request(req, "101 handed-off" if req.upgraded else "handed-off")
 
-    def _on_ack_writable(self, ack: _Ack) -> None:
-        assert ack.rest is not None
-        try:
-            sent = fdpass.send_fd_nowait(
-                ack.usock, ack.rest, ack.client.fileno() if ack.fd_pending else None
-            )
-        except BlockingIOError:
-            return
-        except (OSError, FdPassError) as exc:
-            self.loop.remove_writer(ack.fd)
-            self._handoff_failed(ack, _send_failure(exc))
-            return
-        ack.fd_pending = False
-        ack.rest = ack.rest[sent:]
-        if not ack.rest:
-            ack.rest = None
-            self.loop.remove_writer(ack.fd)
-            self.loop.add_reader(ack.fd, self._on_ack, ack)
-
-    def _on_ack(self, ack: _Ack) -> None:
-        try:
-            data = ack.usock.recv(256)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            self.loop.remove_reader(ack.fd)
-            # ECONNRESET: the receiver closed with our message unread (unix(7)).
-            self._handoff_failed(
-                ack, f"receiver closed without taking the connection ({exc.strerror})"
-            )
-            return
-        if data:
-            return  # the protocol has no reply; only the close counts
-        self.loop.remove_reader(ack.fd)
-        self._handoff_taken(ack)
-
-    def _handoff_taken(self, ack: _Ack) -> None:
-        del self._acks[ack]
-        ack.client.close()
-        ack.usock.close()
-        self.log_request(ack.req, "101 handed-off" if ack.websocket else "handed-off")
-
-    def _ack_expired(self, ack: _Ack) -> None:
-        """The handoff timeout: taken if the receiver read it, else failed."""
-        if ack.rest is not None:
-            self.loop.remove_writer(ack.fd)
-        else:
-            self.loop.remove_reader(ack.fd)
-        try:
-            unread = ack.rest is not None or _unsent_bytes(ack.usock) > 0
-        except OSError:
-            unread = True
-        if not unread:
-            # The receiver read the handoff but keeps its end open: it has the fd.
-            self._handoff_taken(ack)
-            return
-        self._handoff_failed(
-            ack, f"receiver did not take the connection within {self.timeouts.handoff:g} s"
-        )
-
-    def _handoff_failed(self, ack: _Ack, why: str, *, register: bool = True) -> None:
-        if register:
-            del self._acks[ack]
-        ack.usock.close()
-        log.warning("%s %s: 503 %s", ack.req.client, ack.req.target.decode("ascii", "replace"), why)
-        self.fail_client(ack.client, ack.req, 503, why, ack.websocket)
+    def _handoff_failed(self, flight: InFlight, why: str) -> None:
+        req = flight.context
+        assert isinstance(req, Request)
+        log.warning("%s %s: 503 %s", req.client, req.target.decode("ascii", "replace"), why)
+        self.fail_client(flight.client, req, 503, why, req.upgraded)
 
     # --- answering ------------------------------------------------------------------------
 
     def fail_client(
-        self, client: socket.socket, req: Request, status: int, text: str, upgraded: bool
+        self, client: Socket, req: Request, status: int, text: str, upgraded: bool
     ) -> None:
         """Answer ``status``; after a 101 that is a WebSocket close 1013 instead."""
         if not upgraded:
@@ -683,12 +589,12 @@ class Front:
         self.log_request(req, f'101 closed-1013 "{text}"')
         self.send_and_linger(client, _close_frame(WS_TRY_AGAIN, b"backend unavailable"))
 
-    def reject(self, sock: socket.socket, req: Request, status: int, text: str) -> None:
+    def reject(self, sock: Socket, req: Request, status: int, text: str) -> None:
         """Answer the client with an error of the front's own and close (lingering)."""
         self.log_request(req, f'{status} "{text}"')
         self.send_and_linger(sock, error_response(status, text))
 
-    def send_and_linger(self, sock: socket.socket, data: bytes) -> None:
+    def send_and_linger(self, sock: Socket, data: bytes) -> None:
         """Send a final answer, then read and drop what the client still sends until
         it closes (bounded in bytes and time), so our answer is not lost to an RST."""
         try:
@@ -703,7 +609,7 @@ class Front:
 
     def _on_linger(self, linger: _Linger) -> None:
         try:
-            data = linger.sock.recv(_LINGER_READ, socket.MSG_DONTWAIT)
+            data = linger.sock.recv(_LINGER_READ, _DONTWAIT)
         except BlockingIOError:
             return
         except OSError:
@@ -731,8 +637,7 @@ class Front:
                 408,
                 f"request head not complete within {self.timeouts.head:g} s",
             )
-        for ack in _expired(self._acks, now):
-            self._ack_expired(ack)
+        self.handoffs.expire(now)
         for linger in _expired(self._lingering, now):
             self._end_linger(linger)
         self.access.flush()

@@ -1,0 +1,256 @@
+"""Requests per second and latency: fdhandoff front + receiver vs nginx → uvicorn vs uvicorn.
+
+A tiny GET, a new connection per request, the load client on the same
+machine (bench/_common.py: a Python epoll client in N processes).  All
+servers run at once and are measured in turns within each repeat (the order
+rotates), so machine noise spreads over all of them; medians over repeats.
+
+* fdhandoff: ``fdhandoff front`` (pass mode) → the minimal receiver of
+  bench/_common.py (fdhandoff.fdpass), which answers a fixed 200.
+* nginx → uvicorn: Debian nginx, 1 worker, ``proxy_pass`` with upstream
+  keep-alive (its best case), to the same uvicorn.
+* uvicorn: uvloop + httptools, the same ASGI app answering directly.
+
+Access logs are off everywhere (``log.access = "off"``, ``access_log off``,
+``--no-access-log``); ``--front-access-log`` adds a row with the front's
+access log on (to a file).
+
+Throughput: ``--conns`` concurrent connections per load process for
+``--seconds``.  Latency: one connection at a time (no queueing) for
+``--latency-seconds``.  CPU per request: utime + stime of the server
+processes (/proc/PID/stat) over the throughput run, divided by requests.
+
+Run: ``.venv/bin/python bench/handoff_rate.py`` (about two minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as c
+
+
+@dataclass
+class Target:
+    name: str
+    port: int
+    pids: list[int]
+    rates: list[float] = field(default_factory=list)
+    cpu_us: list[float] = field(default_factory=list)
+    p50: list[float] = field(default_factory=list)
+    p99: list[float] = field(default_factory=list)
+    errors: int = 0
+
+
+NGINX_CONF = """
+daemon off;
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/client_body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    upstream app {{ server 127.0.0.1:{upstream}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+"""
+
+
+def front_config(tmp: Path, port: int, receiver: str, access: str) -> Path:
+    path = tmp / f"front-{port}.toml"
+    path.write_text(
+        f'[[listen]]\naddress = "127.0.0.1:{port}"\nbacklog = 4096\n'
+        f'[[route]]\nprefix = "/"\nbackend = "unix:{receiver}"\n'
+        f'[log]\naccess = "{access}"\n'
+    )
+    return path
+
+
+def start_all(stack: ExitStack, tmp: Path, args: argparse.Namespace) -> list[Target]:
+    env = c.python_env()
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "env": env}
+    receiver_path = str(tmp / "receiver.sock")
+    receiver = stack.enter_context(
+        c.started(
+            [sys.executable, str(c.ROOT / "bench" / "_common.py"), "receiver", receiver_path],
+            **quiet,
+        )
+    )
+    c.wait_path(receiver_path)
+    targets = []
+    port = c.free_port()
+    front = stack.enter_context(
+        c.started(
+            [
+                sys.executable,
+                "-m",
+                "fdhandoff",
+                "front",
+                "--config",
+                str(front_config(tmp, port, receiver_path, "off")),
+            ],
+            **quiet,
+        )
+    )
+    c.wait_port(port)
+    targets.append(Target("fdhandoff", port, [front.pid, receiver.pid]))
+    if args.front_access_log:
+        port = c.free_port()
+        logged = stack.enter_context(
+            c.started(
+                [
+                    sys.executable,
+                    "-m",
+                    "fdhandoff",
+                    "front",
+                    "--config",
+                    str(front_config(tmp, port, receiver_path, str(tmp / "access.log"))),
+                ],
+                **quiet,
+            )
+        )
+        c.wait_port(port)
+        targets.append(Target("fdhandoff+accesslog", port, [logged.pid, receiver.pid]))
+    upstream = c.free_port()
+    uvicorn = stack.enter_context(
+        c.started(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "_common:asgi_app",
+                "--app-dir",
+                str(c.ROOT / "bench"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(upstream),
+                "--no-access-log",
+                "--log-level",
+                "warning",
+                "--loop",
+                "uvloop",
+                "--http",
+                "httptools",
+                "--backlog",
+                "4096",
+            ],
+            **quiet,
+        )
+    )
+    c.wait_port(upstream)
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    if os.path.exists(nginx) and not args.no_nginx:
+        port = c.free_port()
+        (tmp / "nginx.conf").write_text(NGINX_CONF.format(tmp=tmp, port=port, upstream=upstream))
+        proc = stack.enter_context(
+            c.started([nginx, "-p", str(tmp), "-c", str(tmp / "nginx.conf")], **quiet)
+        )
+        c.wait_port(port)
+        time.sleep(0.3)
+        targets.append(
+            Target("nginx->uvicorn", port, [proc.pid, *c.children(proc.pid), uvicorn.pid])
+        )
+    else:
+        print("nginx not found: skipping nginx -> uvicorn", file=sys.stderr)
+    targets.append(Target("uvicorn", upstream, [uvicorn.pid]))
+    return targets
+
+
+def measure(target: Target, args: argparse.Namespace) -> None:
+    cpu_before = c.cpu_seconds(target.pids)
+    result = c.load(
+        "127.0.0.1", target.port, processes=args.procs, conns=args.conns, seconds=args.seconds
+    )
+    cpu = c.cpu_seconds(target.pids) - cpu_before
+    target.rates.append(result.rate)
+    target.cpu_us.append(cpu / max(1, result.requests) * 1e6)
+    target.errors += result.errors
+    latency = c.load("127.0.0.1", target.port, processes=1, conns=1, seconds=args.latency_seconds)
+    target.p50.append(c.percentile(latency.latencies_us, 0.50))
+    target.p99.append(c.percentile(latency.latencies_us, 0.99))
+    target.errors += latency.errors
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--latency-seconds", type=float, default=2.0)
+    parser.add_argument("--procs", type=int, default=1, help="load client processes")
+    parser.add_argument("--conns", type=int, default=8, help="connections per load process")
+    parser.add_argument("--front-access-log", action="store_true")
+    parser.add_argument("--no-nginx", action="store_true")
+    args = parser.parse_args()
+    print(f"machine: {c.machine()}")
+    print(
+        f"load: {args.procs} process(es) x {args.conns} connections, {args.seconds:g} s per "
+        f"run; latency: 1 connection, {args.latency_seconds:g} s; {args.repeats} repeats"
+    )
+    with tempfile.TemporaryDirectory(prefix="fdh-bench-") as tmp_name, ExitStack() as stack:
+        targets = start_all(stack, Path(tmp_name), args)
+        for target in targets:  # warm up: imports, caches, first-connection costs
+            c.load("127.0.0.1", target.port, processes=1, conns=2, seconds=0.5)
+        for repeat in range(args.repeats):
+            order = targets[repeat % len(targets) :] + targets[: repeat % len(targets)]
+            for target in order:
+                measure(target, args)
+            print(
+                f"repeat {repeat + 1}/{args.repeats}: "
+                + ", ".join(f"{t.name} {t.rates[-1]:.0f}/s" for t in targets),
+                flush=True,
+            )
+    print()
+    print(f"{'server':<22}{'req/s':>9}{'CPU us/req':>12}{'p50 us':>9}{'p99 us':>9}{'errors':>8}")
+    for t in targets:
+        print(
+            f"{t.name:<22}{c.median(t.rates):>9.0f}{c.median(t.cpu_us):>12.1f}"
+            f"{c.median(t.p50):>9.0f}{c.median(t.p99):>9.0f}{t.errors:>8}"
+        )
+    by_name = {t.name: t for t in targets}
+    front = by_name["fdhandoff"]
+    print()
+    for t in targets:
+        print(
+            f"RESULT {t.name}_rps={c.median(t.rates):.0f} {t.name}_cpu_us={c.median(t.cpu_us):.1f} "
+            f"{t.name}_p50_us={c.median(t.p50):.0f} {t.name}_p99_us={c.median(t.p99):.0f}"
+        )
+    if "nginx->uvicorn" in by_name:
+        pair = by_name["nginx->uvicorn"]
+        print(
+            f"RESULT rps_ratio_vs_nginx_uvicorn={c.median(front.rates) / c.median(pair.rates):.2f}"
+            f" cpu_ratio_vs_nginx_uvicorn={c.median(front.cpu_us) / c.median(pair.cpu_us):.2f}"
+        )
+    uvicorn = by_name["uvicorn"]
+    print(
+        f"RESULT rps_ratio_vs_uvicorn={c.median(front.rates) / c.median(uvicorn.rates):.2f} "
+        f"p50_minus_uvicorn_us={c.median(front.p50) - c.median(uvicorn.p50):.0f}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
