@@ -40,6 +40,10 @@ RESPONSE = (
     b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 3\r\n"
     b"Connection: close\r\n\r\n" + BODY
 )
+#: What the holding receiver sends before keeping a connection open forever.
+STREAM_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n\r\n"
+)
 REQUEST = (
     b"GET /bench?x=1 HTTP/1.1\r\nHost: bench\r\nUser-Agent: bench\r\nConnection: close\r\n\r\n"
 )
@@ -116,7 +120,9 @@ def run_receiver(path: str, *, hold: bool = False, seconds: float = 3600.0) -> N
             data += more
         conn.close()  # taken
         if client is not None:
-            if hold:
+            if hold:  # an event stream that never sends an event
+                with contextlib.suppress(OSError):
+                    client.send(STREAM_HEAD)
                 held.append(client)
             else:
                 with contextlib.suppress(OSError):
