@@ -6,7 +6,7 @@ Three processes, all real sockets:
 * a sender (this process, one thread): accepts TCP clients, reads each
   request head and hands the connection over in the fdhandoff front's SCGI
   format, waiting for the receiver's "taken" close like the front does;
-* a load client (a subprocess): opens N connections from 127.0.0.x source
+* a load client (a subprocess): opens N connections from 127.0.x.y source
   addresses, sends a request (an SSE GET or a WebSocket upgrade), reads the
   response head, then keeps every connection open and silent.
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import base64
 import os
+import random
 import signal
 import socket
 import statistics
@@ -41,6 +42,9 @@ KINDS = ("sse", "websocket", "asgi-sse", "asgi-websocket")
 #: Source addresses are spread so no (source, destination) pair runs out of
 #: ephemeral ports (~28k per pair on Linux).
 PER_SOURCE = 20_000
+
+#: Linux's IP_BIND_ADDRESS_NO_PORT (ip(7)), not exported by every Python.
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 
 # --- handlers the receiver loads (``idle_memory:sse`` ...) ----------------------------------
 
@@ -191,6 +195,11 @@ def _request(kind: str) -> bytes:
     return b"GET /events HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\n\r\n"
 
 
+def source_address(n: int) -> str:
+    """The n-th loopback source address: 127.0.<n // 250>.<2 + n % 250>."""
+    return f"127.0.{n // 250}.{2 + n % 250}"
+
+
 def client_main(port: int, count: int, kind: str, first_source: int) -> None:
     """Open ``count`` connections, send the request, await the response head, idle."""
     request = _request(kind)
@@ -198,7 +207,10 @@ def client_main(port: int, count: int, kind: str, first_source: int) -> None:
     socks = []
     for i in range(count):
         s = socket.socket()
-        s.bind((f"127.0.0.{first_source + i // PER_SOURCE}", 0))
+        # Pick the port at connect time: bind(addr, 0) searches the whole
+        # port range for every socket, which gets slow with thousands bound.
+        s.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        s.bind((source_address(first_source + i // PER_SOURCE), 0))
         s.connect(("127.0.0.1", port))
         s.sendall(request)
         socks.append(s)
@@ -244,7 +256,9 @@ def start_receiver(
 
 def start_clients(port: int, n: int, kind: str, per_process: int) -> list[subprocess.Popen[str]]:
     clients = []
-    source = 2
+    # A fresh range of source addresses per run: the previous run's closed
+    # connections sit in TIME_WAIT on their (address, port) pairs.
+    source = random.randrange(0, 250 * 200)
     for start in range(0, n, per_process):
         count = min(per_process, n - start)
         clients.append(
@@ -327,9 +341,7 @@ def main() -> None:
     print(f"{args.kind}: {args.connections} idle connections, {args.runs} runs, {args.loop}")
     figures = [one_run(args.kind, args.connections, args.loop) for _ in range(args.runs)]
     median = statistics.median(figures)
-    print(
-        f"RESULT kind={args.kind} connections={args.connections} kib_per_conn={median:.3f}"
-    )
+    print(f"RESULT kind={args.kind} connections={args.connections} kib_per_conn={median:.3f}")
 
 
 if __name__ == "__main__":
