@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from idle_memory import (  # noqa: E402 - the bench directory is not a package
+from idle_memory import (
     rss_kib,
     sender,
     start_clients,
