@@ -30,12 +30,11 @@ import asyncio
 import errno
 import fcntl
 import select
-import socket
 import termios
 import time
 from _socket import socket as Socket
 from collections.abc import Callable
-from typing import Final, cast
+from typing import Any, Final
 
 from .. import fdpass
 from ..errors import FdPassError
@@ -67,7 +66,7 @@ class InFlight:
 
     __slots__ = ("client", "context", "deadline", "fd", "fd_pending", "rest", "usock")
 
-    def __init__(self, client: Socket, usock: Socket, context: object, deadline: float) -> None:
+    def __init__(self, client: Socket, usock: Socket, context: Any, deadline: float) -> None:
         self.client = client
         self.usock = usock
         self.fd = usock.fileno()
@@ -110,11 +109,23 @@ class Handoffs:
         self._loop.remove_reader(self._poll.fileno())
         self._poll.close()
 
-    def send(self, client: Socket, usock: Socket, message: bytes, context: object) -> None:
-        """One sendmsg of ``message`` with the client fd on its first byte, then wait."""
-        flight = InFlight(client, usock, context, time.monotonic() + self._timeout)
+    def send(
+        self,
+        client: Socket,
+        usock: Socket,
+        message: bytes,
+        context: Any,
+        now: float | None = None,
+    ) -> None:
+        """One sendmsg of ``message`` with the client fd on its first byte, then wait.
+
+        The deadline counts from ``now`` (default: this moment).
+        """
+        start = time.monotonic() if now is None else now
+        flight = InFlight(client, usock, context, start + self._timeout)
         try:
-            sent = fdpass.send_fd_nowait(cast(socket.socket, usock), message, client.fileno())
+            # fdpass is typed for socket.socket; the C type has the same sendmsg.
+            sent = fdpass.send_fd_nowait(usock, message, client.fileno())  # type: ignore[arg-type]
         except BlockingIOError:
             sent = 0
         except (OSError, FdPassError) as exc:
@@ -135,7 +146,7 @@ class Handoffs:
         assert flight.rest is not None
         fd = flight.client.fileno() if flight.fd_pending else None
         try:
-            sent = fdpass.send_fd_nowait(cast(socket.socket, flight.usock), flight.rest, fd)
+            sent = fdpass.send_fd_nowait(flight.usock, flight.rest, fd)  # type: ignore[arg-type]
         except BlockingIOError:
             return
         except (OSError, FdPassError) as exc:

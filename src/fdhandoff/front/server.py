@@ -115,17 +115,26 @@ def _close_frame(code: int, reason: bytes) -> bytes:
 
 
 class Request:
-    """What the access log needs about one request while it is in flight."""
+    """What the access log needs about one request while it is in flight.
 
-    __slots__ = ("client", "method", "route", "start", "target", "upgraded")
+    The client's label is formatted only when a line is written: with the
+    access log off, most requests never need it.
+    """
 
-    def __init__(self, client: str, start: float) -> None:
-        self.client = client
+    __slots__ = ("addr", "listener", "method", "route", "start", "target", "upgraded")
+
+    def __init__(self, listener: Listener, addr: object, start: float) -> None:
+        self.listener = listener
+        self.addr = addr
         self.start = start
         self.method = b""
         self.target = b""
         self.route: str | None = None
         self.upgraded = False  # a 101 went out: failures become a WebSocket close
+
+    @property
+    def client(self) -> str:
+        return _client_label(self.listener, self.addr)
 
 
 class _Pending:
@@ -174,6 +183,7 @@ class Front:
         self.timeouts = config.timeouts
         self.head_limits = config.limits.head
         self.router: Router[RouteConfig] = Router((r.prefix, r.host, r) for r in config.routes)
+        self._prefix_bytes = {r.prefix: r.prefix.encode("utf-8") for r in config.routes}
         self.access = AccessLog(config.log.access)
         self.listeners: list[Listener] = []
         self._buf = bytearray(self.head_limits.max_head_size)
@@ -382,7 +392,7 @@ class Front:
             n = 0
         if n == 0:
             self._drop_pending(pending)
-            req = Request(_client_label(pending.listener, pending.addr), pending.start)
+            req = Request(pending.listener, pending.addr, pending.start)
             req.method, req.target = _request_line(bytes(pending.buf))
             self.log_request(req, 'closed "client closed inside the request head"')
             pending.sock.close()
@@ -424,7 +434,7 @@ class Front:
         if error is None:
             return True
         self._drop_pending(pending)
-        req = Request(_client_label(pending.listener, pending.addr), pending.start)
+        req = Request(pending.listener, pending.addr, pending.start)
         req.method, req.target = _request_line(bytes(combined))
         self.reject(sock, req, error.status_hint, str(error))
         return False
@@ -438,7 +448,7 @@ class Front:
     def _dispatch(
         self, sock: Socket, raw: bytes, addr: object, listener: Listener, start: float
     ) -> None:
-        req = Request(_client_label(listener, addr), start)
+        req = Request(listener, addr, start)
         try:
             head = parse_head(raw, self.head_limits)
         except ProtocolError as exc:
@@ -484,13 +494,15 @@ class Front:
             head,
             remote=peer,
             server=server,
-            route=route.prefix.encode("utf-8"),
+            route=self._prefix_bytes[route.prefix],
         )
         if dropped:
             self._log_dropped(req, dropped)
         usock = self.connect_backend(route.backend, socket.SOCK_STREAM, sock, req)
         if usock is not None:
-            self.handoffs.send(sock, usock, message, req)
+            handoffs = self._handoffs
+            assert handoffs is not None
+            handoffs.send(sock, usock, message, req, req.start)
 
     def _websocket(
         self,
@@ -512,7 +524,7 @@ class Front:
             head,
             remote=peer,
             server=server,
-            route=route.prefix.encode("utf-8"),
+            route=self._prefix_bytes[route.prefix],
             upgraded=b"websocket",
         )
         if dropped:
@@ -566,14 +578,12 @@ class Front:
         self.fail_client(client, req, 503, text, req.upgraded)
 
     def _handoff_taken(self, flight: InFlight) -> None:
-        req = flight.context
-        assert isinstance(req, Request)
+        req: Request = flight.context
         if self.access.enabled:
             self.log_request(req, "101 handed-off" if req.upgraded else "handed-off")
 
     def _handoff_failed(self, flight: InFlight, why: str) -> None:
-        req = flight.context
-        assert isinstance(req, Request)
+        req: Request = flight.context
         log.warning("%s %s: 503 %s", req.client, req.target.decode("ascii", "replace"), why)
         self.fail_client(flight.client, req, 503, why, req.upgraded)
 
@@ -629,7 +639,7 @@ class Front:
         now = time.monotonic()
         for pending in _expired(self._pending, now):
             self._drop_pending(pending)
-            req = Request(_client_label(pending.listener, pending.addr), pending.start)
+            req = Request(pending.listener, pending.addr, pending.start)
             req.method, req.target = _request_line(bytes(pending.buf))
             self.reject(
                 pending.sock,
