@@ -25,7 +25,8 @@ from fdhandoff.httphead import find_head_end, parse_head
 from fdhandoff.receiver import Options
 from fdhandoff.receiver.asgi import KEEPALIVE_TIMEOUT, ASGIAdapter
 from fdhandoff.receiver.listeners import Bind
-from test_receiver_support import ReceiverThread, front_headers, send_scgi, tcp_pair
+from fdhandoff.websocket import check_upgrade, handshake_response, wants_websocket
+from test_receiver_support import MarkerSender, ReceiverThread, front_headers, send_scgi, tcp_pair
 
 IO_TIMEOUT = 10.0
 
@@ -190,8 +191,14 @@ class MiniFront:
     WebSocket frames stay in the socket for the receiver.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, mode: str = "pass") -> None:
+        """``mode``: ``pass`` hands the request over as it is; ``websocket``
+        answers a WebSocket upgrade itself first (the front's websocket mode,
+        ``HANDOFF_UPGRADED``); ``openresty`` does the same and hands over
+        with the ``X`` marker byte only."""
         self.path = path
+        self.mode = mode
+        self.marker_sender: MarkerSender | None = None
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.handed = 0
@@ -214,6 +221,8 @@ class MiniFront:
         self._stop = True
         self._thread.join(10)
         self.listener.close()
+        if self.marker_sender is not None:
+            self.marker_sender.close()
 
     def _run(self) -> None:
         while not self._stop:
@@ -241,6 +250,16 @@ class MiniFront:
         while len(head) < end:
             head += conn.recv(end - len(head))
         request = parse_head(head)
+        upgraded = self.mode != "pass" and wants_websocket(request.headers)
+        if upgraded:
+            key = check_upgrade(request.method, request.version, request.headers)
+            conn.sendall(handshake_response(key))
+            if self.mode == "openresty":
+                if self.marker_sender is None:
+                    self.marker_sender = MarkerSender(self.path)
+                self.marker_sender.send(b"X", conn)
+                self.handed += 1
+                return
         peer = conn.getpeername()
         local = conn.getsockname()
         merged: dict[str, str] = {}
@@ -263,6 +282,7 @@ class MiniFront:
             ("SERVER_PROTOCOL", "HTTP/1.1"),
             ("SERVER_NAME", request.host.decode("latin-1")),
             ("HANDOFF_ROUTE", "/"),
+            *([("HANDOFF_UPGRADED", "websocket")] if upgraded else []),
             *merged.items(),
         ]
         send_scgi(self.path, scgi_headers, conn)

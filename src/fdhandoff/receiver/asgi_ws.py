@@ -331,4 +331,4 @@ class WebSocketCycle:
 
 
 def _disconnect(code: int, reason: str) -> dict[str, Any]:
-    return {"type": "websocket.disconnect", "code": code, "reason": reason}
+    return {"type": "websocket.disconnect", "code": int(code), "reason": reason}
