@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import os
 import socket
 import struct
@@ -16,7 +17,7 @@ from websockets.sync.client import connect
 
 from fdhandoff.receiver import Channel, Handoff, Options, WebSocket
 from fdhandoff.receiver.listeners import Bind
-from fdhandoff.websocket import Opcode, encode_frame
+from fdhandoff.websocket import Opcode, accept_key, encode_frame
 from test_receiver_support import (
     MarkerSender,
     MiniFront,
@@ -24,6 +25,7 @@ from test_receiver_support import (
     front_headers,
     read_all,
     read_until,
+    send_payload,
     send_scgi,
     split_response,
     tcp_pair,
@@ -266,3 +268,25 @@ def test_server_close_handshake(tmp_path: Path, no_fd_leak: None) -> None:
                 client.recv(timeout=10)
         assert client.close_code == 4000
         assert client.close_reason == "done"
+
+
+def test_apache_payload_handshake_with_the_key_from_the_payload(
+    tmp_path: Path, no_fd_leak: None
+) -> None:
+    """mod_socket_handoff passes no request head: the application puts the key in its payload."""
+    async def handler(handoff: Handoff) -> None:
+        key = json.loads(handoff.payload)["key"]
+        ws = await handoff.websocket(key=key)
+        ws.on_message = lambda ws, message: ws.send(message)
+
+    path = str(tmp_path / "a.sock")
+    key = base64.b64encode(os.urandom(16)).decode()
+    with ReceiverThread(handler, [Bind(path, socket.SOCK_SEQPACKET)]):
+        client, server_side = tcp_pair()
+        send_payload(path, json.dumps({"key": key}).encode(), server_side)
+        head = read_until(client, b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+        assert b"Sec-WebSocket-Accept: " + accept_key(key.encode()) in head
+        client.sendall(encode_frame(Opcode.TEXT, b"via apache", mask=b"abcd"))
+        assert read_until(client, b"via apache").endswith(encode_frame(Opcode.TEXT, b"via apache"))
+        client.close()
