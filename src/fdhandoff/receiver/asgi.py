@@ -105,8 +105,12 @@ class ASGIAdapter:
         await self.lifespan.startup()
 
     async def shutdown(self) -> None:
-        """The app's lifespan shutdown (call once the connections are done)."""
-        await self.lifespan.shutdown()
+        """The app's lifespan shutdown (call once the connections are done).
+
+        Bounded by the shutdown grace (``--grace``): an app stuck in its
+        cleanup must not keep the process from exiting.
+        """
+        await self.lifespan.shutdown(max(self.options.grace, 1.0))
 
     async def _startup_on_first_handoff(self) -> None:
         if self._starting is None:

@@ -55,7 +55,7 @@ class Lifespan:
         self.state: dict[str, Any] = {}
         self._stage = _Stage.NEW
         self._task: asyncio.Task[None] | None = None
-        # Resolved by the app's next answer (or its end).
+        # Resolved by the app's answer to the startup (or its end).
         self._replied: asyncio.Future[str] | None = None
         # Resolved when shutdown is asked for: the app's second receive() waits on it.
         self._shutdown: asyncio.Future[None] | None = None
@@ -86,23 +86,24 @@ class Lifespan:
         elif self._stage is _Stage.FAILED:
             raise ConfigError(f"the application's startup failed: {self._failure}")
 
-    async def shutdown(self) -> None:
-        """Ask the app to shut down and wait for it (after the last connection ended)."""
+    async def shutdown(self, timeout: float | None = None) -> None:
+        """Ask the app to shut down and wait for it, at most ``timeout`` seconds.
+
+        Call it once the last connection ended: the app may close what the
+        requests were using.
+        """
         task = self._task
         if self._stage is not _Stage.RUNNING or task is None:
             self._stage = _Stage.STOPPED
             return
         self._stage = _Stage.STOPPED
-        loop = asyncio.get_running_loop()
-        self._replied = loop.create_future()
         assert self._shutdown is not None
         self._shutdown.set_result(None)
-        answer = await asyncio.shield(self._replied)
-        if answer == "lifespan.shutdown.failed":
-            log.error("application shutdown failed: %s", self._failure)
-        elif answer == "lifespan.shutdown.complete":
-            log.info("application shutdown complete")
-        await asyncio.wait([task])
+        await asyncio.wait([task], timeout=timeout)
+        if not task.done():
+            log.error("the application's shutdown did not end within %.1f s", timeout or 0)
+            task.cancel()
+            await asyncio.wait([task])
 
     # --- the app's side ------------------------------------------------------------------
 
@@ -140,7 +141,6 @@ class Lifespan:
                 if task is None or task.uncancel() > 0 or self._stage is _Stage.STOPPED:
                     raise
                 self._stage = _Stage.STOPPED
-                self._replied = asyncio.get_running_loop().create_future()
                 log.info("event loop closing: running the application's shutdown")
         return {"type": "lifespan.shutdown"}
 
@@ -155,7 +155,10 @@ class Lifespan:
             raise RuntimeError(f"unexpected lifespan message {kind!r}")
         if kind.endswith(".failed"):
             self._failure = str(message.get("message", ""))
-            log.error("%s: %s", kind, self._failure)
+        if kind == "lifespan.shutdown.failed":
+            log.error("application shutdown failed: %s", self._failure)
+        elif kind == "lifespan.shutdown.complete":
+            log.info("application shutdown complete")
         if self._stage is _Stage.STARTING:
             # Decided here, not when startup() resumes: Starlette calls
             # receive() again right after sending this.
