@@ -1,0 +1,331 @@
+"""End to end: `fdhandoff serve examples.*:app` behind the real front, with curl and websockets.
+
+The receiver and the front run as subprocesses, exactly as a user starts
+them; the apps in examples/ are unchanged Starlette and FastAPI apps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from websockets.sync.client import connect
+
+from handoff_receiver import FrontProcess, running_front
+from test_receiver_asgi_support import IO_TIMEOUT, ResponseReader
+
+pytestmark = pytest.mark.timeout(180)
+
+REPO = Path(__file__).parent.parent
+
+
+class ReceiverProcess:
+    """``python -m fdhandoff serve TARGET --bind unix:PATH``; output kept in a file."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], log: Path, path: str) -> None:
+        self.proc = proc
+        self.log = log
+        self.path = path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for_output(self, text: str, timeout: float = IO_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.output():
+            assert time.monotonic() < deadline, f"no {text!r} in:\n{self.output()}"
+            time.sleep(0.05)
+
+    def fd_count(self) -> int:
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
+    def settled_fd_count(self, expected: int, timeout: float = 20.0) -> int:
+        deadline = time.monotonic() + timeout
+        count = self.fd_count()
+        while count != expected and time.monotonic() < deadline:
+            time.sleep(0.05)
+            count = self.fd_count()
+        return count
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(10)
+
+
+@contextlib.contextmanager
+def serve(target: str, tmp_path: Path, *args: str) -> Iterator[ReceiverProcess]:
+    path = str(tmp_path / "app.sock")
+    log = tmp_path / "receiver.log"
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), PYTHONUNBUFFERED="1")
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fdhandoff", "serve", target, "--bind", f"unix:{path}", *args],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    receiver = ReceiverProcess(proc, log, path)
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(path):
+            assert proc.poll() is None, f"receiver exited:\n{receiver.output()}"
+            assert time.monotonic() < deadline, "receiver did not start listening"
+            time.sleep(0.05)
+        yield receiver
+    finally:
+        receiver.stop()
+
+
+@pytest.fixture
+def curl(require_tool: Callable[[str], str]) -> Callable[..., subprocess.CompletedProcess[bytes]]:
+    path = require_tool("curl")
+
+    def run(*args: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            [path, "-sS", "--max-time", "30", *args], capture_output=True, timeout=60, check=False
+        )
+
+    return run
+
+
+def front_for(
+    receiver: ReceiverProcess, tmp_path: Path
+) -> contextlib.AbstractContextManager[FrontProcess]:
+    """The real front: /ws/ in websocket mode (it answers the 101), the rest in pass mode."""
+    config = tmp_path / "front.toml"
+    config.write_text(
+        f'[[route]]\nprefix = "/upgraded/"\nmode = "websocket"\nbackend = "unix:{receiver.path}"\n'
+    )
+    return running_front(
+        ["--listen", "127.0.0.1:0", "--config", str(config), "--route", f"/=unix:{receiver.path}"]
+    )
+
+
+# --- Starlette -------------------------------------------------------------------------------
+
+
+def test_starlette_example_with_curl(
+    tmp_path: Path, curl: Callable[..., subprocess.CompletedProcess[bytes]]
+) -> None:
+    with (
+        serve("examples.starlette_app:app", tmp_path) as receiver,
+        front_for(receiver, tmp_path) as front,
+    ):
+        url = front.url
+        assert curl(url + "/").stdout == b"hello from starlette\n"
+
+        info = json.loads(curl(url + "/info?x=1&y=two%20words", "-H", "X-Test: yes").stdout)
+        assert info["path"] == "/info"
+        assert info["query"] == "x=1&y=two%20words"
+        assert ["x-test", "yes"] in info["headers"]
+        assert info["client"][0] == "127.0.0.1"
+        assert info["handoff_format"] == "scgi"
+        assert info["started_pid"] == receiver.proc.pid  # lifespan state reached the request
+
+        upload = tmp_path / "upload.bin"
+        upload.write_bytes(os.urandom(3 * 1024 * 1024))
+        posted = curl(
+            url + "/echo",
+            "--data-binary",
+            f"@{upload}",
+            "-H",
+            "Content-Type: application/octet-stream",
+        )
+        assert posted.stdout == upload.read_bytes()
+        chunked = curl(
+            url + "/echo",
+            "--data-binary",
+            f"@{upload}",
+            "-H",
+            "Transfer-Encoding: chunked",
+            "-H",
+            "Expect: 100-continue",
+        )
+        assert chunked.stdout == upload.read_bytes()
+
+        assert curl(url + "/stream?n=4").stdout == b"line 0\nline 1\nline 2\nline 3\n"
+
+        events = curl(url + "/sse?n=3&interval=0.01", "-N").stdout.decode()
+        assert events.startswith("retry: 1000\n\n")
+        assert 'id: 2\ndata: {"token": 2}\n\n' in events
+        assert events.endswith("event: done\ndata: [DONE]\n\n")
+
+        head = curl(url + "/", "-I")
+        assert head.stdout.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert b"content-length: 21\r\n" in head.stdout
+
+        # Keep-alive: curl reuses the handed-over connection for the next URLs.
+        reused = curl("-v", url + "/", url + "/stream?n=1", url + "/info")
+        assert reused.returncode == 0
+        assert reused.stderr.count(b"Re-using existing connection") == 2
+        assert reused.stdout.startswith(b"hello from starlette\nline 0\n{")
+        assert front.proc.poll() is None
+    assert "application startup complete" in receiver.output()
+
+
+def test_pipelined_requests_through_the_front(tmp_path: Path) -> None:
+    with (
+        serve("examples.starlette_app:app", tmp_path) as receiver,
+        front_for(receiver, tmp_path) as front,
+    ):
+        sock = front.connect()
+        sock.sendall(
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nping"
+            b"GET /stream?n=2 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        reader = ResponseReader(sock)
+        bodies = [reader.read().body for _ in range(3)]
+        assert reader.closed()
+        sock.close()
+    assert bodies == [b"hello from starlette\n", b"ping", b"line 0\nline 1\n"]
+
+
+def test_starlette_websockets_through_the_front(tmp_path: Path) -> None:
+    with (
+        serve("examples.starlette_app:app", tmp_path, "--loop", "asyncio") as receiver,
+        front_for(receiver, tmp_path) as front,
+    ):
+        ws_url = front.url.replace("http://", "ws://")
+        with connect(ws_url + "/ws/echo", subprotocols=["echo"], proxy=None) as ws:
+            assert ws.subprotocol == "echo"
+            ws.send("hello")
+            assert ws.recv(IO_TIMEOUT) == "hello"
+            ws.send(b"\x00bin")
+            assert ws.recv(IO_TIMEOUT) == b"\x00bin"
+        with connect(ws_url + "/ws/chat", proxy=None) as alice:
+            alice.send("a1")
+            assert alice.recv(IO_TIMEOUT) == "a1"  # alice is in the room
+            with connect(ws_url + "/ws/chat", proxy=None) as bob:
+                bob.send("b1")
+                assert bob.recv(IO_TIMEOUT) == "b1"
+                assert alice.recv(IO_TIMEOUT) == "b1"
+                alice.send("a2")
+                assert bob.recv(IO_TIMEOUT) == "a2"
+                assert alice.recv(IO_TIMEOUT) == "a2"
+
+
+def test_websocket_upgraded_by_the_front(tmp_path: Path) -> None:
+    """The front's websocket mode sends the 101 itself (HANDOFF_UPGRADED)."""
+
+    with serve("examples.starlette_app:app", tmp_path) as receiver:
+        config = tmp_path / "front.toml"
+        config.write_text(
+            f'[[route]]\nprefix = "/ws/"\nmode = "websocket"\nbackend = "unix:{receiver.path}"\n'
+        )
+        with running_front(["--listen", "127.0.0.1:0", "--config", str(config)]) as front:
+            ws_url = front.url.replace("http://", "ws://")
+            with connect(ws_url + "/ws/echo", proxy=None) as ws:
+                ws.send("via the front's 101")
+                assert ws.recv(IO_TIMEOUT) == "via the front's 101"
+
+
+# --- FastAPI -----------------------------------------------------------------------------------
+
+
+def test_fastapi_example(
+    tmp_path: Path, curl: Callable[..., subprocess.CompletedProcess[bytes]]
+) -> None:
+    with (
+        serve("examples.fastapi_app:app", tmp_path) as receiver,
+        front_for(receiver, tmp_path) as front,
+    ):
+        url = front.url
+        item = json.loads(curl(url + "/items/1?q=x").stdout)
+        assert item == {"item_id": 1, "name": "hammer", "q": "x"}  # filled at startup
+        created = curl(
+            url + "/items",
+            "-H",
+            "Content-Type: application/json",
+            "--data",
+            json.dumps({"name": "drill", "price": 9.5}),
+        )
+        assert json.loads(created.stdout) == {"name": "drill", "price": 9.5, "created": True}
+        invalid = curl(
+            url + "/items",
+            "-H",
+            "Content-Type: application/json",
+            "--data",
+            "{}",
+            "-w",
+            "%{http_code}",
+            "-o",
+            "/dev/null",
+        )
+        assert invalid.stdout == b"422"
+        tokens = curl(url + "/tokens?n=3", "-N").stdout.decode()
+        assert tokens.split("\n\n")[:4] == [
+            'data: {"token": "tok0"}',
+            'data: {"token": "tok1"}',
+            'data: {"token": "tok2"}',
+            "data: [DONE]",
+        ]
+        boom = curl(url + "/boom", "-w", "%{http_code}", "-o", "/dev/null")
+        assert boom.stdout == b"500"
+        ws_url = url.replace("http://", "ws://")
+        with connect(ws_url + "/ws", proxy=None) as ws:
+            ws.send("fastapi")
+            assert ws.recv(IO_TIMEOUT) == "echo: fastapi"
+        assert receiver.stop() == 0
+    output = receiver.output()
+    assert "deliberate failure" in output  # the app error is logged with its traceback
+    assert output.index("application startup complete") < output.index(
+        "application shutdown complete"
+    )
+
+
+# --- descriptors -------------------------------------------------------------------------------
+
+
+def test_no_fd_left_after_disconnects_and_errors(tmp_path: Path) -> None:
+    # Checked in the receiver process (/proc/PID/fd), where the connections live.
+    """Streams cut by their clients, WebSockets dropped, bad requests: every fd is closed."""
+    with (
+        serve("examples.starlette_app:app", tmp_path) as receiver,
+        front_for(receiver, tmp_path) as front,
+    ):
+        warm = front.connect()
+        warm.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert ResponseReader(warm).read().status == 200
+        warm.close()
+        baseline = receiver.settled_fd_count(receiver.fd_count())
+        socks: list[socket.socket] = []
+        for _ in range(10):
+            sock = front.connect()
+            sock.sendall(b"GET /sse?n=0&interval=0.05 HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert b"retry" in sock.recv(4096)
+            socks.append(sock)
+        for _ in range(5):
+            sock = front.connect()
+            sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nhalf")
+            socks.append(sock)
+        for _ in range(5):
+            sock = front.connect()
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nBROKEN\r\n\r\n")
+            socks.append(sock)
+        ws_url = front.url.replace("http://", "ws://")
+        dropped = [connect(ws_url + "/ws/echo", proxy=None) for _ in range(5)]
+        assert receiver.fd_count() > baseline
+        for sock in socks:
+            sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+            )
+            sock.close()
+        for ws in dropped:
+            ws.socket.close()
+        assert receiver.settled_fd_count(baseline) == baseline
