@@ -195,6 +195,86 @@ def measure(target: Target, args: argparse.Namespace) -> None:
     target.errors += latency.errors
 
 
+# --- head-parser micro-benchmark (--parse) ------------------------------------------------
+
+#: A browser-like GET.
+BROWSER_GET = (
+    b"GET /events/chat?room=42&since=1700000000 HTTP/1.1\r\n"
+    b"Host: app.example.com\r\n"
+    b"User-Agent: Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0\r\n"
+    b"Accept: text/event-stream\r\n"
+    b"Accept-Language: en-US,en;q=0.5\r\n"
+    b"Accept-Encoding: gzip, deflate, br\r\n"
+    b"Referer: https://app.example.com/chat\r\n"
+    b"Cookie: session=0123456789abcdef0123456789abcdef; theme=dark\r\n"
+    b"Cache-Control: no-cache\r\n"
+    b"Connection: keep-alive\r\n"
+    b"\r\n"
+)
+CURL_GET = (
+    b"GET /fd/hello?x=1 HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: curl/7.88.1\r\n"
+    b"Accept: */*\r\n\r\n"
+)
+
+
+def split_parse(head: bytes) -> tuple[bytes, bytes, list[tuple[bytes, bytes]]]:
+    """A typical hand-written parser: split lines, partition on ':' (no validation)."""
+    lines = head[:-4].split(b"\r\n")
+    method, target, _version = lines[0].split(b" ", 2)
+    headers = []
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        headers.append((name, value.strip()))
+    return method, target, headers
+
+
+def http_client_parse(head: bytes) -> object:
+    import http.client  # noqa: PLC0415
+    import io  # noqa: PLC0415
+
+    stream = io.BytesIO(head)
+    stream.readline()  # the request line
+    return http.client.parse_headers(stream)
+
+
+def parse_bench(rounds: int) -> None:
+    import functools  # noqa: PLC0415
+    import timeit  # noqa: PLC0415
+
+    sys.path.insert(0, str(c.SRC))
+    import httptools  # noqa: PLC0415
+
+    from fdhandoff.httphead import parse_head  # noqa: PLC0415
+
+    class Callbacks:
+        def on_url(self, url: bytes) -> None:
+            pass
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            pass
+
+    def raw_llhttp(head: bytes) -> None:
+        parser = httptools.HttpRequestParser(Callbacks())
+        parser.feed_data(head)
+
+    parsers = [
+        ("fdhandoff.httphead.parse_head (llhttp + limits, Host, target form)", parse_head),
+        ("httptools alone (llhttp, callbacks, no checks)", raw_llhttp),
+        ("hand-written split (no validation at all)", split_parse),
+        ("http.client.parse_headers (stdlib)", http_client_parse),
+    ]
+    print(f"machine: {c.machine()}")
+    print(f"{'parser':<68}{f'{len(BROWSER_GET)}-byte GET':>14}{f'{len(CURL_GET)}-byte GET':>14}")
+    for name, parse in parsers:
+        times = []
+        for head in (BROWSER_GET, CURL_GET):
+            call = functools.partial(parse, head)
+            best = min(timeit.repeat(call, number=rounds, repeat=5))
+            times.append(best / rounds * 1e6)
+        print(f"{name:<68}{times[0]:>12.2f}us{times[1]:>12.2f}us")
+    print("(best of 5 runs of", rounds, "parses each)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -204,7 +284,11 @@ def main() -> int:
     parser.add_argument("--conns", type=int, default=8, help="connections per load process")
     parser.add_argument("--front-access-log", action="store_true")
     parser.add_argument("--no-nginx", action="store_true")
+    parser.add_argument("--parse", action="store_true", help="only the head-parser micro-benchmark")
     args = parser.parse_args()
+    if args.parse:
+        parse_bench(20_000)
+        return 0
     print(f"machine: {c.machine()}")
     print(
         f"load: {args.procs} process(es) x {args.conns} connections, {args.seconds:g} s per "
