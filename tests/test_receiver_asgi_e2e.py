@@ -27,6 +27,9 @@ pytestmark = pytest.mark.timeout(180)
 
 REPO = Path(__file__).parent.parent
 
+#: SO_LINGER on with a zero timeout: close() sends a RST (a client that vanished).
+RESET = b"\x01\x00\x00\x00\x00\x00\x00\x00"
+
 
 class ReceiverProcess:
     """``python -m fdhandoff serve TARGET --bind unix:PATH``; output kept in a file."""
@@ -47,6 +50,17 @@ class ReceiverProcess:
 
     def fd_count(self) -> int:
         return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
+    def stable_fd_count(self, quiet: float = 0.5, timeout: float = 20.0) -> int:
+        """The fd count once it stopped changing for ``quiet`` seconds."""
+        deadline = time.monotonic() + timeout
+        count, since = self.fd_count(), time.monotonic()
+        while time.monotonic() - since < quiet and time.monotonic() < deadline:
+            time.sleep(0.05)
+            now = self.fd_count()
+            if now != count:
+                count, since = now, time.monotonic()
+        return count
 
     def settled_fd_count(self, expected: int, timeout: float = 20.0) -> int:
         deadline = time.monotonic() + timeout
@@ -301,9 +315,11 @@ def test_no_fd_left_after_disconnects_and_errors(tmp_path: Path) -> None:
     ):
         warm = front.connect()
         warm.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        assert ResponseReader(warm).read().status == 200
+        reader = ResponseReader(warm)
+        assert reader.read().status == 200
+        assert reader.closed()
         warm.close()
-        baseline = receiver.settled_fd_count(receiver.fd_count())
+        baseline = receiver.stable_fd_count()
         socks: list[socket.socket] = []
         for _ in range(10):
             sock = front.connect()
@@ -319,13 +335,14 @@ def test_no_fd_left_after_disconnects_and_errors(tmp_path: Path) -> None:
             sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nBROKEN\r\n\r\n")
             socks.append(sock)
         ws_url = front.url.replace("http://", "ws://")
-        dropped = [connect(ws_url + "/ws/echo", proxy=None) for _ in range(5)]
-        assert receiver.fd_count() > baseline
-        for sock in socks:
-            sock.setsockopt(
-                socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
-            )
-            sock.close()
-        for ws in dropped:
-            ws.socket.close()
-        assert receiver.settled_fd_count(baseline) == baseline
+        with contextlib.ExitStack() as stack:
+            dropped = [
+                stack.enter_context(connect(ws_url + "/ws/echo", proxy=None)) for _ in range(5)
+            ]
+            assert receiver.fd_count() > baseline
+            for sock in socks:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET)
+                sock.close()
+            for ws in dropped:
+                ws.socket.close()  # gone without a close frame
+            assert receiver.settled_fd_count(baseline) == baseline
