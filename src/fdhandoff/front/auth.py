@@ -351,6 +351,11 @@ class _Exchange:
         usock = self.front.connect_backend(path, sock_type, self.client, self.req)
         self.owned = False  # answered 503, or about to be handed off: the front's now
         if usock is not None:
+            # O_NONBLOCK lives on the open file description the daemon will
+            # share: hand it over blocking, as pass mode does.  Apache hands
+            # over a non-blocking fd, and daemons written for blocking writes
+            # silently lose data with slow clients.
+            self.client.setblocking(True)
             self.front.handoffs.send(self.client, usock, message, self.req)
         await self._discard(response)
 
