@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import errno
 import logging
-import os
 import signal
 import socket
 import time
@@ -40,6 +39,7 @@ from ..errors import FdPassError, ProtocolError
 from ..fdpass import peer_credentials
 from ..message import CLOSED, NEED_DATA, Format, HandoffReader, HandoffRecord
 from . import http
+from .fdlimit import RESOURCE_ERRNOS, FdReserve
 from .handoff import Handoff, Phase
 from .options import ACCEPT_BACKOFF, Options
 from .stream import ConnectionClosed, Stream
@@ -55,46 +55,6 @@ Handler = Callable[[Handoff], Awaitable[None]]
 #: so one busy listener cannot starve the others or the streams.
 ACCEPT_BATCH: Final = 64
 
-#: Errors of accept()/recvmsg() that mean "out of fds or memory right now":
-#: back off and retry instead of failing (trio's serve_listeners does the same).
-_RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-
-
-
-class FdReserve:
-    """One spare fd, so that a handoff read at the fd limit is never lost.
-
-    When ``recvmsg`` cannot install the passed fd (EMFILE), Linux drops the fd
-    and only sets ``MSG_CTRUNC`` (``scm_detach_fds``): the client would be
-    disconnected.  So the spare is closed right before each ``recvmsg`` (no
-    await in between, nothing else can take the slot) and reopened after.  If
-    it cannot be reopened the process is at its limit: accepting pauses and
-    handoffs wait in the kernel until a connection ends and frees an fd.
-    """
-
-    __slots__ = ("fd",)
-
-    def __init__(self) -> None:
-        self.fd = -1
-        self.refill()
-
-    @property
-    def held(self) -> bool:
-        return self.fd >= 0
-
-    def refill(self) -> bool:
-        if self.fd < 0:
-            try:
-                self.fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError as exc:
-                if exc.errno not in _RESOURCE_ERRNOS:
-                    raise
-        return self.fd >= 0
-
-    def release(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
 
 
 class Receiver:
@@ -165,7 +125,7 @@ class Receiver:
             except BlockingIOError:
                 return
             except OSError as exc:
-                if exc.errno in _RESOURCE_ERRNOS:
+                if exc.errno in RESOURCE_ERRNOS:
                     self._back_off(f"accept failed: {exc.strerror}")
                     return
                 if exc.errno in (errno.ECONNABORTED, errno.EINTR):
@@ -283,7 +243,7 @@ class Receiver:
             log.warning("invalid handoff: %s", exc)
             return None
         except OSError as exc:
-            if exc.errno in _RESOURCE_ERRNOS:
+            if exc.errno in RESOURCE_ERRNOS:
                 self._back_off(f"recvmsg failed: {exc.strerror}")
             else:
                 log.warning("reading a handoff failed: %s", exc)
@@ -357,7 +317,6 @@ class Receiver:
             await _answer_error(handoff, exc.status_hint)
         except asyncio.CancelledError:
             why = "cancelled at shutdown"
-            handoff.phase = Phase.DONE if handoff.phase is not Phase.HANDED_OVER else handoff.phase
             raise
         except Exception:
             why = "handler error"

@@ -19,6 +19,7 @@ from ...fdpass import peer_credentials
 from ...message import Format, HandoffReader, HandoffRecord
 from .. import http
 from ..answer import Phase
+from ..fdlimit import RESOURCE_ERRNOS
 from ..options import ACCEPT_BACKOFF, Options
 from ..stream import ConnectionClosed
 from .handoff import Handoff
@@ -32,8 +33,6 @@ access_logger = logging.getLogger("fdhandoff.access")
 #: Connection threads at most when ``max_connections`` is 0: past a few
 #: hundred threads the asyncio flavour is the better tool.
 DEFAULT_MAX_THREADS: Final = 512
-
-_RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 Handler = Callable[[Handoff], object]
 
@@ -107,7 +106,7 @@ class Receiver:
         except BlockingIOError:
             return
         except OSError as exc:
-            if exc.errno in _RESOURCE_ERRNOS:
+            if exc.errno in RESOURCE_ERRNOS:
                 log.warning(
                     "accept failed: %s: pausing %.0f ms", exc.strerror, ACCEPT_BACKOFF * 1000
                 )
