@@ -139,19 +139,18 @@ def run_receiver(path: str, *, hold: bool = False, seconds: float = 3600.0) -> N
                 if not take(conn, data, client):
                     poller.register(fd, select.EPOLLIN)
                 continue
-            # One accept per readiness event (level-triggered): a failing
-            # accept() costs more than going round the poll loop again.
-            try:
-                conn, _ = accept()
-            except BlockingIOError:
-                continue
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE):
-                    time.sleep(0.01)
-                    continue
-                raise
-            if not take(conn, b"", None):
-                poller.register(conn.fileno(), select.EPOLLIN)
+            for _ in range(256):  # drain the accept queue
+                try:
+                    conn, _ = accept()
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno in (errno.EMFILE, errno.ENFILE):
+                        time.sleep(0.01)
+                        break
+                    raise
+                if not take(conn, b"", None):
+                    poller.register(conn.fileno(), select.EPOLLIN)
 
 
 # --- the load client -------------------------------------------------------------------------
