@@ -66,6 +66,9 @@ KEEPALIVE_TIMEOUT: Final = 5.0
 #: (408 after it): a client trickling a head must not hold a connection.
 HEAD_TIMEOUT: Final = 10.0
 
+#: ``scope["subprotocols"]`` when the client offers none (most do): shared.
+_NO_SUBPROTOCOLS: Final[list[str]] = []
+
 #: (content_length, chunked) of a request body, as body.framing() gives it.
 _Framing = tuple[int | None, bool]
 
@@ -97,6 +100,7 @@ class ASGIAdapter:
         self.head_limits = head_limits
         self.lifespan = Lifespan(app)
         self._starting: asyncio.Task[None] | None = None
+        self._on_move = self._move  # one bound method for every cycle
 
     # --- lifespan ------------------------------------------------------------------------
 
@@ -163,7 +167,12 @@ class ASGIAdapter:
         try:
             while True:
                 if request.is_websocket and not cgi and not request.head_sent:
-                    await self._websocket(conn, request)
+                    try:
+                        ws_cycle = self._websocket(conn, request)
+                    except ProtocolError as exc:
+                        await self._refuse_upgrade(conn, request, exc)
+                        return
+                    await ws_cycle.run(self.app)
                     return
                 cycle = self._http_cycle(conn, request, body, persistent, cgi)
                 if await cycle.run(self.app):
@@ -209,7 +218,7 @@ class ASGIAdapter:
             decoder,
             keep_alive=keep_alive,
             cgi=cgi,
-            on_move=self._move if keep_alive else None,
+            on_move=self._on_move if keep_alive else None,
         )
 
     def _move(self, cycle: HTTPCycle) -> None:
@@ -299,7 +308,8 @@ class ASGIAdapter:
 
     # --- WebSocket -------------------------------------------------------------------------
 
-    async def _websocket(self, conn: Connection, request: Request) -> None:
+    def _websocket(self, conn: Connection, request: Request) -> WebSocketCycle:
+        """The cycle for an upgrade request; ProtocolError (400/426) if it is invalid."""
         key: bytes | None = None
         try:
             if not request.upgraded:
@@ -309,25 +319,23 @@ class ASGIAdapter:
                     request.headers,
                 )
             offered = websocket.parse_subprotocols(request.headers)
-        except ProtocolError as exc:
-            if request.upgraded:
-                offered = []  # the sender accepted it: the app decides
-            else:
-                await self._refuse_upgrade(conn, request, exc)
-                return
-        extensions = conn.extensions
+        except ProtocolError:
+            if not request.upgraded:
+                raise
+            offered = []  # the sender accepted the upgrade: the app decides
         if key is not None:
-            extensions = {**extensions, "websocket.http.response": {}}
+            # The last scope of this connection: its dict can take the key.
+            conn.extensions["websocket.http.response"] = {}
         scope = websocket_scope(
             request,
-            [p.decode("latin-1") for p in offered],
+            [p.decode("latin-1") for p in offered] if offered else _NO_SUBPROTOCOLS,
             scheme=conn.scheme,
             client=conn.client,
             server=conn.server,
             state=self.lifespan.state,
-            extensions=extensions,
+            extensions=conn.extensions,
         )
-        await WebSocketCycle(conn, request, scope, key).run(self.app)
+        return WebSocketCycle(conn, request, scope, key)
 
     async def _refuse_upgrade(self, conn: Connection, request: Request, exc: ProtocolError) -> None:
         client = f"{conn.client[0]}:{conn.client[1]}" if conn.client else "-"

@@ -28,7 +28,7 @@ from .stream import ConnectionClosed
 if TYPE_CHECKING:
     from .engine import Receiver
 
-__all__ = ["READ_SIZE", "Connection"]
+__all__ = ["READ_SIZE", "Connection", "wake"]
 
 #: Bytes asked of the kernel per ``recv``: big enough for a request head
 #: with its body start, or a burst of WebSocket frames, in one call.
@@ -101,6 +101,17 @@ class Connection:
         except OSError as exc:
             raise ConnectionClosed(f"client connection lost: {exc.strerror}") from exc
 
+    async def readable(self) -> None:
+        """Wait until the socket has data, EOF or an error to report."""
+        loop = self.loop
+        fd = self.sock.fileno()
+        waiter: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(fd, wake, waiter)
+        try:
+            await waiter
+        finally:
+            loop.remove_reader(fd)
+
     async def recv(self, timeout: float | None = None) -> bytes:
         """The next bytes from the client, ``b""`` at EOF.
 
@@ -112,10 +123,10 @@ class Connection:
             if data is not None:
                 return data
             if timeout is None:
-                await aio.wait_readable(self.sock)
+                await self.readable()
             else:
                 async with asyncio.timeout(timeout):
-                    await aio.wait_readable(self.sock)
+                    await self.readable()
 
     def take_buffer(self) -> bytes:
         data, self.buf = self.buf, b""
@@ -222,3 +233,9 @@ class Connection:
         if not self.closed:
             self.closed = True
             self.sock.close()
+
+
+def wake(waiter: asyncio.Future[None]) -> None:
+    """Reader callback: resolve ``waiter`` (a plain function, so no closure per wait)."""
+    if not waiter.done():
+        waiter.set_result(None)

@@ -99,7 +99,7 @@ class HTTPCycle:
         "_received",
         "_request_done",
         "_started_at",
-        "_waiter",
+        "_waiters",
         "_why",
         "_written",
         "can_chunk",
@@ -149,7 +149,8 @@ class HTTPCycle:
             and request.http_version == "1.1"
             and any(n == b"expect" and v.lower() == b"100-continue" for n, v in request.headers)
         )
-        self._waiter: asyncio.Future[None] | None = None
+        # The receive() calls waiting for the client to leave (rarely more than one).
+        self._waiters: asyncio.Future[None] | list[asyncio.Future[None]] | None = None
         self._reading = False
         self.disconnected = False
         self.started = False
@@ -193,7 +194,7 @@ class HTTPCycle:
                     await self._send_error(500)
         finally:
             self.running = False
-            self._stop_watching()
+            self._wake_waiters()
             self._log_once()
         return self.moved
 
@@ -275,7 +276,15 @@ class HTTPCycle:
         if not self._request_done:
             self._request_done = True
             return {"type": "http.request", "body": b"", "more_body": False}
-        await self._wait_disconnect()
+        # The body is complete: wait for the client to leave or the response
+        # to end.  Inline, one future per waiting receive() and no shield: an
+        # idle stream keeps this frame alive for hours.
+        waiter: asyncio.Future[None] = self.conn.loop.create_future()
+        self._add_waiter(waiter)
+        try:
+            await waiter
+        finally:
+            self._remove_waiter(waiter)
         return _disconnect()
 
     async def _read_body(self) -> dict[str, Any]:
@@ -346,16 +355,31 @@ class HTTPCycle:
         self.disconnected = True
         return _disconnect()
 
-    async def _wait_disconnect(self) -> None:
-        waiter = self._waiter
-        if waiter is None:
-            waiter = self._waiter = self.conn.loop.create_future()
-            if len(self.conn.buf) < MAX_HEAD_SIZE:
-                self.conn.loop.add_reader(self.conn.sock.fileno(), self._on_readable)
+    def _add_waiter(self, waiter: asyncio.Future[None]) -> None:
+        waiters = self._waiters
+        if waiters is None:
+            self._waiters = waiter
+            conn = self.conn
+            if not self._reading and len(conn.buf) < MAX_HEAD_SIZE:
+                conn.loop.add_reader(conn.sock.fileno(), self._on_readable)
                 self._reading = True
-        # Shielded: an app cancelling its receive() (Starlette's
-        # is_disconnected) must not end the watch others rely on.
-        await asyncio.shield(waiter)
+        elif isinstance(waiters, list):
+            waiters.append(waiter)
+        else:  # a second concurrent receive(): rare (sse-starlette + is_disconnected)
+            self._waiters = [waiters, waiter]
+
+    def _remove_waiter(self, waiter: asyncio.Future[None]) -> None:
+        # After a wake-up or a cancelled receive() (Starlette's is_disconnected
+        # cancels it at once): the others keep waiting; nobody left, no reading.
+        waiters = self._waiters
+        if waiters is waiter:
+            self._waiters = None
+        elif isinstance(waiters, list) and waiter in waiters:
+            waiters.remove(waiter)
+            if not waiters:
+                self._waiters = None
+        if self._waiters is None:
+            self._stop_reading()
 
     def _on_readable(self) -> None:
         conn = self.conn
@@ -369,20 +393,26 @@ class HTTPCycle:
             # A pipelined request: keep it for later, up to one head's worth.
             conn.buf += data
             if len(conn.buf) >= MAX_HEAD_SIZE:
-                conn.loop.remove_reader(conn.sock.fileno())
-                self._reading = False
+                self._stop_reading()
             return
         self.disconnected = True
         self._why = self._why or "client disconnected"
-        self._stop_watching()
+        self._wake_waiters()
 
-    def _stop_watching(self) -> None:
+    def _stop_reading(self) -> None:
         if self._reading:
             self._reading = False
             self.conn.loop.remove_reader(self.conn.sock.fileno())
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+
+    def _wake_waiters(self) -> None:
+        """The client left or the response ended: every waiting receive() returns."""
+        self._stop_reading()
+        waiters, self._waiters = self._waiters, None
+        if waiters is None:
+            return
+        for waiter in waiters if isinstance(waiters, list) else (waiters,):
+            if not waiter.done():
+                waiter.set_result(None)
 
     # --- send ------------------------------------------------------------------------------
 
@@ -506,7 +536,7 @@ class HTTPCycle:
 
     def _completed(self) -> None:
         self.complete = True
-        self._stop_watching()
+        self._wake_waiters()
         if not self.keep_alive:
             # FIN now: a close-delimited body ends even if the app runs on.
             self.conn.shutdown_write()
@@ -525,7 +555,7 @@ class HTTPCycle:
         self.started = True
         self.complete = True
         self.status = status
-        self._stop_watching()
+        self._wake_waiters()
         if self.request.head_sent:
             return  # Apache already sent a head: nothing sensible can follow
         data = error_response(status, cgi=self.cgi, head_only=self.request.method == "HEAD")

@@ -30,7 +30,7 @@ from typing import Any, Final
 
 from .. import websocket
 from ..websocket import NEED_DATA, Close, CloseCode, Message, WebSocketProtocolError
-from .asgi_conn import Connection
+from .asgi_conn import Connection, wake
 from .asgi_http import HTTPCycle, error_response
 from .asgi_scope import Request
 from .stream import ConnectionClosed
@@ -141,7 +141,7 @@ class WebSocketCycle:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(conn.options.linger_timeout):
                         while self._close is None:
-                            await self._next_message()
+                            await self.receive()
             if self.state is _State.ANSWERED and not conn.broken:
                 await conn.linger_close()
         finally:
@@ -173,11 +173,10 @@ class WebSocketCycle:
         if self.state is _State.ANSWERED:
             self._close = (CloseCode.ABNORMAL, "")
             return _disconnect(*self._close)
-        return await self._next_message()
-
-    async def _next_message(self) -> dict[str, Any]:
         ws = self.ws
         assert ws is not None
+        # One loop, no helper coroutines: an idle WebSocket sits in here, and
+        # every frame of the chain would be kept for as long as it idles.
         while True:
             try:
                 event = ws.next_event()
@@ -187,7 +186,20 @@ class WebSocketCycle:
                 await self._write_quietly(ws.data_to_send())
                 return self._closed(exc.close_code, "")
             if event is NEED_DATA:
-                ws.receive_data(await self._recv())
+                try:
+                    data = self.conn.recv_nowait()
+                except ConnectionClosed:
+                    data = b""  # the codec turns EOF into close code 1006
+                if data is None:
+                    loop, fd = self.conn.loop, self.conn.sock.fileno()
+                    waiter: asyncio.Future[None] = loop.create_future()
+                    loop.add_reader(fd, wake, waiter)
+                    try:
+                        await waiter
+                    finally:
+                        loop.remove_reader(fd)
+                else:
+                    ws.receive_data(data)
                 continue
             out = ws.data_to_send()  # pongs, our reply to a close frame
             if out:
@@ -199,12 +211,6 @@ class WebSocketCycle:
             if isinstance(event, Close):
                 return self._closed(event.code, event.reason)
             # Ping (already answered) or Pong: nothing for the app.
-
-    async def _recv(self) -> bytes:
-        try:
-            return await self.conn.recv()
-        except ConnectionClosed:
-            return b""  # the codec turns EOF into close code 1006
 
     async def _write_quietly(self, data: bytes) -> None:
         if not data:
