@@ -323,3 +323,24 @@ def test_sse_for_apache_payload_and_mod_proxy_fdpass(tmp_path: Path, no_fd_leak:
         assert read_all(client) == b"data: none\n\n"
         client.close()
         sender.close()
+
+
+def test_max_connections_pauses_accepting_until_one_ends(tmp_path: Path, no_fd_leak: None) -> None:
+    hub = Hub()
+    path = str(tmp_path / "r.sock")
+    with ReceiverThread(hub, [Bind(path)], Options(max_connections=2)):
+        first, server_side = tcp_pair()
+        send_scgi(path, front_headers("GET", "/events"), server_side)
+        second, server_side = tcp_pair()
+        send_scgi(path, front_headers("GET", "/events"), server_side)
+        _wait(lambda: len(hub.channel) == 2)
+        third, server_side = tcp_pair()
+        send_scgi(path, front_headers("GET", "/events"), server_side, wait=False)
+        third.settimeout(1.0)
+        with pytest.raises(TimeoutError):
+            third.recv(100)  # waiting in the kernel, not refused
+        first.close()
+        assert read_until(third, b"\r\n\r\n").startswith(b"HTTP/1.1 200 OK")
+        _wait(lambda: len(hub.channel) == 2)
+        second.close()
+        third.close()

@@ -77,6 +77,8 @@ class Receiver:
         #: Tasks waiting for the next marker on a persistent BYTE connection.
         self._marker_readers: set[asyncio.Task[None]] = set()
         self._reserve = FdReserve()
+        #: New UNIX connections whose handoff is still being read.
+        self._taking = 0
         self._starved_since: float | None = None
 
     # --- listening ----------------------------------------------------------------
@@ -116,10 +118,17 @@ class Receiver:
 
     def _at_limit(self) -> bool:
         limit = self.options.max_connections
-        return bool(limit) and len(self._live) + len(self._tasks) >= limit
+        return bool(limit) and len(self._live) + self._taking >= limit
 
     def _on_listener(self, listener: socket.socket) -> None:
         for _ in range(ACCEPT_BATCH):
+            if self._at_limit():
+                log.warning(
+                    "%d connections live (--max-connections): not accepting for now",
+                    self.options.max_connections,
+                )
+                self._pause()
+                return
             try:
                 conn, _ = listener.accept()
             except BlockingIOError:
@@ -138,13 +147,6 @@ class Receiver:
                 )
                 self._starved_since = None
             self._on_connection(conn)
-            if self._at_limit():
-                log.warning(
-                    "%d connections live (--max-connections): not accepting for now",
-                    self.options.max_connections,
-                )
-                self._pause()
-                return
 
     def _allowed(self, conn: socket.socket) -> bool:
         uids, gids = self.options.allow_uids, self.options.allow_gids
@@ -173,6 +175,7 @@ class Receiver:
             conn.close()
             return
         conn.setblocking(False)
+        self._taking += 1  # counts towards --max-connections until it is a Handoff
         self.spawn(self._take(conn))
 
     def spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
@@ -192,19 +195,27 @@ class Receiver:
         keep = False  # True when conn became the client (plain SCGI)
         try:
             reader = HandoffReader(conn.type)
-            got = await self._receive(conn, reader, first=True)
+            try:
+                got = await self._receive(conn, reader, first=True)
+            finally:
+                self._taking -= 1
+            # No await from here to open(): the connection stays counted.
             if got is None:
+                self._maybe_resume()
                 return
             record, client = got
-            if record.format is Format.BYTE:
-                self.spawn(self._run(record, client))
-                await self._take_markers(conn, reader)
-            elif record.format is Format.PLAIN_SCGI:
+            if record.format is Format.PLAIN_SCGI:
                 keep = True
-                await self._run(record, conn)
-            else:
+                client = conn
+            elif record.format is not Format.BYTE:
                 conn.close()  # "taken": the sender may forget the client now
-                await self._run(record, client)
+            handoff = self._open(record, client)
+            if record.format is Format.BYTE:
+                if handoff is not None:
+                    self.spawn(self._run(handoff))
+                await self._take_markers(conn, reader)
+            elif handoff is not None:
+                await self._run(handoff)
         finally:
             if not keep:
                 conn.close()
@@ -218,7 +229,9 @@ class Receiver:
                 got = await self._receive(conn, reader, first=False)
                 if got is None:
                     return
-                self.spawn(self._run(*got))
+                handoff = self._open(*got)
+                if handoff is not None:
+                    self.spawn(self._run(handoff))
         finally:
             self._marker_readers.discard(task)
 
@@ -291,18 +304,22 @@ class Receiver:
 
     # --- running the handler ------------------------------------------------------------
 
-    async def _run(self, record: HandoffRecord, sock: socket.socket) -> None:
+    def _open(self, record: HandoffRecord, sock: socket.socket) -> Handoff | None:
+        """The tracked Handoff, or None after answering an unusable description."""
         try:
             handoff = Handoff(record, sock, self)
         except ProtocolError as exc:
             log.warning("bad request description in handoff: %s", exc)
-            await _reject(sock, exc.status_hint, record.format is Format.PLAIN_SCGI)
-            return
+            _reject(sock, exc.status_hint, record.format is Format.PLAIN_SCGI)
+            return None
         except OSError as exc:  # pragma: no cover - socket calls on a dead fd
             log.warning("handed-off socket unusable: %s", exc)
             sock.close()
-            return
+            return None
         self.track(handoff)
+        return handoff
+
+    async def _run(self, handoff: Handoff) -> None:
         why: str | None = None
         try:
             if handoff.ktls_rx_relay:
@@ -370,6 +387,9 @@ class Receiver:
     def untrack(self, item: Handoff | Stream) -> None:
         self._live.discard(item)
         self._check_idle()
+        self._maybe_resume()
+
+    def _maybe_resume(self) -> None:
         if not self._accepting and self._backoff is None and not self._at_limit():
             self._resume()
 
@@ -430,7 +450,7 @@ class Receiver:
         self._reserve.release()
 
 
-async def _reject(sock: socket.socket, status: int, cgi: bool) -> None:
+def _reject(sock: socket.socket, status: int, cgi: bool) -> None:
     """Answer a handoff whose request description is unusable, then close."""
     head = http.response_head(
         status, [("Content-Length", "0"), *([] if cgi else [("Connection", "close")])], cgi=cgi
