@@ -28,6 +28,7 @@ from fdhandoff.receiver.listeners import Bind
 from test_receiver_asgi_support import ASGIReceiver, ResponseReader, hand_over, read_one
 from test_receiver_support import (
     MarkerSender,
+    dechunk,
     read_all,
     send_payload,
     send_scgi,
@@ -648,3 +649,86 @@ def test_streaming_response_stops_when_the_client_leaves(sock_path: str, no_fd_l
         client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         client.close()  # RST
         assert closed.wait(15)
+
+
+# --- slow clients -----------------------------------------------------------------------------
+
+
+def big_stream_app(total: int, piece: int) -> Starlette:
+    async def big(request: Request) -> Response:
+        async def parts() -> AsyncIterator[bytes]:
+            block = hashlib.sha256(b"seed").digest() * (piece // 32)
+            for _ in range(total // piece):
+                yield block
+
+        return StreamingResponse(parts(), media_type="application/octet-stream")
+
+    return Starlette(routes=[Route("/", big)])
+
+
+@pytest.mark.parametrize("sender", ["scgi", "payload"])
+def test_big_stream_reaches_a_slow_reader(sock_path: str, sender: str) -> None:
+    """30 MB through small windows; Apache's fds are O_NONBLOCK: every byte must arrive."""
+    total, piece = 30 * 1024 * 1024, 1024 * 1024
+    expected = hashlib.sha256(b"seed").digest() * (total // 32)
+    bind = Bind(sock_path) if sender == "scgi" else Bind.parse(f"unix-seqpacket:{sock_path}")
+    with ASGIReceiver(big_stream_app(total, piece), bind):
+        client, server_side = tcp_pair()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+        server_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * 1024)
+        if sender == "scgi":
+            headers = [
+                ("CONTENT_LENGTH", "0"),
+                ("SCGI", "1"),
+                ("REQUEST_METHOD", "GET"),
+                ("REQUEST_URI", "/"),
+                ("HTTP_HOST", "x"),
+            ]
+            send_scgi(sock_path, headers, server_side)
+        else:
+            send_payload(sock_path, b"", server_side)
+        client.settimeout(30)
+        data = bytearray()
+        while True:
+            chunk = client.recv(32 * 1024)
+            if not chunk:
+                break
+            data += chunk
+            if len(data) % (4 * 1024 * 1024) < 32 * 1024:
+                time.sleep(0.05)  # a slow link now and then
+            if sender == "scgi" and data.endswith(b"0\r\n\r\n"):
+                break
+        client.close()
+    head, _, body = bytes(data).partition(b"\r\n\r\n")
+    if sender == "scgi":
+        assert b"Transfer-Encoding: chunked" in head
+        body = dechunk(body)
+    else:
+        assert b"Connection: close" in head  # close-delimited: the client's version is unknown
+    assert hashlib.sha256(body).digest() == hashlib.sha256(expected).digest()
+
+
+def test_client_not_reading_is_dropped_after_the_write_timeout(
+    sock_path: str, no_fd_leak: None
+) -> None:
+    outcome: list[str] = []
+    done = threading.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            raise RuntimeError("http only")
+        await send({"type": "http.response.start", "status": 200})
+        try:
+            for _ in range(10_000):
+                await send({"type": "http.response.body", "body": b"x" * 65536, "more_body": True})
+            outcome.append("all sent?")
+        except OSError as exc:
+            outcome.append(type(exc).__name__)
+        finally:
+            done.set()
+
+    with ASGIReceiver(app, sock_path, Options(write_timeout=0.5)):
+        client = hand_over(sock_path)  # and never read
+        assert done.wait(30)
+        client.close()
+    assert outcome == ["ConnectionClosed"]
