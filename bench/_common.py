@@ -130,7 +130,10 @@ def run_receiver(path: str, *, hold: bool = False, seconds: float = 3600.0) -> N
                 client.close()
         return True
 
-    accept = listener.accept
+    # The raw accept (an fd) and an explicit family: socket.accept()'s
+    # wrapper converts enums and runs a Python __init__ per connection.
+    accept = listener._accept  # type: ignore[attr-defined]
+    unix, stream = int(socket.AF_UNIX), int(socket.SOCK_STREAM)
     while time.monotonic() < stop:
         for fd, _ in poller.poll(1.0):
             if fd != listener.fileno():
@@ -141,7 +144,7 @@ def run_receiver(path: str, *, hold: bool = False, seconds: float = 3600.0) -> N
                 continue
             for _ in range(256):  # drain the accept queue
                 try:
-                    conn, _ = accept()
+                    conn = socket.socket(unix, stream, 0, accept()[0])
                 except BlockingIOError:
                     break
                 except OSError as exc:
