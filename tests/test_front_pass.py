@@ -493,3 +493,18 @@ def test_accept_survives_running_out_of_fds(
         time.sleep(0.2)
     assert status == 200
     assert front.proc.poll() is None
+
+
+def test_wildcard_listener_reports_the_address_connected_to(
+    receivers: Callable[..., TestReceiver], fronts: Callable[..., FrontProcess]
+) -> None:
+    receiver = receivers()
+    front = fronts(f"/=unix:{receiver.path}", listen="0.0.0.0:0")
+    _, port = front.host_port
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET /any HTTP/1.1\r\nHost: a\r\n\r\n")
+        status, _, _ = parse_response(read_until_closed(sock))
+    assert status == 200
+    handoff = receiver.next()
+    assert handoff.headers[b"SERVER_ADDR"] == b"127.0.0.1"
+    assert handoff.headers[b"SERVER_PORT"] == str(port).encode()
