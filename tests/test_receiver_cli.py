@@ -237,6 +237,30 @@ def test_workers_share_sockets_restart_and_stop(tmp_path: Path) -> None:
     assert not os.path.exists(path)
 
 
+def test_workers_stop_taking_handoffs_at_once_and_finish_streams(tmp_path: Path) -> None:
+    path = str(tmp_path / "r.sock")
+    with serve_process(ECHO, [f"unix:{path}"], "--workers", "2", "--grace", "20") as proc:
+        client, server_side = tcp_pair()
+        send_scgi(path, front_headers("GET", "/slow-sse"), server_side)
+        assert b"tick 0" in read_until(client, b"tick 0")
+        proc.send_signal(signal.SIGTERM)
+        # Well before the stream's remaining ~5 s are over.
+        deadline = time.monotonic() + 2
+        refused = False
+        while not refused and time.monotonic() < deadline:
+            with socket.socket(socket.AF_UNIX) as late:
+                try:
+                    late.connect(path)
+                except OSError:
+                    refused = True
+            time.sleep(0.05)
+        assert refused, "the supervisor still listens after SIGTERM"
+        rest = read_all(client, timeout=20)
+        client.close()
+        assert proc.wait(30) == 0
+    assert b"tick 49" in rest
+
+
 # --- resource exhaustion and fd accounting ----------------------------------------------------
 
 

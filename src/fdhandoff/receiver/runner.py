@@ -124,7 +124,11 @@ def run(
         def worker(slot: int) -> int:
             return serve_listeners(handler, listeners, options, loop)
 
-        return supervise(workers, worker, options.grace)
+        def stop_listening() -> None:
+            for listener in listeners:
+                close_listener(listener)
+
+        return supervise(workers, worker, options.grace, stop_listening)
     finally:
         for listener in listeners:
             close_listener(listener)

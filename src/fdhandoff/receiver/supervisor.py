@@ -55,8 +55,18 @@ def _spawn(slot: int, worker_main: Callable[[int], int], mask: set[int | signal.
         os._exit(code)
 
 
-def supervise(count: int, worker_main: Callable[[int], int], grace: float) -> int:
-    """Run ``count`` workers until SIGTERM/SIGINT; return the exit status."""
+def supervise(
+    count: int,
+    worker_main: Callable[[int], int],
+    grace: float,
+    on_stop: Callable[[], None] | None = None,
+) -> int:
+    """Run ``count`` workers until SIGTERM/SIGINT; return the exit status.
+
+    ``on_stop`` runs once when stopping begins: the parent must close its
+    copies of the listening sockets then, or the kernel would keep queueing
+    connections that no worker accepts any more.
+    """
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
     workers: dict[int, tuple[int, float]] = {}  # pid -> (slot, started)
     pending: list[tuple[float, int]] = []  # (restart time, slot)
@@ -73,6 +83,8 @@ def supervise(count: int, worker_main: Callable[[int], int], grace: float) -> in
                     log.info("stopping %d workers", len(workers))
                     stopping_since = now
                     pending.clear()
+                    if on_stop is not None:
+                        on_stop()
                 _signal_all(workers, signal.SIGTERM)
             for dead in _reap(workers, stopping_since is None):
                 due = now + (RESTART_PAUSE if _died_young(dead, now) else 0.0)
