@@ -268,3 +268,23 @@ def test_client_closing_inside_a_next_head(sock_path: str, no_fd_leak: None) -> 
         client.sendall(b"GET /half HTTP/1.1\r\n")
         client.close()
         time.sleep(0.2)
+
+
+def test_handoff_decided_by_an_auth_application_serves_one_request(
+    sock_path: str, no_fd_leak: None
+) -> None:
+    """HANDOFF_DATA (the front's auth mode): the body went to the application, and the
+    next request must pass the front's check again, so it is not read here."""
+    counter = Counter()
+    with ASGIReceiver(counter.app(), sock_path):
+        client = hand_over(
+            sock_path, "POST", "/decided", [("Content-Length", "11")], HANDOFF_DATA='{"u":1}'
+        )
+        client.sendall(b"GET /sneaky HTTP/1.1\r\nHost: x\r\n\r\n")
+        reader = ResponseReader(client)
+        response = reader.read()
+        assert response.body == b"POST /decided 0"
+        assert response.header("connection") == "close"
+        assert reader.closed()
+        client.close()
+    assert [s[1] for s in counter.seen] == ["/decided"]

@@ -138,9 +138,15 @@ class ASGIAdapter:
             return
         request = request_from_handoff(handoff)
         cgi = handoff.format is Format.PLAIN_SCGI
+        # HANDOFF_DATA comes only from the front's auth mode: the application
+        # that decided this handoff has read the body, and it decided for this
+        # request alone, so the next one must go through the front again.
+        decided = handoff.format is Format.SCGI and any(
+            name == b"HANDOFF_DATA" for name, _ in handoff.record.headers
+        )
         if cgi:
             body: _Framing = (len(handoff.already_read) + handoff.record.remaining, False)
-        elif request.described:
+        elif request.described and not decided:
             body = framing(request.headers)  # ProtocolError: the engine answers 400
         else:
             body = (0, False)
@@ -154,7 +160,7 @@ class ASGIAdapter:
             extensions={"fdhandoff": extension_for(handoff)},
         )
         # Only an SCGI handoff leaves the client's next request to us.
-        persistent = handoff.format is Format.SCGI and self.keepalive_timeout > 0
+        persistent = handoff.format is Format.SCGI and not decided and self.keepalive_timeout > 0
         handoff.receiver.spawn(self._serve(conn, request, body, persistent, cgi))
 
     # --- serving a connection -------------------------------------------------------------
