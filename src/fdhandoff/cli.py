@@ -19,7 +19,7 @@ from .errors import ConfigError
 COMMAND_MODULES = (
     "fdhandoff.receiver.command",
     "fdhandoff.front.command",
-    "fdhandoff.demo_command",
+    "fdhandoff.demo.command",
 )
 
 Handler = Callable[[argparse.Namespace], int]

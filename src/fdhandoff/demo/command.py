@@ -1,0 +1,229 @@
+"""``fdhandoff demo``: the whole system on one machine, with a page to watch it.
+
+Starts, each as its own process like a real deployment:
+
+* the demo receiver (``fdhandoff serve fdhandoff.demo.receivers:handler``) on
+  three UNIX sockets: the page and counters, the chat, the token streamer
+  (SEQPACKET, Apache's format);
+* the front on ``127.0.0.1:8080`` with a pass route, a websocket route and an
+  auth route;
+
+and runs the small auth application in this process.  Ctrl-C (or SIGTERM)
+stops everything and removes the socket directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from .authapp import DEMO_TOKEN, AuthApp
+
+__all__ = ["register"]
+
+#: How long a child may take to be ready (the front and receiver start in well
+#: under a second; a loaded 2-core machine can take several).
+READY_TIMEOUT: Final = 30.0
+#: SIGTERM grace for children at exit before SIGKILL.
+STOP_TIMEOUT: Final = 10.0
+
+
+def register(subparsers: Any) -> None:
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "demo",
+        help="run the live demo: front, receivers and an auth app on 127.0.0.1:8080",
+        description="Start a front, the demo receivers and a small auth application, and "
+        "serve a live page showing an SSE token stream, a WebSocket chat and counters.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="front address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8080, help="front port (default 8080)")
+    parser.add_argument(
+        "--log-level", default="warning", choices=("debug", "info", "warning", "error")
+    )
+    parser.set_defaults(handler=_run)
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Where everything of one demo run lives."""
+
+    directory: Path
+    host: str
+    port: int
+
+    @property
+    def pages(self) -> Path:
+        return self.directory / "pages.sock"
+
+    @property
+    def chat(self) -> Path:
+        return self.directory / "chat.sock"
+
+    @property
+    def llm(self) -> Path:
+        return self.directory / "llm.sock"
+
+    @property
+    def app(self) -> Path:
+        return self.directory / "app.sock"
+
+    @property
+    def config(self) -> Path:
+        return self.directory / "front.toml"
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/"
+
+    def front_config(self, log_level: str) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"""\
+[[listen]]
+address = "{host}:{self.port}"
+
+[[route]]
+prefix = "/"
+backend = "unix:{self.pages}"
+
+[[route]]
+prefix = "/ws/chat"
+mode = "websocket"
+backend = "unix:{self.chat}"
+
+[[route]]
+prefix = "/llm/"
+mode = "auth"
+upstream = "unix:{self.app}"
+allowed_prefix = "{self.directory}/"
+
+[log]
+level = "{log_level}"
+access = "{"stderr" if log_level in ("debug", "info") else "off"}"
+"""
+
+
+def _run(args: argparse.Namespace) -> int:
+    directory = Path(os.path.realpath(tempfile.mkdtemp(prefix="fdhandoff-demo-")))
+    layout = Layout(directory, args.host, args.port)
+    try:
+        return asyncio.run(_main(layout, args.log_level))
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+async def _main(layout: Layout, log_level: str) -> int:
+    layout.config.write_text(layout.front_config(log_level))
+    app = AuthApp(str(layout.llm))
+    server = await app.serve_unix(str(layout.app))
+    python = sys.executable
+    children: list[tuple[str, asyncio.subprocess.Process]] = []
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        receiver = await asyncio.create_subprocess_exec(
+            python, "-m", "fdhandoff", "serve", "fdhandoff.demo.receivers:handler",
+            "--interface", "handoff", "--log-level", log_level,
+            *(["--no-access-log"] if log_level not in ("debug", "info") else []),
+            "--bind", f"unix:{layout.pages}", "--bind", f"unix:{layout.chat}",
+            "--bind", f"unix-seqpacket:{layout.llm}",
+            start_new_session=True,
+        )  # fmt: skip
+        children.append(("receiver", receiver))
+        await _wait_ready(
+            receiver, lambda: all(p.exists() for p in (layout.pages, layout.chat, layout.llm))
+        )
+        front = await asyncio.create_subprocess_exec(
+            python, "-m", "fdhandoff", "front", "--config", str(layout.config),
+            start_new_session=True,
+        )  # fmt: skip
+        children.append(("front", front))
+        await _wait_ready(front, lambda: _accepts(layout.host, layout.port))
+        _banner(layout, receiver.pid, front.pid)
+        waiters: list[asyncio.Task[Any]] = [asyncio.create_task(stop.wait())]
+        waiters += [asyncio.create_task(proc.wait()) for _, proc in children]
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for task in waiters:
+            task.cancel()
+        for name, proc in children:
+            if proc.returncode is not None:
+                print(f"fdhandoff demo: the {name} exited ({proc.returncode})", file=sys.stderr)
+                return 1
+        print("\nstopping…", file=sys.stderr)
+        return 0
+    except ChildFailed as exc:
+        print(f"fdhandoff demo: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        server.close()
+        await _stop_all(children)
+
+
+class ChildFailed(Exception):
+    pass
+
+
+async def _wait_ready(proc: asyncio.subprocess.Process, ready: Any) -> None:
+    deadline = asyncio.get_running_loop().time() + READY_TIMEOUT
+    while not ready():
+        if proc.returncode is not None:
+            raise ChildFailed(f"a process exited during start-up (status {proc.returncode})")
+        if asyncio.get_running_loop().time() > deadline:
+            raise ChildFailed(f"not ready after {READY_TIMEOUT:.0f} s")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(proc.wait(), 0.05)
+
+
+def _accepts(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+async def _stop_all(children: list[tuple[str, asyncio.subprocess.Process]]) -> None:
+    for _, proc in reversed(children):
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+    for _, proc in reversed(children):
+        try:
+            await asyncio.wait_for(proc.wait(), STOP_TIMEOUT)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+
+def _banner(layout: Layout, receiver_pid: int, front_pid: int) -> None:
+    print(
+        f"""
+fdhandoff demo is running: open {layout.url}
+
+  front     pid {front_pid:<7} {layout.url}  (config {layout.config})
+              /          pass      -> unix:{layout.pages}
+              /ws/chat   websocket -> unix:{layout.chat}
+              /llm/      auth      -> app unix:{layout.app}
+                                      -> unix-seqpacket:{layout.llm}
+  receiver  pid {receiver_pid:<7} fdhandoff.demo.receivers:handler on the three sockets
+  auth app  pid {os.getpid():<7} unix:{layout.app} (token: {DEMO_TOKEN})
+
+Try:  curl -N '{layout.url}llm/stream?token={DEMO_TOKEN}&prompt=hello'
+Ctrl-C stops everything.
+""",
+        file=sys.stderr,
+        flush=True,
+    )

@@ -1,0 +1,170 @@
+"""`fdhandoff demo` end to end: real processes, curl, and the real headless Chromium."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from cdp import chromium_path, launch
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class Demo:
+    proc: subprocess.Popen[str]
+    url: str
+    directory: Path
+    banner: str
+
+    def children(self) -> list[int]:
+        """PIDs of the front and receiver, read from the banner."""
+        return [int(pid) for pid in re.findall(r"(?:front|receiver)\s+pid (\d+)", self.banner)]
+
+
+def _start_demo() -> Demo:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fdhandoff", "demo", "--port", str(port)],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stderr is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line and proc.poll() is not None:
+            break
+        lines.append(line)
+        if line.startswith("Ctrl-C"):
+            break
+    banner = "".join(lines)
+    if "Ctrl-C" not in banner:
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"demo did not start:\n{banner}")
+    match = re.search(r"config (\S+)/front\.toml", banner)
+    assert match, banner
+    return Demo(proc, f"http://127.0.0.1:{port}/", Path(match.group(1)), banner)
+
+
+def _stop(demo: Demo) -> None:
+    if demo.proc.poll() is None:
+        demo.proc.send_signal(signal.SIGINT)
+        try:
+            demo.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            demo.proc.kill()
+            demo.proc.wait()
+    if demo.proc.stderr is not None:
+        demo.proc.stderr.close()
+
+
+@pytest.fixture
+def demo() -> Iterator[Demo]:
+    running = _start_demo()
+    try:
+        yield running
+    finally:
+        _stop(running)
+
+
+def _curl(curl: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [curl, "-s", "--max-time", "20", *args], capture_output=True, text=True, check=False
+    )
+
+
+def test_page_tokens_and_refusal_through_the_front(
+    demo: Demo, require_tool: Callable[[str], str]
+) -> None:
+    curl = require_tool("curl")
+    page = _curl(curl, "-w", "%{http_code}", demo.url)
+    assert page.stdout.endswith("200")
+    assert "<title>fdhandoff demo</title>" in page.stdout
+
+    stream = _curl(curl, "-N", demo.url + "llm/stream?token=demo-token&prompt=hi")
+    events = [line[6:] for line in stream.stdout.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert "you asked: 'hi'" in events[0]
+    assert len(events) > 10
+
+    refused = _curl(curl, "-w", " %{http_code}", demo.url + "llm/stream?token=wrong")
+    assert refused.stdout.endswith(" 401")
+
+    missing = _curl(curl, "-w", " %{http_code}", demo.url + "nothing-here")
+    assert missing.stdout.endswith(" 404")
+
+
+def test_ctrl_c_stops_every_process_and_removes_the_sockets() -> None:
+    running = _start_demo()
+    children = running.children()
+    assert len(children) == 2
+    assert any(running.directory.glob("*.sock"))
+    _stop(running)
+    assert running.proc.returncode == 0
+    for pid in children:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert not running.directory.exists()
+
+
+def test_browser_sees_tokens_chat_and_counters(
+    demo: Demo, require_tool: Callable[[str], str]
+) -> None:
+    require_tool("chromium")
+    executable = chromium_path()
+    assert executable is not None
+    with launch(executable) as browser:
+        first = browser.open(demo.url)
+        second = browser.open(demo.url)
+        for tab in (first, second):
+            tab.wait_for(
+                "document.getElementById('chat-status').textContent.startsWith('connected')"
+            )
+
+        # Counters arrive over SSE and count this tab's own connections.
+        handed = first.wait_for(
+            "(() => { const n = parseInt(document.getElementById('handed-off').textContent);"
+            " return n >= 3 ? n : 0; })()"
+        )
+        assert handed >= 3
+
+        # Token stream through the auth route.
+        first.evaluate("document.getElementById('llm-go').click()")
+        first.wait_for("document.getElementById('llm-status').textContent === 'done'", 60)
+        tokens = first.evaluate("document.getElementById('tokens').textContent")
+        assert "SCM_RIGHTS" in tokens
+
+        # A chat message typed in one tab arrives in the other.
+        first.evaluate(
+            "document.getElementById('chat-text').value = 'hello from tab one';"
+            "document.getElementById('chat-send').click()"
+        )
+        line = second.wait_for(
+            "Array.from(document.querySelectorAll('#chat-log p')).map(p => p.textContent)"
+            ".find(t => t.endsWith('hello from tab one')) || ''"
+        )
+        assert line.endswith(": hello from tab one")
+        held = second.wait_for(
+            "(() => { const n = parseInt(document.getElementById('ws-held').textContent);"
+            " return n >= 2 ? n : 0; })()"
+        )
+        assert held >= 2
