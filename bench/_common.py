@@ -118,8 +118,10 @@ def run_receiver(path: str, *, hold: bool = False, seconds: float = 3600.0) -> N
             if not more:
                 break
             data += more
-        conn.close()  # taken
         if client is not None:
+            # Answer first, then the taken-ack (closing the UNIX connection):
+            # the ack wakes the front, and its work is then off the path of
+            # the response (on 2 cores it could otherwise run before it).
             if hold:  # an event stream that never sends an event
                 with contextlib.suppress(OSError):
                     client.send(STREAM_HEAD)
@@ -128,6 +130,7 @@ def run_receiver(path: str, *, hold: bool = False, seconds: float = 3600.0) -> N
                 with contextlib.suppress(OSError):
                     client.send(RESPONSE)
                 client.close()
+        conn.close()  # taken
         return True
 
     # The raw accept (an fd) and an explicit family: socket.accept()'s
