@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import ConfigError
+from ..metrics import parse_address
 from . import options as limits
 from .listeners import DEFAULT_SOCKET_MODE, Bind
 from .options import Options
@@ -83,8 +84,13 @@ def register(subparsers: Any) -> None:
         default="info",
         help="logging level (default info)",
     )
+    parser.add_argument("--no-access-log", action="store_true", help="no log line per connection")
     parser.add_argument(
-        "--no-access-log", action="store_true", help="no log line per connection"
+        "--metrics",
+        metavar="HOST:PORT",
+        type=_metrics_address,
+        help="serve Prometheus metrics on http://HOST:PORT/metrics "
+        "(worker i of --workers uses PORT+i)",
     )
     group = parser.add_argument_group("limits (see docs/security.md)")
     _limit(group, "--handoff-timeout", float, limits.HANDOFF_TIMEOUT, "seconds for one handoff")
@@ -98,10 +104,16 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(handler=_run)
 
 
-def _limit(
-    group: Any, flag: str, kind: Callable[[str], Any], default: float, what: str
-) -> None:
+def _limit(group: Any, flag: str, kind: Callable[[str], Any], default: float, what: str) -> None:
     group.add_argument(flag, type=kind, default=default, help=f"{what} (default {default})")
+
+
+def _metrics_address(text: str) -> str:
+    try:
+        parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _octal(text: str) -> int:
@@ -151,6 +163,7 @@ def build_options(args: argparse.Namespace) -> Options:
         allow_uids=frozenset(args.allow_uid),
         allow_gids=frozenset(args.allow_gid),
         access_log=not args.no_access_log,
+        metrics=args.metrics,
     )
 
 

@@ -38,6 +38,7 @@ from .. import aio, fdpass
 from ..errors import FdPassError, ProtocolError
 from ..fdpass import peer_credentials
 from ..message import CLOSED, NEED_DATA, Format, HandoffReader, HandoffRecord
+from ..metrics import Metrics, parse_address, serve_metrics
 from . import http
 from .fdlimit import RESOURCE_ERRNOS, FdReserve
 from .handoff import Handoff, Phase
@@ -54,7 +55,6 @@ Handler = Callable[[Handoff], Awaitable[None]]
 #: Connections accepted per readiness callback before yielding to the loop,
 #: so one busy listener cannot starve the others or the streams.
 ACCEPT_BATCH: Final = 64
-
 
 
 class Receiver:
@@ -80,6 +80,7 @@ class Receiver:
         #: New UNIX connections whose handoff is still being read.
         self._taking = 0
         self._starved_since: float | None = None
+        self.metrics = _receiver_metrics(self)
 
     # --- listening ----------------------------------------------------------------
 
@@ -166,6 +167,7 @@ class Receiver:
             cred.uid,
             cred.gid,
         )
+        self.metrics.inc("handoff_errors_total", reason="peer_refused")
         return False
 
     def _on_connection(self, conn: socket.socket) -> None:
@@ -248,14 +250,14 @@ class Receiver:
                 "UNIX connection sent no complete handoff within %.1f s; closed",
                 self.options.handoff_timeout,
             )
+            self.metrics.inc("handoff_errors_total", reason="timeout")
             return None
-        except FdPassError as exc:
+        except (FdPassError, ProtocolError) as exc:
             log.warning("invalid handoff: %s", exc)
-            return None
-        except ProtocolError as exc:
-            log.warning("invalid handoff: %s", exc)
+            self.metrics.inc("handoff_errors_total", reason="invalid")
             return None
         except OSError as exc:
+            self.metrics.inc("handoff_errors_total", reason="os_error")
             if exc.errno in RESOURCE_ERRNOS:
                 self._back_off(f"recvmsg failed: {exc.strerror}")
             else:
@@ -310,12 +312,14 @@ class Receiver:
             handoff = Handoff(record, sock, self)
         except ProtocolError as exc:
             log.warning("bad request description in handoff: %s", exc)
+            self.metrics.inc("handoff_errors_total", reason="bad_description")
             _reject(sock, exc.status_hint, record.format is Format.PLAIN_SCGI)
             return None
         except OSError as exc:  # pragma: no cover - socket calls on a dead fd
             log.warning("handed-off socket unusable: %s", exc)
             sock.close()
             return None
+        self.metrics.inc("handoffs_total", format=record.format.value)
         self.track(handoff)
         return handoff
 
@@ -431,9 +435,7 @@ class Receiver:
         self.stop_accepting()
         grace = self.options.grace if grace is None else grace
         if self._live or self._tasks:
-            log.info(
-                "stopping: %d connections live, waiting up to %.1f s", len(self._live), grace
-            )
+            log.info("stopping: %d connections live, waiting up to %.1f s", len(self._live), grace)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(grace):
                     await self._idle.wait()
@@ -485,6 +487,10 @@ async def serve(
     A second signal skips the rest of the grace period.
     """
     receiver = Receiver(handler, options)
+    metrics_server = None
+    if receiver.options.metrics:
+        host, port = parse_address(receiver.options.metrics)
+        metrics_server = await serve_metrics(receiver.metrics, host, port)
     receiver.start(listeners)
     loop = receiver.loop
     stop = stop if stop is not None else asyncio.Event()
@@ -515,3 +521,26 @@ async def serve(
     finally:
         for signum in installed:
             loop.remove_signal_handler(signum)
+        if metrics_server is not None:
+            metrics_server.close()
+
+
+def _receiver_metrics(receiver: Receiver) -> Metrics:
+    """What a receiver process exposes on ``--metrics`` (docs/operations.md)."""
+    metrics = Metrics("fdhandoff_receiver_")
+    metrics.counter("handoffs_total", "Handoffs taken, by sender format.")
+    metrics.counter(
+        "handoff_errors_total",
+        "UNIX connections that delivered no usable handoff, by reason "
+        "(timeout, invalid, bad_description, peer_refused, os_error).",
+    )
+    metrics.gauge(
+        "connections", "Client connections held: being answered or streaming.",
+        lambda: len(receiver._live),
+    )  # fmt: skip
+    metrics.gauge("handoffs_in_progress", "UNIX connections being read.", lambda: receiver._taking)
+    metrics.gauge(
+        "accepting", "1 while taking handoffs, 0 when paused (limits, EMFILE, stopping).",
+        lambda: int(receiver._accepting),
+    )  # fmt: skip
+    return metrics

@@ -84,6 +84,9 @@ class Options:
     max_connections: int = 0
     #: One access-log line per connection (logger ``fdhandoff.access``).
     access_log: bool = True
+    #: ``HOST:PORT`` serving ``GET /metrics`` (Prometheus text); None = off.
+    #: With several workers, worker *i* listens on PORT + *i*.
+    metrics: str | None = None
 
     def replace(self, **changes: object) -> Options:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..errors import ConfigError
+from ..metrics import parse_address
 from . import engine
 from .listeners import DEFAULT_SOCKET_MODE, Bind, Listener, close_listener, open_listener
 from .options import Options
@@ -122,7 +123,7 @@ def run(
             return serve_listeners(handler, listeners, options, loop)
 
         def worker(slot: int) -> int:
-            return serve_listeners(handler, listeners, options, loop)
+            return serve_listeners(handler, listeners, _for_worker(options, slot), loop)
 
         def stop_listening() -> None:
             for listener in listeners:
@@ -132,3 +133,12 @@ def run(
     finally:
         for listener in listeners:
             close_listener(listener)
+
+
+def _for_worker(options: Options, slot: int) -> Options:
+    """Worker ``slot``'s options: its own metrics port (PORT + slot)."""
+    if not options.metrics:
+        return options
+    host, port = parse_address(options.metrics)
+    address = f"[{host}]:{port + slot}" if ":" in host else f"{host}:{port + slot}"
+    return options.replace(metrics=address)
