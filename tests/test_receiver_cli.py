@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import array
-import importlib.util
 import os
 import resource
 import signal
@@ -140,16 +139,6 @@ def test_bad_bind_is_a_config_error(tmp_path: Path) -> None:
     done = _serve("test_receiver_support:echo", "--interface", "handoff", "--bind", "tcp:1234")
     assert done.returncode == 2
     assert "unix:PATH" in done.stderr
-
-
-@pytest.mark.skipif(
-    importlib.util.find_spec("fdhandoff.receiver.asgi") is not None,
-    reason="the ASGI adapter is installed",
-)
-def test_asgi_interface_explains_the_missing_adapter(tmp_path: Path) -> None:
-    done = _serve("test_receiver_support:echo", "--bind", f"unix:{tmp_path / 'r.sock'}")
-    assert done.returncode == 2
-    assert "ASGI adapter" in done.stderr
 
 
 def test_sync_handler_is_served(tmp_path: Path) -> None:
