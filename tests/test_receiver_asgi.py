@@ -732,3 +732,36 @@ def test_client_not_reading_is_dropped_after_the_write_timeout(
         assert done.wait(30)
         client.close()
     assert outcome == ["ConnectionClosed"]
+
+
+def test_polling_is_disconnected_while_streaming(sock_path: str, no_fd_leak: None) -> None:
+    """Starlette's is_disconnected() cancels its receive() at once: the watch must survive it."""
+    polls: list[bool] = []
+    stopped = threading.Event()
+
+    async def polling(request: Request) -> Response:
+        async def ticks() -> AsyncIterator[bytes]:
+            try:
+                while True:
+                    gone = await request.is_disconnected()
+                    polls.append(gone)
+                    if gone:
+                        return
+                    yield b"tick\n"
+                    await asyncio.sleep(0.02)
+            finally:
+                stopped.set()
+
+        return StreamingResponse(ticks())
+
+    app = Starlette(routes=[Route("/", polling)])
+    with ASGIReceiver(app, sock_path):
+        client = hand_over(sock_path)
+        data = b""
+        while data.count(b"tick") < 5:
+            data += client.recv(4096)
+        client.shutdown(socket.SHUT_WR)  # EOF: the client is done
+        assert stopped.wait(10)
+        client.close()
+    assert polls[0] is False
+    assert polls[-1] is True

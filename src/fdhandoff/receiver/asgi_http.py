@@ -277,8 +277,12 @@ class HTTPCycle:
             self._request_done = True
             return {"type": "http.request", "body": b"", "more_body": False}
         # The body is complete: wait for the client to leave or the response
-        # to end.  Inline, one future per waiting receive() and no shield: an
-        # idle stream keeps this frame alive for hours.
+        # to end.  Look first: an app polling with a receive() it cancels at
+        # once (Starlette's is_disconnected) must still learn the client left.
+        if len(self.conn.buf) < MAX_HEAD_SIZE and self._check_client():
+            return _disconnect()
+        # Inline, one future per waiting receive() and no shield: an idle
+        # stream keeps this frame alive for hours.
         waiter: asyncio.Future[None] = self.conn.loop.create_future()
         self._add_waiter(waiter)
         try:
@@ -381,12 +385,13 @@ class HTTPCycle:
         if self._waiters is None:
             self._stop_reading()
 
-    def _on_readable(self) -> None:
+    def _check_client(self) -> bool:
+        """One non-blocking read: True if the client has left (EOF or reset)."""
         conn = self.conn
         try:
             data = conn.sock.recv(READ_SIZE)
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError:
             data = b""
         if data:
@@ -394,10 +399,14 @@ class HTTPCycle:
             conn.buf += data
             if len(conn.buf) >= MAX_HEAD_SIZE:
                 self._stop_reading()
-            return
+            return False
         self.disconnected = True
         self._why = self._why or "client disconnected"
-        self._wake_waiters()
+        return True
+
+    def _on_readable(self) -> None:
+        if self._check_client():
+            self._wake_waiters()
 
     def _stop_reading(self) -> None:
         if self._reading:
@@ -429,7 +438,12 @@ class HTTPCycle:
             raise RuntimeError(f"{kind!r} sent after the response was complete")
         if kind != "http.response.body":
             raise RuntimeError(f"expected 'http.response.body', got {kind!r}")
-        await self._body(message.get("body", b""), bool(message.get("more_body", False)))
+        body = message.get("body") or b""
+        if type(body) is not bytes:
+            if not isinstance(body, bytearray | memoryview):
+                raise TypeError(f"http.response.body needs bytes, not {type(body).__name__}")
+            body = bytes(body)
+        await self._body(body, bool(message.get("more_body", False)))
 
     def _start(self, message: dict[str, Any]) -> None:
         status = message["status"]
