@@ -347,6 +347,20 @@ def test_mod_proxy_fdpass_marker_gets_the_body_only(sock_path: str, no_fd_leak: 
     assert data == b"hello world"
 
 
+def test_other_marker_gets_a_whole_response(sock_path: str, no_fd_leak: None) -> None:
+    """fd-pass's \\x01 marker: nothing describes the request, the answer is complete."""
+    with ASGIReceiver(starlette_app(), sock_path):
+        sender = MarkerSender(sock_path)
+        client, server_side = tcp_pair()
+        sender.send(b"\x01", server_side)
+        data = read_all(client)
+        client.close()
+        sender.close()
+    assert data.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"\r\nConnection: close\r\n" in data
+    assert data.endswith(b"\r\n\r\nhello world")
+
+
 def test_plain_scgi_answers_cgi_style(sock_path: str, no_fd_leak: None) -> None:
     """nginx scgi_pass / Apache mod_proxy_scgi: no fd, the answer goes back on the UNIX socket."""
     body = b"x" * 70000
