@@ -7,8 +7,9 @@ rotates), so machine noise spreads over all of them; medians over repeats.
 
 * fdhandoff: ``fdhandoff front`` (pass mode) → the minimal receiver of
   bench/_common.py (fdhandoff.fdpass), which answers a fixed 200.
-* nginx → uvicorn: Debian nginx, 1 worker, ``proxy_pass`` with upstream
-  keep-alive (its best case), to the same uvicorn.
+* nginx → uvicorn: Debian nginx, 1 worker, ``proxy_pass`` to the same
+  uvicorn, as usually configured (a new upstream connection per request);
+  and ``nginx->uvicorn-ka``, nginx's best case, with upstream keep-alive.
 * uvicorn: uvloop + httptools, the same ASGI app answering directly.
 
 Access logs are off everywhere (``log.access = "off"``, ``access_log off``,
@@ -66,9 +67,15 @@ http {{
     fastcgi_temp_path {tmp}/fastcgi;
     uwsgi_temp_path {tmp}/uwsgi;
     scgi_temp_path {tmp}/scgi;
-    upstream app {{ server 127.0.0.1:{upstream}; keepalive 64; }}
+    # As nginx is usually configured: a new upstream connection per request.
     server {{
         listen 127.0.0.1:{port} backlog=4096;
+        location / {{ proxy_pass http://127.0.0.1:{upstream}; }}
+    }}
+    # nginx's best case: upstream connections kept alive.
+    upstream app {{ server 127.0.0.1:{upstream}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{keepalive_port} backlog=4096;
         location / {{
             proxy_pass http://app;
             proxy_http_version 1.1;
@@ -164,16 +171,19 @@ def start_all(stack: ExitStack, tmp: Path, args: argparse.Namespace) -> list[Tar
     c.wait_port(upstream)
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     if os.path.exists(nginx) and not args.no_nginx:
-        port = c.free_port()
-        (tmp / "nginx.conf").write_text(NGINX_CONF.format(tmp=tmp, port=port, upstream=upstream))
+        port, keepalive_port = c.free_port(), c.free_port()
+        (tmp / "nginx.conf").write_text(
+            NGINX_CONF.format(tmp=tmp, port=port, keepalive_port=keepalive_port, upstream=upstream)
+        )
         proc = stack.enter_context(
             c.started([nginx, "-p", str(tmp), "-c", str(tmp / "nginx.conf")], **quiet)
         )
         c.wait_port(port)
+        c.wait_port(keepalive_port)
         time.sleep(0.3)
-        targets.append(
-            Target("nginx->uvicorn", port, [proc.pid, *c.children(proc.pid), uvicorn.pid])
-        )
+        pids = [proc.pid, *c.children(proc.pid), uvicorn.pid]
+        targets.append(Target("nginx->uvicorn", port, pids))
+        targets.append(Target("nginx->uvicorn-ka", keepalive_port, pids))
     else:
         print("nginx not found: skipping nginx -> uvicorn", file=sys.stderr)
     targets.append(Target("uvicorn", upstream, [uvicorn.pid]))
@@ -322,12 +332,13 @@ def main() -> int:
             f"RESULT {t.name}_rps={c.median(t.rates):.0f} {t.name}_cpu_us={c.median(t.cpu_us):.1f} "
             f"{t.name}_p50_us={c.median(t.p50):.0f} {t.name}_p99_us={c.median(t.p99):.0f}"
         )
-    if "nginx->uvicorn" in by_name:
-        pair = by_name["nginx->uvicorn"]
-        print(
-            f"RESULT rps_ratio_vs_nginx_uvicorn={c.median(front.rates) / c.median(pair.rates):.2f}"
-            f" cpu_ratio_vs_nginx_uvicorn={c.median(front.cpu_us) / c.median(pair.cpu_us):.2f}"
-        )
+    for name, label in (("nginx->uvicorn", "nginx_uvicorn"), ("nginx->uvicorn-ka", "nginx_ka")):
+        if name in by_name:
+            pair = by_name[name]
+            print(
+                f"RESULT rps_ratio_vs_{label}={c.median(front.rates) / c.median(pair.rates):.2f}"
+                f" cpu_ratio_vs_{label}={c.median(front.cpu_us) / c.median(pair.cpu_us):.2f}"
+            )
     uvicorn = by_name["uvicorn"]
     print(
         f"RESULT rps_ratio_vs_uvicorn={c.median(front.rates) / c.median(uvicorn.rates):.2f} "
