@@ -386,6 +386,30 @@ def test_plain_scgi_answers_cgi_style(sock_path: str, no_fd_leak: None) -> None:
     assert json.loads(answer) == {"size": 70000, "sha256": hashlib.sha256(body).hexdigest()}
 
 
+def test_plain_scgi_stream_is_unbuffered_and_close_delimited(
+    sock_path: str, no_fd_leak: None
+) -> None:
+    headers = [
+        ("CONTENT_LENGTH", "0"),
+        ("SCGI", "1"),
+        ("REQUEST_METHOD", "GET"),
+        ("REQUEST_URI", "/stream"),
+        ("SERVER_PROTOCOL", "HTTP/1.1"),
+    ]
+    with (
+        ASGIReceiver(starlette_app(), sock_path),
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn,
+    ):
+        conn.connect(sock_path)
+        conn.sendall(scgi.encode(headers, b""))
+        data = read_all(conn)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"Status: 200 OK\r\n")
+    assert b"X-Accel-Buffering: no" in head
+    assert b"Transfer-Encoding" not in head
+    assert body == b"".join(b"part %d\n" % i for i in range(5))
+
+
 # --- request bodies ---------------------------------------------------------------------------
 
 

@@ -36,8 +36,9 @@ from ..errors import ConfigError, ProtocolError
 from ..httphead import DEFAULT_LIMITS, HeadLimits, find_head_end, incomplete_head_error, parse_head
 from ..message import Format
 from .asgi_conn import Connection
-from .asgi_http import HTTPCycle, error_response
+from .asgi_http import HTTPCycle
 from .asgi_lifespan import Lifespan
+from .asgi_response import error_response
 from .asgi_scope import (
     Request,
     connection_tokens,

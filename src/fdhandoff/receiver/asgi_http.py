@@ -23,18 +23,19 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, Final
 
 from ..errors import ProtocolError
 from ..httphead import MAX_HEAD_SIZE
 from . import http
 from .asgi_conn import READ_SIZE, Connection
+from .asgi_response import NO_BODY_STATUSES, app_head, error_response, finish_head
 from .asgi_scope import Request
 from .body import END, NEED_DATA, BodyDecoder
 from .stream import ConnectionClosed
 
-__all__ = ["HTTPCycle", "error_response"]
+__all__ = ["HTTPCycle"]
 
 log = logging.getLogger("fdhandoff.receiver.asgi")
 
@@ -42,41 +43,9 @@ log = logging.getLogger("fdhandoff.receiver.asgi")
 #: (one copy, one syscall); bigger ones are written on their own (no copy).
 _COALESCE: Final = 64 * 1024
 
-_NO_BODY_STATUSES: Final = frozenset({204, 304})
-
-#: Response headers the adapter decides itself: the framing of the body and
-#: the connection's persistence (RFC 9112 sections 6 and 9.6).
-_HOP_BY_HOP: Final = frozenset({b"transfer-encoding", b"connection", b"keep-alive"})
-
-#: ``X-Accel-Buffering: no`` on streamed plain-SCGI answers: nginx buffers
-#: SCGI responses unless told not to, which would hold back every stream.
-_NO_PROXY_BUFFERING: Final = b"X-Accel-Buffering: no\r\n"
-
 
 def _disconnect() -> dict[str, Any]:
     return {"type": "http.disconnect"}
-
-
-def _as_bytes(value: bytes | str) -> bytes:
-    return value.encode("latin-1") if isinstance(value, str) else bytes(value)
-
-
-def error_response(
-    status: int,
-    *,
-    cgi: bool = False,
-    head_only: bool = False,
-    extra: Iterable[tuple[bytes, bytes]] = (),
-) -> bytes:
-    """A complete plain-text answer ending the connection (``Connection: close``)."""
-    phrase = http.reason(status)
-    body = f"{status} {phrase}\n".encode()
-    headers = [(b"Content-Type", b"text/plain; charset=utf-8"), *extra]
-    headers.append((b"Content-Length", b"%d" % len(body)))
-    if not cgi:
-        headers.append((b"Connection", b"close"))
-    head = http.response_head(status, headers, cgi=cgi)
-    return head if head_only else head + body
 
 
 class HTTPCycle:
@@ -446,37 +415,13 @@ class HTTPCycle:
         await self._body(body, bool(message.get("more_body", False)))
 
     def _start(self, message: dict[str, Any]) -> None:
-        status = message["status"]
-        if not isinstance(status, int) or not 200 <= status <= 999:
-            raise ValueError(f"invalid response status {status!r} (informational ones included)")
-        kept: list[tuple[bytes, bytes]] = []
-        length: int | None = None
-        has_date = False
-        for raw_name, raw_value in message.get("headers", ()):
-            name, value = _as_bytes(raw_name), _as_bytes(raw_value)
-            lower = name.lower()
-            if lower in _HOP_BY_HOP:
-                if lower == b"connection" and b"close" in value.lower():
-                    self.keep_alive = False
-                continue
-            if lower == b"content-length":
-                length = _content_length(value, length)
-            elif lower == b"date":
-                has_date = True
-            kept.append((name, value))
-        head = bytearray()
-        if not self.request.head_sent:
-            if self.cgi:
-                head += b"Status: %d %s\r\n" % (status, http.reason(status).encode())
-            else:
-                head += b"HTTP/1.1 %d %s\r\n" % (status, http.reason(status).encode())
-                if not has_date:
-                    head += b"Date: " + http.http_date() + b"\r\n"
-            head += http.encode_headers(kept)  # raises ValueError on CR/LF/NUL
-        self._head = bytes(head)
-        self._length = length
-        self.status = status
-        if status in _NO_BODY_STATUSES:
+        head = app_head(message, cgi=self.cgi, head_sent=self.request.head_sent)
+        if head.close:
+            self.keep_alive = False
+        self._head = head.head
+        self._length = head.length
+        self.status = head.status
+        if head.status in NO_BODY_STATUSES:
             self._no_body = True
         self.started = True
 
@@ -511,22 +456,18 @@ class HTTPCycle:
         if self.request.head_sent:
             self.keep_alive = False
             return b""
-        extra = b""
+        length: int | None = None
         if self._no_body or self._length is not None:
             pass
         elif not more:
-            self._length = size
-            extra += b"Content-Length: %d\r\n" % size
+            length = self._length = size
         elif self.can_chunk:
             self._chunked = True
-            extra += b"Transfer-Encoding: chunked\r\n"
         else:
             self.keep_alive = False  # close-delimited: the end of the body is the close
-            if self.cgi and b"x-accel-buffering:" not in head.lower():
-                extra += _NO_PROXY_BUFFERING
-        if not self.keep_alive and not self.cgi:
-            extra += b"Connection: close\r\n"
-        return head + extra + b"\r\n"
+        return finish_head(
+            head, length=length, chunked=self._chunked, close=not self.keep_alive, cgi=self.cgi
+        )
 
     def _check_length(self, size: int, more: bool) -> None:
         remaining = self._length
@@ -576,13 +517,3 @@ class HTTPCycle:
         with contextlib.suppress(ConnectionClosed):
             await self.conn.write(data)
         self._written = True
-
-
-def _content_length(value: bytes, previous: int | None) -> int:
-    text = value.strip()
-    if not text.isdigit() or not text.isascii() or len(text) > 18:
-        raise ValueError(f"invalid Content-Length {value[:32]!r} in the app's response")
-    length = int(text)
-    if previous is not None and previous != length:
-        raise ValueError("the app's response has conflicting Content-Length headers")
-    return length

@@ -31,7 +31,8 @@ from typing import Any, Final
 from .. import websocket
 from ..websocket import NEED_DATA, Close, CloseCode, Message, WebSocketProtocolError
 from .asgi_conn import Connection, wake
-from .asgi_http import HTTPCycle, error_response
+from .asgi_http import HTTPCycle
+from .asgi_response import error_response
 from .asgi_scope import Request
 from .stream import ConnectionClosed
 
