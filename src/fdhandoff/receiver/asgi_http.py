@@ -96,6 +96,7 @@ class HTTPCycle:
         keep_alive: bool,
         cgi: bool = False,
         on_move: Callable[[HTTPCycle], None] | None = None,
+        access_log: bool = True,
     ) -> None:
         self.conn = conn
         self.request = request
@@ -130,7 +131,8 @@ class HTTPCycle:
         self._no_body = request.method == "HEAD"
         self._chunked = False
         self._written = False
-        self._started_at = time.monotonic()
+        # -1: no access-log line (already written, or written by the owner).
+        self._started_at = time.monotonic() if access_log else -1.0
         self._why: str | None = None
         self.running = False
         self.moved = False

@@ -299,7 +299,7 @@ class WebSocketCycle:
     async def _deny(self, message: dict[str, Any]) -> None:
         self.state = _State.ANSWERED
         denial = self._denial = HTTPCycle(
-            self.conn, self.request, self.scope, None, keep_alive=False
+            self.conn, self.request, self.scope, None, keep_alive=False, access_log=False
         )
         await denial.send({**message, "type": "http.response.start"})
         self.status = denial.status
