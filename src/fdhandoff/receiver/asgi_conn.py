@@ -27,6 +27,7 @@ from .stream import ConnectionClosed
 
 if TYPE_CHECKING:
     from .engine import Receiver
+    from .options import Options
 
 __all__ = ["READ_SIZE", "Connection", "wake"]
 
@@ -87,7 +88,8 @@ class Connection:
         self._queued: asyncio.Future[bool] | None = None
 
     @property
-    def options(self) -> Any:
+    def options(self) -> Options:
+        """The receiver's limits (timeouts, sizes) that apply to this connection."""
         return self.receiver.options
 
     # --- reading --------------------------------------------------------------------
