@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import random
+import socket
 import threading
 import time
 from pathlib import Path
@@ -16,7 +18,7 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 import fdhandoff.receiver.asgi as asgi_module
-from test_receiver_asgi_support import ASGIReceiver, ResponseReader, hand_over
+from test_receiver_asgi_support import ASGIReceiver, MiniFront, ResponseReader, hand_over
 
 LOOPS = ["asyncio", "uvloop"]
 
@@ -288,3 +290,44 @@ def test_handoff_decided_by_an_auth_application_serves_one_request(
         assert reader.closed()
         client.close()
     assert [s[1] for s in counter.seen] == ["/decided"]
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_many_clients_pipelining_mixed_requests(sock_path: str, loop: str) -> None:
+    """30 connections at once, each with 10 pipelined GETs, POSTs and streams, in order."""
+    rng = random.Random(7)
+    errors: list[str] = []
+
+    def client(front: MiniFront, number: int) -> None:
+        try:
+            with socket.create_connection(("127.0.0.1", front.port), timeout=30) as sock:
+                wire, expected = b"", []
+                for i in range(10):
+                    kind = rng.choice(("get", "post", "stream"))
+                    if kind == "get":
+                        wire += b"GET /c%d/%d HTTP/1.1\r\nHost: x\r\n\r\n" % (number, i)
+                        expected.append(b"GET /c%d/%d 0" % (number, i))
+                    elif kind == "post":
+                        size = rng.randrange(0, 200_000)
+                        wire += b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size
+                        wire += b"u" * size
+                        expected.append(b"POST /up %d" % size)
+                    else:
+                        wire += b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n"
+                        expected.append(b"0;1;2;")
+                sock.sendall(wire)
+                reader = ResponseReader(sock, timeout=30)
+                got = [reader.read().body for _ in expected]
+                if got != expected:
+                    errors.append(f"client {number}: {got!r}")
+        except Exception as exc:  # collected, asserted below
+            errors.append(f"client {number}: {exc!r}")
+
+    with ASGIReceiver(Counter().app(), sock_path, loop=loop), MiniFront(sock_path) as front:
+        threads = [threading.Thread(target=client, args=(front, n)) for n in range(30)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    assert errors == []
+    assert front.handed == 30
