@@ -21,7 +21,8 @@ import pytest
 from websockets.sync.client import connect
 
 from handoff_receiver import FrontProcess, running_front
-from test_receiver_asgi_support import IO_TIMEOUT, ResponseReader
+from test_receiver_asgi_support import IO_TIMEOUT, ASGIReceiver, ResponseReader
+from test_receiver_nginx import nginx  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -109,9 +110,13 @@ def serve(target: str, tmp_path: Path, *args: str) -> Iterator[ReceiverProcess]:
 def curl(require_tool: Callable[[str], str]) -> Callable[..., subprocess.CompletedProcess[bytes]]:
     path = require_tool("curl")
 
-    def run(*args: str) -> subprocess.CompletedProcess[bytes]:
+    def run(*args: str, input_bytes: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
         return subprocess.run(
-            [path, "-sS", "--max-time", "30", *args], capture_output=True, timeout=60, check=False
+            [path, "-sS", "--max-time", "30", *args],
+            capture_output=True,
+            timeout=60,
+            check=False,
+            input=input_bytes,
         )
 
     return run
@@ -346,3 +351,40 @@ def test_no_fd_left_after_disconnects_and_errors(tmp_path: Path) -> None:
             for ws in dropped:
                 ws.socket.close()  # gone without a close frame
             assert receiver.settled_fd_count(baseline) == baseline
+
+
+# --- nginx scgi_pass ---------------------------------------------------------------------------
+
+
+def test_starlette_behind_real_nginx_scgi_pass(
+    nginx: tuple[int, str],  # noqa: F811  (the fixture imported above)
+    curl: Callable[..., subprocess.CompletedProcess[bytes]],
+    no_fd_leak: None,
+) -> None:
+    """Plain SCGI from nginx: CGI answers, bodies nginx buffered, streams not held back."""
+    sys.path.insert(0, str(REPO))
+    try:
+        from examples.starlette_app import app  # noqa: PLC0415
+    finally:
+        sys.path.remove(str(REPO))
+    port, sock = nginx
+    with ASGIReceiver(app, sock):
+        os.chmod(sock, 0o666)  # nginx workers may run as another user
+        url = f"http://127.0.0.1:{port}"
+        got = curl("-i", url + "/info?x=1")
+        assert got.stdout.startswith(b"HTTP/1.1 200")
+        info = json.loads(got.stdout.partition(b"\r\n\r\n")[2])
+        assert info["handoff_format"] == "plain-scgi"
+        assert info["query"] == "x=1"
+        body = os.urandom(300_000)  # nginx spools it, then sends it with CONTENT_LENGTH
+        assert curl(url + "/echo", "--data-binary", "@-", input_bytes=body).stdout == body
+        # An endless SSE stream: events must arrive while it runs, not when nginx's
+        # buffers fill (X-Accel-Buffering: no).
+        with socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) as client:
+            client.sendall(b"GET /sse?n=0&interval=0.1 HTTP/1.1\r\nHost: x\r\n\r\n")
+            data = b""
+            while b"data: {" not in data:
+                chunk = client.recv(4096)
+                assert chunk, data
+                data += chunk
+        assert b"text/event-stream" in data
