@@ -96,7 +96,7 @@ def echo_app(events: Events) -> Starlette:
         await ws.close(code=4000, reason="done here")
 
     async def headers(ws: WebSocket) -> None:
-        await ws.accept(headers=[(b"x-session", b"42")])
+        await ws.accept(headers=[(b"x-room", b"42")])
         await ws.send_text("ok")
         await ws.receive()  # until the client leaves
 
@@ -194,7 +194,7 @@ def test_accept_with_headers(sock_path: str) -> None:
         MiniFront(sock_path) as front,
         ws_connect(front.ws_url + "/headers") as ws,
     ):
-        assert ws.response.headers["x-session"] == "42"
+        assert ws.response.headers["x-room"] == "42"
         assert ws.recv(IO_TIMEOUT) == "ok"
 
 
