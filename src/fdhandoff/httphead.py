@@ -350,9 +350,7 @@ def _absolute_form(target: bytes) -> tuple[bytes, bytes, bytes, bytes]:
 
 
 #: Host = uri-host [ ":" port ] (RFC 9110 §7.2): reg-name / IPv4 or an IP literal.
-_HOST: Final = re.compile(
-    rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::([0-9]{0,5}))?"
-)
+_HOST: Final = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::([0-9]{0,5}))?")
 
 
 def split_host(value: bytes) -> tuple[bytes, bytes]:
