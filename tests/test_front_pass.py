@@ -416,7 +416,7 @@ def test_receiver_keeping_its_end_open_still_counts_as_taken(
     no_fd_leak: None, receivers: Callable[..., TestReceiver], fronts: Callable[..., FrontProcess]
 ) -> None:
     receiver = receivers(mode="keep-open")
-    front = fronts(f"/=unix:{receiver.path}", config="[timeouts]\nhandoff = 0.3\n")
+    front = fronts(f"/=unix:{receiver.path}")  # the default 1 s handoff timeout
     baseline = front.fd_count()
     status, _, body = http_exchange(front, b"GET /kept HTTP/1.1\r\nHost: a\r\n\r\n")
     assert status == 200  # the receiver answered; no 503 crossed it
