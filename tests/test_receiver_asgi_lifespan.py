@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -150,3 +153,46 @@ def test_stuck_shutdown_is_cut_after_the_grace(
     assert time.monotonic() - started < 20
     assert cancelled == [True]
     assert "did not end within" in caplog.text
+
+
+LIFESPAN_APP = """
+import pathlib
+
+MARKS = pathlib.Path(__file__).parent / "marks"
+
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                MARKS.write_text("started\\n")
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                with MARKS.open("a") as marks:
+                    marks.write("stopped\\n")
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+"""
+
+
+def test_serve_runs_startup_before_any_handoff_and_shutdown_at_exit(tmp_path: Path) -> None:
+    (tmp_path / "lifeapp.py").write_text(LIFESPAN_APP)
+    marks = tmp_path / "marks"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fdhandoff", "serve", "lifeapp:app",
+         "--bind", f"unix:{tmp_path / 'r.sock'}"],
+        cwd=tmp_path,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not marks.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marks.read_text() == "started\n"  # no handoff was ever sent
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert marks.read_text() == "started\nstopped\n"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -34,6 +34,8 @@ IO_TIMEOUT = 10.0
 class ASGIReceiver(ReceiverThread):
     """Engine + ASGI adapter in a thread; lifespan startup before, shutdown after."""
 
+    engine_lifespan = False  # the lifespan is driven here, or deliberately not at all
+
     def __init__(
         self,
         app: Any,

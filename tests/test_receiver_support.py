@@ -66,6 +66,10 @@ class ReceiverThread:
             self.error = exc
             self._ready.set()
 
+    #: Let engine.serve run the handler's startup()/shutdown() (subclasses
+    #: that drive the lifespan themselves turn it off).
+    engine_lifespan = True
+
     async def _serve(self) -> None:
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
@@ -76,7 +80,7 @@ class ReceiverThread:
 
         await engine.serve(
             self.handler, [x.sock for x in self.listeners], self.options, stop=self._stop,
-            ready=ready,
+            ready=ready, lifespan=self.engine_lifespan,
         )
 
     def start(self) -> ReceiverThread:

@@ -106,8 +106,15 @@ class ASGIAdapter:
     # --- lifespan ------------------------------------------------------------------------
 
     async def startup(self) -> None:
-        """The app's lifespan startup; raises :class:`ConfigError` if it failed."""
-        await self.lifespan.startup()
+        """The app's lifespan startup; raises :class:`ConfigError` if it failed.
+
+        Idempotent: the engine calls it before taking handoffs, and a program
+        that started the adapter itself may have called it already.
+        """
+        if self._starting is not None:
+            await asyncio.shield(self._starting)
+        elif not self.lifespan.started and not self.lifespan.starting:
+            await self.lifespan.startup()
 
     async def shutdown(self) -> None:
         """The app's lifespan shutdown (call once the connections are done).

@@ -68,6 +68,11 @@ class Lifespan:
         return self._stage not in (_Stage.NEW, _Stage.STARTING)
 
     @property
+    def starting(self) -> bool:
+        """True while the app's startup is running."""
+        return self._stage is _Stage.STARTING
+
+    @property
     def failed(self) -> bool:
         return self._stage is _Stage.FAILED
 

@@ -481,12 +481,21 @@ async def serve(
     *,
     stop: asyncio.Event | None = None,
     ready: Callable[[Receiver], None] | None = None,
+    lifespan: bool = True,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or ``stop`` is set), then shut down gracefully.
 
-    A second signal skips the rest of the grace period.
+    A second signal skips the rest of the grace period.  With ``lifespan``, a
+    handler that has ``startup()`` / ``shutdown()`` coroutines (the ASGI
+    adapter) is started before the first handoff is taken and shut down after
+    the last connection ended.
     """
     receiver = Receiver(handler, options)
+    # ASGI lifespan (or any handler with startup/shutdown): the app is ready
+    # before the first handoff is taken, and shut down after the last one.
+    startup = getattr(handler, "startup", None) if lifespan else None
+    if startup is not None:
+        await startup()
     metrics_server = None
     if receiver.options.metrics:
         host, port = parse_address(receiver.options.metrics)
@@ -523,6 +532,9 @@ async def serve(
             loop.remove_signal_handler(signum)
         if metrics_server is not None:
             metrics_server.close()
+        shutdown_app = getattr(handler, "shutdown", None)
+        if startup is not None and shutdown_app is not None:
+            await shutdown_app()
 
 
 def _receiver_metrics(receiver: Receiver) -> Metrics:
