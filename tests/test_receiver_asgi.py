@@ -271,7 +271,7 @@ def test_sse_with_a_streaming_response(sock_path: str) -> None:
 
 
 def test_sse_starlette_event_source(sock_path: str) -> None:
-    sse_starlette = pytest.importorskip("sse_starlette")
+    import sse_starlette  # noqa: PLC0415 - a test extra, imported where it is used
     ended = threading.Event()
 
     async def events(request: Request) -> Response:
