@@ -6,13 +6,23 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from fdhandoff import fdpass, message
 from fdhandoff.metrics import Metrics, parse_address
+from handoff_receiver import (
+    FrontProcess,
+    TestReceiver,
+    fronts_fixture,  # noqa: F401  (fixture)
+    http_exchange,
+    receivers_fixture,  # noqa: F401  (fixture)
+    sockdir_fixture,  # noqa: F401  (fixture)
+)
 
 HANDLER = """
 async def handler(handoff):
@@ -111,3 +121,44 @@ def test_receiver_counts_handoffs_and_errors(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_front_counts_outcomes(
+    receivers: Callable[..., TestReceiver], fronts: Callable[..., FrontProcess]
+) -> None:
+    receiver = receivers()
+    port = _free_port()
+    front = fronts(
+        f"/fd=unix:{receiver.path}",
+        config=f'[[route]]\nprefix = "/x"\nbackend = "unix:{receiver.path}"\n'
+        f'[metrics]\naddress = "127.0.0.1:{port}"\n',
+    )
+    request = b"GET /fd/a HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+    assert http_exchange(front, request)[0] == 200
+    assert http_exchange(front, b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n")[0] == 404
+    text = ""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        text = _scrape(port)
+        if 'outcome="404"} 1' in text and 'outcome="handed_off"} 1' in text:
+            break
+        time.sleep(0.1)
+    assert 'fdhandoff_front_requests_total{outcome="handed_off"} 1' in text
+    assert 'fdhandoff_front_requests_total{outcome="404"} 1' in text
+    assert "fdhandoff_front_accepting 1" in text
+
+
+def test_check_rejects_a_bad_metrics_address(tmp_path: Path) -> None:
+    config = tmp_path / "f.toml"
+    config.write_text(
+        '[[listen]]\naddress = "127.0.0.1:0"\n[[route]]\nprefix = "/"\n'
+        'backend = "unix:/run/x.sock"\n[metrics]\naddress = "localhost"\n'
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "fdhandoff", "check", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "metrics.address" in done.stderr

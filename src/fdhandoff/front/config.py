@@ -22,6 +22,7 @@ from typing import Any, Final, TypeVar
 
 from ..errors import ConfigError
 from ..httphead import MAX_HEAD_SIZE, MAX_HEADERS, MAX_URI_LENGTH, HeadLimits
+from ..metrics import parse_address as parse_metrics_address
 
 __all__ = [
     "Address",
@@ -138,6 +139,8 @@ class FrontConfig:
     limits: Limits = field(default_factory=Limits)
     timeouts: Timeouts = field(default_factory=Timeouts)
     log: LogConfig = field(default_factory=LogConfig)
+    #: ``HOST:PORT`` serving ``GET /metrics`` (Prometheus text), or None.
+    metrics: str | None = None
 
 
 # --- validation helpers ---------------------------------------------------------------
@@ -298,7 +301,7 @@ def _backend_path(text: str) -> str:
 
 # --- sections ----------------------------------------------------------------------------
 
-_TOP_KEYS: Final = ["limits", "listen", "log", "route", "timeouts"]
+_TOP_KEYS: Final = ["limits", "listen", "log", "metrics", "route", "timeouts"]
 _LISTEN_KEYS: Final = ["address", "backlog"]
 _ROUTE_KEYS: Final = [
     "allowed_prefix",
@@ -507,6 +510,19 @@ def _log(table: Mapping[str, Any], errors: _Errors) -> LogConfig:
     return LogConfig(access, level)
 
 
+def _metrics(table: Mapping[str, Any], errors: _Errors) -> str | None:
+    _check_keys(table, ["address"], "metrics", errors)
+    address = _string(table, "address", "metrics", errors)
+    if address is None:
+        return None
+    try:
+        parse_metrics_address(address)
+    except ValueError as exc:
+        errors.add("metrics.address", address, str(exc))
+        return None
+    return address
+
+
 def build_config(
     raw: Mapping[str, Any],
     *,
@@ -566,6 +582,7 @@ def build_config(
         _limits(_table(raw, "limits", errors), errors),
         _timeouts(_table(raw, "timeouts", errors), errors),
         _log(_table(raw, "log", errors), errors),
+        _metrics(_table(raw, "metrics", errors), errors),
     )
     errors.raise_if_any()
     return config

@@ -39,6 +39,7 @@ from typing import Final, TypeVar
 from .. import websocket
 from ..errors import ProtocolError
 from ..httphead import HEAD_END, RequestHead, incomplete_head_error, parse_head
+from ..metrics import Metrics, parse_address, serve_metrics
 from ..routing import Router, normalize_path
 from .accesslog import AccessLog
 from .auth import serve_auth
@@ -186,6 +187,7 @@ class Front:
         self.router: Router[RouteConfig] = Router((r.prefix, r.host, r) for r in config.routes)
         self._prefix_bytes = {r.prefix: r.prefix.encode("utf-8") for r in config.routes}
         self.access = AccessLog(config.log.access)
+        self.metrics = _front_metrics(self)
         self.listeners: list[Listener] = []
         self._buf = bytearray(self.head_limits.max_head_size)
         self._max_head = self.head_limits.max_head_size
@@ -236,6 +238,11 @@ class Front:
         self._handoffs = Handoffs(
             self.loop, self.timeouts.handoff, taken=self._handoff_taken, failed=self._handoff_failed
         )
+        metrics_server = None
+        if self.config.metrics:
+            metrics_server = await serve_metrics(
+                self.metrics, *parse_address(self.config.metrics)
+            )
         self._resume_accepting()
         self._tick_handle = self.loop.call_later(TICK, self._tick)
         labels = ", ".join(listener.label for listener in self.listeners)
@@ -250,6 +257,8 @@ class Front:
                 self._tick_handle.cancel()
             self.handoffs.close()
             self.access.close()
+            if metrics_server is not None:
+                metrics_server.close()
         return 0
 
     def stop(self) -> None:
@@ -587,8 +596,7 @@ class Front:
 
     def _handoff_taken(self, flight: InFlight) -> None:
         req: Request = flight.context
-        if self.access.enabled:
-            self.log_request(req, "101 handed-off" if req.upgraded else "handed-off")
+        self.log_request(req, "101 handed-off" if req.upgraded else "handed-off")
 
     def _handoff_failed(self, flight: InFlight, why: str) -> None:
         req: Request = flight.context
@@ -662,6 +670,8 @@ class Front:
         self._tick_handle = self.loop.call_later(TICK, self._tick)
 
     def log_request(self, req: Request, outcome: str) -> None:
+        """Count the request's outcome and write its access-log line."""
+        self.metrics.inc("requests_total", outcome=_outcome_label(outcome))
         self.access.log(
             req.client, req.method, req.target, route=req.route, outcome=outcome, start=req.start
         )
@@ -669,6 +679,34 @@ class Front:
     def _log_dropped(self, req: Request, dropped: list[bytes]) -> None:
         names = ", ".join(name.decode("ascii", "replace") for name in dropped)
         log.info("%s: dropped header(s) with '_' in the name: %s", req.client, names)
+
+
+def _outcome_label(outcome: str) -> str:
+    """The metrics label of an access-log outcome: ``handed_off``, ``relayed``,
+    ``closed`` or the status the front answered (``404``, ``503``...)."""
+    if outcome.endswith("handed-off"):
+        return "handed_off"
+    if outcome.startswith("101 closed-1013"):
+        return "503"  # the backend failed after the 101: a WebSocket close 1013
+    return outcome.split(" ", 1)[0]
+
+
+def _front_metrics(front: Front) -> Metrics:
+    """What the front exposes on ``[metrics] address`` (docs/operations.md)."""
+    metrics = Metrics("fdhandoff_front_")
+    metrics.counter(
+        "requests_total",
+        "Requests by outcome: handed_off, relayed (auth mode), closed, or the status "
+        "the front answered itself.",
+    )
+    metrics.gauge(
+        "in_flight", "Connections being read, handed off or answered.", front.in_flight
+    )
+    metrics.gauge(
+        "accepting", "1 while accepting connections, 0 when paused or stopping.",
+        lambda: int(front._accepting),
+    )  # fmt: skip
+    return metrics
 
 
 def _expired(deadlines: dict[_T, float], now: float) -> list[_T]:
