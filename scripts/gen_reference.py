@@ -45,6 +45,7 @@ MODULES = (
     "fdhandoff.aio",
     "fdhandoff.websocket",
     "fdhandoff.errors",
+    "fdhandoff.metrics",
     "fdhandoff.receiver",
     "fdhandoff.receiver.sync",
     "fdhandoff.receiver.asgi",
