@@ -290,3 +290,30 @@ def test_apache_payload_handshake_with_the_key_from_the_payload(
         client.sendall(encode_frame(Opcode.TEXT, b"via apache", mask=b"abcd"))
         assert read_until(client, b"via apache").endswith(encode_frame(Opcode.TEXT, b"via apache"))
         client.close()
+
+
+def test_a_client_that_resets_ends_with_1006(tmp_path: Path, no_fd_leak: None) -> None:
+    """RFC 6455 §7.1.5: no close frame (here a TCP reset) means close code 1006."""
+    ended: list[int | None] = []
+
+    async def handler(handoff: Handoff) -> None:
+        ws = await handoff.websocket()
+        ws.on_close = lambda ws: ended.append(ws.close_code)
+        ws.on_message = lambda ws, message: ws.send(message)
+
+    path = str(tmp_path / "r.sock")
+    with ReceiverThread(handler, [Bind(path)]), MiniFront(path) as front:
+        sock = socket.create_connection(("127.0.0.1", front.port))
+        key = base64.b64encode(os.urandom(16))
+        sock.sendall(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: " + key + b"\r\n\r\n"
+        )
+        assert read_until(sock, b"\r\n\r\n").startswith(b"HTTP/1.1 101")
+        # SO_LINGER with a zero timeout: close() sends a RST instead of a FIN.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+        deadline = time.monotonic() + 10
+        while not ended and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert ended == [1006]

@@ -250,6 +250,10 @@ class WebSocket(Stream):
             raise StopAsyncIteration from None
 
     def _ended(self) -> None:
+        # Ended without a closing handshake (reset, write failure, abort):
+        # RFC 6455 section 7.1.5 calls that 1006, whatever the path was.
+        if self.close_code is None:
+            self.close_code = CloseCode.ABNORMAL
         if self._close_timer is not None:
             self._close_timer.cancel()
             self._close_timer = None
