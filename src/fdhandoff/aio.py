@@ -13,7 +13,7 @@ import asyncio
 import socket
 
 from . import fdpass
-from .message import CLOSED, NEED_DATA, Format, HandoffReader, HandoffRecord
+from .message import CLOSED, HandoffReader, HandoffRecord
 
 __all__ = ["recv_fd", "recv_handoff", "send_fd", "wait_readable", "wait_writable"]
 
@@ -88,23 +88,14 @@ async def recv_handoff(
     """
     if reader is None:
         reader = HandoffReader(conn.type)
-    client: socket.socket | None = None
+    assembly = fdpass.Assembly(conn, reader)
     bufsize = fdpass.recv_size(conn)
     try:
         while True:
-            data, fd_sock = await recv_fd(conn, bufsize, blocking=blocking)
-            client = fdpass.absorb(reader, client, data, fd_sock)
-            record = reader.next_record()
-            if record is NEED_DATA:
-                continue
-            if record is CLOSED:
+            got = assembly.feed(*await recv_fd(conn, bufsize, blocking=blocking))
+            if isinstance(got, tuple):
+                return got
+            if got is CLOSED:
                 return None
-            assert isinstance(record, HandoffRecord)
-            if record.format is Format.PLAIN_SCGI:
-                return record, conn  # no fd: the connection itself is the client
-            assert client is not None
-            result, client = (record, client), None
-            return result
     finally:
-        if client is not None:
-            client.close()
+        assembly.close()

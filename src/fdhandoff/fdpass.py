@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from .errors import FdPassError, ProtocolError
-from .message import CLOSED, MAX_PAYLOAD_SIZE, NEED_DATA, Format, HandoffReader, HandoffRecord
+from .message import CLOSED, MAX_PAYLOAD_SIZE, Format, HandoffReader, HandoffRecord, Signal
 
 __all__ = [
     "MAX_FDS_PER_MESSAGE",
@@ -262,25 +262,53 @@ def recv_handoff(
     if reader is None:
         reader = HandoffReader(conn.type)
     deadline = None if timeout is None else _now() + timeout
-    client: socket.socket | None = None
+    assembly = Assembly(conn, reader)
     bufsize = recv_size(conn)
     try:
         while True:
             remaining = None if deadline is None else max(0.0, deadline - _now())
-            data, fd_sock = recv_fd(conn, bufsize, blocking=blocking, timeout=remaining)
-            client = absorb(reader, client, data, fd_sock)
-            record = reader.next_record()
-            if record is NEED_DATA:
-                continue
-            if record is CLOSED:
+            got = assembly.feed(*recv_fd(conn, bufsize, blocking=blocking, timeout=remaining))
+            if isinstance(got, tuple):
+                return got
+            if got is CLOSED:
                 return None
-            assert isinstance(record, HandoffRecord)
-            if record.format is Format.PLAIN_SCGI:
-                return record, conn  # no fd: the connection itself is the client
-            assert client is not None
-            result, client = (record, client), None
-            return result
     finally:
+        assembly.close()
+
+
+class Assembly:
+    """One handoff being put together from successive ``recvmsg`` results.
+
+    Shared by the blocking and asyncio receive loops, so the rules live in one
+    place: it owns the client fd that arrived until the handoff is complete
+    (then it belongs to the caller), and :meth:`close` releases it on any
+    error or cancellation.
+    """
+
+    __slots__ = ("client", "conn", "reader")
+
+    def __init__(self, conn: socket.socket, reader: HandoffReader) -> None:
+        self.conn = conn
+        self.reader = reader
+        self.client: socket.socket | None = None
+
+    def feed(
+        self, data: bytes, fd_sock: socket.socket | None
+    ) -> tuple[HandoffRecord, socket.socket] | Signal:
+        """The finished handoff (record, client socket), ``NEED_DATA`` or ``CLOSED``."""
+        self.client = absorb(self.reader, self.client, data, fd_sock)
+        record = self.reader.next_record()
+        if not isinstance(record, HandoffRecord):
+            return record
+        if record.format is Format.PLAIN_SCGI:
+            return record, self.conn  # no fd: the connection itself is the client
+        client, self.client = self.client, None
+        assert client is not None  # the reader refuses records without their fd
+        return record, client
+
+    def close(self) -> None:
+        """Close the client fd held by an unfinished handoff."""
+        client, self.client = self.client, None
         if client is not None:
             client.close()
 

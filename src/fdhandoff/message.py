@@ -42,6 +42,7 @@ __all__ = [
     "Format",
     "HandoffReader",
     "HandoffRecord",
+    "Signal",
     "decode_payload",
     "detect_format",
     "encode_byte",
@@ -77,6 +78,9 @@ class _Signal(Enum):
     NEED_DATA = "NEED_DATA"
     CLOSED = "CLOSED"
 
+
+#: The type of :data:`NEED_DATA` and :data:`CLOSED`.
+Signal = _Signal
 
 #: :meth:`HandoffReader.next_record`: feed more bytes first.
 NEED_DATA: Final = _Signal.NEED_DATA

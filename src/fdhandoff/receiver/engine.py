@@ -37,7 +37,7 @@ from typing import Final
 from .. import aio, fdpass
 from ..errors import FdPassError, ProtocolError
 from ..fdpass import peer_credentials
-from ..message import CLOSED, NEED_DATA, Format, HandoffReader, HandoffRecord
+from ..message import CLOSED, Format, HandoffReader, HandoffRecord
 from ..metrics import Metrics, parse_address, serve_metrics
 from . import http
 from .fdlimit import RESOURCE_ERRNOS, FdReserve
@@ -272,7 +272,7 @@ class Receiver:
     ) -> tuple[HandoffRecord, socket.socket] | None:
         """:func:`fdhandoff.aio.recv_handoff` with the spare fd released around
         each ``recvmsg`` (see :class:`FdReserve`)."""
-        client: socket.socket | None = None
+        assembly = fdpass.Assembly(conn, reader)
         bufsize = fdpass.recv_size(conn)
         reserve = self._reserve
         try:
@@ -288,21 +288,13 @@ class Receiver:
                 finally:
                     if not reserve.refill():
                         self._back_off("at the open-files limit (EMFILE)")
-                client = fdpass.absorb(reader, client, data, fd_sock)
-                record = reader.next_record()
-                if record is NEED_DATA:
-                    continue
-                if record is CLOSED:
+                got = assembly.feed(data, fd_sock)
+                if isinstance(got, tuple):
+                    return got
+                if got is CLOSED:
                     return None
-                assert isinstance(record, HandoffRecord)
-                if record.format is Format.PLAIN_SCGI:
-                    return record, conn  # no fd: the connection itself is the client
-                assert client is not None
-                result, client = (record, client), None
-                return result
         finally:
-            if client is not None:
-                client.close()
+            assembly.close()
 
     # --- running the handler ------------------------------------------------------------
 
