@@ -443,13 +443,18 @@ def request(kind: str) -> bytes:
 _MARKER = re.compile(rb"bcast (\d+) ")
 
 
+def _errname(exc: OSError) -> str:
+    return errno.errorcode.get(exc.errno or 0, str(exc))
+
+
 def _client(
     port: int, count: int, kind: str, sources: list[str], seconds: float, pipe: Connection
 ) -> None:
     """Open ``count`` connections, hold them, timestamp every broadcast message.
 
     Messages to the parent: ``("progress", held, failed)`` while connecting,
-    ``("established", held, failed)`` once done (or out of time),
+    ``("established", held, failed, reasons)`` once done (or out of time),
+    ``reasons`` counting the failures by what happened,
     ``("got", seq)`` when every held connection has seen message ``seq``.
     From the parent: ``"times"`` (answered with ``{seq: [monotonic, ...]}``),
     ``"stop"``.
@@ -464,16 +469,18 @@ def _client(
     last_seq: dict[int, int] = {}
     times: dict[int, list[float]] = {}
     opened = failed = dropped = 0
+    reasons: dict[str, int] = {}
     deadline = time.monotonic() + seconds
     done = False
     next_progress = 0.0
 
-    def fail(fd: int) -> None:
+    def fail(fd: int, why: str) -> None:
         nonlocal failed
         sock, _ = pending.pop(fd)
         poller.unregister(fd)
         sock.close()
         failed += 1
+        reasons[why] = reasons.get(why, 0) + 1
 
     while True:
         now = time.monotonic()
@@ -487,14 +494,16 @@ def _client(
             if err not in (0, errno.EINPROGRESS):
                 sock.close()
                 failed += 1
+                why = f"connect: {errno.errorcode.get(err, err)}"
+                reasons[why] = reasons.get(why, 0) + 1
                 continue
             pending[sock.fileno()] = (sock, bytearray())
             poller.register(sock.fileno(), select.EPOLLOUT)
         if not done and ((opened >= count and not pending) or now >= deadline):
             done = True
             for fd in list(pending):
-                fail(fd)
-            pipe.send(("established", len(held), failed + dropped))
+                fail(fd, "no response head in time")
+            pipe.send(("established", len(held), failed + dropped, reasons))
         elif not done and now >= next_progress:
             pipe.send(("progress", len(held), failed + dropped))
             next_progress = now + 0.5
@@ -514,8 +523,8 @@ def _client(
                 if event & select.EPOLLOUT:
                     try:
                         sock.send(request(kind))
-                    except OSError:
-                        fail(fd)
+                    except OSError as exc:
+                        fail(fd, f"connect/send: {_errname(exc)}")
                         continue
                     poller.modify(fd, select.EPOLLIN)
                     continue
@@ -523,16 +532,24 @@ def _client(
                     data = sock.recv(4096)
                 except BlockingIOError:
                     continue
-                except OSError:
-                    data = b""
+                except OSError as exc:
+                    fail(
+                        fd, f"before the response head: {errno.errorcode.get(exc.errno or 0, exc)}"
+                    )
+                    continue
                 if not data:
-                    fail(fd)
+                    fail(fd, "closed before the response head")
                     continue
                 buf += data
                 if b"\r\n\r\n" not in buf:
                     continue
                 if not buf.startswith(expected):
-                    fail(fd)
+                    fail(fd, "answered " + buf.partition(b"\r\n")[0].decode("latin-1")[:40])
+                    continue
+                rest = buf.partition(b"\r\n\r\n")[2]
+                if kind == "ws" and rest[:1] == b"\x88":  # a close frame (RFC 6455 5.5.1)
+                    code = int.from_bytes(rest[2:4], "big") if len(rest) >= 4 else 0
+                    fail(fd, f"101, then a close frame {code}")
                     continue
                 del pending[fd]
                 held[fd] = sock
@@ -552,6 +569,8 @@ def _client(
                 del held[fd]
                 sock.close()
                 dropped += 1
+                why = "closed by the server after the response head"
+                reasons[why] = reasons.get(why, 0) + 1
                 continue
             seen = tails[fd] + data
             for match in _MARKER.finditer(seen):
@@ -570,6 +589,7 @@ class ClientState:
     held: int = 0
     failed: int = 0
     established: bool = False
+    reasons: dict[str, int] = field(default_factory=dict)
 
 
 class Clients:
@@ -617,6 +637,14 @@ class Clients:
     def failed(self) -> int:
         return sum(state.failed for state in self.states)
 
+    def reasons(self) -> dict[str, int]:
+        """Why connections failed: what happened, and how many times."""
+        merged: dict[str, int] = {}
+        for state in self.states:
+            for why, count in state.reasons.items():
+                merged[why] = merged.get(why, 0) + count
+        return merged
+
     def _pump(self, timeout: float) -> list[tuple[int, Any]]:
         """Messages from the clients (index, message) within ``timeout``; states updated."""
         got = []
@@ -630,7 +658,9 @@ class Clients:
             state = self.states[index]
             if message[0] in ("progress", "established"):
                 state.held, state.failed = message[1], message[2]
-                state.established = state.established or message[0] == "established"
+            if message[0] == "established":
+                state.established = True
+                state.reasons = message[3]
             got.append((index, message))
         return got
 

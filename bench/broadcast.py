@@ -112,7 +112,8 @@ def measure_floor(
                 complete[seq] = clients.wait_got(seq, DELIVERY_TIMEOUT)
                 time.sleep(PAUSE_SECONDS)
             times = clients.times()
-    return summarize(FLOOR, kind, n, held, clients.failed, {}, published, complete, times)
+    result = summarize(FLOOR, kind, n, held, clients.failed, {}, published, complete, times)
+    return explain(result, clients, "")
 
 
 def measure(
@@ -144,7 +145,23 @@ def measure(
         stack.check_alive()
         times = clients.times()
         workers = dict(stack.workers)
-    return summarize(stack_name, kind, n, held, clients.failed, workers, published, complete, times)
+        logs = "\n".join(s.tail(log, 5) for log in stack.logs).strip()
+    result = summarize(
+        stack_name, kind, n, held, clients.failed, workers, published, complete, times
+    )
+    return explain(result, clients, logs)
+
+
+def explain(result: dict[str, Any], clients: s.Clients, logs: str) -> dict[str, Any]:
+    """Say why subscribers are missing, if any are."""
+    reasons = clients.reasons()
+    if reasons:
+        result["failures"] = reasons
+        result["why"] = (
+            ", ".join(f"{count:,} {why}" for why, count in sorted(reasons.items()))
+            + f"; last log lines: {logs[-600:]}"
+        )
+    return result
 
 
 def summarize(
@@ -177,24 +194,46 @@ def summarize(
             }
         )
 
-    def med(key: str) -> float:
-        return statistics.median(row[key] for row in rows)
-
-    return {
+    result = {
         "stack": stack_name,
         "kind": kind,
         "n": n,
         "subscribers": held,
         "failed": failed,
-        "messages": messages,
+        "runs": 1,
         "workers": workers,
         "all_delivered": all(row["complete"] and row["received"] == held for row in rows),
-        "p50_ms": med("p50_ms"),
-        "p99_ms": med("p99_ms"),
-        "max_ms": med("max_ms"),
-        "send_ms": med("send_ms"),
         "rows": rows,
     }
+    return with_medians(result)
+
+
+def with_medians(result: dict[str, Any]) -> dict[str, Any]:
+    """Medians over the messages of ``result["rows"]``."""
+    rows = result["rows"]
+    result["messages"] = len(rows)
+    for key in ("p50_ms", "p99_ms", "max_ms", "send_ms"):
+        result[key] = statistics.median(row[key] for row in rows)
+    return result
+
+
+def combine(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several runs of one stack and kind as one: medians over all their messages."""
+    first = results[0]
+    merged = {key: value for key, value in first.items() if key not in ("failures", "why")}
+    merged["rows"] = [row | {"run": i + 1} for i, r in enumerate(results) for row in r["rows"]]
+    merged["runs"] = len(results)
+    merged["subscribers"] = min(r["subscribers"] for r in results)
+    merged["failed"] = sum(r["failed"] for r in results)
+    merged["all_delivered"] = all(r["all_delivered"] for r in results)
+    failures: dict[str, int] = {}
+    for r in results:
+        for why, count in r.get("failures", {}).items():
+            failures[why] = failures.get(why, 0) + count
+    if failures:
+        merged["failures"] = failures
+        merged["why"] = " / ".join(r["why"] for r in results if r.get("why"))
+    return with_medians(merged)
 
 
 def main() -> int:

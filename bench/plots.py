@@ -108,6 +108,12 @@ def memory(points: list[dict[str, Any]], path: Path, caption: str) -> None:
     series: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for point in points:
         series.setdefault((point["stack"], point["kind"]), []).append(point)
+    # Of a stack's lines, the highest gets its end label above, the others below.
+    tops: dict[str, float] = {}
+    for (stack, _), pts in series.items():
+        for p in pts:
+            if p["reached"] and p["n"] == max(q["n"] for q in pts):
+                tops[stack] = max(tops.get(stack, 0.0), p["rss_kib"])
     for (stack, kind), pts in sorted(series.items()):
         pts = sorted((p for p in pts if p["reached"]), key=lambda p: p["reached"])
         style = "-" if kind == "sse" else "--"
@@ -125,7 +131,7 @@ def memory(points: list[dict[str, Any]], path: Path, caption: str) -> None:
             left.annotate(
                 f"{last['rss_kib'] / 1024:,.0f} MiB",
                 (last["reached"], last["rss_kib"] / 1024),
-                xytext=(-6, 6 if kind == "sse" else -12),
+                xytext=(-6, 6 if last["rss_kib"] >= tops.get(stack, 0.0) else -12),
                 textcoords="offset points",
                 ha="right",
                 fontsize=8,

@@ -67,16 +67,18 @@ class Settings:
     memory_repeats: int
     broadcast_subscribers: int
     broadcast_messages: int
+    broadcast_runs: int
 
 
 FULL = Settings(
-    rate_repeats=5,
+    rate_repeats=7,
     rate_seconds=3.0,
     rate_latency_seconds=2.0,
     memory_sizes=(1_000, 10_000, 50_000),
     memory_repeats=3,
     broadcast_subscribers=10_000,
     broadcast_messages=9,
+    broadcast_runs=2,
 )
 QUICK = Settings(
     rate_repeats=1,
@@ -86,6 +88,7 @@ QUICK = Settings(
     memory_repeats=1,
     broadcast_subscribers=1_000,
     broadcast_messages=3,
+    broadcast_runs=1,
 )
 
 
@@ -325,10 +328,17 @@ def broadcast_estimate(stack: str, n: int, messages: int) -> float:
     return 6.0 + n * per_conn + messages * (0.7 + n * 0.00005)
 
 
-def broadcast_plan(settings: Settings) -> list[tuple[str, str]]:
-    plan = [(stack, kind) for kind in s.KINDS for stack in s.STACKS]
-    plan.append((bc.FLOOR, "sse"))
-    return plan
+def broadcast_plan(settings: Settings) -> list[tuple[int, str, str]]:
+    """(run, stack, kind), the runs of one stack and kind spread over the phase."""
+    combos = [(stack, kind) for kind in s.KINDS for stack in s.STACKS]
+    combos.append((bc.FLOOR, "sse"))
+    return [(run, *combo) for run in range(settings.broadcast_runs) for combo in combos]
+
+
+#: Seconds between phases: the kernel and the allocator give back what the
+#: previous phase's connections and processes held (gigabytes after the
+#: memory phase) before anything is timed again.
+SETTLE_BETWEEN_PHASES = 5.0
 
 
 # --- the documents --------------------------------------------------------------------------------
@@ -389,7 +399,16 @@ def rate_section(rate: dict[str, Any], caption: str, img: str) -> list[str]:
             f"{fmt(row['p50_us'])} µs | {fmt(row['p99_us'])} µs | {row['errors']} | "
             f"{per_repeat} |"
         )
-    out += ["", caption, ""]
+    out += [
+        "",
+        "The load client is a Python process on the same two cores; it needs about 60 µs of "
+        "CPU per request itself, so the servers' CPU per request weighs on every req/s figure "
+        "here. uvicorn alone is one process; fdhandoff is two (front and receiver), and its "
+        "latency includes waking the second one.",
+        "",
+        caption,
+        "",
+    ]
     front = rows.get("fdhandoff")
     lines = []
     if front:
@@ -531,10 +550,22 @@ def memory_section(memory: dict[str, Any], caption: str, img: str) -> list[str]:
     return out
 
 
+def subscribers(r: dict[str, Any]) -> str:
+    if r["subscribers"] < r["n"]:
+        return f"{r['subscribers']:,} of {r['n']:,}"
+    return f"{r['subscribers']:,}"
+
+
 def broadcast_section(results: list[dict[str, Any]], caption: str, img: str) -> list[str]:
     if not results:
         return []
     messages = results[0]["messages"]
+    runs = results[0].get("runs", 1)
+    over = f"{messages} messages" + (
+        f" ({runs} runs with their own servers and subscribers, {messages // runs} messages each)"
+        if runs > 1
+        else ""
+    )
     out = [
         "## 3. Broadcast latency",
         "",
@@ -545,8 +576,9 @@ def broadcast_section(results: list[dict[str, Any]], caption: str, img: str) -> 
         "`recv` that brought the message. `CLOCK_MONOTONIC` is one clock for every process on "
         "Linux, so receipt minus publish is the delivery latency. Per message: the p50, p99 "
         "and maximum (the **last subscriber**) of the latencies; the table gives the **median "
-        f"over {messages} messages** (after one warm-up message), each published once every "
-        "subscriber had the previous one. Messages are 64 bytes.",
+        f"over {over}**, each run starting with a warm-up message that is not counted; a "
+        "message is published once every subscriber had the previous one and 0.5 s passed. "
+        "Messages are 64 bytes.",
         "",
         "* **fdhandoff**: `Channel.send` in the receiver (native SSE streams / WebSockets); the "
         "front is not on the path once a connection is handed off.",
@@ -568,7 +600,7 @@ def broadcast_section(results: list[dict[str, Any]], caption: str, img: str) -> 
         if r["stack"] == "fdhandoff":
             name = f"**{name}**"
         out.append(
-            f"| {name} | {KIND_TITLES[r['kind']]} | {r['subscribers']:,} | "
+            f"| {name} | {KIND_TITLES[r['kind']]} | {subscribers(r)} | "
             f"{fmt(r['p50_ms'], '.0f')} ms | {fmt(r['p99_ms'], '.0f')} ms | "
             f"**{fmt(r['max_ms'], '.0f')} ms** | {fmt(r['send_ms'], '.0f')} ms | "
             f"{'yes' if r['all_delivered'] else 'NO'} |"
@@ -579,9 +611,15 @@ def broadcast_section(results: list[dict[str, Any]], caption: str, img: str) -> 
         "code returned. With sse-starlette it only puts the message in every queue; the "
         "subscribers' tasks write it afterwards.",
         "",
-        caption,
-        "",
     ]
+    for r in results:
+        if r.get("why"):
+            out.append(
+                f"* {STACK_TITLES[r['stack']]}, {KIND_TITLES[r['kind']]}: "
+                f"{r['failed']:,} subscriber connections failed: {r['why']}"
+            )
+            out.append("")
+    out += [caption, ""]
     by = {(r["stack"], r["kind"]): r for r in results}
     ratios = []
     for kind in s.KINDS:
@@ -750,13 +788,15 @@ def run(args: argparse.Namespace, results: dict[str, Any], json_path: Path) -> N
         ]
     n_sub, messages = settings.broadcast_subscribers, settings.broadcast_messages
     if "broadcast" in phases:
+        runs = settings.broadcast_runs
         steps += [
             Step(
                 "broadcast",
-                f"{stack} {KIND_TITLES[kind]} to {n_sub:,} subscribers",
+                f"{stack} {KIND_TITLES[kind]} to {n_sub:,} subscribers"
+                + (f" (run {run + 1}/{runs})" if runs > 1 else ""),
                 broadcast_estimate(stack, n_sub, messages),
             )
-            for stack, kind in broadcast_plan(settings)
+            for run, stack, kind in broadcast_plan(settings)
         ]
     progress = Progress(steps)
     print(
@@ -779,6 +819,8 @@ def run(args: argparse.Namespace, results: dict[str, Any], json_path: Path) -> N
         index += settings.rate_repeats
         save(results, json_path)
     if "memory" in phases:
+        if "rate" in phases:
+            time.sleep(SETTLE_BETWEEN_PHASES)
         runs: list[dict[str, Any]] = []
         results["memory"] = {
             "settings": {"sizes": list(settings.memory_sizes), "repeats": settings.memory_repeats},
@@ -804,8 +846,12 @@ def run(args: argparse.Namespace, results: dict[str, Any], json_path: Path) -> N
             results["memory"]["points"] = aggregate_memory(runs)
             save(results, json_path)
     if "broadcast" in phases:
+        if "memory" in phases or "rate" in phases:
+            time.sleep(SETTLE_BETWEEN_PHASES)
         results["broadcast"] = []
-        for stack, kind in broadcast_plan(settings):
+        raw: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        results["broadcast_runs"] = []
+        for _, stack, kind in broadcast_plan(settings):
             progress.start(index)
             index += 1
             try:
@@ -816,7 +862,9 @@ def run(args: argparse.Namespace, results: dict[str, Any], json_path: Path) -> N
             except (RuntimeError, OSError) as exc:
                 failed(f"broadcast {stack} {kind}: {str(exc)[:200]}")
             else:
-                results["broadcast"].append(result)
+                results["broadcast_runs"].append(result)
+                raw.setdefault((stack, kind), []).append(result)
+                results["broadcast"] = [bc.combine(group) for group in raw.values()]
                 progress.finish(
                     f"p50 {result['p50_ms']:.0f} ms, p99 {result['p99_ms']:.0f} ms, "
                     f"last {result['max_ms']:.0f} ms"

@@ -46,6 +46,10 @@ WARMUP_PER_WORKER = 20
 SETTLE_SECONDS = 2.0
 
 
+def describe(reasons: dict[str, int]) -> str:
+    return ", ".join(f"{count:,} {why}" for why, count in sorted(reasons.items())) or "none"
+
+
 def measure(
     stack_name: str, kind: str, n: int, on_progress: Callable[[str], None] | None = None
 ) -> dict[str, Any]:
@@ -72,7 +76,7 @@ def measure(
             stack.check_alive()
             after = stack.memory()
             server_held = s.established(stack.port) - base_fds
-            held, failed = clients.held, clients.failed
+            held, failed, reasons = clients.held, clients.failed, clients.reasons()
             errors = "\n".join(s.tail(log, 5) for log in stack.logs).strip()
         workers = dict(stack.workers)
     reached = min(held, server_held)
@@ -94,10 +98,12 @@ def measure(
         "kib_per_conn": (after.rss_kib - base.rss_kib) / reached if reached else None,
         "pss_kib_per_conn": (after.pss_kib - base.pss_kib) / reached if reached else None,
     }
+    if reasons:
+        point["failures"] = reasons
     if reached < n:
         point["why"] = (
-            f"{failed} connections failed, {held} held by the clients, {server_held} "
-            f"established at the server; last log lines: {errors[-600:]}"
+            f"{held:,} held by the clients, {server_held:,} established at the server; "
+            f"{failed:,} failed: {describe(reasons)}; last log lines: {errors[-600:]}"
         )
     return point
 
