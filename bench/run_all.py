@@ -100,6 +100,15 @@ def clock(seconds: float) -> str:
     return f"{seconds // 60:d}:{seconds % 60:02d}"
 
 
+def duration(seconds: float) -> str:
+    minutes, rest = divmod(int(seconds), 60)
+    return f"{minutes} min {rest} s" if minutes else f"{rest} s"
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
 @dataclass
 class Step:
     phase: str
@@ -378,7 +387,8 @@ def rate_section(rate: dict[str, Any], caption: str, img: str) -> list[str]:
         f"the same machine ({settings['seconds']:g} s per run with 8 concurrent connections for "
         f"throughput, then {settings['latency_seconds']:g} s of one connection at a time for "
         "latency). All servers run at once and are measured in turns, the order rotating per "
-        f"repeat; figures are medians of **{settings['repeats']} repeat(s)**. CPU is utime + stime "
+        f"repeat; figures are medians of **{plural(settings['repeats'], 'repeat')}**. CPU is "
+        "utime + stime "
         "of the server processes (`/proc/PID/stat`) per request. fdhandoff is `fdhandoff front` "
         "(pass mode) handing each connection to a minimal receiver built on `fdhandoff.fdpass` "
         "that answers a fixed 200 (`bench/_common.py`); nginx (1 worker) proxies to the same "
@@ -660,7 +670,7 @@ def write_documents(results: dict[str, Any], md_path: Path, img_dir: Path) -> li
         f"{results['date']}.",
         "",
         "Rerun everything (progress, with an ETA, on stderr; this run took "
-        f"{clock(results.get('seconds', 0))} minutes):",
+        f"{duration(results.get('seconds', 0))}):",
         "",
         "```sh",
         command,
