@@ -49,7 +49,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -648,11 +648,11 @@ class Clients:
     def _pump(self, timeout: float) -> list[tuple[int, Any]]:
         """Messages from the clients (index, message) within ``timeout``; states updated."""
         got = []
-        ready = multiprocessing.connection.wait(self.pipes, timeout)
+        ready = cast(list[Connection], multiprocessing.connection.wait(self.pipes, timeout))
         for pipe in ready:
-            index = self.pipes.index(pipe)  # type: ignore[arg-type]
+            index = self.pipes.index(pipe)
             try:
-                message = pipe.recv()  # type: ignore[union-attr]
+                message = pipe.recv()
             except EOFError:
                 raise RuntimeError("a load client died") from None
             state = self.states[index]

@@ -188,7 +188,7 @@ _REPEAT = re.compile(r"^repeat (\d+)/(\d+): (.*)$")
 
 
 def parse_rate(output: str) -> dict[str, Any]:
-    servers = []
+    servers: list[dict[str, Any]] = []
     repeats: dict[str, list[float]] = {}
     for line in output.splitlines():
         row = _TABLE_ROW.match(line)
@@ -798,12 +798,12 @@ def run(args: argparse.Namespace, results: dict[str, Any], json_path: Path) -> N
         ]
     n_sub, messages = settings.broadcast_subscribers, settings.broadcast_messages
     if "broadcast" in phases:
-        runs = settings.broadcast_runs
+        b_runs = settings.broadcast_runs
         steps += [
             Step(
                 "broadcast",
                 f"{stack} {KIND_TITLES[kind]} to {n_sub:,} subscribers"
-                + (f" (run {run + 1}/{runs})" if runs > 1 else ""),
+                + (f" (run {run + 1}/{b_runs})" if b_runs > 1 else ""),
                 broadcast_estimate(stack, n_sub, messages),
             )
             for run, stack, kind in broadcast_plan(settings)
@@ -831,10 +831,10 @@ def run(args: argparse.Namespace, results: dict[str, Any], json_path: Path) -> N
     if "memory" in phases:
         if "rate" in phases:
             time.sleep(SETTLE_BETWEEN_PHASES)
-        runs: list[dict[str, Any]] = []
+        memory_runs: list[dict[str, Any]] = []
         results["memory"] = {
             "settings": {"sizes": list(settings.memory_sizes), "repeats": settings.memory_repeats},
-            "runs": runs,
+            "runs": memory_runs,
             "points": [],
         }
         for repeat, n, stack, kind in memory_plan:
@@ -843,17 +843,17 @@ def run(args: argparse.Namespace, results: dict[str, Any], json_path: Path) -> N
             try:
                 point = stack_memory.measure(stack, kind, n, progress.update)
             except (RuntimeError, OSError) as exc:
-                runs.append({"stack": stack, "kind": kind, "n": n, "error": str(exc)[:300]})
+                memory_runs.append({"stack": stack, "kind": kind, "n": n, "error": str(exc)[:300]})
                 failed(f"memory {stack} {kind} N={n}")
             else:
                 point["repeat"] = repeat
-                runs.append(point)
+                memory_runs.append(point)
                 per = point["kib_per_conn"]
                 progress.finish(
                     f"{point['reached']:,} held, {point['rss_kib'] / 1024:,.0f} MiB, "
                     f"{fmt(per, '.2f')} KiB/connection"
                 )
-            results["memory"]["points"] = aggregate_memory(runs)
+            results["memory"]["points"] = aggregate_memory(memory_runs)
             save(results, json_path)
     if "broadcast" in phases:
         if "memory" in phases or "rate" in phases:
