@@ -36,13 +36,12 @@ from typing import Final
 
 from .. import aio, fdpass
 from ..errors import FdPassError, ProtocolError
-from ..fdpass import peer_credentials
 from ..message import CLOSED, Format, HandoffReader, HandoffRecord
 from ..metrics import Metrics, parse_address, serve_metrics
 from . import http
 from .fdlimit import RESOURCE_ERRNOS, FdReserve
 from .handoff import Handoff, Phase
-from .options import ACCEPT_BACKOFF, Options
+from .options import ACCEPT_BACKOFF, Options, sender_allowed
 from .stream import ConnectionClosed, Stream
 
 __all__ = ["Handler", "Receiver", "serve"]
@@ -150,23 +149,8 @@ class Receiver:
             self._on_connection(conn)
 
     def _allowed(self, conn: socket.socket) -> bool:
-        uids, gids = self.options.allow_uids, self.options.allow_gids
-        if not uids and not gids:
+        if sender_allowed(conn, self.options):
             return True
-        try:
-            cred = peer_credentials(conn)
-        except OSError as exc:
-            log.warning("refused handoff connection: SO_PEERCRED failed: %s", exc)
-            return False
-        if cred.uid in uids or cred.gid in gids:
-            return True
-        log.warning(
-            "refused handoff connection from pid %d uid %d gid %d "
-            "(not in --allow-uid/--allow-gid); its client connection is closed",
-            cred.pid,
-            cred.uid,
-            cred.gid,
-        )
         self.metrics.inc("handoff_errors_total", reason="peer_refused")
         return False
 

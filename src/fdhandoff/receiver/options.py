@@ -6,8 +6,14 @@ Every default is listed with its reason in docs/security.md (section "Receiver")
 from __future__ import annotations
 
 import dataclasses
+import logging
+import socket
 from dataclasses import dataclass
 from typing import Final
+
+from ..fdpass import peer_credentials
+
+log = logging.getLogger("fdhandoff.receiver")
 
 __all__ = [
     "ACCEPT_BACKOFF",
@@ -90,3 +96,31 @@ class Options:
 
     def replace(self, **changes: object) -> Options:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+def sender_allowed(conn: socket.socket, options: Options) -> bool:
+    """Whether the process at the other end of ``conn`` may hand connections in.
+
+    ``--allow-uid`` / ``--allow-gid`` against ``SO_PEERCRED`` (unix(7)); both
+    empty means any process that can connect to the socket file.  A refusal
+    is logged with the sender's pid, uid and gid.  Shared by the asyncio and
+    sync engines.
+    """
+    uids, gids = options.allow_uids, options.allow_gids
+    if not uids and not gids:
+        return True
+    try:
+        cred = peer_credentials(conn)
+    except OSError as exc:
+        log.warning("refused handoff connection: SO_PEERCRED failed: %s", exc)
+        return False
+    if cred.uid in uids or cred.gid in gids:
+        return True
+    log.warning(
+        "refused handoff connection from pid %d uid %d gid %d "
+        "(not in --allow-uid/--allow-gid); its client connection is closed",
+        cred.pid,
+        cred.uid,
+        cred.gid,
+    )
+    return False

@@ -15,12 +15,11 @@ from typing import Any, Final
 
 from ... import fdpass
 from ...errors import FdPassError, ProtocolError
-from ...fdpass import peer_credentials
 from ...message import Format, HandoffReader, HandoffRecord
 from .. import http
 from ..answer import Phase
 from ..fdlimit import RESOURCE_ERRNOS
-from ..options import ACCEPT_BACKOFF, Options
+from ..options import ACCEPT_BACKOFF, Options, sender_allowed
 from ..stream import ConnectionClosed
 from .handoff import Handoff
 from .streams import _SyncStream
@@ -114,30 +113,10 @@ class Receiver:
             elif exc.errno not in (errno.ECONNABORTED, errno.EINTR):
                 log.error("accept failed: %s", exc)
             return
-        if not self._allowed(conn):
+        if not sender_allowed(conn, self.options):
             conn.close()
             return
         self._spawn(self._take, conn)
-
-    def _allowed(self, conn: socket.socket) -> bool:
-        uids, gids = self.options.allow_uids, self.options.allow_gids
-        if not uids and not gids:
-            return True
-        try:
-            cred = peer_credentials(conn)
-        except OSError as exc:
-            log.warning("refused handoff connection: SO_PEERCRED failed: %s", exc)
-            return False
-        if cred.uid in uids or cred.gid in gids:
-            return True
-        log.warning(
-            "refused handoff connection from pid %d uid %d gid %d "
-            "(not in --allow-uid/--allow-gid); its client connection is closed",
-            cred.pid,
-            cred.uid,
-            cred.gid,
-        )
-        return False
 
     def _take(self, conn: socket.socket) -> None:
         keep = False
