@@ -78,19 +78,29 @@ def _listen_unix(path: str) -> socket.socket:
     return sock
 
 
-def _netstring_complete(data: bytes) -> bool:
+def _netstring_end(data: bytes) -> int:
+    """Where the first netstring in ``data`` ends (past its ','), or -1."""
     colon = data.find(b":")
-    return colon > 0 and len(data) >= colon + int(data[:colon]) + 2
+    if colon <= 0:
+        return -1
+    end = colon + int(data[:colon]) + 2
+    return end if len(data) >= end else -1
+
+
+#: How a description offers a channel (fdhandoff.message.CHANNEL_HEADER).
+_CHANNEL = b"\x00HANDOFF_CHANNEL\x001\x00"
 
 
 def run_receiver(path: str, *, hold: bool = False, seconds: float = 3600.0) -> None:
     """Take handoffs; answer the fixed 200 and close, or hold every client open.
 
-    Minimal on purpose (the front is what is measured): one epoll loop, the
-    fd and netstring taken with :func:`fdhandoff.fdpass.recv_fd_nowait`, the
-    netstring only checked for completeness.  The taken-ack is the close of
-    the UNIX connection right after the handoff is read, as every fdhandoff
-    receiver does.
+    Minimal on purpose (the front is what is measured): one epoll loop, fds and
+    descriptions taken with :func:`fdhandoff.fdpass.recv_fd_nowait`, each
+    netstring only checked for completeness (the front sends no bytes after
+    it on plain TCP).  It speaks the channel protocol as every fdhandoff
+    receiver does: a description with ``HANDOFF_CHANNEL=1`` keeps the
+    connection open and is acknowledged with one ACK byte once answered;
+    otherwise the close of the connection is the acknowledgement.
     """
     sys.path.insert(0, str(SRC))
     from fdhandoff import fdpass  # noqa: PLC0415
@@ -98,40 +108,56 @@ def run_receiver(path: str, *, hold: bool = False, seconds: float = 3600.0) -> N
     listener = _listen_unix(path)
     poller = select.epoll()
     poller.register(listener.fileno(), select.EPOLLIN)
-    # A handoff whose bytes had not all arrived at accept: (conn, data, client).
-    partial: dict[int, tuple[socket.socket, bytes, socket.socket | None]] = {}
+    # UNIX connections being read: fd -> (conn, unparsed bytes, client fds in order).
+    conns: dict[int, tuple[socket.socket, bytes, list[socket.socket]]] = {}
     held: list[socket.socket] = []
     stop = time.monotonic() + seconds
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     print("receiver ready", flush=True)
 
-    def take(conn: socket.socket, data: bytes, client: socket.socket | None) -> bool:
-        """Read what is there; True once the handoff is complete (or broken)."""
-        while not _netstring_complete(data):
+    def answer(client: socket.socket) -> None:
+        if hold:  # an event stream that never sends an event
+            with contextlib.suppress(OSError):
+                client.send(STREAM_HEAD)
+            held.append(client)
+        else:
+            with contextlib.suppress(OSError):
+                client.send(RESPONSE)
+            client.close()
+
+    def take(conn: socket.socket, data: bytes, fds: list[socket.socket]) -> bool:
+        """Read and answer what is there; False once the connection is done."""
+        while True:
             try:
                 more, fd_sock = fdpass.recv_fd_nowait(conn, blocking=False)
             except BlockingIOError:
-                partial[conn.fileno()] = (conn, data, client)
-                return False
+                conns[conn.fileno()] = (conn, data, fds)
+                return True
+            except OSError:
+                more, fd_sock = b"", None
             if fd_sock is not None:
-                client = fd_sock
+                fds.append(fd_sock)
             if not more:
                 break
             data += more
-        if client is not None:
-            # Answer first, then the taken-ack (closing the UNIX connection):
-            # the ack wakes the front, and its work is then off the path of
-            # the response (on 2 cores it could otherwise run before it).
-            if hold:  # an event stream that never sends an event
+            acks = 0
+            while (end := _netstring_end(data)) > 0 and fds:
+                message, data = data[:end], data[end:]
+                # Answer first, then acknowledge (or close, below): the ack
+                # wakes the front, whose work is then off the path of the
+                # response (on 2 cores it could otherwise run before it).
+                answer(fds.pop(0))
+                if _CHANNEL not in message:
+                    conn.close()  # taken
+                    return False
+                acks += 1
+            if acks:
                 with contextlib.suppress(OSError):
-                    client.send(STREAM_HEAD)
-                held.append(client)
-            else:
-                with contextlib.suppress(OSError):
-                    client.send(RESPONSE)
-                client.close()
-        conn.close()  # taken
-        return True
+                    conn.send(b"\x06" * acks)
+        for fd_sock in fds:
+            fd_sock.close()
+        conn.close()
+        return False
 
     # The raw accept (an fd) and an explicit family: socket.accept()'s
     # wrapper converts enums and runs a Python __init__ per connection.
@@ -140,10 +166,10 @@ def run_receiver(path: str, *, hold: bool = False, seconds: float = 3600.0) -> N
     while time.monotonic() < stop:
         for fd, _ in poller.poll(1.0):
             if fd != listener.fileno():
-                conn, data, client = partial.pop(fd)
-                poller.unregister(fd)
-                if not take(conn, data, client):
-                    poller.register(fd, select.EPOLLIN)
+                conn, data, fds = conns.pop(fd)
+                if not take(conn, data, fds):
+                    with contextlib.suppress(KeyError, ValueError, OSError):
+                        poller.unregister(fd)
                 continue
             for _ in range(256):  # drain the accept queue
                 try:
@@ -155,7 +181,7 @@ def run_receiver(path: str, *, hold: bool = False, seconds: float = 3600.0) -> N
                         time.sleep(0.01)
                         break
                     raise
-                if not take(conn, b"", None):
+                if take(conn, b"", []):
                     poller.register(conn.fileno(), select.EPOLLIN)
 
 

@@ -49,8 +49,33 @@ class ReceiverProcess:
             assert time.monotonic() < deadline, f"no {text!r} in:\n{self.output()}"
             time.sleep(0.05)
 
+    def _unix_connections(self) -> set[str]:
+        """Inodes of the UNIX connections accepted on the listening path (from the front)."""
+        found = set()
+        with open("/proc/net/unix") as table:
+            next(table)
+            for line in table:
+                fields = line.split()
+                # Num RefCount Protocol Flags Type St Inode Path; an accepted
+                # socket shows its listener's path, without __SO_ACCEPTCON.
+                if len(fields) == 8 and fields[7] == self.path and fields[3] != "00010000":
+                    found.add(fields[6])
+        return found
+
+    def channel_count(self) -> int:
+        """UNIX connections from the front still open: its channels, once settled."""
+        conns = self._unix_connections()
+        fd_dir = f"/proc/{self.proc.pid}/fd"
+        count = 0
+        for name in os.listdir(fd_dir):
+            with contextlib.suppress(FileNotFoundError):  # closed meanwhile
+                link = os.readlink(f"{fd_dir}/{name}")
+                count += link.startswith("socket:[") and link[8:-1] in conns
+        return count
+
     def fd_count(self) -> int:
-        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+        """Open fds, not counting the front's channels (kept open on purpose)."""
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd")) - self.channel_count()
 
     def stable_fd_count(self, quiet: float = 0.5, timeout: float = 20.0) -> int:
         """The fd count once it stopped changing for ``quiet`` seconds."""

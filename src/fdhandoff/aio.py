@@ -88,14 +88,16 @@ async def recv_handoff(
     """
     if reader is None:
         reader = HandoffReader(conn.type)
-    assembly = fdpass.Assembly(conn, reader)
+    assembly = fdpass.Assembly.of(conn, reader)
     bufsize = fdpass.recv_size(conn)
     try:
+        got = assembly.next()  # finished by an earlier read (a channel)
         while True:
-            got = assembly.feed(*await recv_fd(conn, bufsize, blocking=blocking))
             if isinstance(got, tuple):
                 return got
             if got is CLOSED:
                 return None
-    finally:
+            got = assembly.feed(*await recv_fd(conn, bufsize, blocking=blocking))
+    except BaseException:
         assembly.close()
+        raise

@@ -32,18 +32,18 @@ import selectors
 import socket
 import struct
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final
 
-from .errors import FdPassError, ProtocolError
+from .errors import FdPassError
 from .message import CLOSED, MAX_PAYLOAD_SIZE, Format, HandoffReader, HandoffRecord, Signal
 
 __all__ = [
     "MAX_FDS_PER_MESSAGE",
     "RECV_SIZE",
     "PeerCredentials",
-    "absorb",
     "peer_credentials",
     "recv_fd",
     "recv_fd_nowait",
@@ -256,84 +256,87 @@ def recv_handoff(
     SCGI (no fd) the returned socket is ``conn`` itself: the request body
     continues on it and the response goes back on it.  Pass the
     same ``reader`` again to take several handoffs from one persistent
-    connection (BYTE and PAYLOAD formats).  ``timeout`` bounds the whole
+    connection (BYTE and PAYLOAD formats, SCGI channels).  ``timeout`` bounds the whole
     handoff.  On any error the received client fd is closed.
     """
     if reader is None:
         reader = HandoffReader(conn.type)
     deadline = None if timeout is None else _now() + timeout
-    assembly = Assembly(conn, reader)
+    assembly = Assembly.of(conn, reader)
     bufsize = recv_size(conn)
     try:
+        got = assembly.next()  # finished by an earlier read (a channel)
         while True:
-            remaining = None if deadline is None else max(0.0, deadline - _now())
-            got = assembly.feed(*recv_fd(conn, bufsize, blocking=blocking, timeout=remaining))
             if isinstance(got, tuple):
                 return got
             if got is CLOSED:
                 return None
-    finally:
+            remaining = None if deadline is None else max(0.0, deadline - _now())
+            got = assembly.feed(*recv_fd(conn, bufsize, blocking=blocking, timeout=remaining))
+    except BaseException:
         assembly.close()
+        raise
 
 
 class Assembly:
-    """One handoff being put together from successive ``recvmsg`` results.
+    """Handoffs being put together from successive ``recvmsg`` results.
 
     Shared by the blocking and asyncio receive loops, so the rules live in one
-    place: it owns the client fd that arrived until the handoff is complete
-    (then it belongs to the caller), and :meth:`close` releases it on any
-    error or cancellation.
+    place.  It owns every client fd that arrived until its record is complete
+    (then it belongs to the caller), in arrival order: on a channel one read
+    can finish one handoff and bring the fd of the next (see
+    :class:`~fdhandoff.message.HandoffReader`).  :meth:`close` releases the
+    fds still held, on any error or cancellation.  One per connection: get it
+    with :meth:`of`, which keeps it with the connection's reader.
     """
 
-    __slots__ = ("client", "conn", "reader")
+    __slots__ = ("conn", "fds", "reader")
 
     def __init__(self, conn: socket.socket, reader: HandoffReader) -> None:
         self.conn = conn
         self.reader = reader
-        self.client: socket.socket | None = None
+        self.fds: deque[socket.socket] = deque()
+
+    @classmethod
+    def of(cls, conn: socket.socket, reader: HandoffReader) -> Assembly:
+        """The connection's assembly, kept on ``reader`` between calls."""
+        assembly = reader.io
+        if not isinstance(assembly, cls):
+            assembly = reader.io = cls(conn, reader)
+        return assembly
+
+    @property
+    def client(self) -> socket.socket | None:
+        """The client fd of the handoff being read, if it has arrived."""
+        return self.fds[0] if self.fds else None
 
     def feed(
         self, data: bytes, fd_sock: socket.socket | None
     ) -> tuple[HandoffRecord, socket.socket] | Signal:
-        """The finished handoff (record, client socket), ``NEED_DATA`` or ``CLOSED``."""
-        self.client = absorb(self.reader, self.client, data, fd_sock)
+        """The next finished handoff (record, client socket), ``NEED_DATA`` or ``CLOSED``."""
+        if fd_sock is not None:
+            self.fds.append(fd_sock)  # the reader checks that it belongs somewhere
+        try:
+            self.reader.receive(data, 1 if fd_sock is not None else 0)
+        except BaseException:
+            self.close()
+            raise
+        return self.next()
+
+    def next(self) -> tuple[HandoffRecord, socket.socket] | Signal:
+        """A handoff the last :meth:`feed` finished besides the one it returned."""
         record = self.reader.next_record()
         if not isinstance(record, HandoffRecord):
             return record
         if record.format is Format.PLAIN_SCGI:
             return record, self.conn  # no fd: the connection itself is the client
-        client, self.client = self.client, None
-        assert client is not None  # the reader refuses records without their fd
-        return record, client
+        # The reader refuses records without their fd, so there is one.
+        return record, self.fds.popleft()
 
     def close(self) -> None:
-        """Close the client fd held by an unfinished handoff."""
-        client, self.client = self.client, None
-        if client is not None:
-            client.close()
-
-
-def absorb(
-    reader: HandoffReader,
-    held: socket.socket | None,
-    data: bytes,
-    fd_sock: socket.socket | None,
-) -> socket.socket | None:
-    """Feed one recvmsg result to ``reader``; return the client socket now held.
-
-    Shared by the sync and asyncio loops.  On error the newly received socket
-    is closed here and the one already held stays the caller's to close.
-    """
-    if fd_sock is not None and held is not None:
-        fd_sock.close()
-        raise ProtocolError("a second fd arrived inside one handoff")
-    try:
-        reader.receive(data, 1 if fd_sock is not None else 0)
-    except BaseException:
-        if fd_sock is not None:
-            fd_sock.close()
-        raise
-    return fd_sock if fd_sock is not None else held
+        """Close the client fds held for unfinished handoffs."""
+        while self.fds:
+            self.fds.popleft().close()
 
 
 # --- waiting -------------------------------------------------------------------

@@ -17,6 +17,12 @@ Three formats exist in the wild (byte layouts in docs/protocol.md):
     connection: ``\\x00`` (Apache ``mod_proxy_fdpass``), ``X`` (OpenResty
     handoff), ``\\x01`` (the fd-pass toy).  Nothing else describes the request.
 
+An SCGI handoff whose description carries ``HANDOFF_CHANNEL`` = ``1`` asks
+for a *channel* (docs/protocol.md): the receiver keeps the connection, writes
+one :data:`CHANNEL_ACK` byte per handoff it has taken, and reads the next
+SCGI handoff from the same connection.  A receiver that does not know the
+header takes one handoff and closes, which the sender also understands.
+
 Detection (:func:`detect_format`): a ``SOCK_SEQPACKET`` connection carries
 PAYLOAD records; on ``SOCK_STREAM`` a first byte that is an ASCII digit starts
 an SCGI netstring, any other byte is a BYTE marker.  No marker in use is a
@@ -35,6 +41,8 @@ from .errors import ProtocolError
 
 __all__ = [
     "APACHE_EMPTY_PAYLOAD",
+    "CHANNEL_ACK",
+    "CHANNEL_HEADER",
     "CLOSED",
     "MAX_ALREADY_READ",
     "MAX_PAYLOAD_SIZE",
@@ -74,6 +82,15 @@ KNOWN_MARKERS: Final = {
 MAX_ALREADY_READ: Final = 1024 * 1024
 
 
+#: SCGI header by which a sender offers a channel (value ``1``): more handoffs
+#: follow on this connection once the receiver acknowledges this one.
+CHANNEL_HEADER: Final = b"HANDOFF_CHANNEL"
+
+#: What a receiver writes on a channel for each handoff it has taken, in
+#: order: ASCII ACK.  Any other byte is a protocol error.
+CHANNEL_ACK: Final = b"\x06"
+
+
 class _Signal(Enum):
     NEED_DATA = "NEED_DATA"
     CLOSED = "CLOSED"
@@ -106,6 +123,8 @@ class HandoffRecord:
     sender already read from the client (the SCGI body).  ``payload``: the raw
     PAYLOAD record (``b""`` when Apache sent its empty marker).  ``marker``:
     the BYTE format's byte.  ``remaining``: see :class:`HandoffReader`.
+    ``channel``: an SCGI handoff that came on a channel (acknowledge it with
+    :data:`CHANNEL_ACK`; more may follow on the connection).
     """
 
     format: Format
@@ -115,6 +134,7 @@ class HandoffRecord:
     marker: bytes = b""
     #: PLAIN_SCGI only: body bytes not yet read from the connection.
     remaining: int = 0
+    channel: bool = False
 
 
 def detect_format(first: bytes, sock_type: int) -> Format:
@@ -187,20 +207,33 @@ class HandoffReader:
 
     After an SCGI record the connection is not reused for handoffs; bytes that
     follow (nginx's kTLS-RX-less relay) are in :attr:`trailing_data` and the
-    connection is the caller's.
+    connection is the caller's.  Except on a channel (``HANDOFF_CHANNEL``):
+    there the bytes after one handoff are the next handoff, whose fd comes
+    with the ``recvmsg`` in which its first byte arrives.  A ``recvmsg`` on a
+    stream socket stops after the data that carried an fd (unix(7)), so one
+    read holds at most the end of one handoff and the start of the next, and
+    its fd is the next one's.  One read can therefore complete two records;
+    :meth:`next_record` hands them out in order.
+
+    ``io`` is for the I/O layer: :class:`fdhandoff.fdpass.Assembly` keeps the
+    fds of records not yet handed out there, so they survive between calls.
     """
 
     __slots__ = (
         "_body",
         "_body_size",
+        "_channel",
+        "_closed",
         "_decoder",
         "_failed",
         "_format",
         "_headers",
+        "_max_block",
         "_max_body",
-        "_record",
+        "_records",
         "_scgi_started",
         "_sock_type",
+        "io",
         "trailing_data",
     )
 
@@ -216,12 +249,16 @@ class HandoffReader:
         self._decoder = scgi.Decoder(max_block=max_block, allow_duplicates=True)
         self._headers: scgi.HeaderList | None = None
         self._body: list[bytes] = []
+        self._max_block = max_block
         self._max_body = max_body
-        self._record: HandoffRecord | _Signal = NEED_DATA
+        self._records: list[HandoffRecord] = []
+        self._closed = False
         self._failed = False
         self._scgi_started = False
+        self._channel = False
         self._body_size = 0
         self.trailing_data = b""
+        self.io: object = None
 
     @property
     def format(self) -> Format | None:
@@ -239,7 +276,7 @@ class HandoffReader:
             raise
 
     def _receive(self, data: bytes, nfds: int) -> None:
-        if self._record is not NEED_DATA:
+        if self._records or self._closed:
             raise RuntimeError("next_record() must be called before feeding more data")
         if not data:
             if nfds:
@@ -251,34 +288,52 @@ class HandoffReader:
         if self._format is Format.PAYLOAD:
             if nfds != 1:
                 raise ProtocolError(f"handoff record carries {nfds} fds, expected 1")
-            self._record = decode_payload(data)
+            self._records.append(decode_payload(data))
         elif self._format is Format.BYTE:
             if nfds != 1 or len(data) != 1:
                 raise ProtocolError(
                     f"marker handoff delivered {len(data)} bytes with {nfds} fds, expected 1 and 1"
                 )
-            self._record = decode_byte(data)
+            self._records.append(decode_byte(data))
         else:  # SCGI or PLAIN_SCGI
             self._receive_scgi(data, nfds)
 
     def _receive_scgi(self, data: bytes, nfds: int) -> None:
-        if not self._scgi_started and nfds == 0:
-            self._format = Format.PLAIN_SCGI
-        if (
-            nfds > 1
-            or (self._scgi_started and nfds)
-            or (self._format is Format.PLAIN_SCGI and nfds)
-        ):
-            raise ProtocolError("a second fd arrived inside one SCGI handoff")
-        self._scgi_started = True
+        if nfds > 1:
+            raise ProtocolError(f"{nfds} fds arrived with one handoff, expected 1")
+        unclaimed = nfds  # the fd of the handoff that starts in this read
+        if not self._scgi_started:
+            if self._channel:
+                unclaimed = self._claim_fd(unclaimed)
+            elif nfds == 0:
+                self._format = Format.PLAIN_SCGI
+            else:
+                unclaimed = 0
+            self._scgi_started = True
         self._decoder.receive_data(data)
         self._drain()
+        # On a channel the bytes past one handoff start the next.
+        while self._channel and not self._scgi_started and self.trailing_data:
+            data, self.trailing_data = self.trailing_data, b""
+            unclaimed = self._claim_fd(unclaimed)
+            self._scgi_started = True
+            self._decoder.receive_data(data)
+            self._drain()
+        if unclaimed:
+            raise ProtocolError("a second fd arrived inside one SCGI handoff")
+
+    @staticmethod
+    def _claim_fd(unclaimed: int) -> int:
+        if not unclaimed:
+            raise ProtocolError("a handoff on a channel arrived without its fd")
+        return 0
 
     def _eof(self) -> None:
-        if self._format in (Format.SCGI, Format.PLAIN_SCGI) and not self._decoder.done:
+        scgi_format = self._format in (Format.SCGI, Format.PLAIN_SCGI)
+        if scgi_format and self._scgi_started and not self._decoder.done:
             self._decoder.receive_data(b"")
             self._drain()  # raises: EOF inside the message
-        self._record = CLOSED
+        self._closed = True
 
     def _drain(self) -> None:
         while True:
@@ -310,7 +365,7 @@ class HandoffReader:
                 if self._format is Format.PLAIN_SCGI:
                     self._release_plain()
                     return
-                self._record = record_from_scgi(self._headers, b"".join(self._body))
+                self._finish_scgi(self._headers)
                 return
             else:
                 # Plain SCGI: release once past the netstring's ',' so the
@@ -319,23 +374,38 @@ class HandoffReader:
                     self._release_plain()
                 return
 
+    def _finish_scgi(self, headers: scgi.HeaderList) -> None:
+        channel = scgi.header_value(headers, CHANNEL_HEADER) == b"1"
+        self._records.append(
+            HandoffRecord(Format.SCGI, headers=headers, body=b"".join(self._body), channel=channel)
+        )
+        self._channel = channel
+        if not channel:
+            self._closed = True  # one SCGI message per connection
+            return
+        # Ready for the next handoff on the channel.
+        self._decoder = scgi.Decoder(max_block=self._max_block, allow_duplicates=True)
+        self._headers = None
+        self._body = []
+        self._body_size = 0
+        self._scgi_started = False
+
     def _release_plain(self) -> None:
         assert self._headers is not None
         total = int(scgi.header_value(self._headers, b"CONTENT_LENGTH") or b"0")
         body = b"".join(self._body)
-        self._record = HandoffRecord(
-            Format.PLAIN_SCGI, headers=self._headers, body=body, remaining=total - len(body)
+        self._records.append(
+            HandoffRecord(
+                Format.PLAIN_SCGI, headers=self._headers, body=body, remaining=total - len(body)
+            )
         )
+        self._closed = True  # the connection is the client from here on
 
     def next_record(self) -> HandoffRecord | _Signal:
-        """The record completed by the last :meth:`receive`, ``NEED_DATA`` or ``CLOSED``."""
-        record, self._record = self._record, NEED_DATA
-        if isinstance(record, HandoffRecord) and record.format in (
-            Format.SCGI,
-            Format.PLAIN_SCGI,
-        ):
-            self._record = CLOSED  # one SCGI message per connection
-        return record
+        """The next record completed by :meth:`receive`, ``NEED_DATA`` or ``CLOSED``."""
+        if self._records:
+            return self._records.pop(0)
+        return CLOSED if self._closed else NEED_DATA
 
 
 def _check_duplicates(headers: scgi.HeaderList) -> None:

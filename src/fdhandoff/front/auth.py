@@ -356,7 +356,10 @@ class _Exchange:
             # over a non-blocking fd, and daemons written for blocking writes
             # silently lose data with slow clients.
             self.client.setblocking(True)
-            self.front.handoffs.send(self.client, usock, message, self.req)
+            handoffs = self.front.handoffs
+            # One handoff per connection: a daemon named by the application
+            # is not offered a channel (its path changes per response).
+            handoffs.send(handoffs.open(usock, None), self.client, message, self.req)
         await self._discard(response)
 
     async def _discard(self, response: ResponseHead) -> None:

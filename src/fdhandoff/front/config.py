@@ -97,6 +97,14 @@ class RouteConfig:
     handoff_format: HandoffFormat = HandoffFormat.APACHE
 
 
+#: Channels (persistent UNIX connections, docs/protocol.md) kept open to each
+#: backend whose receiver accepts them.  One suffices for a busy single
+#: receiver; more spread handoffs over ``--workers`` processes (each channel
+#: belongs to the worker that accepted it) and keep one slow worker from
+#: delaying the rest.  0: a new connection per handoff, nothing offered.
+CHANNELS_PER_BACKEND: Final = 4
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_head_size: int = MAX_HEAD_SIZE
@@ -105,6 +113,7 @@ class Limits:
     max_body_size: int = MAX_BODY_SIZE
     max_response_head_size: int = MAX_RESPONSE_HEAD_SIZE
     max_discard_size: int = MAX_DISCARD_SIZE
+    channels: int = CHANNELS_PER_BACKEND
 
     @property
     def head(self) -> HeadLimits:
@@ -466,6 +475,9 @@ def _limits(table: Mapping[str, Any], errors: _Errors) -> Limits:
             kind=int,
             low=0,
             high=1 << 30,
+        ),
+        channels=_number(
+            table, "channels", "limits", errors, default=d.channels, kind=int, low=0, high=64
         ),
     )
     if limits.max_uri_length > limits.max_head_size:

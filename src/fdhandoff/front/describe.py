@@ -10,8 +10,10 @@ layout), so a receiver written for nginx works unchanged:
 ``REQUEST_METHOD``, ``REQUEST_URI`` (raw), ``SERVER_ADDR``, ``SERVER_PORT``,
 ``QUERY_STRING`` (always, may be empty)
     as nginx, in nginx's order.
-``SERVER_PROTOCOL``, ``SERVER_NAME``, ``HANDOFF_ROUTE``, [``HANDOFF_UPGRADED``], [``HANDOFF_DATA``]
-    added by fdhandoff.
+``SERVER_PROTOCOL``, ``SERVER_NAME``, ``HANDOFF_ROUTE``, [``HANDOFF_UPGRADED``], [``HANDOFF_DATA``],
+[``HANDOFF_CHANNEL``]
+    added by fdhandoff (``HANDOFF_CHANNEL=1`` offers a channel, see
+    :mod:`fdhandoff.front.handoff`; receivers that do not know it ignore it).
 ``HTTP_<NAME>``
     one per header name, in order of first appearance.  SCGI requires unique
     names, so repeated headers are merged as nginx ``scgi_pass`` (1.23+) does:
@@ -30,6 +32,7 @@ from __future__ import annotations
 from typing import Final, NamedTuple
 
 from ..httphead import RequestHead
+from ..message import CHANNEL_HEADER
 
 __all__ = ["Endpoint", "describe"]
 
@@ -89,6 +92,7 @@ def describe(
     upgraded: bytes | None = None,
     handoff_data: bytes | None = None,
     already_read: bytes = b"",
+    channel: bool = False,
 ) -> tuple[bytes, list[bytes]]:
     """The SCGI message (netstring + ``already_read``) and the header names dropped."""
     parts = [
@@ -122,6 +126,8 @@ def describe(
         parts += (b"HANDOFF_UPGRADED", upgraded)
     if handoff_data is not None:
         parts += (b"HANDOFF_DATA", handoff_data)
+    if channel:
+        parts += (CHANNEL_HEADER, b"1")
     headers, dropped = _header_pairs(head)
     parts += headers
     parts.append(b"")  # the block ends with NUL

@@ -45,7 +45,7 @@ from .accesslog import AccessLog
 from .auth import serve_auth
 from .config import FrontConfig, Mode, RouteConfig
 from .describe import Endpoint, describe
-from .handoff import Handoffs, InFlight
+from .handoff import Handoffs, InFlight, Link
 from .listeners import (
     Listener,
     close_listener,
@@ -186,6 +186,8 @@ class Front:
         self.head_limits = config.limits.head
         self.router: Router[RouteConfig] = Router((r.prefix, r.host, r) for r in config.routes)
         self._prefix_bytes = {r.prefix: r.prefix.encode("utf-8") for r in config.routes}
+        #: Offer channels (HANDOFF_CHANNEL) in pass and websocket modes.
+        self._channels = config.limits.channels > 0
         self.access = AccessLog(config.log.access)
         self.metrics = _front_metrics(self)
         self.listeners: list[Listener] = []
@@ -236,13 +238,15 @@ class Front:
         for signum in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(signum, self.stop)
         self._handoffs = Handoffs(
-            self.loop, self.timeouts.handoff, taken=self._handoff_taken, failed=self._handoff_failed
+            self.loop,
+            self.timeouts.handoff,
+            taken=self._handoff_taken,
+            failed=self._handoff_failed,
+            channels=self.config.limits.channels,
         )
         metrics_server = None
         if self.config.metrics:
-            metrics_server = await serve_metrics(
-                self.metrics, *parse_address(self.config.metrics)
-            )
+            metrics_server = await serve_metrics(self.metrics, *parse_address(self.config.metrics))
         self._resume_accepting()
         self._tick_handle = self.loop.call_later(TICK, self._tick)
         labels = ", ".join(listener.label for listener in self.listeners)
@@ -512,14 +516,15 @@ class Front:
             remote=peer,
             server=server,
             route=self._prefix_bytes[route.prefix],
+            channel=self._channels,
         )
         if dropped:
             self._log_dropped(req, dropped)
-        usock = self.connect_backend(route.backend, socket.SOCK_STREAM, sock, req)
-        if usock is not None:
+        link = self._link(route.backend, sock, req)
+        if link is not None:
             handoffs = self._handoffs
             assert handoffs is not None
-            handoffs.send(sock, usock, message, req, req.start)
+            handoffs.send(link, sock, message, req, req.start)
 
     def _websocket(
         self,
@@ -543,13 +548,14 @@ class Front:
             server=server,
             route=self._prefix_bytes[route.prefix],
             upgraded=b"websocket",
+            channel=self._channels,
         )
         if dropped:
             self._log_dropped(req, dropped)
         # Connect first: while the backend can still refuse, the client can
         # still get a plain 503 instead of a 101 followed by a close.
-        usock = self.connect_backend(route.backend, socket.SOCK_STREAM, sock, req)
-        if usock is None:
+        link = self._link(route.backend, sock, req)
+        if link is None:
             return
         response = websocket.handshake_response(key)
         try:
@@ -557,14 +563,24 @@ class Front:
         except OSError:
             sent = -1
         if sent != len(response):  # a fresh socket takes ~150 bytes, unless it is gone
-            usock.close()
             sock.close()
             self.log_request(req, 'closed "client gone before the 101 was sent"')
             return
         req.upgraded = True
-        self.handoffs.send(sock, usock, message, req)
+        self.handoffs.send(link, sock, message, req)
 
     # --- handing off ----------------------------------------------------------------------
+
+    def _link(self, backend: str, client: Socket, req: Request) -> Link | None:
+        """A channel to ``backend``, or a new connection; on failure answer 503, None."""
+        handoffs = self.handoffs
+        link = handoffs.channel(backend)
+        if link is None:
+            usock = self.connect_backend(backend, _STREAM, client, req)
+            if usock is None:
+                return None
+            link = handoffs.open(usock, backend)
+        return link
 
     def connect_backend(
         self,
@@ -699,9 +715,7 @@ def _front_metrics(front: Front) -> Metrics:
         "Requests by outcome: handed_off, relayed (auth mode), closed, or the status "
         "the front answered itself.",
     )
-    metrics.gauge(
-        "in_flight", "Connections being read, handed off or answered.", front.in_flight
-    )
+    metrics.gauge("in_flight", "Connections being read, handed off or answered.", front.in_flight)
     metrics.gauge(
         "accepting", "1 while accepting connections, 0 when paused or stopping.",
         lambda: int(front._accepting),

@@ -11,6 +11,10 @@ sender expects:
   ``mod_socket_handoff``): one handoff per connection; the connection is
   closed as soon as the handoff is read — the fdhandoff front takes that close
   as "taken" and answers 503 itself when it does not come;
+* SCGI on a channel (``HANDOFF_CHANNEL=1``, the fdhandoff front): a
+  persistent connection carrying many handoffs; each one taken is
+  acknowledged with one ``CHANNEL_ACK`` byte, written once the handler has
+  had its first turn (so a quick answer leaves before the sender is woken);
 * BYTE markers (``mod_proxy_fdpass``, OpenResty, fd-pass): a persistent
   connection carrying many handoffs, read until the sender closes it;
 * plain SCGI (no fd: nginx ``scgi_pass``, Apache ``mod_proxy_scgi``): the
@@ -36,7 +40,7 @@ from typing import Final
 
 from .. import aio, fdpass
 from ..errors import FdPassError, ProtocolError
-from ..message import CLOSED, Format, HandoffReader, HandoffRecord
+from ..message import CHANNEL_ACK, CLOSED, Format, HandoffReader, HandoffRecord
 from ..metrics import Metrics, parse_address, serve_metrics
 from . import http
 from .fdlimit import RESOURCE_ERRNOS, FdReserve
@@ -73,8 +77,12 @@ class Receiver:
         self._idle.set()
         #: Tasks reading handoffs or running handlers.
         self._tasks: set[asyncio.Task[None]] = set()
-        #: Tasks waiting for the next marker on a persistent BYTE connection.
+        #: Tasks waiting for the next handoff on a persistent connection
+        #: (BYTE markers, SCGI channels).
         self._marker_readers: set[asyncio.Task[None]] = set()
+        #: Channel acknowledgements not written yet, per UNIX connection.
+        self._acks: dict[socket.socket, int] = {}
+        self._ack_flush: asyncio.Handle | None = None
         self._reserve = FdReserve()
         #: New UNIX connections whose handoff is still being read.
         self._taking = 0
@@ -190,23 +198,30 @@ class Receiver:
                 self._maybe_resume()
                 return
             record, client = got
+            persistent = record.format is Format.BYTE or record.channel
             if record.format is Format.PLAIN_SCGI:
                 keep = True
                 client = conn
-            elif record.format is not Format.BYTE:
+            elif not persistent:
                 conn.close()  # "taken": the sender may forget the client now
             handoff = self._open(record, client)
-            if record.format is Format.BYTE:
+            if persistent:
                 if handoff is not None:
                     self.spawn(self._run(handoff))
-                await self._take_markers(conn, reader)
+                if record.channel:
+                    self._ack(conn)
+                await self._take_more(conn, reader)
             elif handoff is not None:
                 await self._run(handoff)
         finally:
             if not keep:
+                self._flush_acks(conn)
+                if self._acks.pop(conn, 0):  # the sender stopped reading: give up
+                    self.loop.remove_writer(conn.fileno())
                 conn.close()
 
-    async def _take_markers(self, conn: socket.socket, reader: HandoffReader) -> None:
+    async def _take_more(self, conn: socket.socket, reader: HandoffReader) -> None:
+        """Later handoffs on a persistent connection, until the sender closes it."""
         task = asyncio.current_task()
         assert task is not None
         self._marker_readers.add(task)
@@ -215,11 +230,47 @@ class Receiver:
                 got = await self._receive(conn, reader, first=False)
                 if got is None:
                     return
-                handoff = self._open(*got)
+                record, client = got
+                handoff = self._open(record, client)
                 if handoff is not None:
                     self.spawn(self._run(handoff))
+                if record.channel:
+                    self._ack(conn)
         finally:
             self._marker_readers.discard(task)
+
+    def _ack(self, conn: socket.socket) -> None:
+        """Acknowledge one channel handoff, after the handlers scheduled so far
+        have had their first turn: call_soon callbacks run in order."""
+        self._acks[conn] = self._acks.get(conn, 0) + 1
+        if self._ack_flush is None:
+            self._ack_flush = self.loop.call_soon(self._flush_all_acks)
+
+    def _flush_all_acks(self) -> None:
+        self._ack_flush = None
+        for conn in list(self._acks):
+            self._flush_acks(conn)
+
+    def _flush_acks(self, conn: socket.socket) -> None:
+        count = self._acks.pop(conn, 0)
+        if not count or conn.fileno() < 0:
+            return
+        try:
+            sent = conn.send(CHANNEL_ACK * count)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:  # the sender is gone: nobody is waiting
+            log.info("channel closed before %d acknowledgement(s): %s", count, exc.strerror)
+            return
+        if sent < count:
+            # The sender is not reading its acknowledgements (hundreds of KiB
+            # of them): finish when it does.
+            self._acks[conn] = count - sent
+            self.loop.add_writer(conn.fileno(), self._on_ack_writable, conn)
+
+    def _on_ack_writable(self, conn: socket.socket) -> None:
+        self.loop.remove_writer(conn.fileno())
+        self._flush_acks(conn)
 
     async def _receive(
         self, conn: socket.socket, reader: HandoffReader, *, first: bool
@@ -256,10 +307,15 @@ class Receiver:
     ) -> tuple[HandoffRecord, socket.socket] | None:
         """:func:`fdhandoff.aio.recv_handoff` with the spare fd released around
         each ``recvmsg`` (see :class:`FdReserve`)."""
-        assembly = fdpass.Assembly(conn, reader)
+        assembly = fdpass.Assembly.of(conn, reader)
         bufsize = fdpass.recv_size(conn)
         reserve = self._reserve
         try:
+            got = assembly.next()  # finished by the previous read (a channel)
+            if isinstance(got, tuple):
+                return got
+            if got is CLOSED:
+                return None
             while True:
                 await aio.wait_readable(conn)
                 while not reserve.refill():
@@ -277,8 +333,9 @@ class Receiver:
                     return got
                 if got is CLOSED:
                     return None
-        finally:
+        except BaseException:
             assembly.close()
+            raise
 
     # --- running the handler ------------------------------------------------------------
 
