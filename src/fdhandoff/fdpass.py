@@ -31,6 +31,7 @@ import os
 import selectors
 import socket
 import struct
+import sys
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -66,7 +67,9 @@ _CMSG_SPACE: Final = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * _FD_SIZE)
 #: (~300 bytes for a small request, up to its 32 KiB head limit) in one go.
 RECV_SIZE: Final = 64 * 1024
 
-_RECV_FLAGS: Final = socket.MSG_CMSG_CLOEXEC
+_RECV_NOWAIT: Final = int(socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
+_CTRUNC: Final = int(socket.MSG_CTRUNC)
+_TRUNC: Final = int(socket.MSG_TRUNC)
 _SO_PEERCRED_FORMAT: Final = "3i"  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
 
 
@@ -105,8 +108,16 @@ def _no_python_timeout(sock: socket.socket, timeout: float) -> Iterator[None]:
 # --- sending -------------------------------------------------------------------
 
 
+#: Plain ints: the socket module's IntFlag operators cost about a µs per
+#: handoff, on the front's hot path.
+_SEND_FLAGS: Final = int(socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+_SOL_SOCKET: Final = int(socket.SOL_SOCKET)
+_SCM_RIGHTS: Final = int(socket.SCM_RIGHTS)
+
+
 def _rights(fd: int) -> list[tuple[int, int, bytes]]:
-    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
+    # One C int in native byte order: cmsg(3) SCM_RIGHTS data is an int array.
+    return [(_SOL_SOCKET, _SCM_RIGHTS, fd.to_bytes(4, sys.byteorder))]
 
 
 def send_fd_nowait(sock: socket.socket, data: bytes | memoryview, fd: int | None) -> int:
@@ -119,7 +130,7 @@ def send_fd_nowait(sock: socket.socket, data: bytes | memoryview, fd: int | None
     if not data:
         raise ValueError("an fd must travel with at least one data byte (unix(7))")
     ancillary = _rights(fd) if fd is not None else []
-    flags = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
+    flags = _SEND_FLAGS
     timeout = sock.gettimeout()
     try:
         if not timeout:  # None or 0.0: MSG_DONTWAIT alone keeps the call from waiting
@@ -174,7 +185,7 @@ def wrap_fd(fd: int, *, blocking: bool = True) -> socket.socket:
 def _received_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     fds: list[int] = []
     for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+        if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
             usable = len(payload) - len(payload) % _FD_SIZE
             fds.extend(array.array("i", payload[:usable]))
     return fds
@@ -189,11 +200,13 @@ def _close_all(fds: list[int]) -> None:
 def _check_received(
     data: bytes, ancdata: list[tuple[int, int, bytes]], msg_flags: int, bufsize: int
 ) -> int | None:
+    if not ancdata and not msg_flags:
+        return None  # the common case of a message without an fd
     fds = _received_fds(ancdata)
     problem = None
-    if msg_flags & socket.MSG_CTRUNC:
+    if msg_flags & _CTRUNC:
         problem = f"control data truncated: more than {MAX_FDS_PER_MESSAGE} fds were sent"
-    elif msg_flags & socket.MSG_TRUNC:
+    elif msg_flags & _TRUNC:
         problem = f"record larger than the {bufsize}-byte receive buffer was truncated"
     elif len(fds) > 1:
         problem = f"{len(fds)} fds arrived in one message, expected at most 1"
@@ -211,7 +224,7 @@ def recv_fd_nowait(
     ``(b"", None)`` means EOF.  Raises ``BlockingIOError`` when nothing is
     there, :class:`FdPassError` for truncation, several fds or a non-socket fd.
     """
-    flags = _RECV_FLAGS | socket.MSG_DONTWAIT
+    flags = _RECV_NOWAIT
     timeout = sock.gettimeout()
     if not timeout:  # None or 0.0: MSG_DONTWAIT alone keeps the call from waiting
         data, ancdata, msg_flags, _ = sock.recvmsg(bufsize, _CMSG_SPACE, flags)
