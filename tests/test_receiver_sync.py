@@ -177,3 +177,29 @@ def test_websocket_closed_from_another_thread(tmp_path: Path, no_fd_leak: None) 
         assert got == ["one"]
         with pytest.raises(ConnectionClosed):
             sockets[0].send("late")
+
+
+def test_channel_acknowledged_and_closed_at_stop(tmp_path: Path, no_fd_leak: None) -> None:
+    """Three handoffs on one channel: three answers, three ACK bytes, and the
+    stop does not wait out the grace period for the idle channel."""
+    from fdhandoff import fdpass  # noqa: PLC0415
+    from fdhandoff.message import CHANNEL_ACK  # noqa: PLC0415
+
+    path = str(tmp_path / "r.sock")
+    receiver = SyncReceiverThread(echo, [Bind(path)], Options(grace=30.0))
+    with receiver, socket.socket(socket.AF_UNIX) as conn:
+        conn.connect(path)
+        conn.settimeout(10)
+        for n in range(3):
+            client, server_side = tcp_pair()
+            headers = front_headers("GET", f"/{n}", HANDOFF_CHANNEL="1")
+            fdpass.send_fd(conn, scgi.encode(headers), server_side.fileno())
+            server_side.close()
+            assert split_response(read_all(client))[0] == 200
+            client.close()
+            assert conn.recv(1) == CHANNEL_ACK
+        started = time.monotonic()
+        receiver.stop_event.set()
+        receiver.thread.join(20)
+        assert time.monotonic() - started < 5.0, "an idle channel held up the stop"
+        assert conn.recv(1) == b""  # the receiver closed its end

@@ -15,7 +15,7 @@ from typing import Any, Final
 
 from ... import fdpass
 from ...errors import FdPassError, ProtocolError
-from ...message import Format, HandoffReader, HandoffRecord
+from ...message import CHANNEL_ACK, Format, HandoffReader, HandoffRecord
 from .. import http
 from ..answer import Phase
 from ..fdlimit import RESOURCE_ERRNOS
@@ -46,6 +46,8 @@ class Receiver:
         self._lock = threading.Lock()
         self._live: set[Handoff | _SyncStream] = set()
         self._threads: set[threading.Thread] = set()
+        #: UNIX connections carrying many handoffs (channels, BYTE markers).
+        self._persistent: set[socket.socket] = set()
         limit = self.options.max_connections or DEFAULT_MAX_THREADS
         self._slots = threading.BoundedSemaphore(limit)
 
@@ -127,13 +129,20 @@ class Receiver:
             if got is None:
                 return
             record, client = got
-            if record.format is Format.BYTE:
-                self._spawn(self._run, record, client)
-                while not self.stopping.is_set():
+            if record.format is Format.BYTE or record.channel:
+                # Persistent: BYTE markers, or a channel (one ACK per handoff).
+                with self._lock:
+                    self._persistent.add(conn)
+                while True:
+                    self._spawn(self._run, record, client)
+                    if record.channel and not _ack(conn):
+                        return
+                    if self.stopping.is_set():
+                        return
                     got = self._receive(conn, reader, None)
                     if got is None:
                         return
-                    self._spawn(self._run, *got)
+                    record, client = got
             elif record.format is Format.PLAIN_SCGI:
                 keep = True
                 self._run(record, conn)
@@ -141,6 +150,8 @@ class Receiver:
                 conn.close()  # "taken"
                 self._run(record, client)
         finally:
+            with self._lock:
+                self._persistent.discard(conn)
             if not keep:
                 conn.close()
 
@@ -214,6 +225,13 @@ class Receiver:
     # --- stopping ------------------------------------------------------------------------------
 
     def _shutdown(self) -> None:
+        with self._lock:
+            persistent = list(self._persistent)
+        for conn in persistent:
+            # Wakes its reader with EOF; what the sender queued but we did not
+            # read is refused when it closes (ECONNRESET: the front answers 503).
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RD)
         grace = self.options.grace
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
@@ -234,6 +252,16 @@ class Receiver:
             threads = list(self._threads)
         for thread in threads:
             thread.join(max(1.0, grace))
+
+
+def _ack(conn: socket.socket) -> bool:
+    """Acknowledge one channel handoff (blocking); False if the sender is gone."""
+    try:
+        conn.sendall(CHANNEL_ACK)
+    except OSError as exc:
+        log.info("channel closed before its acknowledgement: %s", exc.strerror)
+        return False
+    return True
 
 
 def _reject(sock: socket.socket, status: int, cgi: bool) -> None:
