@@ -146,6 +146,9 @@ def test_front_counts_outcomes(
     assert 'fdhandoff_front_requests_total{outcome="handed_off"} 1' in text
     assert 'fdhandoff_front_requests_total{outcome="404"} 1' in text
     assert "fdhandoff_front_accepting 1" in text
+    # This receiver takes one handoff per connection (as nginx fd_pass
+    # receivers do): no channel is kept.
+    assert "fdhandoff_front_channels 0" in text
 
 
 def test_check_rejects_a_bad_metrics_address(tmp_path: Path) -> None:

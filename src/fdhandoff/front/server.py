@@ -717,6 +717,11 @@ def _front_metrics(front: Front) -> Metrics:
     )
     metrics.gauge("in_flight", "Connections being read, handed off or answered.", front.in_flight)
     metrics.gauge(
+        "channels",
+        "Channels (persistent UNIX connections) open to receivers, idle or busy.",
+        lambda: front._handoffs.channels if front._handoffs is not None else 0,
+    )
+    metrics.gauge(
         "accepting", "1 while accepting connections, 0 when paused or stopping.",
         lambda: int(front._accepting),
     )  # fmt: skip
