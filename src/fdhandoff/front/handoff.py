@@ -195,10 +195,13 @@ class Handoffs:
         message: bytes,
         context: Any,
         now: float | None = None,
-    ) -> None:
+    ) -> bool:
         """One sendmsg of ``message`` with the client fd on its first byte, then wait.
 
-        The deadline counts from ``now`` (default: this moment).
+        The deadline counts from ``now`` (default: this moment).  Returns False,
+        having sent nothing and told nobody, when ``link`` is a channel the
+        receiver has just closed (it restarted): the caller sends again on a new
+        connection.  Any other failure goes to ``failed``.
         """
         start = time.monotonic() if now is None else now
         flight = InFlight(client, context, start + self._timeout, len(message))
@@ -208,18 +211,23 @@ class Handoffs:
         except BlockingIOError:
             sent = 0
         except (OSError, FdPassError) as exc:
-            self._failed(flight, _send_failure(exc))
+            closed = isinstance(exc, OSError) and exc.errno in (errno.EPIPE, errno.ECONNRESET)
+            retry = closed and link.pooled
             self._broken(link)
-            return
+            if retry:
+                return False
+            self._failed(flight, _send_failure(exc))
+            return True
         link.flights.append(flight)
         self._flights += 1
         if sent == len(message):
-            return
+            return True
         # The UNIX socket buffer is full (a receiver that is not reading):
         # finish the message when it drains, the fd only with its first byte.
         link.rest = memoryview(message)[sent:]
         link.fd_pending = sent == 0
         self._loop.add_writer(link.fd, self._on_writable, link)
+        return True
 
     def _on_writable(self, link: Link) -> None:
         assert link.rest is not None

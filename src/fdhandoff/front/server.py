@@ -520,11 +520,7 @@ class Front:
         )
         if dropped:
             self._log_dropped(req, dropped)
-        link = self._link(route.backend, sock, req)
-        if link is not None:
-            handoffs = self._handoffs
-            assert handoffs is not None
-            handoffs.send(link, sock, message, req, req.start)
+        self._send(route.backend, sock, message, req)
 
     def _websocket(
         self,
@@ -567,14 +563,29 @@ class Front:
             self.log_request(req, 'closed "client gone before the 101 was sent"')
             return
         req.upgraded = True
-        self.handoffs.send(link, sock, message, req)
+        if not self.handoffs.send(link, sock, message, req, req.start):
+            self._send(route.backend, sock, message, req, fresh=True)
 
     # --- handing off ----------------------------------------------------------------------
 
-    def _link(self, backend: str, client: Socket, req: Request) -> Link | None:
+    def _send(
+        self, backend: str, client: Socket, message: bytes, req: Request, *, fresh: bool = False
+    ) -> None:
+        """Hand off on a channel or a new connection (a new one if a channel
+        turns out to have just closed: the receiver restarted)."""
+        handoffs = self.handoffs
+        link = self._link(backend, client, req, fresh=fresh)
+        if link is not None and not handoffs.send(link, client, message, req, req.start):
+            link = self._link(backend, client, req, fresh=True)
+            if link is not None:
+                handoffs.send(link, client, message, req, req.start)
+
+    def _link(
+        self, backend: str, client: Socket, req: Request, *, fresh: bool = False
+    ) -> Link | None:
         """A channel to ``backend``, or a new connection; on failure answer 503, None."""
         handoffs = self.handoffs
-        link = handoffs.channel(backend)
+        link = None if fresh else handoffs.channel(backend)
         if link is None:
             usock = self.connect_backend(backend, _STREAM, client, req)
             if usock is None:
