@@ -203,3 +203,25 @@ def test_channel_acknowledged_and_closed_at_stop(tmp_path: Path, no_fd_leak: Non
         receiver.thread.join(20)
         assert time.monotonic() - started < 5.0, "an idle channel held up the stop"
         assert conn.recv(1) == b""  # the receiver closed its end
+
+
+def test_declined_channel_is_one_handoff_per_connection(tmp_path: Path, no_fd_leak: None) -> None:
+    """A worker of --workers N declines channels: it takes the handoff and
+    closes the connection (the acknowledgement of a receiver without channels),
+    so the front keeps opening connections and the kernel spreads them."""
+    from fdhandoff import fdpass  # noqa: PLC0415
+    from fdhandoff.receiver.runner import _for_worker  # noqa: PLC0415
+
+    options = _for_worker(Options(), 1)
+    assert options.channels is False
+    path = str(tmp_path / "r.sock")
+    with SyncReceiverThread(echo, [Bind(path)], options), socket.socket(socket.AF_UNIX) as conn:
+        conn.connect(path)
+        conn.settimeout(10)
+        client, server_side = tcp_pair()
+        headers = front_headers("GET", "/", HANDOFF_CHANNEL="1")
+        fdpass.send_fd(conn, scgi.encode(headers), server_side.fileno())
+        server_side.close()
+        assert conn.recv(1) == b""  # closed, no ACK
+        assert split_response(read_all(client))[0] == 200
+        client.close()

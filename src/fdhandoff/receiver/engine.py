@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import logging
 import signal
@@ -198,6 +199,11 @@ class Receiver:
                 self._maybe_resume()
                 return
             record, client = got
+            if record.channel and not self.options.channels:
+                # Declined: closing after one handoff is the acknowledgement
+                # of a receiver that keeps no channel, and the front then
+                # opens a new connection per handoff.
+                record = dataclasses.replace(record, channel=False)
             persistent = record.format is Format.BYTE or record.channel
             if record.format is Format.PLAIN_SCGI:
                 keep = True

@@ -93,6 +93,11 @@ class Options:
     #: ``HOST:PORT`` serving ``GET /metrics`` (Prometheus text); None = off.
     #: With several workers, worker *i* listens on PORT + *i*.
     metrics: str | None = None
+    #: Keep channels offered by the front (HANDOFF_CHANNEL).  Off in the
+    #: workers of ``--workers N``: a channel belongs to the worker that
+    #: accepted it, so channels would pin a front's handoffs to a few
+    #: workers; a new connection per handoff lets the kernel spread them.
+    channels: bool = True
 
     def replace(self, **changes: object) -> Options:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

@@ -136,7 +136,9 @@ def run(
 
 
 def _for_worker(options: Options, slot: int) -> Options:
-    """Worker ``slot``'s options: its own metrics port (PORT + slot)."""
+    """Worker ``slot``'s options: its own metrics port (PORT + slot), and no
+    channels (see :attr:`Options.channels`)."""
+    options = options.replace(channels=False)
     if not options.metrics:
         return options
     host, port = parse_address(options.metrics)

@@ -129,7 +129,8 @@ class Receiver:
             if got is None:
                 return
             record, client = got
-            if record.format is Format.BYTE or record.channel:
+            channel = record.channel and self.options.channels  # else declined: one handoff
+            if record.format is Format.BYTE or channel:
                 # Persistent: BYTE markers, or a channel (one ACK per handoff).
                 with self._lock:
                     self._persistent.add(conn)
