@@ -711,6 +711,57 @@ def test_recv_handoff_closes_every_fd_when_two_come_in_one_read(
         assert_closed_everywhere(clients, index)
 
 
+#: Not a valid start of a handoff: a netstring length has no leading zero.
+BAD_START = b"024:"
+
+
+def test_a_bad_handoff_after_a_finished_one_fails_only_itself(
+    channel: tuple[socket.socket, socket.socket], clients: Clients
+) -> None:
+    """Handoff 1 whole in its own read, then a broken handoff 2: 1 is delivered,
+    the error comes with 2 and closes its fd."""
+    sender, receiver = channel
+    fdpass.send_fd(sender, THREE.parts[0], clients.handed(0).fileno(), timeout=WAIT)
+    fdpass.send_fd(sender, BAD_START, clients.handed(1).fileno(), timeout=WAIT)
+    reader = HandoffReader(STREAM)
+    got = fdpass.recv_handoff(receiver, reader, timeout=WAIT)
+    assert got is not None
+    with got[1]:
+        clients.check(0, got[1])
+    with pytest.raises(ProtocolError):
+        fdpass.recv_handoff(receiver, reader, timeout=WAIT)
+    assert_closed_everywhere(clients, 1)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="HandoffReader.receive raises for the broken start of handoff 2 after it "
+    "completed handoff 1 in the same read, and Assembly.feed then closes every fd it "
+    "holds, handoff 1's included: a finished handoff is lost because of its neighbour",
+)
+def test_a_bad_handoff_starting_in_the_read_that_ends_one_fails_only_itself(
+    channel: tuple[socket.socket, socket.socket], clients: Clients
+) -> None:
+    """The same bytes as above, cut so that one read ends handoff 1 and brings
+    the broken start of 2 with its fd: the outcome must not depend on the cut."""
+    sender, receiver = channel
+    fdpass.send_fd(sender, THREE.parts[0][:20], clients.handed(0).fileno(), timeout=WAIT)
+    fdpass.send_fd(
+        sender, THREE.parts[0][20:] + BAD_START, clients.handed(1).fileno(), timeout=WAIT
+    )
+    reader = HandoffReader(STREAM)
+    try:
+        got = fdpass.recv_handoff(receiver, reader, timeout=WAIT)
+        assert got is not None
+        with got[1]:
+            clients.check(0, got[1])
+        with pytest.raises(ProtocolError):
+            fdpass.recv_handoff(receiver, reader, timeout=WAIT)
+        assert_closed_everywhere(clients, 1)
+    finally:
+        fdpass.Assembly.of(receiver, reader).close()  # whatever it still holds
+
+
 def test_recv_handoff_timeout_inside_a_channel_handoff_closes_its_fd(
     channel: tuple[socket.socket, socket.socket], clients: Clients
 ) -> None:

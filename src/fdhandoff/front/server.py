@@ -699,9 +699,11 @@ class Front:
     def log_request(self, req: Request, outcome: str) -> None:
         """Count the request's outcome and write its access-log line."""
         self.metrics.inc("requests_total", outcome=_outcome_label(outcome))
-        self.access.log(
-            req.client, req.method, req.target, route=req.route, outcome=outcome, start=req.start
-        )
+        if self.access.enabled:  # the client's label is formatted only for a line
+            self.access.log(
+                req.client, req.method, req.target, route=req.route, outcome=outcome,
+                start=req.start,
+            )  # fmt: skip
 
     def _log_dropped(self, req: Request, dropped: list[bytes]) -> None:
         names = ", ".join(name.decode("ascii", "replace") for name in dropped)
