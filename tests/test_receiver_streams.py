@@ -344,3 +344,37 @@ def test_max_connections_pauses_accepting_until_one_ends(tmp_path: Path, no_fd_l
         _wait(lambda: len(hub.channel) == 2)
         second.close()
         third.close()
+
+
+def test_max_connections_pauses_reading_a_channel(tmp_path: Path, no_fd_leak: None) -> None:
+    """On a channel, --max-connections stops the reading of further handoffs
+    (as it stops accepting): the third waits in the channel until one ends."""
+    from fdhandoff import fdpass, scgi  # noqa: PLC0415
+    from fdhandoff.message import CHANNEL_ACK  # noqa: PLC0415
+
+    hub = Hub()
+    path = str(tmp_path / "r.sock")
+    with (
+        ReceiverThread(hub, [Bind(path)], Options(max_connections=2)),
+        socket.socket(socket.AF_UNIX) as conn,
+    ):
+        conn.connect(path)
+        conn.settimeout(10)
+        clients = []
+        for _ in range(3):
+            client, server_side = tcp_pair()
+            message = scgi.encode(front_headers("GET", "/events", HANDOFF_CHANNEL="1"))
+            fdpass.send_fd(conn, message, server_side.fileno())
+            server_side.close()
+            clients.append(client)
+        assert conn.recv(2) == CHANNEL_ACK * 2
+        _wait(lambda: len(hub.channel) == 2)
+        conn.settimeout(1.0)
+        with pytest.raises(TimeoutError):
+            conn.recv(1)  # the third is not taken while two are live
+        clients[0].close()
+        conn.settimeout(10)
+        assert conn.recv(1) == CHANNEL_ACK
+        assert read_until(clients[2], b"\r\n\r\n").startswith(b"HTTP/1.1 200 OK")
+        for client in clients[1:]:
+            client.close()

@@ -233,6 +233,11 @@ class Receiver:
         self._marker_readers.add(task)
         try:
             while not self.stopping:
+                while self._at_limit() and not self.stopping:
+                    # --max-connections: stop reading, as accepting stops; the
+                    # sender sees its handoffs wait (and answers 503 at its
+                    # deadline) instead of this process taking more.
+                    await asyncio.sleep(ACCEPT_BACKOFF)
                 got = await self._receive(conn, reader, first=False)
                 if got is None:
                     return
