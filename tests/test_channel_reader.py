@@ -733,12 +733,6 @@ def test_a_bad_handoff_after_a_finished_one_fails_only_itself(
     assert_closed_everywhere(clients, 1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="HandoffReader.receive raises for the broken start of handoff 2 after it "
-    "completed handoff 1 in the same read, and Assembly.feed then closes every fd it "
-    "holds, handoff 1's included: a finished handoff is lost because of its neighbour",
-)
 def test_a_bad_handoff_starting_in_the_read_that_ends_one_fails_only_itself(
     channel: tuple[socket.socket, socket.socket], clients: Clients
 ) -> None:

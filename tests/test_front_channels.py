@@ -752,12 +752,6 @@ def busy_channel_receiver(rx: FakeReceiver, index: int, conn: socket.socket) -> 
         rx.serve(index, *got)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Front._pass passes req.start (accept time) as the handoff's start, so "
-    "timeouts.handoff also counts the time the client took to send its head: a head "
-    "slower than the timeout leaves the receiver no time at all and gets a 503",
-)
 def test_a_slow_request_head_leaves_the_receiver_its_whole_handoff_timeout(
     no_fd_leak: None,
     receivers: Callable[..., FakeReceiver],

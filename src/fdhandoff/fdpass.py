@@ -338,7 +338,11 @@ class Assembly:
 
     def next(self) -> tuple[HandoffRecord, socket.socket] | Signal:
         """A handoff the last :meth:`feed` finished besides the one it returned."""
-        record = self.reader.next_record()
+        try:
+            record = self.reader.next_record()
+        except BaseException:  # a broken handoff after good ones: its fd goes
+            self.close()
+            raise
         if not isinstance(record, HandoffRecord):
             return record
         if record.format is Format.PLAIN_SCGI:

@@ -225,6 +225,7 @@ class HandoffReader:
         "_channel",
         "_closed",
         "_decoder",
+        "_error",
         "_failed",
         "_format",
         "_headers",
@@ -254,6 +255,7 @@ class HandoffReader:
         self._records: list[HandoffRecord] = []
         self._closed = False
         self._failed = False
+        self._error: ProtocolError | None = None
         self._scgi_started = False
         self._channel = False
         self._body_size = 0
@@ -266,7 +268,13 @@ class HandoffReader:
         return self._format
 
     def receive(self, data: bytes, nfds: int) -> None:
-        """Feed what one ``recvmsg`` returned: ``data`` and how many fds came with it."""
+        """Feed what one ``recvmsg`` returned: ``data`` and how many fds came with it.
+
+        An error in a handoff that starts in the same read as the end of a good
+        one is raised by :meth:`next_record` once the good one has been handed
+        out: the outcome of a handoff never depends on where the kernel cut the
+        stream.
+        """
         if self._failed:
             raise ProtocolError("handoff reader already failed")
         try:
@@ -317,8 +325,17 @@ class HandoffReader:
             data, self.trailing_data = self.trailing_data, b""
             unclaimed = self._claim_fd(unclaimed)
             self._scgi_started = True
-            self._decoder.receive_data(data)
-            self._drain()
+            try:
+                self._decoder.receive_data(data)
+                self._drain()
+            except ProtocolError as exc:
+                if not self._records:
+                    raise
+                # This handoff is broken, not the one this read finished:
+                # that one is still handed out, then the error is raised.
+                self._failed = True
+                self._error = exc
+                return
         if unclaimed:
             raise ProtocolError("a second fd arrived inside one SCGI handoff")
 
@@ -402,9 +419,16 @@ class HandoffReader:
         self._closed = True  # the connection is the client from here on
 
     def next_record(self) -> HandoffRecord | _Signal:
-        """The next record completed by :meth:`receive`, ``NEED_DATA`` or ``CLOSED``."""
+        """The next record completed by :meth:`receive`, ``NEED_DATA`` or ``CLOSED``.
+
+        Raises the :class:`ProtocolError` of a later, broken handoff once the
+        records completed before it have been handed out.
+        """
         if self._records:
             return self._records.pop(0)
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
         return CLOSED if self._closed else NEED_DATA
 
 

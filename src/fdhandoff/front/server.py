@@ -563,7 +563,7 @@ class Front:
             self.log_request(req, 'closed "client gone before the 101 was sent"')
             return
         req.upgraded = True
-        if not self.handoffs.send(link, sock, message, req, req.start):
+        if not self.handoffs.send(link, sock, message, req):
             self._send(route.backend, sock, message, req, fresh=True)
 
     # --- handing off ----------------------------------------------------------------------
@@ -575,10 +575,10 @@ class Front:
         turns out to have just closed: the receiver restarted)."""
         handoffs = self.handoffs
         link = self._link(backend, client, req, fresh=fresh)
-        if link is not None and not handoffs.send(link, client, message, req, req.start):
+        if link is not None and not handoffs.send(link, client, message, req):
             link = self._link(backend, client, req, fresh=True)
             if link is not None:
-                handoffs.send(link, client, message, req, req.start)
+                handoffs.send(link, client, message, req)
 
     def _link(
         self, backend: str, client: Socket, req: Request, *, fresh: bool = False
