@@ -391,7 +391,9 @@ def rate_section(rate: dict[str, Any], caption: str, img: str) -> list[str]:
         "utime + stime "
         "of the server processes (`/proc/PID/stat`) per request. fdhandoff is `fdhandoff front` "
         "(pass mode) handing each connection to a minimal receiver built on `fdhandoff.fdpass` "
-        "that answers a fixed 200 (`bench/_common.py`); nginx (1 worker) proxies to the same "
+        "that answers a fixed 200 (`bench/_common.py`) and, like fdhandoff's own receiver, "
+        "keeps the front's channel (one persistent UNIX connection, an ACK byte per handoff: "
+        "[protocol](protocol.md)); nginx (1 worker) proxies to the same "
         "uvicorn (uvloop + httptools, 1 worker) that is also measured alone. Access logs are off "
         "everywhere.",
         "",
