@@ -227,3 +227,17 @@ def test_check_command(tmp_path: Path) -> None:
     missing = run_check()
     assert missing.returncode == 2
     assert "give --config" in missing.stderr
+
+
+def test_channels_limit() -> None:
+    """limits.channels: 4 by default, 0 (off) to 64, anything else named."""
+    assert Limits().channels == 4
+    base: dict[str, object] = {
+        "listen": [{"address": "127.0.0.1:1"}],
+        "route": [{"prefix": "/", "backend": "unix:/run/r.sock"}],
+    }
+    assert build_config({**base, "limits": {"channels": 0}}).limits.channels == 0
+    assert build_config({**base, "limits": {"channels": 64}}).limits.channels == 64
+    for bad in (-1, 65, 1.5):
+        text = "\n".join(errors_of({**base, "limits": {"channels": bad}}))
+        assert f"limits.channels = {bad}" in text
