@@ -279,16 +279,13 @@ def parse_head(head: bytes, limits: HeadLimits = DEFAULT_LIMITS) -> RequestHead:
         raise ProtocolError("request head is empty or incomplete")
     if len(collector.headers) > limits.max_headers:
         raise ProtocolError(f"more than {limits.max_headers} header lines", status_hint=431)
-    method = parser.get_method()
-    version = parser.get_http_version().encode("ascii")
-    if version != b"1.1":
+    version = parser.get_http_version()
+    if version != "1.1":
         # nginx fd_pass answers 505 to anything but HTTP/1.1, and so do we:
         # receivers are written for 1.1 (chunked responses, Upgrade, Host),
         # which an HTTP/1.0 client cannot take (docs/front.md).
-        raise ProtocolError(
-            f"HTTP/{version.decode()} is not supported, only HTTP/1.1", status_hint=505
-        )
-    return _build(collector, method, version, parser.should_upgrade(), len(head))
+        raise ProtocolError(f"HTTP/{version} is not supported, only HTTP/1.1", status_hint=505)
+    return _build(collector, parser.get_method(), b"1.1", parser.should_upgrade(), len(head))
 
 
 def _parser_error(exc: Exception) -> ProtocolError:

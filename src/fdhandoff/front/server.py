@@ -382,26 +382,22 @@ class Front:
             return
         if n > 0:
             end = buf.find(HEAD_END, 0, n)
-            if end >= 0:
-                self._take_head(sock, end + 4, addr, listener, start)
+            if end >= 0:  # the whole head is there: take exactly it (inline: hot path)
+                length = end + 4
+                try:
+                    head = sock.recv(length, _DONTWAIT)
+                except OSError:
+                    head = b""
+                if len(head) != length:  # the peeked bytes are ours: only a reset loses them
+                    sock.close()
+                    return
+                self._dispatch(sock, head, addr, listener, start)
                 return
         pending = _Pending(sock, addr, listener, start)
         if n > 0 and not self._absorb(pending, n):
             return
         self.loop.add_reader(pending.fd, self._on_readable, pending)
         self._pending[pending] = start + self.timeouts.head
-
-    def _take_head(
-        self, sock: Socket, length: int, addr: object, listener: Listener, start: float
-    ) -> None:
-        try:
-            head = sock.recv(length, _DONTWAIT)
-        except OSError:
-            head = b""
-        if len(head) != length:  # the peeked bytes are ours: only a reset loses them
-            sock.close()
-            return
-        self._dispatch(sock, head, addr, listener, start)
 
     def _on_readable(self, pending: _Pending) -> None:
         room = self._max_head - len(pending.buf)
@@ -574,7 +570,9 @@ class Front:
         """Hand off on a channel or a new connection (a new one if a channel
         turns out to have just closed: the receiver restarted)."""
         handoffs = self.handoffs
-        link = self._link(backend, client, req, fresh=fresh)
+        link = None if fresh else handoffs.channel(backend)
+        if link is None:
+            link = self._link(backend, client, req, fresh=True)
         if link is not None and not handoffs.send(link, client, message, req):
             link = self._link(backend, client, req, fresh=True)
             if link is not None:
