@@ -685,6 +685,24 @@ def test_a_channel_found_dead_at_send_time_is_replaced_without_a_503(
 # --- (e) silence: settled at the handoff deadline by what was read --------------------------------
 
 
+def after_warm_up(
+    receivers: Callable[..., FakeReceiver],
+    fronts: Callable[..., FrontProcess],
+    acked: int,
+    behaviour: Special,
+) -> tuple[FakeReceiver, FrontProcess, int]:
+    """A receiver that acknowledges ``acked`` handoffs, then behaves as
+    ``behaviour``; a front with a 0.5 s handoff timeout that has sent those
+    ``acked``; and the front's fd count before them."""
+    rx = receivers(after_acking(acked, behaviour))
+    front = fronts(f"/=unix:{rx.path}", config=config(handoff=0.5))
+    baseline = front.fd_count()
+    for n in range(acked):
+        fetch_json(front, f"/e/{n}")
+        handed_off(front, f"/e/{n}")
+    return rx, front, baseline
+
+
 @pytest.mark.parametrize("acked", [0, 1], ids=["first-handoff", "confirmed-channel"])
 def test_read_but_never_acknowledged_counts_as_taken_at_the_deadline(
     no_fd_leak: None,
@@ -692,12 +710,7 @@ def test_read_but_never_acknowledged_counts_as_taken_at_the_deadline(
     fronts: Callable[..., FrontProcess],
     acked: int,
 ) -> None:
-    rx = receivers(after_acking(acked, read_without_acking))
-    front = fronts(f"/=unix:{rx.path}", config=config(handoff=0.5))
-    baseline = front.fd_count()
-    for n in range(acked):
-        fetch_json(front, f"/e/{n}")
-        handed_off(front, f"/e/{n}")
+    rx, front, baseline = after_warm_up(receivers, fronts, acked, read_without_acking)
     # The receiver answers only after the front closed the connection, so the
     # client's bytes tell the front's verdict: a 503 would arrive first.
     answer = fetch_json(front, "/e/silent")
@@ -717,12 +730,7 @@ def test_neither_read_nor_acknowledged_answers_503_at_the_deadline(
     fronts: Callable[..., FrontProcess],
     acked: int,
 ) -> None:
-    rx = receivers(after_acking(acked, never_read))
-    front = fronts(f"/=unix:{rx.path}", config=config(handoff=0.5))
-    baseline = front.fd_count()
-    for n in range(acked):
-        fetch_json(front, f"/e/{n}")
-        handed_off(front, f"/e/{n}")
+    _, front, baseline = after_warm_up(receivers, fronts, acked, never_read)
     status, body = fetch(front, "/e/unread")
     assert status == 503
     assert b"receiver did not take the connection within 0.5 s" in body
