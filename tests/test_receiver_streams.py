@@ -383,3 +383,25 @@ def test_max_connections_pauses_reading_a_channel(tmp_path: Path, no_fd_leak: No
         assert read_until(clients[2], b"\r\n\r\n").startswith(b"HTTP/1.1 200 OK")
         for client in clients[1:]:
             client.close()
+
+
+def test_channels_off_takes_one_handoff_and_closes(tmp_path: Path, no_fd_leak: None) -> None:
+    """Options(channels=False) (the workers of --workers N): a channel offer is
+    taken as one handoff, and the close, not an ACK, acknowledges it."""
+    from fdhandoff import fdpass, scgi  # noqa: PLC0415
+
+    hub = Hub()
+    path = str(tmp_path / "r.sock")
+    with (
+        ReceiverThread(hub, [Bind(path)], Options(channels=False)),
+        socket.socket(socket.AF_UNIX) as conn,
+    ):
+        conn.connect(path)
+        conn.settimeout(10)
+        client, server_side = tcp_pair()
+        message = scgi.encode(front_headers("GET", "/events", HANDOFF_CHANNEL="1"))
+        fdpass.send_fd(conn, message, server_side.fileno())
+        server_side.close()
+        assert conn.recv(1) == b""  # closed, no ACK
+        assert read_until(client, b"\r\n\r\n").startswith(b"HTTP/1.1 200 OK")
+        client.close()

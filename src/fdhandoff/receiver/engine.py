@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import errno
 import logging
 import signal
@@ -199,25 +198,21 @@ class Receiver:
                 self._maybe_resume()
                 return
             record, client = got
-            if record.channel and not self.options.channels:
-                # Declined: closing after one handoff is the acknowledgement
-                # of a receiver that keeps no channel, and the front then
-                # opens a new connection per handoff.
-                record = dataclasses.replace(record, channel=False)
-            persistent = record.format is Format.BYTE or record.channel
+            # A channel declined (options.channels off) is taken like one
+            # handoff: the close acknowledges it, and the front then opens a
+            # new connection per handoff.
+            channel = record.channel and self.options.channels
+            if record.format is Format.BYTE or channel:
+                self._start_one(conn, record, client)
+                await self._take_more(conn, reader)
+                return
             if record.format is Format.PLAIN_SCGI:
                 keep = True
                 client = conn
-            elif not persistent:
+            else:
                 conn.close()  # "taken": the sender may forget the client now
             handoff = self._open(record, client)
-            if persistent:
-                if handoff is not None:
-                    self.spawn(self._run(handoff))
-                if record.channel:
-                    self._ack(conn)
-                await self._take_more(conn, reader)
-            elif handoff is not None:
+            if handoff is not None:
                 await self._run(handoff)
         finally:
             if not keep:
@@ -241,14 +236,18 @@ class Receiver:
                 got = await self._receive(conn, reader, first=False)
                 if got is None:
                     return
-                record, client = got
-                handoff = self._open(record, client)
-                if handoff is not None:
-                    self.spawn(self._run(handoff))
-                if record.channel:
-                    self._ack(conn)
+                self._start_one(conn, *got)
         finally:
             self._marker_readers.discard(task)
+
+    def _start_one(self, conn: socket.socket, record: HandoffRecord, client: socket.socket) -> None:
+        """Run one handoff of a persistent connection in its own task; on a
+        channel, acknowledge it."""
+        handoff = self._open(record, client)
+        if handoff is not None:
+            self.spawn(self._run(handoff))
+        if record.channel:
+            self._ack(conn)
 
     def _ack(self, conn: socket.socket) -> None:
         """Acknowledge one channel handoff, after the handlers scheduled so far
