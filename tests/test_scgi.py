@@ -336,10 +336,11 @@ def test_length_prefix_longer_than_max_digits_rejected_at_the_extra_digit() -> N
     for _ in range(scgi.MAX_LENGTH_DIGITS):
         decoder.receive_data(b"1")
         assert decoder.next_event() is scgi.NEED_DATA
-    decoder.receive_data(b"1")
     with pytest.raises(ProtocolError) as info:
-        decoder.next_event()
+        decoder.receive_data(b"1")  # refused as it is fed
     assert info.value.status_hint == 431
+    with pytest.raises(ProtocolError):
+        decoder.next_event()
 
 
 def test_max_block_is_inclusive_and_checked_at_the_prefix() -> None:
@@ -583,3 +584,51 @@ def test_done_when_command_line() -> None:
     )
     assert result.stdout == "([(b'CONTENT_LENGTH', b'3'), (b'SCGI', b'1')], b'abc')\n"
     assert result.stderr == ""
+
+
+# --- framing and buffering bounds -----------------------------------------------------
+
+
+def test_headers_wait_for_the_closing_comma() -> None:
+    decoder = scgi.Decoder()
+    decoder.receive_data(ns(BLOCK24)[:-1])
+    assert decoder.next_event() is scgi.NEED_DATA  # block whole, ',' not yet here
+    decoder.receive_data(b";")
+    with pytest.raises(ProtocolError, match="not terminated by ','"):
+        decoder.next_event()
+
+
+def test_runaway_length_prefix_refused_as_it_is_fed() -> None:
+    decoder = scgi.Decoder()
+    decoder.receive_data(b"12345")
+    with pytest.raises(ProtocolError, match="too long") as caught:
+        decoder.receive_data(b"67890")  # no next_event() call needed
+    assert caught.value.status_hint == 431
+    with pytest.raises(ProtocolError):
+        decoder.next_event()  # and it stays failed
+
+
+def test_bytes_after_end_are_kept_in_linear_time() -> None:
+    decoder = scgi.Decoder()
+    decoder.receive_data(ns(BLOCK24))
+    while not isinstance(decoder.next_event(), scgi.End):
+        pass
+    chunk = b"t" * 1024
+    for _ in range(20_000):  # 20 MiB: quadratic concatenation would take minutes
+        decoder.receive_data(chunk)
+    assert len(decoder.trailing_data) == 20_000 * 1024
+
+
+def test_encode_refuses_a_block_decode_would_refuse() -> None:
+    big = [("A", "x" * scgi.MAX_BLOCK_SIZE)]
+    with pytest.raises(ValueError, match="exceeds the limit"):
+        scgi.encode(big)
+    small = scgi.encode([("A", "x" * 100)], max_block=200)
+    assert scgi.decode(small, max_block=200)[0][1] == (b"A", b"x" * 100)
+    with pytest.raises(ValueError, match="exceeds the limit"):
+        scgi.encode([("A", "x" * 200)], max_block=200)
+
+
+def test_encode_writes_a_given_content_length_canonically() -> None:
+    data = scgi.encode([("CONTENT_LENGTH", "05"), ("SCGI", "1")])
+    assert data.startswith(ns(b"CONTENT_LENGTH\x005\x00SCGI\x001\x00"))

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Final
+from typing import Final, NoReturn
 
 from .errors import ProtocolError
 
@@ -122,6 +122,7 @@ def encode(
     body: bytes = b"",
     *,
     allow_duplicates: bool = False,
+    max_block: int = MAX_BLOCK_SIZE,
 ) -> bytes:
     """Encode one SCGI request.
 
@@ -131,7 +132,9 @@ def encode(
     ``len(body)`` whenever ``body`` is not empty.  ``str`` names and values are
     encoded as UTF-8.  Raises ``ValueError`` for empty names, NUL bytes, a bad
     ``CONTENT_LENGTH``, an ``SCGI`` value :func:`decode` refuses, a repeated
-    ``SCGI``, or duplicate names (unless ``allow_duplicates``).
+    ``SCGI``, duplicate names (unless ``allow_duplicates``), or a header block
+    larger than ``max_block`` (which :func:`decode` would refuse).  A given
+    ``CONTENT_LENGTH`` is written in canonical form (``"05"`` becomes ``5``).
     """
     pairs: HeaderList = []
     content_length: bytes | None = None
@@ -146,8 +149,8 @@ def encode(
         if name == b"CONTENT_LENGTH":
             if content_length is not None:
                 raise ValueError("CONTENT_LENGTH given twice")
-            _parse_content_length(value)  # raises ProtocolError (a ValueError)
-            content_length = value
+            # raises ProtocolError (a ValueError); re-encoded so no leading zeros
+            content_length = b"%d" % _parse_content_length(value)
             continue
         # Never produce a message decode() refuses: SCGI is unique and one of
         # the versions this codec speaks, whatever allow_duplicates says.
@@ -166,7 +169,12 @@ def encode(
     parts = [b"CONTENT_LENGTH\x00", content_length, b"\x00"]
     for name, value in pairs:
         parts += (name, b"\x00", value, b"\x00")
-    return encode_netstring(b"".join(parts)) + body
+    block = b"".join(parts)
+    if len(block) > max_block:
+        raise ValueError(
+            f"SCGI header block of {len(block)} bytes exceeds the limit of {max_block}"
+        )
+    return encode_netstring(block) + body
 
 
 # --- decoding -----------------------------------------------------------------
@@ -209,10 +217,9 @@ def parse_block(block: bytes, *, allow_duplicates: bool = False) -> tuple[Header
 class _State(Enum):
     LENGTH = 1
     BLOCK = 2
-    COMMA = 3
-    BODY = 4
-    DONE = 5
-    FAILED = 6
+    BODY = 3
+    DONE = 4
+    FAILED = 5
 
 
 class Decoder:
@@ -220,12 +227,16 @@ class Decoder:
 
     Feed bytes with :meth:`receive_data` (``b""`` means EOF), then call
     :meth:`next_event` until it returns :data:`NEED_DATA`.  Events come in the
-    order ``Headers``, ``Body``\\* , ``End``.  Body bytes are handed out as they
-    arrive, never accumulated; only the header block is buffered, up to
-    ``max_block`` bytes.  Bytes fed after the end of the message are kept in
-    :attr:`trailing_data` (nginx fd_pass relays decrypted client bytes there
-    when only kTLS TX is offloaded).  After a :class:`ProtocolError` the
-    decoder stays failed and raises again on every call.
+    order ``Headers``, ``Body``\\* , ``End``.  ``Headers`` comes only once the
+    netstring's closing ``,`` has arrived, so a caller never acts on a
+    malformed message.  Body bytes are handed out by the next
+    :meth:`next_event`, never accumulated; only the header block is buffered,
+    up to ``max_block`` bytes, and a length prefix longer than
+    :data:`MAX_LENGTH_DIGITS` is refused as it is fed.  Bytes fed after the end
+    of the message are kept in :attr:`trailing_data` (nginx fd_pass relays
+    decrypted client bytes there when only kTLS TX is offloaded).  After a
+    :class:`ProtocolError` the decoder stays failed and raises again on every
+    call.
     """
 
     __slots__ = (
@@ -237,7 +248,7 @@ class Decoder:
         "_max_block",
         "_remaining",
         "_state",
-        "trailing_data",
+        "_trailing",
     )
 
     def __init__(self, *, max_block: int = MAX_BLOCK_SIZE, allow_duplicates: bool = False) -> None:
@@ -249,7 +260,12 @@ class Decoder:
         self._remaining = 0
         self._eof = False
         self._error: ProtocolError | None = None
-        self.trailing_data = b""
+        self._trailing = bytearray()
+
+    @property
+    def trailing_data(self) -> bytes:
+        """Bytes fed after the end of the message."""
+        return bytes(self._trailing)
 
     @property
     def done(self) -> bool:
@@ -270,9 +286,18 @@ class Decoder:
         if not data:
             self._eof = True
         elif self._state is _State.DONE:
-            self.trailing_data += data
+            self._trailing += data
         else:
             self._buf += data
+            if (
+                self._state is _State.LENGTH
+                and len(self._buf) > MAX_LENGTH_DIGITS
+                and self._buf.find(b":", 0, MAX_LENGTH_DIGITS + 1) < 0
+            ):
+                # Refuse a runaway length prefix now, not when the caller
+                # next asks for an event: nothing unbounded is kept.  With no
+                # ':' in reach, _read_length() can only raise here.
+                self.next_event()
 
     def next_event(self) -> Event | _NeedData:
         """Return the next event, or :data:`NEED_DATA`."""
@@ -281,10 +306,13 @@ class Decoder:
         try:
             return self._step()
         except ProtocolError as exc:
-            self._state = _State.FAILED
-            self._error = exc
-            self._buf.clear()
-            raise
+            self._fail(exc)
+
+    def _fail(self, exc: ProtocolError) -> NoReturn:
+        self._state = _State.FAILED
+        self._error = exc
+        self._buf.clear()
+        raise exc
 
     def _step(self) -> Event | _NeedData:
         state = self._state
@@ -292,8 +320,6 @@ class Decoder:
             return self._read_length()
         if state is _State.BLOCK:
             return self._read_block()
-        if state is _State.COMMA:
-            return self._read_comma()
         if state is _State.BODY:
             return self._read_body()
         return NEED_DATA  # DONE: nothing more ever
@@ -330,32 +356,25 @@ class Decoder:
         return self._read_block()
 
     def _read_block(self) -> Event | _NeedData:
-        if len(self._buf) < self._block_len:
-            return self._need("header block")
+        # The block and its closing ',' must both be here before anything is
+        # released (netstring framing, SCGI spec section "Protocol").
+        if len(self._buf) <= self._block_len:
+            return self._need(
+                "header block" if len(self._buf) < self._block_len else "netstring terminator"
+            )
+        if self._buf[self._block_len] != ord(","):
+            raise ProtocolError("SCGI netstring is not terminated by ','")
         block = bytes(self._buf[: self._block_len])
         headers, self._remaining = parse_block(block, allow_duplicates=self._allow_duplicates)
-        del self._buf[: self._block_len]
-        self._state = _State.COMMA
-        # The comma is checked before the headers are released when it is
-        # already here, so a caller never acts on a message that is malformed.
-        if self._buf and self._buf[0:1] != b",":
-            raise ProtocolError("SCGI netstring is not terminated by ','")
-        return Headers(headers, self._remaining)
-
-    def _read_comma(self) -> Event | _NeedData:
-        if not self._buf:
-            return self._need("netstring terminator")
-        if self._buf[0:1] != b",":
-            raise ProtocolError("SCGI netstring is not terminated by ','")
-        del self._buf[:1]
+        del self._buf[: self._block_len + 1]
         self._state = _State.BODY
-        return self._read_body()
+        return Headers(headers, self._remaining)
 
     def _read_body(self) -> Event | _NeedData:
         if self._remaining == 0:
             self._state = _State.DONE
-            self.trailing_data = bytes(self._buf)
-            self._buf.clear()
+            self._trailing = self._buf
+            self._buf = bytearray()
             return End()
         if not self._buf:
             return self._need("body")
