@@ -528,3 +528,30 @@ def test_wait_readable_and_writable(run: Run[Any], kit: Kit) -> None:
         assert_no_callback(loop, sender, write=True)
 
     run(main())
+
+
+def test_send_without_data_is_refused(run: Run[Any], kit: Kit, no_fd_leak: None) -> None:
+    sender, _ = kit.unix_pair("socketpair", STREAM)
+    accepted, client = kit.tcp()
+    with pytest.raises(ValueError, match="at least one data byte"):
+        run(aio.send_fd(sender, b"", accepted.fileno()))
+    assert_same_connection(accepted, client)
+
+
+def test_a_second_waiter_on_one_socket_is_refused(run: Run[Any], kit: Kit) -> None:
+    # One readiness callback per fd and direction: a second waiter would
+    # replace the first, which would then never wake.
+    sender, receiver = kit.unix_pair("socketpair", STREAM)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        first = asyncio.ensure_future(aio.wait_readable(receiver))
+        await asyncio.sleep(0.01)
+        with pytest.raises(RuntimeError, match="already waiting"):
+            await aio.wait_readable(receiver)
+        sender.send(b"r")
+        await asyncio.wait_for(first, WAIT)
+        assert_no_callback(loop, receiver, write=False)
+        await asyncio.wait_for(aio.wait_readable(receiver), WAIT)  # free again
+
+    run(main())

@@ -712,3 +712,23 @@ def test_handoff_over_sockets_with_a_timeout(kit: Kit, no_fd_leak: None) -> None
         assert record.format is Format.SCGI
         assert_same_connection(handed, client)
     assert receiver.gettimeout() == sender.gettimeout() == SOCKET_TIMEOUT
+
+
+def test_send_without_data_is_refused(kit: Kit, no_fd_leak: None) -> None:
+    # unix(7): ancillary data needs at least one byte of real data to ride on.
+    sender, _ = kit.unix_pair("socketpair", STREAM)
+    accepted, client = kit.tcp()
+    with pytest.raises(ValueError, match="at least one data byte"):
+        fdpass.send_fd(sender, b"", accepted.fileno(), timeout=WAIT)
+    assert_same_connection(accepted, client)
+
+
+def test_timeout_after_the_fd_went_says_so(kit: Kit, no_fd_leak: None) -> None:
+    sender, receiver = kit.unix_pair("socketpair", STREAM)
+    sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    accepted, _ = kit.tcp()
+    with pytest.raises(TimeoutError, match="already passed"):
+        fdpass.send_fd(sender, b"x" * (1 << 20), accepted.fileno(), timeout=0.2)
+    _, fd_sock = fdpass.recv_fd(receiver, timeout=WAIT)
+    assert fd_sock is not None  # the peer does hold it
+    fd_sock.close()

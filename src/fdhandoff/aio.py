@@ -18,22 +18,37 @@ from .message import CLOSED, HandoffReader, HandoffRecord
 __all__ = ["recv_fd", "recv_handoff", "send_fd", "wait_readable", "wait_writable"]
 
 
+# fds some task is waiting on, per direction (one waiter each: see _wait).
+_WAITING_READ: set[int] = set()
+_WAITING_WRITE: set[int] = set()
+
+
 async def _wait(sock: socket.socket, *, write: bool) -> None:
     loop = asyncio.get_running_loop()
     future: asyncio.Future[None] = loop.create_future()
     fd = sock.fileno()
+    # add_reader/add_writer keep ONE callback per fd and direction: a second
+    # waiter would silently replace the first, which then never wakes.
+    waiters = _WAITING_WRITE if write else _WAITING_READ
+    if fd in waiters:
+        raise RuntimeError(
+            f"another task is already waiting for fd {fd} to become "
+            f"{'writable' if write else 'readable'}"
+        )
 
     def ready() -> None:
         if not future.done():
             future.set_result(None)
 
-    if write:
-        loop.add_writer(fd, ready)
-    else:
-        loop.add_reader(fd, ready)
+    waiters.add(fd)
     try:
+        if write:
+            loop.add_writer(fd, ready)
+        else:
+            loop.add_reader(fd, ready)
         await future
     finally:
+        waiters.discard(fd)
         if write:
             loop.remove_writer(fd)
         else:
@@ -52,6 +67,8 @@ async def wait_writable(sock: socket.socket) -> None:
 
 async def send_fd(sock: socket.socket, data: bytes, fd: int) -> None:
     """Send ``data`` with ``fd`` on its first byte; a partial send finishes without the fd."""
+    if not data:
+        raise ValueError("an fd must travel with at least one data byte (unix(7))")
     view = memoryview(data)
     pending_fd: int | None = fd
     while view:

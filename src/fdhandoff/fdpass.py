@@ -149,8 +149,12 @@ def send_fd(sock: socket.socket, data: bytes, fd: int, *, timeout: float | None 
     """Send ``data`` with ``fd`` attached to its first byte; wait until all is sent.
 
     A partial send is completed without the fd.  ``timeout`` bounds the whole
-    call (``TimeoutError``); the socket's own timeout is not used.
+    call (``TimeoutError``); the socket's own timeout is not used.  A timeout
+    after the first byte went out says so: the peer then holds the fd and an
+    incomplete message, and the caller must close the connection.
     """
+    if not data:
+        raise ValueError("an fd must travel with at least one data byte (unix(7))")
     view = memoryview(data)
     pending_fd: int | None = fd
     deadline = None if timeout is None else _now() + timeout
@@ -158,7 +162,15 @@ def send_fd(sock: socket.socket, data: bytes, fd: int, *, timeout: float | None 
         try:
             sent = send_fd_nowait(sock, view, pending_fd)
         except BlockingIOError:
-            _wait(sock, write=True, deadline=deadline)
+            try:
+                _wait(sock, write=True, deadline=deadline)
+            except TimeoutError as exc:
+                if pending_fd is None:
+                    raise TimeoutError(
+                        f"timed out with {len(view)} of {len(data)} bytes unsent; "
+                        "the fd was already passed"
+                    ) from exc
+                raise
             continue
         pending_fd = None
         view = view[sent:]
