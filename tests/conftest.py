@@ -31,12 +31,15 @@ def no_fd_leak() -> Iterator[None]:
     yield
     for _ in range(50):
         gc.collect()
-        leaked = open_fds() - before
-        if not leaked:
+        after = open_fds()
+        # New numbers AND a higher count: a leaked fd may reuse the number of
+        # one the test closed, which the set difference alone would miss.
+        leaked = after - before
+        if not leaked and len(after) <= len(before):
             return
         time.sleep(0.02)
     details = {fd: _describe(fd) for fd in sorted(leaked)}
-    pytest.fail(f"fd leak: {details}")
+    pytest.fail(f"fd leak: {len(before)} fds before, {len(after)} after; new: {details}")
 
 
 def _describe(fd: int) -> str:
