@@ -133,3 +133,21 @@ def test_nginx_scgi_pass_sse_is_not_buffered(nginx: tuple[int, str], no_fd_leak:
         assert b"data: ready\n\n" in got.stdout
     finally:
         receiver.stop()
+
+
+def test_nginx_scgi_pass_repeated_headers(nginx: tuple[int, str], no_fd_leak: None) -> None:
+    # nginx before 1.23 (Debian 12 ships 1.22) sends one HTTP_* pair per header
+    # line; later versions merge them.  Either way the request is served.
+    port, sock = nginx
+    receiver = _start(sock)
+    try:
+        got = _curl(
+            "-H", "Cookie: a=1", "-H", "Cookie: b=2", "-H", "X-A: 1", "-H", "X-A: 2",
+            f"http://127.0.0.1:{port}/cookies",
+        )  # fmt: skip
+        assert got.returncode == 0, got.stderr
+        assert got.stdout.startswith(b"HTTP/1.1 200"), got.stdout
+        body = got.stdout.partition(b"\r\n\r\n")[2]
+        assert body in (b"a=1|b=2\n", b"a=1; b=2\n")  # repeated, or merged by nginx
+    finally:
+        receiver.stop()

@@ -493,6 +493,10 @@ async def echo(handoff: Handoff) -> None:
             await asyncio.sleep(0.1)
         stream.close()
         return
+    if handoff.path == "/cookies":
+        text = "|".join(handoff.header_values("cookie")) + "\n"
+        await handoff.respond(200, [("Content-Type", "text/plain")], text.encode())
+        return
     body = await handoff.read_body()
     text = f"{handoff.format.value} {handoff.method} {handoff.path} {len(body)}\n"
     await handoff.respond(200, [("Content-Type", "text/plain")], text.encode() + body)

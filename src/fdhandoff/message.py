@@ -7,7 +7,7 @@ Three formats exist in the wild (byte layouts in docs/protocol.md):
     byte, then ``CONTENT_LENGTH`` bytes the sender had already read from the
     client.  One new ``SOCK_STREAM`` connection per handoff.  Sent by nginx's
     ``fd_pass`` module (``SCGI=1+fd_pass``, ``CONTENT_LENGTH=0``) and by the
-    fdhandoff front (``SCGI=1``).
+    fdhandoff front (also ``SCGI=1+fd_pass``: SCGI 1 with the fd attached).
 ``Format.PAYLOAD``
     One ``SOCK_SEQPACKET`` record: an opaque payload (Apache's
     ``X-Handoff-Data`` value), or the single byte ``\\x00`` meaning "no
@@ -203,7 +203,9 @@ class HandoffReader:
     record and every BYTE marker carries exactly one, an SCGI handoff carries
     one on its first bytes and none after.  For SCGI, duplicate header names
     are accepted only from nginx ``fd_pass`` (``SCGI=1+fd_pass``), which does
-    not merge repeated request headers; anyone else must follow the spec.
+    not merge repeated request headers, and on plain SCGI (no fd), which
+    nginx ``scgi_pass`` before 1.23 sends with repeats too; anyone else must
+    follow the spec.
 
     After an SCGI record the connection is not reused for handoffs; bytes that
     follow (nginx's kTLS-RX-less relay) are in :attr:`trailing_data` and the
@@ -356,10 +358,12 @@ class HandoffReader:
         while True:
             event = self._decoder.next_event()
             if isinstance(event, scgi.Headers):
-                _check_duplicates(event.headers)
                 if self._format is Format.PLAIN_SCGI:
+                    # nginx scgi_pass before 1.23 (Debian 12 ships 1.22) sends
+                    # one HTTP_* pair per header line: repeats are kept, in order.
                     self._headers = event.headers
                     continue
+                _check_duplicates(event.headers)
                 if event.content_length > self._max_body:
                     raise ProtocolError(
                         f"handoff announces {event.content_length} already-read bytes, "
