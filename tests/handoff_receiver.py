@@ -280,6 +280,11 @@ class FrontProcess:
                     )
                 self._changed.wait(min(remaining, 0.2))
 
+    def hid_detail(self, body: bytes, detail: str) -> None:
+        """The client's answer kept ``detail`` (a server-side reason) to itself; the log has it."""
+        assert detail.encode() not in body, body
+        self.wait_for(re.escape(detail))
+
     @property
     def host_port(self) -> tuple[str, int]:
         host, _, port = self.addresses[0].rpartition(":")

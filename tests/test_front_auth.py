@@ -230,6 +230,10 @@ def test_scgi_format_handoff_with_body_and_pipelined_request(
     assert handoff.headers[b"REQUEST_URI"] == b"/app/handoff"
     assert handoff.headers[b"CONTENT_LENGTH"] == b"0"
     assert handoff.extra == pipelined  # the body went upstream; what follows stayed
+    # The body is gone, so nothing describes it: a receiver written for nginx
+    # would otherwise wait for 11 bytes, or take the next request as the body.
+    assert b"HTTP_CONTENT_LENGTH" not in handoff.headers
+    assert b"HTTP_TRANSFER_ENCODING" not in handoff.headers
     assert app.seen[-1]["body"] == "hello world"
     assert json.loads(body)["extra"] == pipelined.decode()
 
@@ -328,7 +332,7 @@ def test_handoff_path_checks_answer_403(
             front, b"GET /app/path=%s HTTP/1.1\r\nHost: a\r\n\r\n" % encoded
         )
         assert status == 403
-        assert why in body.decode()
+        front.hid_detail(body, why)
         front.wait_for(rf'403 ".*{why}')
         assert front.settled_fd_count(baseline) == baseline
     finally:
@@ -350,7 +354,7 @@ def test_upstream_down_is_502(
     baseline = warm_fd_count(front)
     status, _, body = http_exchange(front, b"GET /app/x HTTP/1.1\r\nHost: a\r\n\r\n")
     assert status == 502
-    assert b"upstream" in body
+    assert body == b"Bad Gateway\n"  # the upstream's address is for the log only
     front.wait_for(r"502 upstream http://127\.0\.0\.1:\d+")
     assert front.settled_fd_count(baseline) == baseline
 
@@ -362,7 +366,7 @@ def test_upstream_timeout_is_504(
     baseline = warm_fd_count(front)
     status, _, body = http_exchange(front, b"GET /app/slow HTTP/1.1\r\nHost: a\r\n\r\n")
     assert status == 504
-    assert b"no response within 0.5 s" in body
+    front.hid_detail(body, "no response within 0.5 s")
     assert front.settled_fd_count(baseline) == baseline
 
 
@@ -395,7 +399,7 @@ def test_unix_upstream_and_missing_daemon(
         front = fronts(config=config)
         status, _, body = http_exchange(front, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
         assert status == 503
-        assert b"gone.sock" in body
+        front.hid_detail(body, "gone.sock")
     finally:
         thread.join(timeout=10)
         listener.close()
@@ -415,7 +419,7 @@ def test_oversize_payload_is_500(
     baseline = warm_fd_count(front)
     status, _, body = http_exchange(front, b"GET /app/bigdata HTTP/1.1\r\nHost: a\r\n\r\n")
     assert status == 500
-    assert b"larger than 212960" in body
+    front.hid_detail(body, "larger than 212960")
     assert front.settled_fd_count(baseline) == baseline
 
 

@@ -630,7 +630,7 @@ def test_channel_closed_with_a_handoff_unread_answers_503(
     handed_off(front, "/d/1")
     status, body = fetch(front, "/d/2")  # went on the channel, never read
     assert status == 503
-    assert b"receiver closed without taking the connection" in body
+    front.hid_detail(body, "receiver closed without taking the connection")
     front.wait_for(r'"GET /d/2" route=/ 503 "receiver closed without taking the connection')
     # The next request gets a new connection, and the front keeps it as a channel.
     assert fetch_json(front, "/d/3")["conn"] == 1
@@ -733,7 +733,7 @@ def test_neither_read_nor_acknowledged_answers_503_at_the_deadline(
     _, front, baseline = after_warm_up(receivers, fronts, acked, never_read)
     status, body = fetch(front, "/e/unread")
     assert status == 503
-    assert b"receiver did not take the connection within 0.5 s" in body
+    front.hid_detail(body, "receiver did not take the connection within 0.5 s")
     # The front gave up on that connection; the next request gets a new one.
     assert fetch_json(front, "/e/next")["conn"] == 1
     handed_off(front, "/e/next")

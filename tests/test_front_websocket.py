@@ -163,7 +163,7 @@ def test_backend_down_is_a_503_not_a_101(
     baseline = front.fd_count()
     status, _, body = http_exchange(front, upgrade_request())
     assert status == 503
-    assert b"socket file missing" in body
+    front.hid_detail(body, "socket file missing")
     assert front.settled_fd_count(baseline) == baseline
 
 

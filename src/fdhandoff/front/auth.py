@@ -135,7 +135,7 @@ async def serve_auth(
         if exchange.replied:  # part of a response is out: all that is left is to close
             exchange.abort(str(answer))
             return
-        if answer.status >= 500:
+        if answer.status >= 500 or answer.status == 403:  # the client sees no details
             log.warning("%s %s: %d %s", req.client, _show(head.target), answer.status, answer)
         exchange.owned = False
         front.reject(client, req, answer.status, str(answer))
@@ -347,6 +347,7 @@ class _Exchange:
                 server=self.server,
                 route=self.route.prefix.encode("utf-8"),
                 handoff_data=data,
+                body_consumed=True,  # it went to the application
             )
         usock = self.front.connect_backend(path, sock_type, self.client, self.req)
         self.owned = False  # answered 503, or about to be handed off: the front's now

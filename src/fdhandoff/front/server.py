@@ -53,7 +53,7 @@ from .listeners import (
     peer_endpoint,
     server_endpoint,
 )
-from .responses import error_response
+from .responses import error_response, reason_phrase
 
 __all__ = ["Front", "Request"]
 
@@ -98,6 +98,9 @@ _AF_UNIX: Final = int(socket.AF_UNIX)
 _NONBLOCK: Final = int(socket.SOCK_NONBLOCK)
 _NOWAIT: Final = int(socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
 _DONTWAIT: Final = int(socket.MSG_DONTWAIT)
+#: Answers whose reason names the server's insides (socket paths, the
+#: upstream's address, the allowed prefix): the body says only the phrase.
+_DETAILS_LOGGED_ONLY: Final = frozenset((403, 500, 502, 503, 504))
 _ACCEPT_PAUSE_ERRNOS: Final = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 _BACKEND_REASONS: Final = {
     errno.ENOENT: "socket file missing",
@@ -641,8 +644,16 @@ class Front:
         self.send_and_linger(client, _close_frame(WS_TRY_AGAIN, b"backend unavailable"))
 
     def reject(self, sock: Socket, req: Request, status: int, text: str) -> None:
-        """Answer the client with an error of the front's own and close (lingering)."""
+        """Answer the client with an error of the front's own and close (lingering).
+
+        An answer about the client's own request names the problem in the body,
+        so a person with curl sees why.  One about the server side (socket paths,
+        the upstream's address: :data:`_DETAILS_LOGGED_ONLY`) gives the client
+        only the reason phrase; the log has the details.
+        """
         self.log_request(req, f'{status} "{text}"')
+        if status in _DETAILS_LOGGED_ONLY:
+            text = reason_phrase(status).decode("ascii")
         self.send_and_linger(sock, error_response(status, text))
 
     def send_and_linger(self, sock: Socket, data: bytes) -> None:
@@ -705,7 +716,11 @@ class Front:
 
     def _log_dropped(self, req: Request, dropped: list[bytes]) -> None:
         names = ", ".join(name.decode("ascii", "replace") for name in dropped)
-        log.info("%s: dropped header(s) with '_' in the name: %s", req.client, names)
+        log.info(
+            "%s: dropped header(s) whose name is not letters, digits and '-': %s",
+            req.client,
+            names,
+        )
 
 
 def _outcome_label(outcome: str) -> str:
