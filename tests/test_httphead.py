@@ -70,7 +70,18 @@ def test_absolute_form_takes_the_host_from_the_target() -> None:
         b"/a/b",
         b"q=1",
     )
-    assert head.target == b"http://Example.COM:8080/a/b?q=1"
+    # RFC 9112 §3.2.2: the authority replaces Host; REQUEST_URI is origin-form,
+    # as nginx's $request_uri.
+    assert head.target == b"/a/b?q=1"
+    assert head.values(b"host") == [b"example.com:8080"]
+
+
+def test_host_trailing_dot_dropped_and_empty_host_refused() -> None:
+    assert parse_head(b"GET / HTTP/1.1\r\nHost: Example.com.:81\r\n\r\n").host == b"example.com"
+    assert parse_head(b"GET http://a.b./ HTTP/1.1\r\nHost: x\r\n\r\n").host == b"a.b"
+    for value in (b"", b":80", b"."):
+        with pytest.raises(ProtocolError, match="names no host"):
+            parse_head(b"GET / HTTP/1.1\r\nHost: " + value + b"\r\n\r\n")
 
 
 @pytest.mark.parametrize(
@@ -158,8 +169,7 @@ def test_split_host() -> None:
     assert split_host(b"Example.com") == (b"example.com", b"")
     assert split_host(b"example.com:80") == (b"example.com", b"80")
     assert split_host(b"[::1]:8080") == (b"[::1]", b"8080")
-    assert split_host(b"") == (b"", b"")
-    for bad in (b"a:b:c", b"[::1", b"[::1]x", b"a/b", b"a:123456"):
+    for bad in (b"", b":80", b"a:b:c", b"[::1", b"[::1]x", b"a/b", b"a:123456"):
         with pytest.raises(ProtocolError):
             split_host(bad)
 

@@ -105,12 +105,13 @@ HeaderPairs = tuple[tuple[bytes, bytes], ...]
 class RequestHead(NamedTuple):
     """One parsed request head.
 
-    ``target`` is the request-target exactly as sent (SCGI ``REQUEST_URI``);
-    ``path`` and ``query`` are its parts, still percent-encoded (for an
-    absolute-form target, the path and query of the URL).  ``host`` is the
-    lower-cased host without port, from the absolute-form target or the
-    ``Host`` header (RFC 9112 §3.2.2); ``port`` is the port given there, or
-    ``b""``.  ``headers`` are in arrival order, names as sent.
+    ``target`` is the request-target as sent (SCGI ``REQUEST_URI``), in
+    origin-form: an absolute-form target is reduced to its path and query, and
+    its authority replaces the ``Host`` value in ``headers`` (RFC 9112
+    §3.2.2).  ``path`` and ``query`` are its parts, still percent-encoded.
+    ``host`` is the lower-cased host without port or trailing dot; ``port`` is
+    the port given, or ``b""``.  ``headers`` are in arrival order, names as
+    sent.
 
     An immutable named tuple rather than a frozen dataclass: one is built per
     request on the front's hot path, and a frozen dataclass with twelve
@@ -311,6 +312,15 @@ def _build(
         host, port = split_host(hosts[0])
     elif target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
         path, query, host, port = _absolute_form(target)
+        # RFC 9112 §3.2.2: the target's authority replaces Host, so nothing
+        # downstream sees a Host that contradicts where the request was routed;
+        # the target becomes origin-form, as nginx's $request_uri is.
+        target = path + b"?" + query if query else path
+        authority = host + b":" + port if port else host
+        collector.headers = [
+            (name, authority if name.lower() == b"host" else value)
+            for name, value in collector.headers
+        ]
     elif target == b"*" and method == b"OPTIONS":
         path, query = b"*", b""
         host, port = split_host(hosts[0])
@@ -343,7 +353,10 @@ def _absolute_form(target: bytes) -> tuple[bytes, bytes, bytes, bytes]:
     if not url.host or url.userinfo:
         raise ProtocolError("absolute-form request-target without a host or with userinfo")
     port = b"%d" % url.port if url.port is not None else b""
-    return url.path or b"/", url.query or b"", url.host.lower(), port
+    host = url.host.lower()
+    if host.endswith(b"."):
+        host = host[:-1]
+    return url.path or b"/", url.query or b"", host, port
 
 
 #: Host = uri-host [ ":" port ] (RFC 9110 §7.2): reg-name / IPv4 or an IP literal.
@@ -354,12 +367,20 @@ def split_host(value: bytes) -> tuple[bytes, bytes]:
     """``Host`` header → (lower-cased host, port or ``b""``); 400 if malformed.
 
     Accepts ``name``, ``name:port``, ``[v6]`` and ``[v6]:port`` (RFC 9110 §7.2,
-    RFC 3986 §3.2.2).  An empty Host is allowed by RFC 9110 (no authority).
+    RFC 3986 §3.2.2).  An empty host is refused: RFC 9110 §7.2 allows it only
+    for a target URI without authority, and every ``http`` URI has one.  A
+    trailing dot is dropped (``example.com.`` is ``example.com``, as nginx
+    does), so host routes match either spelling.
     """
     match = _HOST.fullmatch(value)
     if match is None:
         raise ProtocolError(f"malformed Host header {value[:64]!r}")
-    return match[1].lower(), match[2] or b""
+    host = match[1].lower()
+    if host.endswith(b".") and not host.startswith(b"["):
+        host = host[:-1]
+    if not host:
+        raise ProtocolError(f"Host header {value[:64]!r} names no host")
+    return host, match[2] or b""
 
 
 # --- response heads (auth mode upstreams) ------------------------------------------------

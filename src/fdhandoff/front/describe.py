@@ -6,10 +6,12 @@ layout), so a receiver written for nginx works unchanged:
 ``CONTENT_LENGTH``
     bytes the front already read from the client that follow the netstring
     (always 0 on plain TCP: the front never reads past the head).
-``SCGI`` = ``1``, [``HTTPS`` = ``on``], ``REMOTE_ADDR``, ``REMOTE_PORT``,
-``REQUEST_METHOD``, ``REQUEST_URI`` (raw), ``SERVER_ADDR``, ``SERVER_PORT``,
-``QUERY_STRING`` (always, may be empty)
-    as nginx, in nginx's order.
+``SCGI`` = ``1+fd_pass``, [``HTTPS`` = ``on``], ``REMOTE_ADDR``, ``REMOTE_PORT``,
+``REQUEST_METHOD``, ``REQUEST_URI`` (raw, origin-form), ``SERVER_ADDR``,
+``SERVER_PORT``, ``QUERY_STRING`` (always, may be empty)
+    as nginx, in nginx's order and with nginx's values: ``1+fd_pass`` says
+    "SCGI 1 with the client fd attached", which is what this is, so a receiver
+    that checks for nginx's value accepts ours.
 ``SERVER_PROTOCOL``, ``SERVER_NAME``, ``HANDOFF_ROUTE``, [``HANDOFF_UPGRADED``], [``HANDOFF_DATA``],
 [``HANDOFF_CHANNEL``]
     added by fdhandoff (``HANDOFF_CHANNEL=1`` offers a channel, see
@@ -18,10 +20,14 @@ layout), so a receiver written for nginx works unchanged:
     one per header name, in order of first appearance.  SCGI requires unique
     names, so repeated headers are merged as nginx ``scgi_pass`` (1.23+) does:
     ``Cookie`` values joined with ``"; "`` (RFC 6265 §5.4), others with
-    ``", "`` (RFC 9110 §5.3).  Names containing ``_`` are dropped (nginx's
-    default, ``underscores_in_headers off``): ``X_A`` and ``X-A`` would both
-    become ``HTTP_X_A``, and a client could smuggle one past a check on the
-    other.
+    ``", "`` (RFC 9110 §5.3).  Names with anything but letters, digits and
+    ``-`` are dropped (nginx's defaults, ``underscores_in_headers off`` and
+    ``ignore_invalid_headers on``): ``X_A`` and ``X-A`` would both become
+    ``HTTP_X_A``, and a client could smuggle one past a check on the other;
+    ``X.A`` has no CGI spelling at all.  When the front has consumed the body
+    (auth mode: it went to the application), ``Content-Length``,
+    ``Transfer-Encoding`` and ``Expect`` are left out: they describe bytes the
+    receiver will never see.
 
 Values come from the strict head parser, which refuses NUL bytes, so the
 block needs no escaping.
@@ -50,21 +56,31 @@ class Endpoint(NamedTuple):
     port: bytes
 
 
-#: Header name as sent → its SCGI name (None: dropped for its "_").  Most
-#: requests repeat the same dozen names, so the transformation is done once
-#: per name, not per request; bounded so odd names cannot grow it forever.
+#: Header name as sent → its SCGI name (None: dropped, not letters, digits
+#: and "-").  Most requests repeat the same dozen names, so the transformation
+#: is done once per name, not per request; bounded so odd names cannot grow it
+#: forever.
 _NAMES: dict[bytes, bytes | None] = {}
 MAX_CACHED_NAMES: Final = 2048
 
+#: What a CGI name may be made of once "-" became "_" (nginx: letters, digits, "-").
+_VALID: Final = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
+
+#: Framing of a body the front consumed itself (auth mode).
+_BODY_FRAMING: Final = frozenset(
+    (b"HTTP_CONTENT_LENGTH", b"HTTP_TRANSFER_ENCODING", b"HTTP_EXPECT")
+)
+
 
 def _scgi_name(name: bytes) -> bytes | None:
-    scgi_name = None if b"_" in name else b"HTTP_" + name.upper().replace(b"-", b"_")
+    upper = name.upper()
+    scgi_name = b"HTTP_" + upper.replace(b"-", b"_") if _VALID.issuperset(upper) else None
     if len(_NAMES) < MAX_CACHED_NAMES:
         _NAMES[name] = scgi_name
     return scgi_name
 
 
-def _header_pairs(head: RequestHead) -> tuple[list[bytes], list[bytes]]:
+def _header_pairs(head: RequestHead, body_consumed: bool) -> tuple[list[bytes], list[bytes]]:
     merged: dict[bytes, bytes] = {}
     dropped: list[bytes] = []
     names = _NAMES
@@ -72,6 +88,8 @@ def _header_pairs(head: RequestHead) -> tuple[list[bytes], list[bytes]]:
         key = names[name] if name in names else _scgi_name(name)
         if key is None:
             dropped.append(name)
+        elif body_consumed and key in _BODY_FRAMING:
+            continue
         elif key in merged:
             merged[key] += (b"; " if key == _COOKIE else b", ") + value
         else:
@@ -93,13 +111,18 @@ def describe(
     handoff_data: bytes | None = None,
     already_read: bytes = b"",
     channel: bool = False,
+    body_consumed: bool = False,
 ) -> tuple[bytes, list[bytes]]:
-    """The SCGI message (netstring + ``already_read``) and the header names dropped."""
+    """The SCGI message (netstring + ``already_read``) and the header names dropped.
+
+    ``body_consumed``: the front read the request body itself, so its framing
+    headers are left out.
+    """
     parts = [
         b"CONTENT_LENGTH",
         b"%d" % len(already_read),
         b"SCGI",
-        b"1",
+        b"1+fd_pass",
         *((b"HTTPS", b"on") if https else ()),
         b"REMOTE_ADDR",
         remote[0],
@@ -128,7 +151,7 @@ def describe(
         parts += (b"HANDOFF_DATA", handoff_data)
     if channel:
         parts += (CHANNEL_HEADER, b"1")
-    headers, dropped = _header_pairs(head)
+    headers, dropped = _header_pairs(head, body_consumed)
     parts += headers
     parts.append(b"")  # the block ends with NUL
     block = b"\x00".join(parts)
