@@ -481,7 +481,9 @@ def test_accept_survives_running_out_of_fds(
             sock = front.connect()
             sock.sendall(b"GET /hog HTTP/1.1\r\n")
             hogs.append(sock)
-        front.wait_for(r"accept on 127\.0\.0\.1:\d+: Too many open files; not accepting")
+        front.wait_for(r"accept on 127\.0\.0\.1:\d+: Too many open files; pausing accepts")
+        time.sleep(1.0)  # ten pauses of 100 ms: still one line, not ten
+        assert sum("Too many open files" in line for line in front.lines) == 1
     finally:
         for sock in hogs:
             sock.close()
@@ -493,6 +495,7 @@ def test_accept_survives_running_out_of_fds(
             break
         time.sleep(0.2)
     assert status == 200
+    front.wait_for(r"accepting again after [\d.]+ s short of fds \(\d+ pauses\)")
     assert front.proc.poll() is None
 
 

@@ -74,6 +74,10 @@ ACCEPT_BATCH: Final = 64
 #: serve_listeners does the same).
 EMFILE_PAUSE: Final = 0.1
 
+#: While fds stay short, one reminder line per this many seconds (a line per
+#: pause would be ten a second and bury everything else in the log).
+EMFILE_LOG_EVERY: Final = 10.0
+
 #: Housekeeping period: expires head/handoff/linger deadlines, flushes the
 #: access log.  Deadlines are therefore honoured within this much.
 TICK: Final = 0.1
@@ -206,6 +210,10 @@ class Front:
         self._stop_event: asyncio.Event | None = None
         self._tick_handle: asyncio.TimerHandle | None = None
         self._resume_handle: asyncio.TimerHandle | None = None
+        # Out-of-fds stretch: when it began, pauses so far, last line logged.
+        self._short_since: float | None = None
+        self._short_pauses = 0
+        self._short_logged = 0.0
 
     # --- life cycle -------------------------------------------------------------------
 
@@ -347,6 +355,8 @@ class Front:
             except OSError as exc:
                 self._accept_failed(listener, exc)
                 return
+            if self._short_since is not None:
+                self._fds_back()
             sock = Socket(family, _STREAM, 0, fd)
             try:
                 self._start(sock, addr, listener)
@@ -356,17 +366,39 @@ class Front:
 
     def _accept_failed(self, listener: Listener, exc: OSError) -> None:
         if exc.errno in _ACCEPT_PAUSE_ERRNOS:
-            log.warning(
-                "accept on %s: %s; not accepting for %d ms",
-                listener.label,
-                exc.strerror,
-                EMFILE_PAUSE * 1000,
-            )
+            now = time.monotonic()
+            if self._short_since is None:
+                self._short_since, self._short_pauses, self._short_logged = now, 0, now
+                log.warning(
+                    "accept on %s: %s; pausing accepts %d ms at a time until it passes",
+                    listener.label,
+                    exc.strerror,
+                    EMFILE_PAUSE * 1000,
+                )
+            elif now - self._short_logged >= EMFILE_LOG_EVERY:
+                self._short_logged = now
+                log.warning(
+                    "accept on %s: still %s after %.0f s (%d pauses)",
+                    listener.label,
+                    exc.strerror,
+                    now - self._short_since,
+                    self._short_pauses,
+                )
+            self._short_pauses += 1
             self._pause_accepting()
             if self._resume_handle is None:
                 self._resume_handle = self.loop.call_later(EMFILE_PAUSE, self._resume_accepting)
         elif exc.errno not in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
             log.error("accept on %s: %s", listener.label, exc)
+
+    def _fds_back(self) -> None:
+        assert self._short_since is not None
+        log.warning(
+            "accepting again after %.1f s short of fds (%d pauses)",
+            time.monotonic() - self._short_since,
+            self._short_pauses,
+        )
+        self._short_since = None
 
     # --- reading the head -----------------------------------------------------------------
 
