@@ -18,12 +18,14 @@ from pathlib import Path
 
 import pytest
 
+from fdhandoff import fdpass
 from handoff_receiver import (
     FrontProcess,
     Handoff,
     TestReceiver,
     fronts_fixture,  # noqa: F401  (fixture)
     http_exchange,
+    parse_response,
     read_exactly,
     receivers_fixture,  # noqa: F401  (fixture)
     respond,
@@ -432,3 +434,81 @@ def test_request_body_over_the_limit_is_413(
     )
     assert status == 413
     assert app.seen == []
+
+
+def _one_shot_app(listener: socket.socket, daemon: Path) -> threading.Thread:
+    """An application on a UNIX socket that names ``daemon`` for one request."""
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\nX-Socket-Handoff: %s\r\nX-Handoff-Data: hi\r\n"
+                b"Content-Length: 0\r\n\r\n" % str(daemon).encode()
+            )
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_daemon_restarting_is_tried_again_before_503(
+    no_fd_leak: None, sockdir: Path, fronts: Callable[..., FrontProcess]
+) -> None:
+    # A daemon whose socket exists but does not listen yet (a restart): as
+    # mod_socket_handoff, the front tries again after 10 and 20 ms.
+    app_path, daemon_path = sockdir / "app.sock", sockdir / "daemon.sock"
+    with (
+        socket.socket(socket.AF_UNIX) as listener,
+        socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as daemon,
+    ):
+        listener.bind(str(app_path))
+        listener.listen()
+        daemon.bind(str(daemon_path))  # ECONNREFUSED until listen()
+        app = _one_shot_app(listener, daemon_path)
+        config = (
+            f'[[route]]\nprefix = "/"\nmode = "auth"\nupstream = "unix:{app_path}"\n'
+            f'allowed_prefix = "{sockdir}"\n'
+        )
+        front = fronts(config=config)
+        with front.connect() as client:
+            client.sendall(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+            app.join(timeout=10)
+            time.sleep(0.005)  # the front's first connect is refused by now
+            daemon.listen()
+            daemon.settimeout(10)
+            conn, _ = daemon.accept()
+            with conn:
+                payload, handed = fdpass.recv_fd(conn, timeout=10)
+            assert payload == b"hi" and handed is not None
+            with handed:
+                handed.sendall(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
+            client.settimeout(10)
+            data = b""
+            while chunk := client.recv(65536):
+                data += chunk
+            status, _, _ = parse_response(data)
+        assert status == 204
+
+
+def test_daemon_missing_after_retries_is_503(
+    no_fd_leak: None, sockdir: Path, fronts: Callable[..., FrontProcess]
+) -> None:
+    app_path = sockdir / "app.sock"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(app_path))
+        listener.listen()
+        app = _one_shot_app(listener, sockdir / "never.sock")
+        config = (
+            f'[[route]]\nprefix = "/"\nmode = "auth"\nupstream = "unix:{app_path}"\n'
+            f'allowed_prefix = "{sockdir}"\n'
+        )
+        front = fronts(config=config)
+        started = time.monotonic()
+        status, _, body = http_exchange(front, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+        elapsed = time.monotonic() - started
+        app.join(timeout=10)
+    assert status == 503
+    assert elapsed >= 0.03  # 10 + 20 ms of retries first
+    front.hid_detail(body, "never.sock")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -42,6 +43,7 @@ from ..httphead import ChunkedReader, RequestHead, ResponseHead, parse_response_
 from ..message import MAX_PAYLOAD_SIZE, encode_payload
 from .config import HandoffFormat, RouteConfig
 from .describe import Endpoint, describe
+from .handoff import open_backend
 
 if TYPE_CHECKING:
     from .server import Front, Request
@@ -82,9 +84,16 @@ _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 class _Answer(Exception):
     """Stop and answer the client with ``status`` (the text is logged and shown)."""
 
-    def __init__(self, status: int, text: str) -> None:
+    def __init__(self, status: int, text: str, *, retry: bool = False) -> None:
         super().__init__(text)
         self.status = status
+        self.retry = retry  # the daemon may be restarting: worth another try
+
+
+#: Pauses before trying a daemon's socket again when it is missing or nobody
+#: listens (a restart): mod_socket_handoff's two retries, 10 ms * 2**n.
+CONNECT_RETRY_DELAYS: Final = (0.01, 0.02)
+_RETRY_ERRNOS: Final = frozenset((errno.ENOENT, errno.ECONNREFUSED))
 
 
 def check_handoff_path(value: bytes, allowed_prefix: str) -> str:
@@ -106,7 +115,9 @@ def check_handoff_path(value: bytes, allowed_prefix: str) -> str:
     try:
         mode = os.stat(real).st_mode
     except OSError as exc:
-        raise _Answer(503, f"handoff socket {real[:200]!r}: {exc.strerror}") from None
+        raise _Answer(
+            503, f"handoff socket {real[:200]!r}: {exc.strerror}", retry=exc.errno == errno.ENOENT
+        ) from None
     if not stat.S_ISSOCK(mode):
         raise _Answer(403, f"X-Socket-Handoff {real[:200]!r} is not a socket")
     return real
@@ -328,7 +339,6 @@ class _Exchange:
     async def _handoff(self, response: ResponseHead, targets: list[bytes]) -> None:
         if len(targets) > 1:
             raise _Answer(502, "the application sent X-Socket-Handoff more than once")
-        path = check_handoff_path(targets[0], self.route.allowed_prefix)
         data_values = response.values(b"x-handoff-data")
         data = data_values[0] if data_values else None
         if self.route.handoff_format is HandoffFormat.APACHE:
@@ -349,7 +359,7 @@ class _Exchange:
                 handoff_data=data,
                 body_consumed=True,  # it went to the application
             )
-        usock = self.front.connect_backend(path, sock_type, self.client, self.req)
+        usock = await self._connect_daemon(targets[0], sock_type)
         self.owned = False  # answered 503, or about to be handed off: the front's now
         if usock is not None:
             # O_NONBLOCK lives on the open file description the daemon will
@@ -362,6 +372,29 @@ class _Exchange:
             # is not offered a channel (its path changes per response).
             handoffs.send(handoffs.open(usock, None), self.client, message, self.req)
         await self._discard(response)
+
+    async def _connect_daemon(self, target: bytes, sock_type: int) -> Socket | None:
+        """Check the named path and connect to it; None once answered 503.
+
+        A daemon being restarted has no socket file, or one nobody listens on,
+        for a moment: like mod_socket_handoff, try again after 10 and 20 ms
+        before answering 503.  A full backlog is 503 at once (EAGAIN).
+        """
+        for delay in (*CONNECT_RETRY_DELAYS, None):
+            path = None
+            try:
+                path = check_handoff_path(target, self.route.allowed_prefix)
+                return open_backend(path, sock_type)
+            except _Answer as answer:
+                if not answer.retry or delay is None:
+                    raise
+            except OSError as exc:
+                assert path is not None
+                if exc.errno not in _RETRY_ERRNOS or delay is None:
+                    self.front.handoff_refused(self.client, self.req, path, exc)
+                    return None
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable: the last attempt answers or returns")
 
     async def _discard(self, response: ResponseHead) -> None:
         """Read and drop the application's response body, bounded, then close."""

@@ -45,6 +45,7 @@ import errno
 import fcntl
 import logging
 import select
+import socket
 import termios
 import time
 from _socket import socket as Socket
@@ -56,7 +57,7 @@ from .. import fdpass
 from ..errors import FdPassError
 from ..message import CHANNEL_ACK
 
-__all__ = ["Handoffs", "InFlight", "Link"]
+__all__ = ["Handoffs", "InFlight", "Link", "open_backend"]
 
 log = logging.getLogger("fdhandoff.front")
 
@@ -65,7 +66,22 @@ _MAX_EVENTS: Final = 512
 #: Bytes read per recv from a receiver (acknowledgements: one byte each).
 _ACK_READ: Final = 4096
 _ACK: Final = CHANNEL_ACK[0]
+# Plain ints: IntEnum/IntFlag operators cost more than the socket call itself.
+_AF_UNIX: Final = int(socket.AF_UNIX)
+_NONBLOCK: Final = int(socket.SOCK_NONBLOCK)
 _TROUBLE: Final = select.EPOLLHUP | select.EPOLLERR | select.EPOLLRDHUP
+
+
+def open_backend(path: str, sock_type: int) -> Socket:
+    """A new non-blocking UNIX connection to ``path`` (``OSError`` if it fails)."""
+    usock = Socket(_AF_UNIX, sock_type | _NONBLOCK)
+    try:
+        # Non-blocking: a full backlog is EAGAIN at once (unix(7)), never a wait.
+        usock.connect(path)
+    except OSError:
+        usock.close()
+        raise
+    return usock
 
 
 def _unread_bytes(sock: Socket) -> int:

@@ -45,7 +45,7 @@ from .accesslog import AccessLog
 from .auth import serve_auth
 from .config import FrontConfig, Mode, RouteConfig
 from .describe import Endpoint, describe
-from .handoff import Handoffs, InFlight, Link
+from .handoff import Handoffs, InFlight, Link, open_backend
 from .listeners import (
     Listener,
     close_listener,
@@ -98,8 +98,6 @@ WS_TRY_AGAIN: Final = 1013
 # the rest of what is done with them on the hot path.
 _PEEK: Final = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
 _STREAM: Final = int(socket.SOCK_STREAM)
-_AF_UNIX: Final = int(socket.AF_UNIX)
-_NONBLOCK: Final = int(socket.SOCK_NONBLOCK)
 _NOWAIT: Final = int(socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
 _DONTWAIT: Final = int(socket.MSG_DONTWAIT)
 #: Answers whose reason names the server's insides (socket paths, the
@@ -635,20 +633,12 @@ class Front:
     ) -> Socket | None:
         """A new non-blocking UNIX connection to ``path``; on failure answer 503, None."""
         try:
-            usock = Socket(_AF_UNIX, sock_type | _NONBLOCK)
+            return open_backend(path, sock_type)
         except OSError as exc:
-            self._handoff_refused(client, req, path, exc)
+            self.handoff_refused(client, req, path, exc)
             return None
-        try:
-            # Non-blocking: a full backlog is EAGAIN at once (unix(7)), never a wait.
-            usock.connect(path)
-        except OSError as exc:
-            usock.close()
-            self._handoff_refused(client, req, path, exc)
-            return None
-        return usock
 
-    def _handoff_refused(self, client: Socket, req: Request, path: str, exc: OSError) -> None:
+    def handoff_refused(self, client: Socket, req: Request, path: str, exc: OSError) -> None:
         reason = _BACKEND_REASONS.get(exc.errno or 0, exc.strerror or str(exc))
         text = f"backend {path}: {reason}"
         log.warning("%s %s: 503 %s", req.client, req.target.decode("ascii", "replace"), text)
