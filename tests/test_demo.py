@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -10,10 +11,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import ClientConnection, connect
 
 from cdp import chromium_path, launch
 
@@ -65,16 +69,68 @@ def _start_demo() -> Demo:
     return Demo(proc, f"http://127.0.0.1:{port}/", Path(match.group(1)), banner)
 
 
-def _stop(demo: Demo) -> None:
+def _stop(demo: Demo, signum: int = signal.SIGINT) -> str:
+    """Signal the demo, wait for it; return what it wrote after the banner."""
     if demo.proc.poll() is None:
-        demo.proc.send_signal(signal.SIGINT)
+        demo.proc.send_signal(signum)
         try:
             demo.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             demo.proc.kill()
             demo.proc.wait()
+    rest = ""
     if demo.proc.stderr is not None:
+        # Non-blocking: a child that outlived the demo would hold the pipe open.
+        os.set_blocking(demo.proc.stderr.fileno(), False)
+        rest = demo.proc.stderr.read() or ""
         demo.proc.stderr.close()
+    return rest
+
+
+def _processes_mentioning(directory: Path) -> list[int]:
+    """PIDs whose command line names the demo's directory (front and receiver do)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if os.fsencode(directory) in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def _port(demo: Demo) -> int:
+    return int(demo.url.rsplit(":", 1)[1].rstrip("/"))
+
+
+def _open_stats(demo: Demo) -> tuple[socket.socket, dict[str, int]]:
+    """Open the /stats SSE stream; return the socket and the first snapshot."""
+    sock = socket.create_connection(("127.0.0.1", _port(demo)), timeout=20)
+    sock.sendall(b"GET /stats HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n")
+    received = b""
+    while b"\r\n\r\n" not in received or b"\n\n" not in received.split(b"\r\n\r\n", 1)[1]:
+        chunk = sock.recv(4096)
+        assert chunk, f"the stats stream ended early: {received!r}"
+        received += chunk
+    head, body = received.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    event = body.split(b"\n\n", 1)[0].decode()
+    assert "event: stats" in event, event
+    data = next(line[6:] for line in event.splitlines() if line.startswith("data: "))
+    snapshot: dict[str, int] = json.loads(data)
+    return sock, snapshot
+
+
+@contextmanager
+def _open_chat(demo: Demo) -> Iterator[ClientConnection]:
+    """Open the chat WebSocket and wait until the receiver holds it (its echo arrives)."""
+    with connect(f"ws://127.0.0.1:{_port(demo)}/ws/chat", open_timeout=20) as ws:
+        ws.send(json.dumps({"from": "test", "text": "here"}))
+        assert json.loads(ws.recv(timeout=20)) == {"from": "test", "text": "here"}
+        yield ws
 
 
 @pytest.fixture
@@ -168,3 +224,30 @@ def test_browser_sees_tokens_chat_and_counters(
             " return n >= 2 ? n : 0; })()"
         )
         assert held >= 2
+
+
+def test_ctrl_c_with_open_connections_is_quick_and_clean() -> None:
+    running = _start_demo()
+    children = running.children()
+    assert len(children) == 2
+    stats, _ = _open_stats(running)
+    with stats, _open_chat(running) as chat:
+        started = time.monotonic()
+        rest = _stop(running)
+        elapsed = time.monotonic() - started
+        # The receiver's shutdown grace is what a held stream costs: about a
+        # second, not the 10 s default nor a SIGKILL after it.
+        assert elapsed < 5.0, (elapsed, rest)
+        assert running.proc.returncode == 0, rest
+        assert "killed" not in rest, rest
+        for pid in children:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+        assert _processes_mentioning(running.directory) == []
+        assert not running.directory.exists()
+        # Both clients were closed by the receiver, not left hanging.
+        stats.settimeout(5)
+        while stats.recv(4096):
+            pass
+        with pytest.raises(ConnectionClosed):
+            chat.recv(timeout=5)

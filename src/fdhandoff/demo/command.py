@@ -34,8 +34,14 @@ __all__ = ["register"]
 #: How long a child may take to be ready (the front and receiver start in well
 #: under a second; a loaded 2-core machine can take several).
 READY_TIMEOUT: Final = 30.0
-#: SIGTERM grace for children at exit before SIGKILL.
-STOP_TIMEOUT: Final = 10.0
+#: The receiver's ``--grace``: how long open pages (the /stats stream, the chat
+#: socket) may hold the receiver after Ctrl-C.  A page never ends these by
+#: itself, so the default 10 s grace would only delay every stop by 10 s.
+RECEIVER_GRACE: Final = 1.0
+#: How long children get after SIGTERM before SIGKILL.  Well past the
+#: receiver's grace (and the second it then gives cancelled tasks), so a
+#: child that is killed is stuck, not merely slow on a loaded machine.
+STOP_TIMEOUT: Final = RECEIVER_GRACE + 9.0
 
 
 def register(subparsers: Any) -> None:
@@ -128,6 +134,7 @@ async def _main(layout: Layout, log_level: str) -> int:
     server = await app.serve_unix(str(layout.app))
     python = sys.executable
     children: list[tuple[str, asyncio.subprocess.Process]] = []
+    status = 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -135,7 +142,7 @@ async def _main(layout: Layout, log_level: str) -> int:
     try:
         receiver = await asyncio.create_subprocess_exec(
             python, "-m", "fdhandoff", "serve", "fdhandoff.demo.receivers:handler",
-            "--interface", "handoff", "--log-level", log_level,
+            "--interface", "handoff", "--log-level", log_level, "--grace", str(RECEIVER_GRACE),
             *(["--no-access-log"] if log_level not in ("debug", "info") else []),
             "--bind", f"unix:{layout.pages}", "--bind", f"unix:{layout.chat}",
             "--bind", f"unix-seqpacket:{layout.llm}",
@@ -157,18 +164,25 @@ async def _main(layout: Layout, log_level: str) -> int:
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         for task in waiters:
             task.cancel()
-        for name, proc in children:
-            if proc.returncode is not None:
-                print(f"fdhandoff demo: the {name} exited ({proc.returncode})", file=sys.stderr)
-                return 1
-        print("\nstopping…", file=sys.stderr)
-        return 0
+        exited = [(name, proc) for name, proc in children if proc.returncode is not None]
+        for name, proc in exited:
+            print(f"fdhandoff demo: the {name} exited ({proc.returncode})", file=sys.stderr)
+        if not exited:
+            print("\nstopping…", file=sys.stderr)
+            status = 0
     except ChildFailed as exc:
         print(f"fdhandoff demo: {exc}", file=sys.stderr)
-        return 1
     finally:
         server.close()
-        await _stop_all(children)
+        killed = await _stop_all(children)
+    # A child that needed SIGKILL did not shut down cleanly: say so, and do
+    # not report a clean stop.
+    for name in killed:
+        print(
+            f"fdhandoff demo: the {name} did not stop within {STOP_TIMEOUT:.0f} s; killed it",
+            file=sys.stderr,
+        )
+    return 1 if killed else status
 
 
 class ChildFailed(Exception):
@@ -194,18 +208,27 @@ def _accepts(host: str, port: int) -> bool:
         return False
 
 
-async def _stop_all(children: list[tuple[str, asyncio.subprocess.Process]]) -> None:
+async def _stop_all(children: list[tuple[str, asyncio.subprocess.Process]]) -> list[str]:
+    """SIGTERM every child, SIGKILL any still running after STOP_TIMEOUT; return those."""
     for _, proc in reversed(children):
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
-    for _, proc in reversed(children):
+    # One deadline for all: they stop in parallel, so the wait is not summed.
+    deadline = asyncio.get_running_loop().time() + STOP_TIMEOUT
+    killed: list[str] = []
+    for name, proc in reversed(children):
+        if proc.returncode is not None:
+            continue
         try:
-            await asyncio.wait_for(proc.wait(), STOP_TIMEOUT)
+            remaining = max(0.1, deadline - asyncio.get_running_loop().time())
+            await asyncio.wait_for(proc.wait(), remaining)
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()
+            killed.append(name)
+    return killed
 
 
 def _banner(layout: Layout, receiver_pid: int, front_pid: int) -> None:
