@@ -86,6 +86,10 @@ class Connection:
         # kernel, and the future those writers wait on; None when idle.
         self._queue: bytearray | None = None
         self._queued: asyncio.Future[bool] | None = None
+        # The connection left the Handoff (detach()): tracked here instead, so
+        # that --max-connections, the connections gauge and the shutdown wait
+        # see it until it closes.
+        receiver.track(self)
 
     @property
     def options(self) -> Options:
@@ -235,6 +239,7 @@ class Connection:
         if not self.closed:
             self.closed = True
             self.sock.close()
+            self.receiver.untrack(self)
 
 
 def wake(waiter: asyncio.Future[None]) -> None:

@@ -36,7 +36,7 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Final
+from typing import Final, Protocol
 
 from .. import aio, fdpass
 from ..errors import FdPassError, ProtocolError
@@ -55,6 +55,18 @@ access_logger = logging.getLogger("fdhandoff.access")
 
 Handler = Callable[[Handoff], Awaitable[None]]
 
+
+class Held(Protocol):
+    """A client connection an adapter serves itself after :meth:`Handoff.detach`.
+
+    Tracked with :meth:`Receiver.track` until it closes, it counts towards
+    ``--max-connections``, the connections gauge and the shutdown wait like a
+    handoff or a stream.
+    """
+
+    def close(self) -> None:
+        """Close the connection and :meth:`Receiver.untrack` it."""
+
 #: Connections accepted per readiness callback before yielding to the loop,
 #: so one busy listener cannot starve the others or the streams.
 ACCEPT_BATCH: Final = 64
@@ -72,7 +84,7 @@ class Receiver:
         self._accepting = False
         self._backoff: asyncio.TimerHandle | None = None
         #: Handoffs being answered and streams alive: what shutdown waits for.
-        self._live: set[Handoff | Stream] = set()
+        self._live: set[Handoff | Stream | Held] = set()
         self._idle = asyncio.Event()
         self._idle.set()
         #: Tasks reading handoffs or running handlers.
@@ -427,11 +439,12 @@ class Receiver:
 
     # --- bookkeeping -----------------------------------------------------------------
 
-    def track(self, item: Handoff | Stream) -> None:
+    def track(self, item: Handoff | Stream | Held) -> None:
+        """Count ``item`` as a live connection until :meth:`untrack`."""
         self._live.add(item)
         self._idle.clear()
 
-    def untrack(self, item: Handoff | Stream) -> None:
+    def untrack(self, item: Handoff | Stream | Held) -> None:
         self._live.discard(item)
         self._check_idle()
         self._maybe_resume()
@@ -446,7 +459,7 @@ class Receiver:
 
     @property
     def connections(self) -> int:
-        """Handoffs being answered plus live streams."""
+        """Handoffs being answered, live streams and connections adapters hold."""
         return len(self._live)
 
     def access_log(self, prefix: str, sent: int, duration: float, why: str | None = None) -> None:
@@ -492,6 +505,8 @@ class Receiver:
         for item in list(self._live):
             if isinstance(item, Stream):
                 item._abort("closed at shutdown")
+            elif not isinstance(item, Handoff):
+                item.close()  # its task was cancelled before it could
         self._reserve.release()
 
 

@@ -1,0 +1,135 @@
+"""ASGI connections and the engine: --max-connections, the gauge, head deadlines, shutdown."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fdhandoff.receiver import Options
+from test_receiver_asgi_support import ASGIReceiver, ResponseReader, hand_over
+from test_receiver_support import front_headers, send_scgi, tcp_pair
+
+WS_HEADERS = [
+    ("Upgrade", "websocket"),
+    ("Connection", "Upgrade"),
+    ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+    ("Sec-WebSocket-Version", "13"),
+]
+
+
+@pytest.fixture
+def sock_path(tmp_path: Path) -> str:
+    return str(tmp_path / "asgi.sock")
+
+
+async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """``/sse``: one event, then held until the client leaves; ``/ws``: an idle
+    WebSocket; anything else: a short text answer (kept alive)."""
+    if scope["type"] == "lifespan":
+        return
+    if scope["type"] == "websocket":
+        await receive()  # websocket.connect
+        await send({"type": "websocket.accept"})
+        while (await receive())["type"] != "websocket.disconnect":
+            pass
+        return
+    if scope["path"] == "/sse":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"data: 1\n\n", "more_body": True})
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def _live(receiver: ASGIReceiver) -> int:
+    return int(receiver.call(lambda: receiver.receiver.connections))  # type: ignore[union-attr]
+
+
+def _gauge(receiver: ASGIReceiver) -> bytes:
+    text: bytes = receiver.call(lambda: receiver.receiver.metrics.render())  # type: ignore[union-attr]
+    line = next(x for x in text.splitlines() if x.startswith(b"fdhandoff_receiver_connections "))
+    return line.split()[1]
+
+
+def _wait_live(receiver: ASGIReceiver, count: int) -> bool:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if _live(receiver) == count:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _read_event(client: socket.socket) -> bytes:
+    data = b""
+    while b"data: 1" not in data:
+        more = client.recv(4096)
+        assert more, f"closed before the first event: {data!r}"
+        data += more
+    return data
+
+
+def test_asgi_connections_count_towards_max_connections(
+    sock_path: str, no_fd_leak: None
+) -> None:
+    with ASGIReceiver(app, sock_path, Options(max_connections=2)) as receiver:
+        first = hand_over(sock_path, "GET", "/sse")
+        second = hand_over(sock_path, "GET", "/sse")
+        _read_event(first)
+        _read_event(second)
+        assert _live(receiver) == 2
+        assert _gauge(receiver) == b"2"
+        # A third handoff waits in the kernel: the receiver is at its limit.
+        third, server_side = tcp_pair()
+        third.settimeout(0.7)
+        sender = threading.Thread(
+            target=send_scgi,
+            args=(sock_path, front_headers("GET", "/sse", [("Host", "x")]), server_side),
+        )
+        sender.start()
+        with pytest.raises(TimeoutError):
+            third.recv(4096)
+        first.close()  # a slot frees: the third one is taken
+        third.settimeout(10)
+        _read_event(third)
+        sender.join(10)
+        assert _wait_live(receiver, 2)
+        second.close()
+        third.close()
+        assert _wait_live(receiver, 0)
+
+
+def test_kept_alive_and_websocket_connections_are_counted_until_closed(
+    sock_path: str, no_fd_leak: None
+) -> None:
+    with ASGIReceiver(app, sock_path) as receiver:
+        plain = hand_over(sock_path, "GET", "/plain")
+        assert ResponseReader(plain).read().body == b"ok"
+        ws = hand_over(sock_path, "GET", "/ws", WS_HEADERS)
+        assert ResponseReader(ws).read().status == 101
+        assert _live(receiver) == 2  # idle between requests, and an idle WebSocket
+        plain.close()
+        assert _wait_live(receiver, 1)
+        ws.close()
+        assert _wait_live(receiver, 0)
+        assert _gauge(receiver) == b"0"
+
+
+def test_shutdown_counts_asgi_connections(
+    sock_path: str, caplog: pytest.LogCaptureFixture, no_fd_leak: None
+) -> None:
+    caplog.set_level(logging.INFO, logger="fdhandoff")
+    receiver = ASGIReceiver(app, sock_path, Options(grace=0.3)).start()
+    client = hand_over(sock_path, "GET", "/sse")
+    _read_event(client)
+    receiver.stop()
+    assert "stopping: 1 connections live" in caplog.text
+    client.close()
