@@ -153,7 +153,10 @@ class Handoff(HandoffBase):
         """Take the client socket; the receiver forgets the connection.
 
         The caller then owns the socket (and should log its access line with
-        :meth:`Receiver.access_log`).  :attr:`already_read` holds the client
+        :meth:`Receiver.access_log`).  To keep counting the connection
+        (``--max-connections``, the connections gauge, the shutdown wait),
+        register an object with ``close()`` using :meth:`Receiver.track` and
+        :meth:`Receiver.untrack` it when the socket closes.  :attr:`already_read` holds the client
         bytes the sender had read beyond the request head.
         """
         if self.phase is Phase.HANDED_OVER:
