@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+import fdhandoff.receiver.asgi as asgi_module
 from fdhandoff.receiver import Options
 from test_receiver_asgi_support import ASGIReceiver, ResponseReader, hand_over
 from test_receiver_support import front_headers, send_scgi, tcp_pair
@@ -133,3 +134,42 @@ def test_shutdown_counts_asgi_connections(
     receiver.stop()
     assert "stopping: 1 connections live" in caplog.text
     client.close()
+
+
+@pytest.mark.parametrize(
+    "trickle",
+    [b"GET /slow HTTP/1.1\r\nX-Slow: " + b"a" * 200, b"\r\n" * 100],
+    ids=["header", "empty-lines"],
+)
+def test_head_timeout_is_a_deadline_for_the_whole_head(
+    sock_path: str, trickle: bytes, monkeypatch: pytest.MonkeyPatch, no_fd_leak: None
+) -> None:
+    """One byte every 0.1 s never stalls a read for HEAD_TIMEOUT; the head still ends in 408."""
+    monkeypatch.setattr(asgi_module, "HEAD_TIMEOUT", 1.0)
+    with ASGIReceiver(app, sock_path):
+        client = hand_over(sock_path, "GET", "/ok")
+        reader = ResponseReader(client)
+        assert reader.read().status == 200
+        stop = threading.Event()
+
+        def send_slowly() -> None:
+            for byte in trickle:
+                if stop.wait(0.1):
+                    return
+                try:
+                    client.send(bytes([byte]))
+                except OSError:
+                    return
+
+        sender = threading.Thread(target=send_slowly)
+        started = time.monotonic()
+        sender.start()
+        try:
+            answer = reader.read()
+        finally:
+            stop.set()
+            sender.join(10)
+        assert answer.status == 408
+        assert time.monotonic() - started < 5
+        assert reader.closed()
+        client.close()

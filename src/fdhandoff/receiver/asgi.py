@@ -274,9 +274,15 @@ class ASGIAdapter:
             return None
 
     async def _read_head(self, conn: Connection) -> bytes | None:
-        """The next request head (CRLF CRLF included); None when the client is done."""
+        """The next request head (CRLF CRLF included); None when the client is done.
+
+        :data:`HEAD_TIMEOUT` is a deadline for the whole head, counted from its
+        first byte (empty lines included), not a limit per read: a client
+        sending a byte now and then must not hold the connection for ever.
+        """
         buf = conn.take_buffer()
         searched = 0
+        deadline = conn.loop.time() + HEAD_TIMEOUT if buf else None
         while True:
             # RFC 9112 section 2.2: empty lines before a request line are ignored.
             if buf[:1] in (b"\r", b"\n"):
@@ -290,13 +296,15 @@ class ASGIAdapter:
             if error is not None:
                 raise error
             searched = len(buf)
-            timeout = HEAD_TIMEOUT if buf else self.keepalive_timeout
+            timeout = self.keepalive_timeout if deadline is None else deadline - conn.loop.time()
             try:
+                if timeout <= 0:
+                    raise TimeoutError
                 data = await conn.recv(timeout)
             except TimeoutError:
-                if buf:
+                if deadline is not None:
                     raise ProtocolError(
-                        f"request head incomplete after {timeout:.0f} s", status_hint=408
+                        f"request head incomplete after {HEAD_TIMEOUT:.0f} s", status_hint=408
                     ) from None
                 return None  # idle keep-alive connection: closed quietly
             except ConnectionClosed:
@@ -305,6 +313,8 @@ class ASGIAdapter:
                 if buf:
                     log.info("client closed inside a request head (%d bytes)", len(buf))
                 return None
+            if deadline is None:
+                deadline = conn.loop.time() + HEAD_TIMEOUT
             buf += data
 
     async def _refuse(self, conn: Connection, exc: ProtocolError) -> None:
