@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -81,8 +83,13 @@ def _stop(demo: Demo, signum: int = signal.SIGINT) -> str:
     rest = ""
     if demo.proc.stderr is not None:
         # Non-blocking: a child that outlived the demo would hold the pipe open.
-        os.set_blocking(demo.proc.stderr.fileno(), False)
-        rest = demo.proc.stderr.read() or ""
+        fd = demo.proc.stderr.fileno()
+        os.set_blocking(fd, False)
+        chunks: list[bytes] = []
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(fd, 65536):
+                chunks.append(chunk)
+        rest = b"".join(chunks).decode(errors="replace")
         demo.proc.stderr.close()
     return rest
 
@@ -251,3 +258,66 @@ def test_ctrl_c_with_open_connections_is_quick_and_clean() -> None:
             pass
         with pytest.raises(ConnectionClosed):
             chat.recv(timeout=5)
+
+
+def _wait_gone(pids: list[int], timeout: float) -> list[int]:
+    """Wait for the processes to end; return those still running."""
+    deadline = time.monotonic() + timeout
+    alive = list(pids)
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.05)
+        alive = [pid for pid in alive if _alive(pid)]
+    return alive
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by its new parent) is gone for our purpose.
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _kill_leftovers(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_sighup_stops_every_process_and_removes_the_sockets() -> None:
+    running = _start_demo()
+    children = running.children()
+    assert len(children) == 2
+    try:
+        rest = _stop(running, signal.SIGHUP)
+        assert running.proc.returncode == 0, rest
+        assert _wait_gone(children, 5) == []
+        assert _processes_mentioning(running.directory) == []
+        assert not running.directory.exists()
+    finally:
+        _kill_leftovers(children)
+        shutil.rmtree(running.directory, ignore_errors=True)
+
+
+def test_children_stop_when_the_demo_is_killed() -> None:
+    running = _start_demo()
+    children = running.children()
+    assert len(children) == 2
+    try:
+        # SIGKILL leaves the demo no chance to stop anything: the children must
+        # notice their parent died by themselves.
+        _stop(running, signal.SIGKILL)
+        assert _wait_gone(children, 10) == []
+        assert _processes_mentioning(running.directory) == []
+        # The receiver removes its own socket files when it stops (app.sock
+        # is the killed demo's own and stays, with the directory).
+        for name in ("pages.sock", "chat.sock", "llm.sock"):
+            assert not (running.directory / name).exists()
+    finally:
+        _kill_leftovers(children)
+        shutil.rmtree(running.directory, ignore_errors=True)

@@ -8,8 +8,9 @@ Starts, each as its own process like a real deployment:
 * the front on ``127.0.0.1:8080`` with a pass route, a websocket route and an
   auth route;
 
-and runs the small auth application in this process.  Ctrl-C (or SIGTERM)
-stops everything and removes the socket directory.
+and runs the small auth application in this process.  Ctrl-C, SIGTERM or
+SIGHUP (the terminal closed) stops everything and removes the socket
+directory; on Linux the children also stop if this process is killed.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
 import socket
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -42,6 +45,13 @@ RECEIVER_GRACE: Final = 1.0
 #: receiver's grace (and the second it then gives cancelled tasks), so a
 #: child that is killed is stuck, not merely slow on a loaded machine.
 STOP_TIMEOUT: Final = RECEIVER_GRACE + 9.0
+#: Each of these stops the demo cleanly.  SIGHUP is the terminal going away:
+#: the children run in their own sessions (so Ctrl-C reaches only this
+#: process, which then stops them in order), so no hangup reaches them, and
+#: without a handler this process would die leaving them running.
+STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+#: prctl(2) option: the signal a process gets when its parent dies.
+PR_SET_PDEATHSIG: Final = 1
 
 
 def register(subparsers: Any) -> None:
@@ -137,8 +147,9 @@ async def _main(layout: Layout, log_level: str) -> int:
     status = 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
+    die_with_us = _die_with_parent()
     try:
         receiver = await asyncio.create_subprocess_exec(
             python, "-m", "fdhandoff", "serve", "fdhandoff.demo.receivers:handler",
@@ -146,18 +157,18 @@ async def _main(layout: Layout, log_level: str) -> int:
             *(["--no-access-log"] if log_level not in ("debug", "info") else []),
             "--bind", f"unix:{layout.pages}", "--bind", f"unix:{layout.chat}",
             "--bind", f"unix-seqpacket:{layout.llm}",
-            start_new_session=True,
+            start_new_session=True, preexec_fn=die_with_us,
         )  # fmt: skip
         children.append(("receiver", receiver))
         await _wait_ready(
-            receiver, lambda: all(p.exists() for p in (layout.pages, layout.chat, layout.llm))
+            receiver, lambda: all(p.exists() for p in (layout.pages, layout.chat, layout.llm)), stop
         )
         front = await asyncio.create_subprocess_exec(
             python, "-m", "fdhandoff", "front", "--config", str(layout.config),
-            start_new_session=True,
+            start_new_session=True, preexec_fn=die_with_us,
         )  # fmt: skip
         children.append(("front", front))
-        await _wait_ready(front, lambda: _accepts(layout.host, layout.port))
+        await _wait_ready(front, lambda: _accepts(layout.host, layout.port), stop)
         _banner(layout, receiver.pid, front.pid)
         waiters: list[asyncio.Task[Any]] = [asyncio.create_task(stop.wait())]
         waiters += [asyncio.create_task(proc.wait()) for _, proc in children]
@@ -166,32 +177,80 @@ async def _main(layout: Layout, log_level: str) -> int:
             task.cancel()
         exited = [(name, proc) for name, proc in children if proc.returncode is not None]
         for name, proc in exited:
-            print(f"fdhandoff demo: the {name} exited ({proc.returncode})", file=sys.stderr)
+            _say(f"fdhandoff demo: the {name} exited ({proc.returncode})")
         if not exited:
-            print("\nstopping…", file=sys.stderr)
+            _say("\nstopping…")
             status = 0
+    except StoppedEarly:
+        _say("\nstopping…")
+        status = 0
     except ChildFailed as exc:
-        print(f"fdhandoff demo: {exc}", file=sys.stderr)
+        _say(f"fdhandoff demo: {exc}")
     finally:
         server.close()
         killed = await _stop_all(children)
     # A child that needed SIGKILL did not shut down cleanly: say so, and do
     # not report a clean stop.
     for name in killed:
-        print(
-            f"fdhandoff demo: the {name} did not stop within {STOP_TIMEOUT:.0f} s; killed it",
-            file=sys.stderr,
-        )
+        _say(f"fdhandoff demo: the {name} did not stop within {STOP_TIMEOUT:.0f} s; killed it")
     return 1 if killed else status
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get SIGTERM when this process dies.
+
+    A handler covers the signals that can be caught; SIGKILL (or a crash)
+    cannot be, and the children, in their own sessions, would keep the port
+    and the sockets forever.  PR_SET_PDEATHSIG is Linux only; elsewhere the
+    children outlive a killed demo.  SIGTERM, not SIGKILL, so they still shut
+    down cleanly and remove their socket files.  The death signal follows the
+    thread that forked, which is this event loop's thread: the one that lives
+    as long as the demo.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    # Resolved here, before fork: loading a library in the child is not safe.
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def in_child() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        # The demo may have died between fork() and prctl(): then no death
+        # signal will ever come.  _exit, not a signal: until exec the child
+        # still has this loop's SIGTERM handler, which only sets a flag.
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return in_child
+
+
+def _say(text: str) -> None:
+    """Write a line to stderr, if there still is one.
+
+    After SIGHUP the terminal may be gone and writing to it fails (EIO); that
+    must not cut short stopping the children and removing the directory.
+    """
+    with contextlib.suppress(OSError):
+        print(text, file=sys.stderr, flush=True)
 
 
 class ChildFailed(Exception):
     pass
 
 
-async def _wait_ready(proc: asyncio.subprocess.Process, ready: Any) -> None:
+class StoppedEarly(Exception):
+    """A stop signal came while a child was still starting."""
+
+
+async def _wait_ready(
+    proc: asyncio.subprocess.Process, ready: Callable[[], bool], stop: asyncio.Event
+) -> None:
     deadline = asyncio.get_running_loop().time() + READY_TIMEOUT
     while not ready():
+        # Start-up can take seconds on a loaded machine; a Ctrl-C or hangup
+        # then must not wait for it.
+        if stop.is_set():
+            raise StoppedEarly
         if proc.returncode is not None:
             raise ChildFailed(f"a process exited during start-up (status {proc.returncode})")
         if asyncio.get_running_loop().time() > deadline:
@@ -232,7 +291,7 @@ async def _stop_all(children: list[tuple[str, asyncio.subprocess.Process]]) -> l
 
 
 def _banner(layout: Layout, receiver_pid: int, front_pid: int) -> None:
-    print(
+    _say(
         f"""
 fdhandoff demo is running: open {layout.url}
 
@@ -246,7 +305,5 @@ fdhandoff demo is running: open {layout.url}
 
 Try:  curl -N '{layout.url}llm/stream?token={DEMO_TOKEN}&prompt=hello'
 Ctrl-C stops everything.
-""",
-        file=sys.stderr,
-        flush=True,
+"""
     )
