@@ -65,6 +65,11 @@ async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": BODY})
 
 
+async def tiny_handler(handoff: Any) -> None:
+    """``fdhandoff serve --interface handoff`` twin of :func:`asgi_app`."""
+    await handoff.respond(200, [("Content-Type", "text/plain")], BODY)
+
+
 # --- receivers (fdhandoff.fdpass + message, one epoll loop, no framework) -------------------
 
 

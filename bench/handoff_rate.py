@@ -6,7 +6,12 @@ servers run at once and are measured in turns within each repeat (the order
 rotates), so machine noise spreads over all of them; medians over repeats.
 
 * fdhandoff: ``fdhandoff front`` (pass mode) → the minimal receiver of
-  bench/_common.py (fdhandoff.fdpass), which answers a fixed 200.
+  bench/_common.py (fdhandoff.fdpass), which answers a fixed 200: the cost
+  of the front and the handoff itself.
+* fdhandoff-serve: the same front → ``fdhandoff serve`` with a native
+  handler (``_common:tiny_handler``) answering the same 200.
+* fdhandoff-serve-asgi: the same front → ``fdhandoff serve`` running the
+  very ASGI app uvicorn runs below (``_common:asgi_app``).
 * nginx → uvicorn: Debian nginx, 1 worker, ``proxy_pass`` to the same
   uvicorn, as usually configured (a new upstream connection per request);
   and ``nginx->uvicorn-ka``, nginx's best case, with upstream keep-alive.
@@ -124,6 +129,36 @@ def start_all(stack: ExitStack, tmp: Path, args: argparse.Namespace) -> list[Tar
     )
     c.wait_port(port)
     targets.append(Target("fdhandoff", port, [front.pid, receiver.pid]))
+    for name, target, interface in (
+        ("fdhandoff-serve", "_common:tiny_handler", "handoff"),
+        ("fdhandoff-serve-asgi", "_common:asgi_app", "asgi"),
+    ):
+        served = str(tmp / f"{name}.sock")
+        env_served = dict(env)
+        env_served["PYTHONPATH"] = os.pathsep.join([str(c.ROOT / "bench"), env["PYTHONPATH"]])
+        serve = stack.enter_context(
+            c.started(
+                [
+                    sys.executable, "-m", "fdhandoff", "serve", target,
+                    "--interface", interface, "--bind", f"unix:{served}",
+                    "--no-access-log", "--log-level", "warning",
+                ],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env_served,
+            )
+        )  # fmt: skip
+        c.wait_path(served)
+        port = c.free_port()
+        served_front = stack.enter_context(
+            c.started(
+                [
+                    sys.executable, "-m", "fdhandoff", "front",
+                    "--config", str(front_config(tmp, port, served, "off")),
+                ],
+                **quiet,
+            )
+        )  # fmt: skip
+        c.wait_port(port)
+        targets.append(Target(name, port, [served_front.pid, serve.pid]))
     if args.front_access_log:
         port = c.free_port()
         logged = stack.enter_context(
@@ -325,25 +360,33 @@ def main() -> int:
             f"{c.median(t.p50):>9.0f}{c.median(t.p99):>9.0f}{t.errors:>8}"
         )
     by_name = {t.name: t for t in targets}
-    front = by_name["fdhandoff"]
     print()
     for t in targets:
         print(
             f"RESULT {t.name}_rps={c.median(t.rates):.0f} {t.name}_cpu_us={c.median(t.cpu_us):.1f} "
             f"{t.name}_p50_us={c.median(t.p50):.0f} {t.name}_p99_us={c.median(t.p99):.0f}"
         )
-    for name, label in (("nginx->uvicorn", "nginx_uvicorn"), ("nginx->uvicorn-ka", "nginx_ka")):
-        if name in by_name:
-            pair = by_name[name]
-            print(
-                f"RESULT rps_ratio_vs_{label}={c.median(front.rates) / c.median(pair.rates):.2f}"
-                f" cpu_ratio_vs_{label}={c.median(front.cpu_us) / c.median(pair.cpu_us):.2f}"
-            )
     uvicorn = by_name["uvicorn"]
-    print(
-        f"RESULT rps_ratio_vs_uvicorn={c.median(front.rates) / c.median(uvicorn.rates):.2f} "
-        f"p50_minus_uvicorn_us={c.median(front.p50) - c.median(uvicorn.p50):.0f}"
-    )
+    for mine, prefix in (
+        ("fdhandoff", ""),
+        ("fdhandoff-serve", "serve_"),
+        ("fdhandoff-serve-asgi", "serve_asgi_"),
+    ):
+        front = by_name[mine]
+        for name, label in (("nginx->uvicorn", "nginx_uvicorn"), ("nginx->uvicorn-ka", "nginx_ka")):
+            if name in by_name:
+                pair = by_name[name]
+                print(
+                    f"RESULT {prefix}rps_ratio_vs_{label}="
+                    f"{c.median(front.rates) / c.median(pair.rates):.2f}"
+                    f" {prefix}cpu_ratio_vs_{label}="
+                    f"{c.median(front.cpu_us) / c.median(pair.cpu_us):.2f}"
+                )
+        print(
+            f"RESULT {prefix}rps_ratio_vs_uvicorn="
+            f"{c.median(front.rates) / c.median(uvicorn.rates):.2f} "
+            f"{prefix}p50_minus_uvicorn_us={c.median(front.p50) - c.median(uvicorn.p50):.0f}"
+        )
     return 0
 
 

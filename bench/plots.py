@@ -24,6 +24,8 @@ import matplotlib.ticker
 #: One colour per stack, the same in every figure.
 COLOURS = {
     "fdhandoff": "#1b7837",
+    "fdhandoff-serve": "#5aae61",
+    "fdhandoff-serve-asgi": "#a6dba0",
     "nginx->uvicorn": "#b2182b",
     "nginx->uvicorn-ka": "#ef8a62",
     "uvicorn": "#2166ac",
@@ -31,6 +33,8 @@ COLOURS = {
 }
 LABELS = {
     "fdhandoff": "fdhandoff\n(front → receiver)",
+    "fdhandoff-serve": "front →\nfdhandoff serve",
+    "fdhandoff-serve-asgi": "front →\nserve (ASGI)",
     "nginx->uvicorn": "nginx → uvicorn",
     "nginx->uvicorn-ka": "nginx → uvicorn\n(upstream keep-alive)",
     "uvicorn": "uvicorn alone",
@@ -60,7 +64,7 @@ def rate(result: dict[str, Any], path: Path, caption: str) -> None:
     """Requests/s bars and p50/p99 latency bars, one group per server."""
     servers = [row["name"] for row in result["servers"]]
     rows = {row["name"]: row for row in result["servers"]}
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(15, 5))
     x = range(len(servers))
     bars = left.bar(
         x,

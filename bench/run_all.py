@@ -369,6 +369,8 @@ def fmt(value: float | None, spec: str = ",.0f") -> str:
 
 STACK_TITLES = {
     "fdhandoff": "fdhandoff (front → receiver)",
+    "fdhandoff-serve": "fdhandoff front → `fdhandoff serve`, native handler",
+    "fdhandoff-serve-asgi": "fdhandoff front → `fdhandoff serve`, the same ASGI app",
     "nginx->uvicorn": "nginx `proxy_pass` → uvicorn",
     "nginx->uvicorn-ka": "nginx `proxy_pass` → uvicorn, upstream keep-alive",
     "uvicorn": "uvicorn alone",
@@ -389,13 +391,15 @@ def rate_section(rate: dict[str, Any], caption: str, img: str) -> list[str]:
         "latency). All servers run at once and are measured in turns, the order rotating per "
         f"repeat; figures are medians of **{plural(settings['repeats'], 'repeat')}**. CPU is "
         "utime + stime "
-        "of the server processes (`/proc/PID/stat`) per request. fdhandoff is `fdhandoff front` "
-        "(pass mode) handing each connection to a minimal receiver built on `fdhandoff.fdpass` "
-        "that answers a fixed 200 (`bench/_common.py`) and, like fdhandoff's own receiver, "
-        "keeps the front's channel (one persistent UNIX connection, an ACK byte per handoff: "
-        "[protocol](protocol.md)); nginx (1 worker) proxies to the same "
-        "uvicorn (uvloop + httptools, 1 worker) that is also measured alone. Access logs are off "
-        "everywhere.",
+        "of the server processes (`/proc/PID/stat`) per request. fdhandoff (front → receiver) is "
+        "`fdhandoff front` (pass mode) handing each connection to a minimal receiver built on "
+        "`fdhandoff.fdpass` that answers a fixed 200 (`bench/_common.py`) and, like fdhandoff's "
+        "own receiver, keeps the front's channel (one persistent UNIX connection, an ACK byte "
+        "per handoff: [protocol](protocol.md)): what the front and the handoff cost. The two "
+        "`fdhandoff serve` rows put fdhandoff's own receiver behind the same front: a native "
+        "handler answering the same 200, and the very ASGI app uvicorn runs here. nginx "
+        "(1 worker) proxies to the same uvicorn (uvloop + httptools, 1 worker) that is also "
+        "measured alone. Access logs are off everywhere.",
         "",
         "| server | req/s | CPU µs / request | p50 latency | p99 latency | errors | req/s per "
         "repeat |",
@@ -421,12 +425,12 @@ def rate_section(rate: dict[str, Any], caption: str, img: str) -> list[str]:
         caption,
         "",
     ]
-    front = rows.get("fdhandoff")
-    lines = []
-    if front:
+    for mine in ("fdhandoff", "fdhandoff-serve", "fdhandoff-serve-asgi"):
+        front = rows.get(mine)
+        lines = []
         for name in ("nginx->uvicorn", "nginx->uvicorn-ka", "uvicorn"):
             other = rows.get(name)
-            if not other:
+            if not front or not other:
                 continue
             lines.append(
                 f"* vs {STACK_TITLES[name]}: **{front['rps'] / other['rps']:.2f}{TIMES}** the "
@@ -434,8 +438,8 @@ def rate_section(rate: dict[str, Any], caption: str, img: str) -> list[str]:
                 f"CPU per request; p50 latency {front['p50_us'] - other['p50_us']:+,.0f} µs, p99 "
                 f"{front['p99_us'] - other['p99_us']:+,.0f} µs."
             )
-    if lines:
-        out += ["Ratios for fdhandoff, measured in the same run:", "", *lines, ""]
+        if lines:
+            out += [f"Ratios for {STACK_TITLES[mine]}, measured in the same run:", "", *lines, ""]
     out += [f"![Requests per second and latency]({img})", ""]
     return out
 
@@ -895,6 +899,11 @@ def main() -> int:
         "--from-json", type=Path, metavar="FILE", help="write the documents from saved results"
     )
     args = parser.parse_args()
+    try:  # before minutes of measuring, not after
+        import matplotlib  # noqa: F401, PLC0415
+    except ImportError:
+        print("bench/run_all.py draws with matplotlib: run ./scripts/bench", file=sys.stderr)
+        return 2
     if args.out is not None:
         md_path, img_dir = args.out / "benchmarks.md", args.out / "img"
     elif args.quick or args.only:
@@ -910,7 +919,7 @@ def main() -> int:
         results = {
             "date": datetime.date.today().isoformat(),
             "quick": args.quick,
-            "command": ".venv/bin/python bench/run_all.py" + (" --quick" if args.quick else ""),
+            "command": "./scripts/bench" + (" --quick" if args.quick else ""),
             "machine": s.machine(),
         }
         started = time.monotonic()
