@@ -76,9 +76,9 @@ KNOWN_MARKERS: Final = {
 
 
 #: Largest number of already-read client bytes accepted after an SCGI handoff
-#: netstring.  The fdhandoff front sends none on plain TCP and at most one TLS
-#: read (<= 64 KiB) otherwise; nginx fd_pass sends none.  1 MiB leaves room for
-#: other senders while bounding what one handoff can make a receiver buffer.
+#: netstring.  The fdhandoff front sends none (it never reads past the head)
+#: and nginx fd_pass sends none.  1 MiB leaves room for other senders while
+#: bounding what one handoff can make a receiver buffer.
 MAX_ALREADY_READ: Final = 1024 * 1024
 
 

@@ -17,12 +17,15 @@ request stay in the kernel for the receiver, RFC 9112 §9.3):
    and the connection waits for more, under the head timeout.
 
 A handoff is one ``sendmsg`` (through :mod:`fdhandoff.fdpass`) of the SCGI
-description with the client fd on a new UNIX connection, then the *taken
-acknowledgement*: the receiver closes its end once it has read the handoff
-(as receivers written for nginx fd_pass do), and only then does the front
-close its copy of the client fd.  A receiver that closes without reading
-(``ECONNRESET``) or does not close within ``timeouts.handoff`` has not taken
-the connection: the client gets 503 (or a WebSocket close 1013 after a 101).
+description with the client fd on a UNIX connection to the receiver, then the
+*taken acknowledgement* (:mod:`.handoff`): on a channel, a persistent
+connection the receiver accepted, one ACK byte per handoff; on a one-shot
+connection, the receiver closing its end once it has read the handoff (as
+receivers written for nginx fd_pass do).  Only then does the front close its
+copy of the client fd.  A receiver that closes without reading
+(``ECONNRESET``) or does not acknowledge within ``timeouts.handoff`` has not
+taken the connection: the client gets 503 (or a WebSocket close 1013 after a
+101).
 """
 
 from __future__ import annotations
