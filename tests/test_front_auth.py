@@ -372,6 +372,23 @@ def test_upstream_timeout_is_504(
     assert front.settled_fd_count(baseline) == baseline
 
 
+def _one_shot_app(listener: socket.socket, daemon: Path) -> threading.Thread:
+    """An application on a UNIX socket that names ``daemon`` for one request."""
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\nX-Socket-Handoff: %s\r\nX-Handoff-Data: hi\r\n"
+                b"Content-Length: 0\r\n\r\n" % str(daemon).encode()
+            )
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
 def test_unix_upstream_and_missing_daemon(
     no_fd_leak: None, sockdir: Path, fronts: Callable[..., FrontProcess]
 ) -> None:
@@ -381,18 +398,7 @@ def test_unix_upstream_and_missing_daemon(
     listener.bind(str(app_path))
     listener.listen()
     missing = sockdir / "gone.sock"
-
-    def serve() -> None:
-        conn, _ = listener.accept()
-        with conn:
-            conn.recv(65536)
-            conn.sendall(
-                b"HTTP/1.1 200 OK\r\nX-Socket-Handoff: %s\r\nContent-Length: 0\r\n\r\n"
-                % str(missing).encode()
-            )
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
+    thread = _one_shot_app(listener, missing)
     try:
         config = (
             f'[[route]]\nprefix = "/"\nmode = "auth"\nupstream = "unix:{app_path}"\n'
@@ -434,23 +440,6 @@ def test_request_body_over_the_limit_is_413(
     )
     assert status == 413
     assert app.seen == []
-
-
-def _one_shot_app(listener: socket.socket, daemon: Path) -> threading.Thread:
-    """An application on a UNIX socket that names ``daemon`` for one request."""
-
-    def serve() -> None:
-        conn, _ = listener.accept()
-        with conn:
-            conn.recv(65536)
-            conn.sendall(
-                b"HTTP/1.1 200 OK\r\nX-Socket-Handoff: %s\r\nX-Handoff-Data: hi\r\n"
-                b"Content-Length: 0\r\n\r\n" % str(daemon).encode()
-            )
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    return thread
 
 
 def test_daemon_restarting_is_tried_again_before_503(
