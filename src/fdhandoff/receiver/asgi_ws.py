@@ -144,6 +144,7 @@ class WebSocketCycle:
                         while self._close is None:
                             await self.receive()
             if self.state is _State.ANSWERED and not conn.broken:
+                self._log()  # times the answer, not the lingering close
                 await conn.linger_close()
         finally:
             conn.close()

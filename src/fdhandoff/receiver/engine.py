@@ -426,16 +426,19 @@ class Receiver:
         if phase is Phase.STREAMING and why is None:
             why = "handler returned before ending its response"
             log.warning("%s: %s", handoff.describe(), why)
-        if handoff.phase is Phase.DONE and why is None:
-            await handoff.linger_close()
-        else:
-            handoff.socket.close()
+        # Logged before the lingering close: the line then times the response,
+        # not up to linger_timeout of waiting for the client's FIN, and it is
+        # written even if the shutdown cancels this task inside the linger.
         self.access_log(
             handoff.log_prefix(handoff.status or 0),
             handoff.bytes_sent,
             time.monotonic() - handoff.started,
             why,
         )
+        if handoff.phase is Phase.DONE and why is None:
+            await handoff.linger_close()
+        else:
+            handoff.socket.close()
 
     # --- bookkeeping -----------------------------------------------------------------
 

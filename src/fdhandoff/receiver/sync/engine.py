@@ -212,16 +212,18 @@ class Receiver:
             _answer_error(handoff, 500)
         if handoff.phase is Phase.STREAMING and why is None:
             why = "handler returned before ending its response"
-        if handoff.phase is Phase.DONE and why is None:
-            handoff.linger_close()
-        else:
-            handoff.socket.close()
+        # Logged before the lingering close, so the line times the response
+        # and not up to linger_timeout of waiting for the client's FIN.
         self.access_log(
             handoff.log_prefix(handoff.status or 0),
             handoff.bytes_sent,
             time.monotonic() - handoff.started,
             why,
         )
+        if handoff.phase is Phase.DONE and why is None:
+            handoff.linger_close()
+        else:
+            handoff.socket.close()
 
     # --- stopping ------------------------------------------------------------------------------
 
