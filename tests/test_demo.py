@@ -22,6 +22,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from cdp import chromium_path, launch
+from fdhandoff.demo.command import _listening
 
 
 def _free_port() -> int:
@@ -321,3 +322,38 @@ def test_children_stop_when_the_demo_is_killed() -> None:
     finally:
         _kill_leftovers(children)
         shutil.rmtree(running.directory, ignore_errors=True)
+
+
+def test_a_taken_port_is_one_clear_error_and_no_banner() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "fdhandoff", "demo", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode != 0
+    assert "is running" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert str(port) in lines[0]
+    assert "--port" in lines[0]
+
+
+def test_readiness_is_the_front_itself_listening() -> None:
+    with socket.socket() as ours:
+        ours.bind(("127.0.0.1", 0))
+        ours.listen()
+        port = ours.getsockname()[1]
+        assert _listening(os.getpid(), port)
+        # Something else accepting on the port is not the front being ready.
+        with subprocess.Popen(["sleep", "30"]) as other:
+            try:
+                assert not _listening(other.pid, port)
+            finally:
+                other.kill()
+    assert not _listening(os.getpid(), port)

@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import errno
 import os
 import shutil
 import signal
@@ -130,6 +131,12 @@ access = "{"stderr" if log_level in ("debug", "info") else "off"}"
 
 
 def _run(args: argparse.Namespace) -> int:
+    # Checked before anything starts: the front would only fail later, with a
+    # status the user has to decode.  The front checks again when it binds
+    # (something may take the port meanwhile); readiness then tells them apart.
+    if _port_taken(args.host, args.port):
+        _say(f"fdhandoff demo: {_port_taken_message(args.host, args.port)}")
+        return 1
     directory = Path(os.path.realpath(tempfile.mkdtemp(prefix="fdhandoff-demo-")))
     layout = Layout(directory, args.host, args.port)
     try:
@@ -168,7 +175,12 @@ async def _main(layout: Layout, log_level: str) -> int:
             start_new_session=True, preexec_fn=die_with_us,
         )  # fmt: skip
         children.append(("front", front))
-        await _wait_ready(front, lambda: _accepts(layout.host, layout.port), stop)
+        try:
+            await _wait_ready(front, lambda: _front_ready(front.pid, layout), stop)
+        except ChildFailed:
+            if front.returncode is not None and _port_taken(layout.host, layout.port):
+                raise ChildFailed(_port_taken_message(layout.host, layout.port)) from None
+            raise
         _banner(layout, receiver.pid, front.pid)
         waiters: list[asyncio.Task[Any]] = [asyncio.create_task(stop.wait())]
         waiters += [asyncio.create_task(proc.wait()) for _, proc in children]
@@ -259,12 +271,77 @@ async def _wait_ready(
             await asyncio.wait_for(proc.wait(), 0.05)
 
 
+def _port_taken(host: str, port: int) -> bool:
+    """Whether binding ``host:port`` fails because something already uses it.
+
+    SO_REUSEADDR like the front, so the TIME_WAIT leftovers of a demo just
+    stopped do not count.  Other failures (an address not on this machine)
+    are left to the front, which names them.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
+
+
+def _port_taken_message(host: str, port: int) -> str:
+    return (
+        f"port {port} on {host} is already in use; "
+        f"stop what listens there or choose another port with --port"
+    )
+
+
+def _front_ready(pid: int, layout: Layout) -> bool:
+    if os.path.exists("/proc/net/tcp"):
+        return _listening(pid, layout.port)
+    # Without /proc the port was at least free a moment before the front
+    # started, so whoever accepts now is almost surely the front.
+    return _accepts(layout.host, layout.port)
+
+
 def _accepts(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.5):
             return True
     except OSError:
         return False
+
+
+def _listening(pid: int, port: int) -> bool:
+    """Whether process ``pid`` itself has a TCP socket listening on ``port``.
+
+    Not "something accepts on the port": on a taken port that is the other
+    program, and the demo would announce a front that is about to exit.
+    Linux /proc: the listening sockets' inodes on that port, against the
+    sockets among the process's fds.
+    """
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            # local_address is ADDR:PORT in hex; state 0A is LISTEN.
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
+                inodes.add(fields[9])
+    if not inodes:
+        return False
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:[") and link[8:-1] in inodes:
+                return True
+    return False
 
 
 async def _stop_all(children: list[tuple[str, asyncio.subprocess.Process]]) -> list[str]:
