@@ -357,3 +357,16 @@ def test_readiness_is_the_front_itself_listening() -> None:
             finally:
                 other.kill()
     assert not _listening(os.getpid(), port)
+
+
+def test_first_stats_snapshot_counts_its_own_stream(demo: Demo) -> None:
+    stats, first = _open_stats(demo)
+    with stats:
+        assert first["held"] == 1, first
+        assert first["streams"] == 0 and first["chat"] == 0, first
+        with _open_chat(demo):
+            again, second = _open_stats(demo)
+            with again:
+                # The first stats stream, the chat socket and this stream.
+                assert second["chat"] == 1, second
+                assert second["held"] == 3, second

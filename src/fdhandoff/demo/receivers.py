@@ -85,8 +85,10 @@ async def handler(handoff: Handoff) -> None:
         await _chat(handoff)
     elif handoff.path == "/stats":
         stream = await handoff.sse(headers=[("Cache-Control", "no-cache")])
-        stream.send(snapshot(), event="stats")
+        # Join first: the first snapshot then counts the stream it is sent on,
+        # as every later one does.
         stats.add(stream)
+        stream.send(snapshot(), event="stats")
     elif handoff.path in ("/", "/index.html"):
         await handoff.respond(200, [("Content-Type", "text/html; charset=utf-8")], _page())
     else:
