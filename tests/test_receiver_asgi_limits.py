@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import threading
@@ -173,3 +174,38 @@ def test_head_timeout_is_a_deadline_for_the_whole_head(
         assert time.monotonic() - started < 5
         assert reader.closed()
         client.close()
+
+
+def test_idle_keepalive_connections_close_at_once_when_stopping(
+    sock_path: str, no_fd_leak: None
+) -> None:
+    """Between requests a connection has nothing to finish; a request in flight does."""
+
+    async def slow_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        if scope["path"] == "/slow":
+            await asyncio.sleep(1.0)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"done"})
+
+    receiver = ASGIReceiver(slow_app, sock_path, Options(grace=8)).start()
+    idle = hand_over(sock_path, "GET", "/quick")
+    idle_reader = ResponseReader(idle)
+    assert idle_reader.read().body == b"done"
+    busy = hand_over(sock_path, "GET", "/slow")
+    time.sleep(0.2)  # the slow request is in the app now
+    stopper = threading.Thread(target=receiver.stop)
+    started = time.monotonic()
+    stopper.start()
+    try:
+        assert idle_reader.closed(timeout=0.8), "an idle connection waited for the grace period"
+        answer = ResponseReader(busy).read()
+        assert answer.body == b"done"  # finished within the grace
+        assert answer.header("connection") == "close"
+        stopper.join(10)
+        assert time.monotonic() - started < 4
+    finally:
+        stopper.join(30)
+        idle.close()
+        busy.close()

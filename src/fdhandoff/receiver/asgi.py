@@ -298,9 +298,17 @@ class ASGIAdapter:
             searched = len(buf)
             timeout = self.keepalive_timeout if deadline is None else deadline - conn.loop.time()
             try:
-                if timeout <= 0:
+                if deadline is None:
+                    # Nothing of a next request yet: idle, closed at once when
+                    # the receiver stops.
+                    idle = await conn.recv_idle(timeout)
+                    if idle is None:
+                        return None
+                    data = idle
+                elif timeout <= 0:
                     raise TimeoutError
-                data = await conn.recv(timeout)
+                else:
+                    data = await conn.recv(timeout)
             except TimeoutError:
                 if deadline is not None:
                     raise ProtocolError(

@@ -40,6 +40,7 @@ class Connection:
     """A handed-off client socket (non-blocking) and what is known about its client."""
 
     __slots__ = (
+        "_idle",
         "_queue",
         "_queued",
         "broken",
@@ -86,6 +87,8 @@ class Connection:
         # kernel, and the future those writers wait on; None when idle.
         self._queue: bytearray | None = None
         self._queued: asyncio.Future[bool] | None = None
+        # What recv_idle() waits on between two requests; None otherwise.
+        self._idle: asyncio.Future[None] | None = None
         # The connection left the Handoff (detach()): tracked here instead, so
         # that --max-connections, the connections gauge and the shutdown wait
         # see it until it closes.
@@ -133,6 +136,35 @@ class Connection:
             else:
                 async with asyncio.timeout(timeout):
                     await self.readable()
+
+    async def recv_idle(self, timeout: float) -> bytes | None:
+        """:meth:`recv` between two requests; None once the receiver is stopping.
+
+        :meth:`stopping` ends the wait at once: a connection with no request
+        in progress has nothing to finish within the shutdown grace.
+        """
+        loop = self.loop
+        async with asyncio.timeout(timeout):
+            while not self.receiver.stopping:
+                data = self.recv_nowait()
+                if data is not None:
+                    return data
+                fd = self.sock.fileno()
+                waiter: asyncio.Future[None] = loop.create_future()
+                loop.add_reader(fd, wake, waiter)
+                self._idle = waiter
+                try:
+                    await waiter
+                finally:
+                    self._idle = None
+                    loop.remove_reader(fd)
+        return None
+
+    def stopping(self) -> None:
+        """The receiver began stopping: end a :meth:`recv_idle` wait."""
+        waiter = self._idle
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def take_buffer(self) -> bytes:
         data, self.buf = self.buf, b""

@@ -458,6 +458,9 @@ class HTTPCycle:
         if self.request.head_sent:
             self.keep_alive = False
             return b""
+        if self.conn.receiver.stopping:
+            # This is the last response on the connection: say so in its head.
+            self.keep_alive = False
         length: int | None = None
         if self._no_body or self._length is not None:
             pass

@@ -67,6 +67,9 @@ class Held(Protocol):
     def close(self) -> None:
         """Close the connection and :meth:`Receiver.untrack` it."""
 
+    def stopping(self) -> None:
+        """The receiver began stopping: close at once if idle between two requests."""
+
 #: Connections accepted per readiness callback before yielding to the loop,
 #: so one busy listener cannot starve the others or the streams.
 ACCEPT_BATCH: Final = 64
@@ -488,6 +491,11 @@ class Receiver:
         self._listeners.clear()
         for task in list(self._marker_readers):
             task.cancel()
+        # Kept-alive connections waiting for a next request have nothing to
+        # finish: they close now instead of holding the grace period.
+        for item in list(self._live):
+            if not isinstance(item, Handoff | Stream):
+                item.stopping()
 
     async def shutdown(self, grace: float | None = None) -> None:
         """Stop taking handoffs, give live connections ``grace`` seconds, close the rest."""
