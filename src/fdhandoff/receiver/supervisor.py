@@ -9,14 +9,21 @@ sockets; the kernel wakes one of the waiting processes per connection.
 
 Signals are taken synchronously with ``sigtimedwait`` (blocked, never
 delivered to a handler), so no signal can be lost between two checks.
+
+No worker outlives the supervisor: one leaving through an error stops its
+workers the same way (SIGTERM, SIGKILL after the margin) before it returns,
+and each worker asks the kernel for SIGKILL should the supervisor die without
+that chance (``PR_SET_PDEATHSIG``: SIGKILL or a crash of the supervisor).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from typing import Final
@@ -35,8 +42,32 @@ RESTART_PAUSE: Final = 1.0
 
 _SIGNALS: Final = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT}
 
+#: prctl(2) option: the signal a process gets when its parent dies.
+PR_SET_PDEATHSIG: Final = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """In a worker: be killed when the supervisor dies, even by SIGKILL.
+
+    Nobody would stop an orphaned worker any more (no SIGTERM, no kill after
+    the grace period): it would go on serving with its parent pid 1.
+    """
+    if sys.platform != "linux":  # pragma: no cover - Linux-only project
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    signum = ctypes.c_ulong(signal.SIGKILL)
+    zero = ctypes.c_ulong(0)
+    if libc.prctl(ctypes.c_int(PR_SET_PDEATHSIG), signum, zero, zero, zero) != 0:
+        err = ctypes.get_errno()
+        log.warning("PR_SET_PDEATHSIG failed: %s", os.strerror(err))
+    # The supervisor may have died between fork() and prctl(): nothing would
+    # signal us then.
+    if os.getppid() != parent:
+        os._exit(1)
+
 
 def _spawn(slot: int, worker_main: Callable[[int], int], mask: set[int | signal.Signals]) -> int:
+    parent = os.getpid()
     pid = os.fork()
     if pid:
         return pid
@@ -44,6 +75,7 @@ def _spawn(slot: int, worker_main: Callable[[int], int], mask: set[int | signal.
     # parent's stack (its finally blocks would remove the socket files).
     code = 1
     try:
+        _die_with_parent(parent)
         for signum in _SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
@@ -79,13 +111,14 @@ def supervise(
             info = signal.sigtimedwait(_SIGNALS, 0.5)
             now = time.monotonic()
             if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT):
+                # Workers first: whatever on_stop does, they are told to stop.
+                _signal_all(workers, signal.SIGTERM)
                 if stopping_since is None:
                     log.info("stopping %d workers", len(workers))
                     stopping_since = now
                     pending.clear()
                     if on_stop is not None:
-                        on_stop()
-                _signal_all(workers, signal.SIGTERM)
+                        _run_on_stop(on_stop)
             for dead in _reap(workers, stopping_since is None):
                 due = now + (RESTART_PAUSE if _died_young(dead, now) else 0.0)
                 pending.append((due, dead[0]))
@@ -101,7 +134,35 @@ def supervise(
                 stopping_since = now  # wait for them to be reaped
         return 0
     finally:
+        if workers:
+            # Leaving through an error: stop the workers as a signal would
+            # have, rather than leave them running without a supervisor.
+            log.error("supervisor failed: stopping %d workers", len(workers))
+            _stop_now(workers, grace + KILL_MARGIN)
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+
+def _run_on_stop(on_stop: Callable[[], None]) -> None:
+    # Closing the listening sockets may fail (a file removed meanwhile):
+    # stopping goes on, the workers are what matters now.
+    try:
+        on_stop()
+    except Exception:
+        log.exception("closing the listening sockets failed")
+
+
+def _stop_now(workers: dict[int, tuple[int, float]], timeout: float) -> None:
+    """SIGTERM every worker, SIGKILL those still running after ``timeout``, reap all."""
+    _signal_all(workers, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while workers and time.monotonic() < deadline:
+        _reap(workers, restart=False)
+        time.sleep(0.05)
+    _signal_all(workers, signal.SIGKILL)
+    for pid in list(workers):
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        workers.pop(pid, None)
 
 
 def _died_young(slot: tuple[int, float], now: float) -> bool:
