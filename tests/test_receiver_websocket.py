@@ -156,6 +156,29 @@ def test_protocol_violations_get_their_close_code(
     assert struct.unpack("!H", rest[2:4])[0] == code
 
 
+def test_close_after_a_protocol_error_is_a_fin_not_a_reset(
+    tmp_path: Path, no_fd_leak: None
+) -> None:
+    # Bytes the receiver never read (after the bad frame) would turn close()
+    # into a reset, which can destroy the close frame in flight (RFC 1122
+    # 4.2.2.13); the receiver reads them first so the connection ends with FIN.
+    path = str(tmp_path / "r.sock")
+    with ReceiverThread(echo, [Bind(path)]):
+        client, server_side = tcp_pair()
+        send_scgi(path, front_headers("GET", "/", HANDOFF_UPGRADED="websocket"), server_side)
+        client.sendall(bytes([0x81, 0x05]) + b"hello" + b"unread" * 100)
+        client.settimeout(10)
+        data = b""
+        while True:
+            chunk = client.recv(65536)  # ConnectionResetError would fail the test
+            if not chunk:
+                break
+            data += chunk
+        client.close()
+    assert data[0] == 0x88
+    assert struct.unpack("!H", data[2:4])[0] == 1002
+
+
 def test_frames_sent_with_the_upgrade_are_not_lost(tmp_path: Path, no_fd_leak: None) -> None:
     """The fdhandoff front hands over what it read past the head; OpenResty lost it."""
     path = str(tmp_path / "r.sock")

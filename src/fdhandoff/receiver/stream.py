@@ -48,6 +48,28 @@ _GONE: Final = frozenset(
 )
 
 
+
+#: Most unread input dropped before a clean close (bytes per recv, recvs).
+_DRAIN_READ: Final = 65536
+_DRAIN_READS: Final = 4
+
+
+def _drain_unread(sock: socket.socket) -> None:
+    """Read what the client sent and we did not, so close() sends FIN, not RST.
+
+    Closing with unread input makes the kernel reset the connection (RFC 1122
+    4.2.2.13), and a reset can destroy what we wrote last in flight: the
+    WebSocket close frame after a protocol error (RFC 6455 section 7.1.1
+    wants it delivered), the end of an event stream.  Bounded: a client that
+    keeps sending gets the reset.
+    """
+    try:
+        for _ in range(_DRAIN_READS):
+            if not sock.recv(_DRAIN_READ, socket.MSG_DONTWAIT):
+                return
+    except OSError:  # EAGAIN (nothing unread, the usual case) or the peer is gone
+        return
+
 class ConnectionClosed(FdHandoffError, ConnectionError):
     """The client connection ended (client left, stream closed, slow consumer)."""
 
@@ -290,6 +312,8 @@ class Stream:
         if fd >= 0:
             loop.remove_reader(fd)
         self._drop_backlog()
+        if clean:
+            _drain_unread(self._sock)
         with contextlib.suppress(OSError):
             self._sock.close()
         self._receiver.untrack(self)
