@@ -301,9 +301,11 @@ class Receiver:
         self, conn: socket.socket, reader: HandoffReader, *, first: bool
     ) -> tuple[HandoffRecord, socket.socket] | None:
         """One handoff, or None after logging why there is none."""
-        timeout = self.options.handoff_timeout if first else None
         try:
-            async with asyncio.timeout(timeout):
+            if first:
+                async with asyncio.timeout(self.options.handoff_timeout):
+                    got = await self._recv_handoff(conn, reader)
+            else:  # a persistent connection waits for its next handoff at will
                 got = await self._recv_handoff(conn, reader)
         except TimeoutError:
             log.warning(

@@ -64,18 +64,37 @@ def _as_bytes(value: str | bytes) -> bytes:
     return value.encode("latin-1") if isinstance(value, str) else value
 
 
+#: Checked header lines by (name, value) as given: most responses repeat the
+#: same few (``Content-Type``, ``Cache-Control``...), so each is validated and
+#: encoded once; bounded so per-response values cannot grow it forever.
+_LINES: dict[tuple[str | bytes, str | bytes], bytes] = {}
+MAX_CACHED_LINES: Final = 1024
+
+
+def _header_line(raw_name: str | bytes, raw_value: str | bytes) -> bytes:
+    name = _as_bytes(raw_name)
+    value = _as_bytes(raw_value)
+    if not _TOKEN.match(name):
+        raise ValueError(f"invalid response header name {name!r}")
+    if _BAD_VALUE.search(value):
+        raise ValueError(f"response header {name!r} contains CR, LF or NUL")
+    line = name + b": " + value.strip(b" \t") + b"\r\n"
+    if len(_LINES) < MAX_CACHED_LINES:
+        _LINES[(raw_name, raw_value)] = line
+    return line
+
+
 def encode_headers(headers: HeaderInput) -> bytes:
     """``Name: value\\r\\n`` lines; raises ``ValueError`` on an invalid name or value."""
-    out = bytearray()
-    for raw_name, raw_value in headers:
-        name = _as_bytes(raw_name)
-        value = _as_bytes(raw_value)
-        if not _TOKEN.match(name):
-            raise ValueError(f"invalid response header name {name!r}")
-        if _BAD_VALUE.search(value):
-            raise ValueError(f"response header {name!r} contains CR, LF or NUL")
-        out += name + b": " + value.strip(b" \t") + b"\r\n"
-    return bytes(out)
+    lines = _LINES
+    out = []
+    for name, value in headers:
+        try:
+            line = lines.get((name, value))
+        except TypeError:  # an unhashable value (bytearray): no cache for it
+            line = None
+        out.append(line or _header_line(name, value))
+    return b"".join(out)
 
 
 def has_header(headers: Iterable[tuple[str | bytes, str | bytes]], name: bytes) -> bool:

@@ -39,6 +39,12 @@ MARKER_HEAD_SENT: Final = b"\x00"  # mod_proxy_fdpass: Apache sent the head
 _ON_VALUES: Final = (b"on", b"ON", b"On", b"1")
 
 
+#: ``HTTP_X_NAME`` → ``x-name``: requests repeat the same dozen names, so each
+#: is transformed once; bounded so odd names cannot grow it forever.
+_HEADER_NAMES: dict[bytes, bytes] = {}
+MAX_CACHED_NAMES: Final = 2048
+
+
 def split_target(target: bytes) -> tuple[bytes, bytes]:
     """Split a request target into raw path and query (RFC 9112 section 3.2).
 
@@ -130,9 +136,15 @@ class HandoffInfo:
     def _from_scgi(self, pairs: scgi.HeaderList, plain: bool) -> None:
         env: dict[bytes, bytes] = {}
         headers: RawHeaders = []
+        names = _HEADER_NAMES
         for name, value in pairs:
             if name.startswith(b"HTTP_"):
-                headers.append((name[5:].lower().replace(b"_", b"-"), value))
+                header = names.get(name)
+                if header is None:
+                    header = name[5:].lower().replace(b"_", b"-")
+                    if len(names) < MAX_CACHED_NAMES:
+                        names[name] = header
+                headers.append((header, value))
             else:
                 env.setdefault(name, value)
         if plain:
