@@ -182,6 +182,17 @@ class HandoffBase(HandoffInfo):
         self._body = decoder
         return decoder
 
+    def _body_consumed(self) -> bool:
+        """True when the request described its body and all of it was read."""
+        if self._body is not None:
+            return self._body.done
+        if not self.has_request or self.format is Format.PLAIN_SCGI or self.upgraded:
+            return False
+        try:
+            return framing(self.raw_headers) == (0, False)
+        except ProtocolError:
+            return False
+
     def _body_limit(self, max_size: int) -> int:
         """``max_size``, after refusing (413) a body announced larger."""
         announced = self._body_decoder().length

@@ -218,10 +218,18 @@ class Handoff(HandoffBase):
     # --- ending (engine) ----------------------------------------------------------------
 
     async def linger_close(self) -> None:
-        """Half-close, read what the client still sends for a moment, close."""
+        """Half-close, read what the client still sends for a moment, close.
+
+        As nginx's ``lingering_close auto``: when the request had no body left
+        unread and nothing more is buffered, the client has nothing to send
+        (the response said ``Connection: close``), so the close is immediate:
+        it sends FIN, and a FIN destroys nothing in flight.
+        """
         sock = self.socket
         try:
             sock.shutdown(socket.SHUT_WR)
+            if self._body_consumed() and not _input_pending(sock):
+                return
             async with asyncio.timeout(self.receiver.options.linger_timeout):
                 while True:
                     await aio.wait_readable(sock)
@@ -234,6 +242,14 @@ class Handoff(HandoffBase):
             pass
         finally:
             sock.close()
+
+
+def _input_pending(sock: socket.socket) -> bool:
+    """True when the client sent bytes we have not read (EOF counts as none)."""
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except BlockingIOError:
+        return False
 
 
 class ResponseWriter:
