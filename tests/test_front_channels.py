@@ -785,6 +785,40 @@ def test_a_slow_request_head_leaves_the_receiver_its_whole_handoff_timeout(
     assert json.loads(body)["conn"] == 0
 
 
+#: A receiver working through a queue: each handoff takes it this long, so the
+#: last of QUEUED waits well past the handoff timeout for its turn.
+STEP = 0.3
+QUEUED = 5
+QUEUE_HANDOFF_TIMEOUT = 0.5
+
+
+def one_at_a_time_receiver(rx: FakeReceiver, index: int, conn: socket.socket) -> None:
+    """A channel receiver that takes one handoff every STEP seconds."""
+    reader = HandoffReader(conn.type)
+    while (got := rx.take(index, conn, reader)) is not None:
+        time.sleep(STEP)  # models the receiver's work per handoff
+        rx.ack(conn)
+        rx.serve(index, *got)
+
+
+def test_a_queue_on_a_working_channel_is_not_cut_off_by_the_deadline(
+    no_fd_leak: None,
+    receivers: Callable[..., FakeReceiver],
+    fronts: Callable[..., FrontProcess],
+) -> None:
+    # The handoff timeout detects a receiver that takes nothing; one that keeps
+    # acknowledging gets its whole queue, however long it is (a connect burst).
+    rx = receivers(one_at_a_time_receiver)
+    front = fronts(f"/=unix:{rx.path}", config=config(channels=1, handoff=QUEUE_HANDOFF_TIMEOUT))
+    assert fetch_json(front, "/q/warm")["conn"] == 0  # the channel is confirmed
+    handed_off(front, "/q/warm")
+    assert STEP * QUEUED > 2 * QUEUE_HANDOFF_TIMEOUT  # the last waits past its deadline
+    answers = concurrent_fetch(front, [f"/q/{n}" for n in range(QUEUED)])
+    assert {a["conn"] for a in answers} == {0}
+    for n in range(QUEUED):
+        no_503_for(front, f"/q/{n}")
+
+
 # --- (f) a byte other than ACK on a channel ------------------------------------------------------
 
 

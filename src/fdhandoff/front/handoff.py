@@ -113,7 +113,17 @@ class InFlight:
 class Link:
     """One UNIX connection to a receiver and the handoffs sent on it, oldest first."""
 
-    __slots__ = ("backend", "channel", "fd", "fd_pending", "flights", "pooled", "rest", "usock")
+    __slots__ = (
+        "backend",
+        "channel",
+        "fd",
+        "fd_pending",
+        "flights",
+        "pooled",
+        "progress",
+        "rest",
+        "usock",
+    )
 
     def __init__(self, usock: Socket, backend: str | None) -> None:
         self.usock = usock
@@ -127,6 +137,8 @@ class Link:
         self.flights: deque[InFlight] = deque()
         self.rest: memoryview | None = None  # bytes still to send (UNIX buffer was full)
         self.fd_pending = False  # the newest handoff's client fd has not gone out yet
+        #: When the receiver last acknowledged a handoff on it (monotonic).
+        self.progress = 0.0
 
 
 #: ``taken(flight)`` and ``failed(flight, why)``: the caller closes nothing
@@ -324,6 +336,7 @@ class Handoffs:
             acks = len(flights)
         if link.rest is not None and acks == len(flights):
             acks -= 1  # the newest is not even sent whole: not that one
+        link.progress = time.monotonic()
         for _ in range(acks):
             self._take(flights.popleft())
         if not link.pooled and not flights:
@@ -349,9 +362,19 @@ class Handoffs:
     # --- deadlines -------------------------------------------------------------------
 
     def expire(self, now: float) -> None:
-        """Settle every connection whose oldest handoff is past its deadline."""
-        links = self._links.values()
-        late = [link for link in links if link.flights and link.flights[0].deadline <= now]
+        """Settle every connection whose oldest handoff is past its deadline.
+
+        The timeout is for a receiver that does not take handoffs, not for a
+        queue: while the receiver keeps acknowledging on a channel (a burst of
+        thousands of WebSockets queued on it), its oldest handoff waits for its
+        turn, and the deadline counts from the last acknowledgement.
+        """
+        limit = now - self._timeout
+        late = [
+            link
+            for link in self._links.values()
+            if link.flights and link.flights[0].deadline <= now and link.progress <= limit
+        ]
         for link in late:
             self._settle(link, None)
 
