@@ -40,7 +40,7 @@ from typing import Final, Protocol
 
 from .. import aio, fdpass
 from ..errors import FdPassError, ProtocolError
-from ..message import CHANNEL_ACK, CLOSED, Format, HandoffReader, HandoffRecord
+from ..message import CHANNEL_ACK, NEED_DATA, Format, HandoffReader, HandoffRecord, Signal
 from ..metrics import Metrics, parse_address, serve_metrics
 from . import http
 from .fdlimit import RESOURCE_ERRNOS, FdReserve
@@ -70,6 +70,7 @@ class Held(Protocol):
     def stopping(self) -> None:
         """The receiver began stopping: close at once if idle between two requests."""
 
+
 #: Connections accepted per readiness callback before yielding to the loop,
 #: so one busy listener cannot starve the others or the streams.
 ACCEPT_BATCH: Final = 64
@@ -92,9 +93,10 @@ class Receiver:
         self._idle.set()
         #: Tasks reading handoffs or running handlers.
         self._tasks: set[asyncio.Task[None]] = set()
-        #: Tasks waiting for the next handoff on a persistent connection
-        #: (BYTE markers, SCGI channels).
-        self._marker_readers: set[asyncio.Task[None]] = set()
+        #: Persistent UNIX connections (BYTE markers, SCGI channels) read
+        #: from a reader callback, and those paused at --max-connections.
+        self._persistent: set[Persistent] = set()
+        self._paused: set[Persistent] = set()
         #: Channel acknowledgements not written yet, per UNIX connection.
         self._acks: dict[socket.socket, int] = {}
         self._ack_flush: asyncio.Handle | None = None
@@ -205,7 +207,7 @@ class Receiver:
         try:
             reader = HandoffReader(conn.type)
             try:
-                got = await self._receive(conn, reader, first=True)
+                got = await self._receive(conn, reader)
             finally:
                 self._taking -= 1
             # No await from here to open(): the connection stays counted.
@@ -218,8 +220,11 @@ class Receiver:
             # new connection per handoff.
             channel = record.channel and self.options.channels
             if record.format is Format.BYTE or channel:
+                keep = True  # the Persistent reader owns conn from here on
+                persistent = Persistent(self, conn, reader)
+                self._persistent.add(persistent)
                 self._start_one(conn, record, client)
-                await self._take_more(conn, reader)
+                persistent.resume()
                 return
             if record.format is Format.PLAIN_SCGI:
                 keep = True
@@ -231,29 +236,14 @@ class Receiver:
                 await self._run(handoff)
         finally:
             if not keep:
-                self._flush_acks(conn)
-                if self._acks.pop(conn, 0):  # the sender stopped reading: give up
-                    self.loop.remove_writer(conn.fileno())
-                conn.close()
+                self._finish_conn(conn)
 
-    async def _take_more(self, conn: socket.socket, reader: HandoffReader) -> None:
-        """Later handoffs on a persistent connection, until the sender closes it."""
-        task = asyncio.current_task()
-        assert task is not None
-        self._marker_readers.add(task)
-        try:
-            while not self.stopping:
-                while self._at_limit() and not self.stopping:
-                    # --max-connections: stop reading, as accepting stops; the
-                    # sender sees its handoffs wait (and answers 503 at its
-                    # deadline) instead of this process taking more.
-                    await asyncio.sleep(ACCEPT_BACKOFF)
-                got = await self._receive(conn, reader, first=False)
-                if got is None:
-                    return
-                self._start_one(conn, *got)
-        finally:
-            self._marker_readers.discard(task)
+    def _finish_conn(self, conn: socket.socket) -> None:
+        """Write the acknowledgements still owed, then close the UNIX connection."""
+        self._flush_acks(conn)
+        if self._acks.pop(conn, 0):  # the sender stopped reading: give up
+            self.loop.remove_writer(conn.fileno())
+        conn.close()
 
     def _start_one(self, conn: socket.socket, record: HandoffRecord, client: socket.socket) -> None:
         """Run one handoff of a persistent connection in its own task; on a
@@ -298,14 +288,12 @@ class Receiver:
         self._flush_acks(conn)
 
     async def _receive(
-        self, conn: socket.socket, reader: HandoffReader, *, first: bool
+        self, conn: socket.socket, reader: HandoffReader
     ) -> tuple[HandoffRecord, socket.socket] | None:
-        """One handoff, or None after logging why there is none."""
+        """The first handoff of a new UNIX connection, or None after logging why
+        there is none; ``handoff_timeout`` bounds it."""
         try:
-            if first:
-                async with asyncio.timeout(self.options.handoff_timeout):
-                    got = await self._recv_handoff(conn, reader)
-            else:  # a persistent connection waits for its next handoff at will
+            async with asyncio.timeout(self.options.handoff_timeout):
                 got = await self._recv_handoff(conn, reader)
         except TimeoutError:
             log.warning(
@@ -314,20 +302,24 @@ class Receiver:
             )
             self.metrics.inc("handoff_errors_total", reason="timeout")
             return None
-        except (FdPassError, ProtocolError) as exc:
-            log.warning("invalid handoff: %s", exc)
-            self.metrics.inc("handoff_errors_total", reason="invalid")
+        except (FdPassError, ProtocolError, OSError) as exc:
+            self.read_failed(exc)
             return None
-        except OSError as exc:
-            self.metrics.inc("handoff_errors_total", reason="os_error")
-            if exc.errno in RESOURCE_ERRNOS:
-                self._back_off(f"recvmsg failed: {exc.strerror}")
-            else:
-                log.warning("reading a handoff failed: %s", exc)
-            return None
-        if got is None and first:
+        if got is None:
             log.info("UNIX connection closed without a handoff")
         return got
+
+    def read_failed(self, exc: Exception) -> None:
+        """Log and count a UNIX connection that delivered no usable handoff."""
+        if isinstance(exc, FdPassError | ProtocolError):
+            log.warning("invalid handoff: %s", exc)
+            self.metrics.inc("handoff_errors_total", reason="invalid")
+            return
+        self.metrics.inc("handoff_errors_total", reason="os_error")
+        if isinstance(exc, OSError) and exc.errno in RESOURCE_ERRNOS:
+            self._back_off(f"recvmsg failed: {exc.strerror}")
+        else:
+            log.warning("reading a handoff failed: %s", exc)
 
     async def _recv_handoff(
         self, conn: socket.socket, reader: HandoffReader
@@ -335,34 +327,37 @@ class Receiver:
         """:func:`fdhandoff.aio.recv_handoff` with the spare fd released around
         each ``recvmsg`` (see :class:`FdReserve`)."""
         assembly = fdpass.Assembly.of(conn, reader)
-        bufsize = fdpass.recv_size(conn)
-        reserve = self._reserve
         try:
             got = assembly.next()  # finished by the previous read (a channel)
-            if isinstance(got, tuple):
-                return got
-            if got is CLOSED:
-                return None
-            while True:
+            while got is NEED_DATA:
                 await aio.wait_readable(conn)
-                while not reserve.refill():
+                while not self._reserve.held and not self._reserve.refill():
                     await asyncio.sleep(ACCEPT_BACKOFF)  # at the limit: wait for an fd
-                reserve.release()
-                try:
-                    data, fd_sock = fdpass.recv_fd_nowait(conn, bufsize, blocking=False)
-                except BlockingIOError:
-                    continue
-                finally:
-                    if not reserve.refill():
-                        self._back_off("at the open-files limit (EMFILE)")
-                got = assembly.feed(data, fd_sock)
-                if isinstance(got, tuple):
-                    return got
-                if got is CLOSED:
-                    return None
+                got = self.read_once(conn, assembly)
         except BaseException:
             assembly.close()
             raise
+        return got if isinstance(got, tuple) else None
+
+    def read_once(
+        self, conn: socket.socket, assembly: fdpass.Assembly
+    ) -> tuple[HandoffRecord, socket.socket] | Signal:
+        """One ``recvmsg`` fed to ``assembly``; the spare fd must be held.
+
+        The spare is closed right before the call and reopened after, with no
+        await in between (see :class:`FdReserve`).  ``NEED_DATA`` when nothing
+        was there yet.  The caller closes ``assembly`` on an exception.
+        """
+        reserve = self._reserve
+        reserve.release()
+        try:
+            data, fd_sock = fdpass.recv_fd_nowait(conn, fdpass.recv_size(conn), blocking=False)
+        except BlockingIOError:
+            return NEED_DATA
+        finally:
+            if not reserve.refill():
+                self._back_off("at the open-files limit (EMFILE)")
+        return assembly.feed(data, fd_sock)
 
     # --- running the handler ------------------------------------------------------------
 
@@ -458,8 +453,13 @@ class Receiver:
         self._maybe_resume()
 
     def _maybe_resume(self) -> None:
-        if not self._accepting and self._backoff is None and not self._at_limit():
+        if self._at_limit():
+            return
+        if not self._accepting and self._backoff is None:
             self._resume()
+        if self._paused:
+            for persistent in list(self._paused):
+                persistent.resume()
 
     def _check_idle(self) -> None:
         if not self._live and not self._tasks:
@@ -491,8 +491,8 @@ class Receiver:
         for sock in self._listeners:
             sock.close()
         self._listeners.clear()
-        for task in list(self._marker_readers):
-            task.cancel()
+        for persistent in list(self._persistent):
+            persistent.close()
         # Kept-alive connections waiting for a next request have nothing to
         # finish: they close now instead of holding the grace period.
         for item in list(self._live):
@@ -521,6 +521,83 @@ class Receiver:
             elif not isinstance(item, Handoff):
                 item.close()  # its task was cancelled before it could
         self._reserve.release()
+
+
+class Persistent:
+    """Later handoffs of a persistent UNIX connection (SCGI channel, BYTE markers).
+
+    Read from a reader callback rather than a task: the sender may keep the
+    connection for hours, and each handoff then costs one ``recvmsg`` and no
+    future, wake-up or ``epoll_ctl``.  Reading pauses at ``--max-connections``
+    (the sender's handoffs wait, and it answers 503 at its deadline) and at
+    the fd limit, and stops when the sender closes or sends something broken.
+    """
+
+    __slots__ = ("assembly", "conn", "fd", "reading", "receiver", "retry")
+
+    def __init__(self, receiver: Receiver, conn: socket.socket, reader: HandoffReader) -> None:
+        self.receiver = receiver
+        self.conn = conn
+        self.fd = conn.fileno()
+        self.assembly = fdpass.Assembly.of(conn, reader)
+        self.reading = False
+        self.retry: asyncio.TimerHandle | None = None
+
+    def resume(self) -> None:
+        receiver = self.receiver
+        self.retry = None
+        receiver._paused.discard(self)
+        if self.reading or self.fd < 0:
+            return
+        if receiver._at_limit():
+            receiver._paused.add(self)
+            return
+        self.reading = True
+        receiver.loop.add_reader(self.fd, self._readable)
+
+    def _pause(self) -> None:
+        if self.reading:
+            self.reading = False
+            self.receiver.loop.remove_reader(self.fd)
+
+    def _readable(self) -> None:
+        receiver = self.receiver
+        if receiver._at_limit():
+            # --max-connections: stop reading, as accepting stops.
+            self._pause()
+            receiver._paused.add(self)
+            return
+        if not receiver._reserve.held and not receiver._reserve.refill():
+            self._pause()  # at the fd limit: the handoffs wait in the kernel
+            self.retry = receiver.loop.call_later(ACCEPT_BACKOFF, self.resume)
+            return
+        try:
+            got = receiver.read_once(self.conn, self.assembly)
+            # One read can finish several handoffs (a burst on a channel).
+            while isinstance(got, tuple):
+                receiver._start_one(self.conn, *got)
+                got = self.assembly.next()
+        except (FdPassError, ProtocolError, OSError) as exc:
+            receiver.read_failed(exc)
+            self.close()
+            return
+        if got is not NEED_DATA:  # CLOSED: the sender is done with it
+            self.close()
+
+    def close(self) -> None:
+        """Stop reading, close the fds of unfinished handoffs and the connection."""
+        receiver = self.receiver
+        receiver._persistent.discard(self)
+        receiver._paused.discard(self)
+        if self.retry is not None:
+            self.retry.cancel()
+            self.retry = None
+        if self.fd < 0:
+            return
+        self._pause()
+        self.assembly.close()
+        receiver._finish_conn(self.conn)
+        self.fd = -1
 
 
 def _reject(sock: socket.socket, status: int, cgi: bool) -> None:
