@@ -303,13 +303,13 @@ class Receiver:
             self.metrics.inc("handoff_errors_total", reason="timeout")
             return None
         except (FdPassError, ProtocolError, OSError) as exc:
-            self.read_failed(exc)
+            self._read_failed(exc)
             return None
         if got is None:
             log.info("UNIX connection closed without a handoff")
         return got
 
-    def read_failed(self, exc: Exception) -> None:
+    def _read_failed(self, exc: Exception) -> None:
         """Log and count a UNIX connection that delivered no usable handoff."""
         if isinstance(exc, FdPassError | ProtocolError):
             log.warning("invalid handoff: %s", exc)
@@ -333,13 +333,13 @@ class Receiver:
                 await aio.wait_readable(conn)
                 while not self._reserve.held and not self._reserve.refill():
                     await asyncio.sleep(ACCEPT_BACKOFF)  # at the limit: wait for an fd
-                got = self.read_once(conn, assembly)
+                got = self._read_once(conn, assembly)
         except BaseException:
             assembly.close()
             raise
         return got if isinstance(got, tuple) else None
 
-    def read_once(
+    def _read_once(
         self, conn: socket.socket, assembly: fdpass.Assembly
     ) -> tuple[HandoffRecord, socket.socket] | Signal:
         """One ``recvmsg`` fed to ``assembly``; the spare fd must be held.
@@ -572,13 +572,13 @@ class Persistent:
             self.retry = receiver.loop.call_later(ACCEPT_BACKOFF, self.resume)
             return
         try:
-            got = receiver.read_once(self.conn, self.assembly)
+            got = receiver._read_once(self.conn, self.assembly)
             # One read can finish several handoffs (a burst on a channel).
             while isinstance(got, tuple):
                 receiver._start_one(self.conn, *got)
                 got = self.assembly.next()
         except (FdPassError, ProtocolError, OSError) as exc:
-            receiver.read_failed(exc)
+            receiver._read_failed(exc)
             self.close()
             return
         if got is not NEED_DATA:  # CLOSED: the sender is done with it
