@@ -166,6 +166,17 @@ def test_sigterm_stops_taking_handoffs_and_lets_streams_finish(tmp_path: Path) -
     assert b"tick 49" in rest  # the stream finished within the grace period
 
 
+def test_sigterm_during_startup_removes_the_socket_files(tmp_path: Path) -> None:
+    # The socket is bound before the handler's startup() runs; a SIGTERM in
+    # between (a supervisor dying) must still leave no socket file behind.
+    path = str(tmp_path / "r.sock")
+    with serve_process("test_receiver_support:slow_start", [f"unix:{path}"]) as proc:
+        assert _stop(proc) == 0
+        log = output_of(proc)
+    assert not os.path.exists(path), log
+    assert "before the receiver was serving" in log
+
+
 def test_streams_are_closed_after_the_grace_period(tmp_path: Path) -> None:
     path = str(tmp_path / "r.sock")
     ws_path = str(tmp_path / "w.sock")

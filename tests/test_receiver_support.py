@@ -514,3 +514,19 @@ async def crash_on_path(handoff: Handoff) -> None:
     if handoff.path == "/crash":
         os._exit(3)
     await handoff.respond(200, [], f"pid {os.getpid()}\n".encode())
+
+
+class SlowStart:
+    """A handler whose startup() takes far longer than any test waits."""
+
+    async def startup(self) -> None:
+        await asyncio.sleep(60)
+
+    async def shutdown(self) -> None:
+        pass
+
+    async def __call__(self, handoff: Handoff) -> None:
+        await echo(handoff)
+
+
+slow_start = SlowStart()

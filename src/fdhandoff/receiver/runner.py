@@ -13,7 +13,9 @@ import importlib
 import inspect
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -109,6 +111,7 @@ def run(
     if not binds:
         raise ConfigError("give at least one --bind")
     listeners: list[Listener] = []
+    previous = _exit_on_sigterm()
     try:
         for bind in binds:
             spec = bind if isinstance(bind, Bind) else Bind.parse(bind)
@@ -133,6 +136,28 @@ def run(
     finally:
         for listener in listeners:
             close_listener(listener)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm() -> signal.Handlers | Callable[..., Any] | int | None:
+    """Make a SIGTERM before the engine installs its own handler a clean exit.
+
+    Between binding and the event loop's handler (loading the loop, an ASGI
+    lifespan startup) the default action would kill the process and leave its
+    socket files behind; a supervisor dying then (PR_SET_PDEATHSIG) does just
+    that.  SystemExit unwinds through ``run``'s ``finally``, which removes them;
+    asyncio lets SystemExit out of a task rather than logging it.  Only the
+    main thread can set a handler: elsewhere the caller owns signals.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum: int, _frame: object) -> None:
+        log.info("SIGTERM before the receiver was serving: stopping")
+        raise SystemExit(0)
+
+    return signal.signal(signal.SIGTERM, stop)
 
 
 def _for_worker(options: Options, slot: int) -> Options:
