@@ -133,6 +133,9 @@ def run(
                 close_listener(listener)
 
         return supervise(workers, worker, options.grace, stop_listening)
+    except _Terminated:
+        log.info("SIGTERM before the receiver was serving: stopped")
+        return 0
     finally:
         for listener in listeners:
             close_listener(listener)
@@ -140,22 +143,27 @@ def run(
             signal.signal(signal.SIGTERM, previous)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM before the engine serves.  A KeyboardInterrupt, because asyncio
+    (and uvloop) let that out of every task and callback, as for Ctrl-C,
+    instead of logging it and carrying on."""
+
+
 def _exit_on_sigterm() -> signal.Handlers | Callable[..., Any] | int | None:
-    """Make a SIGTERM before the engine installs its own handler a clean exit.
+    """Make a SIGTERM before the engine installs its own handler a clean stop.
 
     Between binding and the event loop's handler (loading the loop, an ASGI
     lifespan startup) the default action would kill the process and leave its
     socket files behind; a supervisor dying then (PR_SET_PDEATHSIG) does just
-    that.  SystemExit unwinds through ``run``'s ``finally``, which removes them;
-    asyncio lets SystemExit out of a task rather than logging it.  Only the
-    main thread can set a handler: elsewhere the caller owns signals.
+    that.  :class:`_Terminated` unwinds through ``run``'s ``finally``, which
+    removes them.  Only the main thread can set a handler: elsewhere the
+    caller owns signals.
     """
     if threading.current_thread() is not threading.main_thread():
         return None
 
     def stop(signum: int, _frame: object) -> None:
-        log.info("SIGTERM before the receiver was serving: stopping")
-        raise SystemExit(0)
+        raise _Terminated
 
     return signal.signal(signal.SIGTERM, stop)
 
