@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import socket
 import threading
 import time
@@ -17,6 +18,7 @@ from test_receiver_support import (
     MarkerSender,
     ReceiverThread,
     dechunk,
+    echo,
     front_headers,
     read_all,
     read_until,
@@ -405,3 +407,55 @@ def test_channels_off_takes_one_handoff_and_closes(tmp_path: Path, no_fd_leak: N
         assert conn.recv(1) == b""  # closed, no ACK
         assert read_until(client, b"\r\n\r\n").startswith(b"HTTP/1.1 200 OK")
         client.close()
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_channel_closed_with_acknowledgements_unread_is_let_go_cleanly(
+    tmp_path: Path, loop: str, no_fd_leak: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A sender that stops reading its acknowledgements fills the channel's
+    buffer (one ACK byte per handoff); the receiver then waits to write the
+    rest.  When the sender closes, that wait ends with the channel: nothing
+    fires on the closed fd, and other handoffs are still served."""
+    from fdhandoff import fdpass, scgi  # noqa: PLC0415
+
+    path = str(tmp_path / "r.sock")
+    message = scgi.encode(front_headers("GET", "/hello", HANDOFF_CHANNEL="1"))
+    with ReceiverThread(echo, [Bind(path)], loop=loop):
+        with socket.socket(socket.AF_UNIX) as conn:
+            conn.connect(path)
+            conn.settimeout(10)
+            # One handoff at a time: one acknowledgement write each, until
+            # the send buffer is full (a few hundred 1-byte writes).
+            for _ in range(1500):
+                client, server_side = socket.socketpair()
+                fdpass.send_fd(conn, message, server_side.fileno())
+                server_side.close()
+                client.settimeout(10)
+                assert read_all(client).startswith(b"HTTP/1.1 200 OK")
+                client.close()
+            assert unread_by(conn) == 0  # the receiver read every handoff
+        time.sleep(0.3)  # the receiver sees the close
+        assert _get_hello(path).startswith(b"HTTP/1.1 200 OK")
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], [r.getMessage() for r in errors]
+
+
+def _get_hello(path: str) -> bytes:
+    client, server_side = tcp_pair()
+    send_scgi(path, front_headers("GET", "/hello"), server_side)
+    try:
+        return read_all(client)
+    finally:
+        client.close()
+
+
+def unread_by(conn: socket.socket) -> int:
+    """Bytes we sent on ``conn`` that the peer has not read (SIOCOUTQ, unix(7))."""
+    import array  # noqa: PLC0415
+    import fcntl  # noqa: PLC0415
+    import termios  # noqa: PLC0415
+
+    count = array.array("i", [0])
+    fcntl.ioctl(conn.fileno(), termios.TIOCOUTQ, count)
+    return count[0]

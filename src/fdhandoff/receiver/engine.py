@@ -99,6 +99,9 @@ class Receiver:
         self._paused: set[Persistent] = set()
         #: Channel acknowledgements not written yet, per UNIX connection.
         self._acks: dict[socket.socket, int] = {}
+        #: Channels with a writer registered: their sender stopped reading
+        #: its acknowledgements, the rest go out when it reads again.
+        self._ack_blocked: set[socket.socket] = set()
         self._ack_flush: asyncio.Handle | None = None
         self._reserve = FdReserve()
         #: New UNIX connections whose handoff is still being read.
@@ -241,7 +244,11 @@ class Receiver:
     def _finish_conn(self, conn: socket.socket) -> None:
         """Write the acknowledgements still owed, then close the UNIX connection."""
         self._flush_acks(conn)
-        if self._acks.pop(conn, 0):  # the sender stopped reading: give up
+        self._acks.pop(conn, None)  # the sender stopped reading: give up
+        if conn in self._ack_blocked:
+            # Before the close: a writer left on a closed fd would fire with
+            # fileno() -1 (or on whatever reuses the number).
+            self._ack_blocked.discard(conn)
             self.loop.remove_writer(conn.fileno())
         conn.close()
 
@@ -263,8 +270,10 @@ class Receiver:
 
     def _flush_all_acks(self) -> None:
         self._ack_flush = None
+        blocked = self._ack_blocked
         for conn in list(self._acks):
-            self._flush_acks(conn)
+            if conn not in blocked:  # else its writer flushes it
+                self._flush_acks(conn)
 
     def _flush_acks(self, conn: socket.socket) -> None:
         count = self._acks.pop(conn, 0)
@@ -281,9 +290,12 @@ class Receiver:
             # The sender is not reading its acknowledgements (hundreds of KiB
             # of them): finish when it does.
             self._acks[conn] = count - sent
-            self.loop.add_writer(conn.fileno(), self._on_ack_writable, conn)
+            if conn not in self._ack_blocked:
+                self._ack_blocked.add(conn)
+                self.loop.add_writer(conn.fileno(), self._on_ack_writable, conn)
 
     def _on_ack_writable(self, conn: socket.socket) -> None:
+        self._ack_blocked.discard(conn)
         self.loop.remove_writer(conn.fileno())
         self._flush_acks(conn)
 
