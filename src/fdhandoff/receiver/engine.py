@@ -323,6 +323,12 @@ class Receiver:
 
     def _read_failed(self, exc: Exception) -> None:
         """Log and count a UNIX connection that delivered no usable handoff."""
+        if isinstance(exc, ConnectionResetError):
+            # Only a channel sees this: the sender closed with acknowledgement
+            # bytes of ours unread (unix(7)), as a front does when it stops.
+            # A close, not an error; a handoff cut short is closed with it.
+            log.info("sender closed the channel with acknowledgements unread")
+            return
         if isinstance(exc, FdPassError | ProtocolError):
             log.warning("invalid handoff: %s", exc)
             self.metrics.inc("handoff_errors_total", reason="invalid")
@@ -532,7 +538,7 @@ class Receiver:
                 item._abort("closed at shutdown")
             elif not isinstance(item, Handoff):
                 item.close()  # its task was cancelled before it could
-        self._reserve.release()
+        self._reserve.close()
 
 
 class Persistent:
