@@ -10,6 +10,7 @@ from fdhandoff.errors import ProtocolError
 from fdhandoff.httphead import (
     ChunkedReader,
     HeadLimits,
+    empty_lines_end,
     find_head_end,
     incomplete_head_error,
     parse_head,
@@ -272,3 +273,226 @@ def test_fuzz_headers_round_trip(headers: list[tuple[bytes, bytes]]) -> None:
         assert exc.status_hint == 400  # Host missing, repeated or malformed
         return
     assert list(head.headers) == headers
+
+
+# --- conformance: RFC 9112 details llhttp is lenient about ---------------------------------
+
+
+def head_end_like_the_front(buf: bytes) -> int:
+    """Where the front takes the head to end in ``buf`` (server._absorb's search)."""
+    start = empty_lines_end(buf) if buf[:1] == b"\r" else 0
+    found = buf.find(b"\r\n\r\n", start)
+    return -1 if found < 0 else found + 4
+
+
+def judged_in_pieces(data: bytes, limits: HeadLimits | None = None) -> list[int]:
+    """The status for ``data`` arriving whole, and split at every point, as the front
+    reads it: each incomplete prefix judged by incomplete_head_error, the head
+    parsed once its end is found.  ``0`` means parsed fine."""
+    limits = limits or HeadLimits()
+    results = []
+    for split in range(len(data) + 1):
+        pieces = [data[:split], data] if split else [data]
+        outcome = None
+        for seen in pieces:
+            end = head_end_like_the_front(seen)
+            if end < 0:
+                error = incomplete_head_error(seen, limits)
+                if error is not None:
+                    outcome = error.status_hint
+                    break
+                continue
+            try:
+                parse_head(seen[:end], limits, http10=True)
+                outcome = 0
+            except ProtocolError as exc:
+                outcome = exc.status_hint
+            break
+        results.append(-1 if outcome is None else outcome)
+    return results
+
+
+@pytest.mark.parametrize("blank", [b"\r\n", b"\r\n\r\n", b"\r\n" * 5])
+def test_empty_lines_before_the_request_line_are_skipped(blank: bytes) -> None:
+    # RFC 9112 §2.2: a server SHOULD ignore at least one empty line before the
+    # request line.  CRLF CRLF there is not the end of an empty head.
+    data = blank + b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n"
+    assert empty_lines_end(data) == len(blank)
+    assert head_end_like_the_front(data + b"BODY") == len(data)
+    head = parse_head(data)
+    assert (head.method, head.target, head.host, head.size) == (b"GET", b"/a", b"a", len(data))
+    assert set(judged_in_pieces(data)) == {0}
+
+
+def test_empty_lines_do_not_hide_a_long_request_line() -> None:
+    limits = HeadLimits(max_head_size=1024, max_uri_length=100)
+    data = b"\r\nGET /" + b"a" * 150 + b" HTTP/1.1\r\nHost: a\r\n\r\n"
+    assert status_of(data, limits) == 414
+    error = incomplete_head_error(data[:140], limits)  # not ended yet, already too long
+    assert error is not None and error.status_hint == 414
+    assert set(judged_in_pieces(data, limits)) == {414}
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\nGET /a HTTP/1.1\r\nHost: a\r\n\r\n",  # bare LF "empty line"
+        b"\r\n\nGET /a HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"\rGET /a HTTP/1.1\r\nHost: a\r\n\r\n",  # bare CR
+    ],
+)
+def test_bare_cr_or_lf_before_the_request_line_is_refused(data: bytes) -> None:
+    # llhttp skips them; a bare LF is refused everywhere else, whole or in pieces.
+    assert status_of(data) == 400
+    assert set(judged_in_pieces(data)) == {400}
+
+
+@pytest.mark.parametrize(
+    ("line", "status"),
+    [
+        (b"GET  /a HTTP/1.1", 400),  # RFC 9112 §3: single SP between the parts
+        (b"GET /a  HTTP/1.1", 400),
+        (b"GET /a HTTP/1.2", 0),  # RFC 9110 §6.2: a higher minor version is read as 1.1
+        (b"GET /a HTTP/1.9", 0),
+        (b"GET /a HTTP/2.0", 505),  # RFC 9110 §15.6.6: another major version
+        (b"GET /a HTTP/3.0", 505),
+        (b"GET /a HTTP/9.9", 505),
+        (b"GET /a HTTP/0.9", 505),
+        (b"GET /a HTTP/0.8", 505),
+        (b"GET /a HTTP/11", 400),  # malformed, not another version
+        (b"GET /a HTTP/1.10", 400),
+        (b"GET /a http/1.1", 400),
+        (b"GET /a HTTP/1.1 ", 400),
+        (b"GET  /a HTTP/1.2", 400),
+    ],
+)
+def test_request_line_spacing_and_versions(line: bytes, status: int) -> None:
+    data = line + b"\r\nHost: a\r\n\r\n"
+    if status:
+        assert status_of(data) == status
+    else:
+        head = parse_head(data)
+        assert (head.version, head.target, head.size) == (b"1.1", b"/a", len(data))
+    assert set(judged_in_pieces(data)) == {status}
+
+
+def test_http_1_2_with_a_bad_header_is_still_refused() -> None:
+    assert status_of(b"GET /a HTTP/1.2\r\nHost: a\r\nBad Name: x\r\n\r\n") == 400
+
+
+def test_http_1_0_only_when_the_caller_accepts_it() -> None:
+    data = b"GET /a HTTP/1.0\r\n\r\n"
+    assert status_of(data) == 505  # the default: callers that answer in 1.1 only
+    head = parse_head(data, http10=True)
+    assert (head.version, head.host, head.port) == (b"1.0", b"", b"")  # Host optional
+    with_host = parse_head(b"GET /a HTTP/1.0\r\nHost: A:81\r\n\r\n", http10=True)
+    assert (with_host.host, with_host.port) == (b"a", b"81")
+    absolute = parse_head(b"GET http://b:82/x HTTP/1.0\r\n\r\n", http10=True)
+    assert (absolute.host, absolute.target) == (b"b", b"/x")
+    assert absolute.values(b"host") == [b"b:82"]  # the receiver learns the host too
+    # RFC 9110 §7.8: Upgrade in an HTTP/1.0 request is ignored.
+    upgrade = b"GET /a HTTP/1.0\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+    assert not parse_head(upgrade, http10=True).upgrade
+    for bad in (
+        b"GET /a HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n",
+        # RFC 9112 §6.1: Transfer-Encoding in HTTP/1.0 is faulty framing.
+        b"POST /a HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+    ):
+        with pytest.raises(ProtocolError) as info:
+            parse_head(bad, http10=True)
+        assert info.value.status_hint == 400
+
+
+@pytest.mark.parametrize(
+    ("header", "value"),
+    [
+        (b"Host: a \r\n", b"a"),
+        (b"Host: a\t \r\n", b"a"),
+        (b"Host:\ta\t\r\n", b"a"),
+    ],
+)
+def test_whitespace_around_a_value_is_not_part_of_it(header: bytes, value: bytes) -> None:
+    # RFC 9112 §5.1: OWS before and after a field value is excluded; llhttp
+    # only drops it before.
+    data = b"POST /a HTTP/1.1\r\n" + header + b"Content-Length: 12 \r\nX-A:  b c  \r\n\r\n"
+    head = parse_head(data)
+    assert head.host == value and head.values(b"host") == [value]
+    assert head.values(b"content-length") == [b"12"] and head.content_length == 12
+    assert head.values(b"x-a") == [b"b c"]  # inner whitespace stays
+    assert set(judged_in_pieces(data)) == {0}
+
+
+def test_transfer_encoding_value_case_and_whitespace() -> None:
+    for value in (b"chunked", b"CHUNKED", b"Chunked ", b"\tchunked  "):
+        head = parse_head(
+            b"POST /a HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: " + value + b"\r\n\r\n"
+        )
+        assert head.chunked
+        assert head.values(b"transfer-encoding")[0].strip(b", ").lower() == b"chunked"
+
+
+@pytest.mark.parametrize(
+    ("te", "status"),
+    [
+        (b"Transfer-Encoding: gzip, chunked\r\n", 501),  # RFC 9112 §6.1: not understood
+        (b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n", 501),
+        (b"Transfer-Encoding: identity, chunked\r\n", 501),
+        (b"Transfer-Encoding: chunked, chunked\r\n", 400),
+        (b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n", 400),
+        (b"Transfer-Encoding: chunked, gzip\r\n", 400),  # RFC 9112 §6.3: final not chunked
+        (b"Transfer-Encoding: chunked;a=b\r\n", 400),
+        (b"Transfer-Encoding: xchunked\r\n", 400),
+        (b"Transfer-Encoding: \r\n", 400),
+    ],
+)
+def test_transfer_codings_other_than_chunked(te: bytes, status: int) -> None:
+    data = b"POST /a HTTP/1.1\r\nHost: a\r\n" + te + b"\r\n"
+    assert status_of(data) == status
+    assert set(judged_in_pieces(data)) == {status}
+
+
+@pytest.mark.parametrize(
+    "cl",
+    [b"5, 5", b"5, 6", b"-5", b"+5", b" ", b"5 5", b"0x5", b"5.0", b"18446744073709551616"],
+)
+def test_content_length_values_refused(cl: bytes) -> None:
+    data = b"POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: " + cl + b"\r\n\r\n"
+    assert status_of(data) == 400
+
+
+def test_absolute_form_ip_literal_keeps_its_brackets() -> None:
+    head = parse_head(b"GET http://[::1]:8080/x HTTP/1.1\r\nHost: other\r\n\r\n")
+    # The same host as a Host header "[::1]:8080" gives, for routing and SERVER_NAME.
+    assert (head.host, head.port) == split_host(b"[::1]:8080") == (b"[::1]", b"8080")
+    assert head.values(b"host") == [b"[::1]:8080"]
+    assert parse_head(b"GET http://[::1]/ HTTP/1.1\r\nHost: o\r\n\r\n").values(b"host") == [
+        b"[::1]"
+    ]
+
+
+def test_host_percent_encoding_must_be_well_formed() -> None:
+    assert split_host(b"a%2Db") == (b"a%2db", b"")
+    for bad in (b"a%zz", b"a%2", b"%"):
+        with pytest.raises(ProtocolError):
+            split_host(bad)
+
+
+@pytest.mark.parametrize(
+    ("line", "status"),
+    [
+        (b"OPTIONS * HTTP/1.1", 0),  # asterisk-form: OPTIONS only (RFC 9112 §3.2.4)
+        (b"GET * HTTP/1.1", 400),
+        (b"GET a:443 HTTP/1.1", 400),  # authority-form: CONNECT only (RFC 9112 §3.2.3)
+        (b"CONNECT a:443 HTTP/1.1", 501),
+        (b"GET ftp://a/ HTTP/1.1", 400),
+        (b"GET http://u@a/ HTTP/1.1", 400),
+        (b"G\x01T / HTTP/1.1", 400),  # a method is a token
+        (b"BREW / HTTP/1.1", 501),
+    ],
+)
+def test_request_target_forms(line: bytes, status: int) -> None:
+    data = line + b"\r\nHost: a:443\r\n\r\n"
+    if status:
+        assert status_of(data) == status
+    else:
+        assert parse_head(data).path == b"*"

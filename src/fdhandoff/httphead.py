@@ -9,7 +9,10 @@ repeated ``Content-Length``, ``Content-Length`` together with
 ``Transfer-Encoding`` and invalid header-name characters are all refused).
 This module adds what llhttp leaves to the server: size limits with their own
 statuses, the ``Host`` rules of RFC 9112 §3.2, the request-target forms of
-§3.2, and the HTTP-version decision.
+§3.2, the HTTP-version decision, and the few places where llhttp is more
+lenient than RFC 9112 (several spaces between the request-line parts, a bare
+CR or LF before the request line, whitespace after a field value, transfer
+codings other than ``chunked``).
 
 Every error is a :class:`~fdhandoff.errors.ProtocolError` whose
 ``status_hint`` is the answer to give (see docs/security.md):
@@ -19,8 +22,9 @@ Every error is a :class:`~fdhandoff.errors.ProtocolError` whose
 408    (the caller's timeout, not raised here)
 414    request line longer than ``max_uri_length``
 431    head larger than ``max_head_size`` or too many header lines
-501    method unknown to llhttp (a valid token, but not one we implement)
-505    any HTTP version but 1.1
+501    method unknown to llhttp (a valid token, but not one we implement),
+       a transfer coding other than ``chunked``
+505    HTTP/0.9, 2 and higher; HTTP/1.0 unless the caller accepts it
 =====  ==========================================================
 
 Bytes in, values out: no sockets, no asyncio.
@@ -48,6 +52,7 @@ __all__ = [
     "HeadLimits",
     "RequestHead",
     "ResponseHead",
+    "empty_lines_end",
     "find_head_end",
     "incomplete_head_error",
     "is_token",
@@ -82,6 +87,21 @@ MAX_CHUNK_LINE: Final = 4096
 
 #: The end of every head (RFC 9112 §2.1: CRLF after the last field line).
 HEAD_END: Final = b"\r\n\r\n"
+
+#: Empty lines a client may send before the request line (RFC 9112 §2.2: a
+#: server SHOULD ignore at least one).  Any number is skipped, all counting
+#: towards ``max_head_size``; only CRLF ones, as bare LF is refused everywhere.
+_EMPTY_LINES: Final = re.compile(rb"(?:\r\n)*")
+
+#: The HTTP/2 connection preface (RFC 9113 §3.4), answered 505.
+_H2_PREFACE: Final = b"PRI * HTTP/2.0\r\n"
+
+#: A request line whose version is well formed, whatever its numbers
+#: (RFC 9112 §2.3: HTTP-version = "HTTP/" DIGIT "." DIGIT).
+_VERSIONED_LINE: Final = re.compile(rb"[^ ]+ [^ ]+ HTTP/([0-9])\.([0-9])")
+
+#: The versions llhttp knows; any other well-formed one makes it fail.
+_LLHTTP_VERSIONS: Final = frozenset(((0, 9), (1, 0), (1, 1), (2, 0)))
 
 _TOKEN_CHARS: Final = frozenset(
     b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -180,6 +200,18 @@ def find_head_end(buf: bytes | bytearray, start: int = 0, end: int | None = None
     return -1 if found < 0 else found + 4
 
 
+def empty_lines_end(buf: bytes | bytearray) -> int:
+    """Index just past the CRLF empty lines that precede the request line (RFC 9112 §2.2).
+
+    0 for a buffer that starts with anything else.  A caller looking for the
+    end of the head searches from there, so ``CRLF CRLF`` sent before the
+    request line is not taken for the end of an empty head.
+    """
+    match = _EMPTY_LINES.match(buf)
+    assert match is not None  # (?:...)* matches the empty string
+    return match.end()
+
+
 def incomplete_head_error(
     buf: bytes | bytearray, limits: HeadLimits = DEFAULT_LIMITS
 ) -> ProtocolError | None:
@@ -188,12 +220,17 @@ def incomplete_head_error(
     Catches early what can already be judged: a bare LF (400), a request line
     already longer than the URI limit (414), and a head that has reached the
     size limit without ending (414 if its request line did not end either,
-    else 431).
+    else 431).  Empty lines before the request line are not the request line.
     """
-    line_end = buf.find(b"\r\n")
+    start = empty_lines_end(buf) if buf[:1] == b"\r" else 0
+    line_end = buf.find(b"\r\n", start)
     if buf.count(b"\n") != buf.count(b"\r\n"):
         return ProtocolError("line ends with a bare LF, not CRLF (RFC 9112 §2.2)")
-    if (line_end < 0 and len(buf) > limits.max_uri_length) or line_end > limits.max_uri_length:
+    if line_end >= 0:
+        line_end -= start
+    if (line_end < 0 and len(buf) - start > limits.max_uri_length) or (
+        line_end > limits.max_uri_length
+    ):
         return ProtocolError(
             f"request line longer than {limits.max_uri_length} bytes", status_hint=414
         )
@@ -244,30 +281,68 @@ class _Collector:
         self.complete = True
 
 
-def parse_head(head: bytes, limits: HeadLimits = DEFAULT_LIMITS) -> RequestHead:
+class _TrimmingCollector(_Collector):
+    """For heads with whitespace before a line's CRLF (found by one scan of the head).
+
+    RFC 9112 §5.1: the OWS around a field value is not part of it.  llhttp
+    drops it before the value but keeps it after, so ``Host: a `` would be a
+    malformed host and ``Transfer-Encoding: chunked `` would reach a receiver
+    that may not recognise it.  A subclass, so heads without such whitespace
+    (nearly all) pay nothing per header.
+    """
+
+    __slots__ = ()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        _Collector.on_header(self, name, value.rstrip(b" \t"))
+
+
+def parse_head(
+    head: bytes, limits: HeadLimits = DEFAULT_LIMITS, *, http10: bool = False
+) -> RequestHead:
     """Parse one complete request head (ending with CRLF CRLF).
+
+    CRLF empty lines before the request line are skipped (RFC 9112 §2.2).
+    ``http10``: accept HTTP/1.0 requests (``version`` ``b"1.0"``, ``Host``
+    optional); a caller that would answer them in HTTP/1.1 leaves it off and
+    they are 505.  HTTP/1.2 to 1.9 are read as 1.1 (RFC 9110 §6.2).
 
     Raises :class:`ProtocolError` with the status to answer (module docstring).
     """
-    if len(head) > limits.max_head_size:
+    size = len(head)
+    if size > limits.max_head_size:
         raise ProtocolError(
             f"request head larger than {limits.max_head_size} bytes", status_hint=431
         )
-    line_end = head.find(b"\r\n")
-    if line_end > limits.max_uri_length:
+    start = 0
+    first = head[:1]
+    if first in {b"\r", b"\n"}:
+        start = empty_lines_end(head)
+        if head[start : start + 1] in {b"\r", b"\n"}:
+            # llhttp skips a bare CR or LF here too; we refuse bare line ends
+            # everywhere (find_head_end), so a head is judged the same
+            # whether it arrived whole or in pieces.
+            raise ProtocolError("bare CR or LF before the request line (RFC 9112 §2.2)")
+    line_end = head.find(b"\r\n", start)
+    if line_end - start > limits.max_uri_length:
         raise ProtocolError(
             f"request line longer than {limits.max_uri_length} bytes", status_hint=414
         )
-    if head.startswith(b"PRI * HTTP/2.0\r\n"):  # the HTTP/2 connection preface (RFC 9113 §3.4)
+    if head.startswith(_H2_PREFACE, start):
         raise ProtocolError("HTTP/2 is not supported, only HTTP/1.1", status_hint=505)
-    collector = _Collector()
+    # One scan of the head instead of a strip per header (_TrimmingCollector).
+    if b" \r\n" in head or b"\t\r\n" in head:
+        collector: _Collector = _TrimmingCollector()
+    else:
+        collector = _Collector()
     parser = httptools.HttpRequestParser(collector)
     try:
         parser.feed_data(head)
     except httptools.HttpParserUpgrade:
         pass  # Upgrade or CONNECT: llhttp stops after the head, which is all we feed
     except httptools.HttpParserInvalidMethodError:
-        method = head[: head.find(b" ")] if b" " in head[:line_end] else b""
+        space = head.find(b" ", start, line_end)
+        method = head[start:space] if space >= 0 else b""
         if is_token(method):
             # RFC 9110 §9.1: an unrecognised method is answered with 501.
             raise ProtocolError(
@@ -275,18 +350,56 @@ def parse_head(head: bytes, limits: HeadLimits = DEFAULT_LIMITS) -> RequestHead:
             ) from None
         raise ProtocolError("malformed request line: the method is not a token") from None
     except httptools.HttpParserError as exc:
+        patched = _other_version(head, start, line_end)
+        if patched is not None:
+            return parse_head(patched, limits, http10=http10)
         raise _parser_error(exc) from None
     if not collector.complete:
         raise ProtocolError("request head is empty or incomplete")
     if len(collector.headers) > limits.max_headers:
         raise ProtocolError(f"more than {limits.max_headers} header lines", status_hint=431)
     version = parser.get_http_version()
-    if version != "1.1":
-        # nginx fd_pass answers 505 to anything but HTTP/1.1, and so do we:
-        # receivers are written for 1.1 (chunked responses, Upgrade, Host),
-        # which an HTTP/1.0 client cannot take (docs/front.md).
+    if version != "1.1" and (version != "1.0" or not http10):
+        # HTTP/0.9 has no head to hand off and HTTP/2 is another protocol
+        # (RFC 9110 §15.6.6: 505 for a major version we do not support).
+        # HTTP/1.0 is refused only for callers that cannot answer it.
         raise ProtocolError(f"HTTP/{version} is not supported, only HTTP/1.1", status_hint=505)
-    return _build(collector, parser.get_method(), b"1.1", parser.should_upgrade(), len(head))
+    method = parser.get_method()
+    # RFC 9112 §3: method SP request-target SP HTTP-version, single spaces.
+    # llhttp takes runs of spaces; recipients MAY, but a strict front and a
+    # lenient one behind it would disagree on what the target was.  Lengths
+    # say it without another scan ("HTTP/1.1" and the two spaces are 10).
+    if line_end - start != len(method) + len(collector.url) + 10:
+        raise ProtocolError(
+            "malformed request line: parts not separated by single spaces (RFC 9112 §3)"
+        )
+    if version == "1.1":
+        return _build(collector, method, b"1.1", parser.should_upgrade(), size)
+    # RFC 9110 §7.8: a server MUST ignore Upgrade in an HTTP/1.0 request.
+    return _build(collector, method, b"1.0", False, size)
+
+
+def _other_version(head: bytes, start: int, line_end: int) -> bytes | None:
+    """``head`` read as HTTP/1.1 if it is HTTP/1.2 to 1.9, else None; 505 for 2 and above.
+
+    Called once llhttp failed, which it does on every version it does not
+    know.  RFC 9110 §6.2: a higher minor version of a major version we
+    implement SHOULD be processed as the highest minor we implement; RFC 9110
+    §15.6.6: 505 for a major version we do not support.  Anything else
+    (``HTTP/11``, ``FOO/1.1``) is a malformed request line: None, and 400.
+    """
+    match = _VERSIONED_LINE.fullmatch(head, start, line_end)
+    if match is None:
+        return None
+    major, minor = int(match[1]), int(match[2])
+    if (major, minor) in _LLHTTP_VERSIONS:
+        return None  # llhttp knew the version: the error is elsewhere
+    if major != 1:
+        raise ProtocolError(
+            f"HTTP/{major}.{minor} is not supported, only HTTP/1.1", status_hint=505
+        )
+    # Same length: the minor digit is the request line's last byte.
+    return head[: line_end - 1] + b"1" + head[line_end:]
 
 
 def _parser_error(exc: Exception) -> ProtocolError:
@@ -304,12 +417,15 @@ def _build(
     if b"#" in target:
         raise ProtocolError("request-target contains a fragment ('#'), RFC 9112 §3.2")
     hosts = collector.hosts
-    if len(hosts) != 1:
-        # RFC 9112 §3.2: exactly one Host, or 400.
+    if len(hosts) != 1 and (hosts or version == b"1.1"):
+        # RFC 9112 §3.2: exactly one Host in HTTP/1.1, or 400; at most one in
+        # HTTP/1.0, which did not require it.
         raise ProtocolError("missing Host header" if not hosts else "more than one Host header")
+    if collector.te:
+        _check_transfer_coding(collector.headers, version)
     if target[:1] == b"/":
         path, _, query = target.partition(b"?")
-        host, port = split_host(hosts[0])
+        host, port = split_host(hosts[0]) if hosts else (b"", b"")
     elif target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
         path, query, host, port = _absolute_form(target)
         # RFC 9112 §3.2.2: the target's authority replaces Host, so nothing
@@ -317,13 +433,16 @@ def _build(
         # the target becomes origin-form, as nginx's $request_uri is.
         target = path + b"?" + query if query else path
         authority = host + b":" + port if port else host
-        collector.headers = [
-            (name, authority if name.lower() == b"host" else value)
-            for name, value in collector.headers
-        ]
+        if hosts:
+            collector.headers = [
+                (name, authority if name.lower() == b"host" else value)
+                for name, value in collector.headers
+            ]
+        else:  # HTTP/1.0 without Host: the receiver still learns the host
+            collector.headers.append((b"Host", authority))
     elif target == b"*" and method == b"OPTIONS":
         path, query = b"*", b""
-        host, port = split_host(hosts[0])
+        host, port = split_host(hosts[0]) if hosts else (b"", b"")
     else:
         raise ProtocolError(f"request-target {target[:64]!r} is not origin- or absolute-form")
     length = collector.content_length
@@ -343,6 +462,35 @@ def _build(
     )
 
 
+def _check_transfer_coding(headers: list[tuple[bytes, bytes]], version: bytes) -> None:
+    """Refuse what llhttp lets through in ``Transfer-Encoding`` (rare: not on the hot path).
+
+    llhttp has already refused a final coding other than ``chunked``,
+    ``chunked`` twice and ``Transfer-Encoding`` with ``Content-Length``.
+    """
+    if version != b"1.1":
+        # RFC 9112 §6.1: an HTTP/1.0 message with Transfer-Encoding has faulty
+        # framing; the connection must close after it, which a handoff cannot
+        # promise, so the request is refused instead.
+        raise ProtocolError("Transfer-Encoding in an HTTP/1.0 request (RFC 9112 §6.1)")
+    codings = [
+        coding.strip(b" \t").lower()
+        for name, value in headers
+        if len(name) == 17 and name.lower() == b"transfer-encoding"
+        for coding in value.split(b",")
+    ]
+    # RFC 9110 §5.6.1: empty list elements are ignored.
+    for coding in codings:
+        if coding and coding != b"chunked":
+            # RFC 9112 §6.1: a transfer coding the server does not understand
+            # SHOULD be 501.  Receivers only remove chunked: a gzip coding
+            # would reach the application as its body.
+            raise ProtocolError(
+                f"transfer coding {coding[:32]!r} is not implemented, only chunked",
+                status_hint=501,
+            )
+
+
 def _absolute_form(target: bytes) -> tuple[bytes, bytes, bytes, bytes]:
     # RFC 9112 §3.2.2: a server MUST accept absolute-form; its authority
     # replaces the Host header.
@@ -352,15 +500,20 @@ def _absolute_form(target: bytes) -> tuple[bytes, bytes, bytes, bytes]:
         raise ProtocolError(f"malformed absolute-form request-target {target[:64]!r}") from None
     if not url.host or url.userinfo:
         raise ProtocolError("absolute-form request-target without a host or with userinfo")
-    port = b"%d" % url.port if url.port is not None else b""
-    host = url.host.lower()
-    if host.endswith(b"."):
-        host = host[:-1]
+    # llhttp returns an IP literal without its brackets; put them back so the
+    # authority is spelled as in a Host header (RFC 3986 §3.2.2), and check
+    # it with the same rules as Host.
+    host = b"[" + url.host + b"]" if b":" in url.host else url.host
+    authority = host + b":%d" % url.port if url.port is not None else host
+    host, port = split_host(authority)
     return url.path or b"/", url.query or b"", host, port
 
 
-#: Host = uri-host [ ":" port ] (RFC 9110 §7.2): reg-name / IPv4 or an IP literal.
-_HOST: Final = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::([0-9]{0,5}))?")
+#: Host = uri-host [ ":" port ] (RFC 9110 §7.2): reg-name / IPv4 or an IP
+#: literal; a "%" only as a percent-encoding (RFC 3986 §3.2.2).
+_HOST: Final = re.compile(
+    rb"(\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*)(?::([0-9]{0,5}))?"
+)
 
 
 def split_host(value: bytes) -> tuple[bytes, bytes]:
