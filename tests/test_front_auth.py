@@ -501,3 +501,21 @@ def test_daemon_missing_after_retries_is_503(
     assert status == 503
     assert elapsed >= 0.03  # 10 + 20 ms of retries first
     front.hid_detail(body, "never.sock")
+
+
+def test_http_1_0_client_gets_no_chunked_body_and_no_100(
+    app: type[App], sockdir: Path, fronts: Callable[..., FrontProcess]
+) -> None:
+    front = fronts(config=auth_config(app, sockdir))
+    # RFC 9112 §6.1: a chunked body must not go to an HTTP/1.0 client; the
+    # relay closes after the response, so the decoded body ends with the close.
+    status, headers, body = http_exchange(front, b"GET /app/chunked HTTP/1.0\r\n\r\n")
+    assert status == 200
+    assert "transfer-encoding" not in headers
+    assert headers["connection"] == "close"
+    assert body == b"hello world"
+    # RFC 9110 §10.1.1: 100-continue in an HTTP/1.0 request is ignored.
+    request = b"POST /app/plain HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nhi"
+    status, _, body = http_exchange(front, request)
+    assert status == 201
+    assert body == b"from the app: hi"

@@ -20,6 +20,7 @@ from handoff_receiver import (
     fronts_fixture,  # noqa: F401  (fixture)
     http_exchange,
     parse_response,
+    read_available,
     receivers_fixture,  # noqa: F401  (fixture)
     respond,
     sockdir_fixture,  # noqa: F401  (fixture)
@@ -279,7 +280,31 @@ def write(directory: Path, text: str) -> Path:
             431,
             "more than 100 header lines",
         ),
-        (b"GET /fd HTTP/1.0\r\nHost: a\r\n\r\n", 505, "only HTTP/1.1"),
+        (b"GET /fd HTTP/2.0\r\nHost: a\r\n\r\n", 505, "only HTTP/1.1"),
+        (b"GET /fd HTTP/3.0\r\nHost: a\r\n\r\n", 505, "only HTTP/1.1"),
+        (b"GET /fd HTTP/0.9\r\nHost: a\r\n\r\n", 505, "only HTTP/1.1"),
+        (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505, "HTTP/2 is not supported"),
+        (b"GET  /fd HTTP/1.1\r\nHost: a\r\n\r\n", 400, "single spaces"),
+        (b"\nGET /fd HTTP/1.1\r\nHost: a\r\n\r\n", 400, "bare CR or LF"),
+        (b"GET /fd HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n", 400, "more than one Host"),
+        (b"GET /fd HTTP/1.1\r\nHost: a%zz\r\n\r\n", 400, "malformed Host"),
+        (b"GET /fd HTTP/1.1\r\nHost: a\r\nX: 1\r\n  folded\r\n\r\n", 400, "malformed"),
+        (b"GET /fd HTTP/1.1\r\nHost: a\r\nX : 1\r\n\r\n", 400, "malformed"),
+        (
+            b"POST /fd HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\nhello",
+            400,
+            "Content-Length",
+        ),
+        (
+            b"POST /fd HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            501,
+            "transfer coding b'gzip' is not implemented",
+        ),
+        (
+            b"POST /fd HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            400,
+            "HTTP/1.0",
+        ),
         (b"BREW /fd HTTP/1.1\r\nHost: a\r\n\r\n", 501, "not implemented"),
         (b"GET /fd HTTP/1.1\nHost: a\n\n", 400, "bare LF"),
     ],
@@ -298,6 +323,8 @@ def test_error_answers(
     got, headers, body = http_exchange(front, request_bytes)
     assert got == status
     assert headers["connection"] == "close"
+    assert int(headers["content-length"]) == len(body)
+    assert headers["date"].endswith(" GMT")  # RFC 9110 §6.6.1
     assert why in body.decode()
     front.wait_for(rf' {status} ".*{why}')
     assert receiver.handoffs.empty()
@@ -512,3 +539,102 @@ def test_wildcard_listener_reports_the_address_connected_to(
     handoff = receiver.next()
     assert handoff.headers[b"SERVER_ADDR"] == b"127.0.0.1"
     assert handoff.headers[b"SERVER_PORT"] == str(port).encode()
+
+
+# --- conformance probes ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("blank", [b"\r\n", b"\r\n\r\n", b"\r\n\r\n\r\n"])
+@pytest.mark.parametrize("pieces", [False, True])
+def test_empty_lines_before_the_request_line_are_ignored(
+    receivers: Callable[..., TestReceiver],
+    fronts: Callable[..., FrontProcess],
+    blank: bytes,
+    pieces: bool,
+) -> None:
+    # RFC 9112 §2.2.  CRLF CRLF first used to be taken for an empty head (400).
+    receiver = receivers()
+    front = fronts(f"/=unix:{receiver.path}")
+    request = blank + b"POST /blank HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi"
+    with front.connect() as sock:
+        if pieces:
+            for index in range(0, len(request), 3):
+                sock.sendall(request[index : index + 3])
+                time.sleep(0.01)
+        else:
+            sock.sendall(request)
+        status, _, _ = parse_response(read_until_closed(sock))
+    assert status == 200
+    handoff = receiver.next()
+    assert handoff.headers[b"REQUEST_URI"] == b"/blank"
+    assert handoff.body == b"hi"
+
+
+def test_http_1_0_is_handed_off_with_its_version(
+    receivers: Callable[..., TestReceiver], fronts: Callable[..., FrontProcess]
+) -> None:
+    # RFC 9110 §6.2 / §15.6.6: 1.0 is a minor version of the major version we
+    # implement, not a 505; the receiver learns it and answers in kind.
+    receiver = receivers()
+    front = fronts(f"/=unix:{receiver.path}")
+    status, _, _ = http_exchange(front, b"GET /old HTTP/1.0\r\n\r\n")
+    assert status == 200
+    headers = receiver.next().headers
+    assert headers[b"SERVER_PROTOCOL"] == b"HTTP/1.0"
+    assert headers[b"REQUEST_URI"] == b"/old"
+    assert b"HTTP_HOST" not in headers  # Host is optional in 1.0
+    status, _, _ = http_exchange(front, b"GET /new HTTP/1.2\r\nHost: a\r\n\r\n")
+    assert status == 200
+    assert receiver.next().headers[b"SERVER_PROTOCOL"] == b"HTTP/1.1"
+
+
+def test_values_lose_their_trailing_whitespace_and_ip_literals_their_nothing(
+    receivers: Callable[..., TestReceiver], fronts: Callable[..., FrontProcess]
+) -> None:
+    receiver = receivers()
+    front = fronts(f"/=unix:{receiver.path}")
+    status, _, _ = http_exchange(front, b"GET /ows HTTP/1.1\r\nHost: a \r\nX-A: b\t\r\n\r\n")
+    assert status == 200
+    headers = receiver.next().headers
+    assert (headers[b"HTTP_HOST"], headers[b"HTTP_X_A"], headers[b"SERVER_NAME"]) == (
+        b"a",
+        b"b",
+        b"a",
+    )
+    status, _, _ = http_exchange(front, b"GET http://[::1]:8/v6 HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert status == 200
+    headers = receiver.next().headers
+    assert headers[b"HTTP_HOST"] == b"[::1]:8"
+    assert headers[b"SERVER_NAME"] == b"[::1]"
+
+
+def test_an_answer_to_head_has_no_body(
+    no_fd_leak: None, receivers: Callable[..., TestReceiver], fronts: Callable[..., FrontProcess]
+) -> None:
+    receiver = receivers()
+    front = fronts(f"/fd=unix:{receiver.path}")
+    baseline = front.fd_count()
+    status, headers, body = http_exchange(front, b"HEAD /nowhere HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert status == 404
+    assert body == b""  # RFC 9110 §9.3.2, RFC 9112 §6.3
+    assert int(headers["content-length"]) > 0  # what a GET would get
+    assert front.settled_fd_count(baseline) == baseline
+
+
+def test_expect_100_continue_is_left_to_the_receiver(
+    receivers: Callable[..., TestReceiver], fronts: Callable[..., FrontProcess]
+) -> None:
+    # The receiver reads the body, so it decides whether to send 100 Continue
+    # (RFC 9110 §10.1.1); the front sends nothing before handing off.
+    receiver = receivers()
+    front = fronts(f"/=unix:{receiver.path}")
+    request = b"POST /e HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n"
+    with front.connect() as sock:
+        sock.sendall(request)
+        assert read_available(sock, 0.3) == b""
+        sock.sendall(b"ok")
+        data = read_until_closed(sock)
+    assert data.startswith(b"HTTP/1.1 200 ")  # no 100 from the front in front of it
+    handoff = receiver.next()
+    assert handoff.headers[b"HTTP_EXPECT"] == b"100-continue"
+    assert handoff.body == b"ok"

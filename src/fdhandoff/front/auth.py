@@ -200,8 +200,12 @@ class _Exchange:
         if head.content_length is not None and head.content_length > self.limits.max_body_size:
             raise _Answer(413, f"request body larger than {self.limits.max_body_size} bytes")
         await self._connect()
-        if head.has_body and any(
-            value.strip().lower() == b"100-continue" for value in head.values(b"expect")
+        # RFC 9110 §10.1.1: 100-continue in an HTTP/1.0 request MUST be ignored
+        # (a 1.0 client does not know 1xx answers).
+        if (
+            head.has_body
+            and head.version == b"1.1"
+            and any(value.strip().lower() == b"100-continue" for value in head.values(b"expect"))
         ):
             # The application never sees Expect: the front asks for the body itself.
             await self._send_client(_CONTINUE, interim=True)
@@ -415,22 +419,29 @@ class _Exchange:
 
     async def _relay(self, response: ResponseHead) -> None:
         assert self.reader is not None
+        # An HTTP/1.0 client cannot read chunked (RFC 9112 §6.1: it MUST NOT
+        # be sent one): its body goes decoded, delimited by the close that
+        # follows every relayed response anyway (RFC 9112 §6.3, rule 8).
+        dechunk = (
+            self.head.version != b"1.1" and response.chunked and response.content_length is None
+        )
         lines = [b"HTTP/1.1 %d %s" % (response.status, response.reason)]
         lines += [
             name + b": " + value
             for name, value in response.headers
             if name.lower() not in _DROP_RESPONSE
+            and not (dechunk and name.lower() == b"transfer-encoding")
         ]
         lines.append(b"Connection: close")
         await self._send_client(b"\r\n".join(lines) + b"\r\n\r\n")
         if self.head.method != b"HEAD" and response.status not in (204, 304):
-            await self._relay_body(response)
+            await self._relay_body(response, dechunk=dechunk)
         self.close_upstream()
         self.owned = False
         self.front.log_request(self.req, f"relayed {response.status}")
         self.front.send_and_linger(self.client, b"")
 
-    async def _relay_body(self, response: ResponseHead) -> None:
+    async def _relay_body(self, response: ResponseHead, *, dechunk: bool = False) -> None:
         assert self.reader is not None
         remaining = response.content_length
         chunked = ChunkedReader() if response.chunked and remaining is None else None
@@ -447,10 +458,10 @@ class _Exchange:
                 return
             if chunked is not None:
                 try:
-                    used, _ = chunked.feed(data)
+                    used, pieces = chunked.feed(data)
                 except ProtocolError as exc:
                     raise _Answer(502, f"upstream sent a malformed chunked body: {exc}") from None
-                data = data[:used]
+                data = b"".join(pieces) if dechunk else data[:used]
             if remaining is not None:
                 remaining -= len(data)
             await self._send_client(data)

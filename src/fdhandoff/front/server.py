@@ -41,7 +41,13 @@ from typing import Final, TypeVar
 
 from .. import websocket
 from ..errors import ProtocolError
-from ..httphead import HEAD_END, RequestHead, incomplete_head_error, parse_head
+from ..httphead import (
+    HEAD_END,
+    RequestHead,
+    empty_lines_end,
+    incomplete_head_error,
+    parse_head,
+)
 from ..metrics import Metrics, parse_address, serve_metrics
 from ..routing import Router, normalize_path
 from .accesslog import AccessLog
@@ -180,7 +186,7 @@ def _client_label(listener: Listener, addr: object) -> str:
 
 def _request_line(head: bytes) -> tuple[bytes, bytes]:
     """Method and target of an unparseable head, best effort, for the access log."""
-    line = head.split(b"\r\n", 1)[0]
+    line = head.lstrip(b"\r\n").split(b"\r\n", 1)[0]
     parts = line.split(b" ", 2)
     return parts[0][:32], (parts[1] if len(parts) > 1 else b"")
 
@@ -418,7 +424,10 @@ class Front:
             return
         if n > 0:
             end = buf.find(HEAD_END, 0, n)
-            if end >= 0:  # the whole head is there: take exactly it (inline: hot path)
+            # The whole head is there: take exactly it (inline: hot path).  At
+            # 0 it is empty lines before the request line (RFC 9112 §2.2), not
+            # an empty head: _absorb skips them and looks further.
+            if end > 0:
                 length = end + 4
                 try:
                     head = sock.recv(length, _DONTWAIT)
@@ -458,7 +467,10 @@ class Front:
         """Take ``n`` peeked bytes; True if the head is still incomplete (keep waiting)."""
         before = len(pending.buf)
         combined = pending.buf + self._buf[:n]
-        end = combined.find(HEAD_END, max(0, before - 3))
+        search = max(0, before - 3)
+        if combined[:1] == b"\r":  # empty lines first (RFC 9112 §2.2): not the head's end
+            search = max(search, empty_lines_end(combined))
+        end = combined.find(HEAD_END, search)
         sock = pending.sock
         if end >= 0:
             end += 4
@@ -503,7 +515,9 @@ class Front:
     ) -> None:
         req = Request(listener, addr, start)
         try:
-            head = parse_head(raw, self.head_limits)
+            # HTTP/1.0 too: the receiver learns it from SERVER_PROTOCOL and
+            # answers in kind (RFC 9110 §6.2: 1.0 is a minor version of ours).
+            head = parse_head(raw, self.head_limits, http10=True)
         except ProtocolError as exc:
             req.method, req.target = _request_line(raw)
             self.reject(sock, req, exc.status_hint, str(exc))
@@ -679,7 +693,9 @@ class Front:
         self.log_request(req, f'{status} "{text}"')
         if status in _DETAILS_LOGGED_ONLY:
             text = reason_phrase(status).decode("ascii")
-        self.send_and_linger(sock, error_response(status, text))
+        # RFC 9110 §9.3.2 / RFC 9112 §6.3: an answer to HEAD has no content.
+        head_only = req.method == b"HEAD"
+        self.send_and_linger(sock, error_response(status, text, head_only=head_only))
 
     def send_and_linger(self, sock: Socket, data: bytes) -> None:
         """Send a final answer, then read and drop what the client still sends until
