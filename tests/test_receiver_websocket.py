@@ -340,3 +340,35 @@ def test_a_client_that_resets_ends_with_1006(tmp_path: Path, no_fd_leak: None) -
         while not ended and time.monotonic() < deadline:
             time.sleep(0.02)
     assert ended == [1006]
+
+
+def _upgraded_client(path: str) -> socket.socket:
+    """A loopback client whose connection the front already upgraded."""
+    client, server_side = tcp_pair()
+    send_scgi(path, front_headers("GET", "/", HANDOFF_UPGRADED="websocket"), server_side)
+    return client
+
+
+def test_pong_for_a_ping_between_fragments_goes_before_the_echo(
+    tmp_path: Path, no_fd_leak: None
+) -> None:
+    """The ping arrives before the message is complete, so its pong must leave
+    first (Autobahn 5.6-5.8 check the order): a callback answering the message
+    must not overtake the queued pong."""
+    path = str(tmp_path / "r.sock")
+    with ReceiverThread(echo, [Bind(path)]):
+        client = _upgraded_client(path)
+        client.sendall(
+            encode_frame(Opcode.TEXT, b"frag", fin=False, mask=b"abcd")
+            + encode_frame(Opcode.PING, b"ping", mask=b"efgh")
+            + encode_frame(Opcode.CONTINUATION, b"ment", mask=b"ijkl")
+            + encode_frame(Opcode.CLOSE, b"\x03\xe8", mask=b"mnop")
+        )
+        data = read_all(client)
+        client.close()
+    assert data == (
+        encode_frame(Opcode.PONG, b"ping")
+        + encode_frame(Opcode.TEXT, b"fragment")
+        + encode_frame(Opcode.CLOSE, b"\x03\xe8")
+    )
+

@@ -185,6 +185,10 @@ class WebSocket(Stream):
             if event is websocket.NEED_DATA:
                 break
             if isinstance(event, websocket.Message):
+                # Pongs for pings that came before this message leave before
+                # whatever the callback sends in answer (Autobahn 5.6 checks
+                # the order).
+                self._flush_replies()
                 self._received(event.data)
             elif isinstance(event, websocket.Close):
                 self.close_code = event.code
