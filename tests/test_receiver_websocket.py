@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -16,6 +17,7 @@ from websockets.exceptions import ConnectionClosed as WsClosed
 from websockets.sync.client import connect
 
 from fdhandoff.receiver import Channel, Handoff, Options, WebSocket
+from fdhandoff.receiver import ws as ws_module
 from fdhandoff.receiver.listeners import Bind
 from fdhandoff.websocket import Opcode, accept_key, encode_frame
 from test_receiver_support import (
@@ -372,3 +374,78 @@ def test_pong_for_a_ping_between_fragments_goes_before_the_echo(
         + encode_frame(Opcode.CLOSE, b"\x03\xe8")
     )
 
+
+@pytest.mark.parametrize("handler", [echo, coroutine_echo])
+def test_messages_before_the_clients_close_are_answered(
+    tmp_path: Path, handler: object, no_fd_leak: None
+) -> None:
+    """Autobahn 7.1.1: a message and a close frame in one write.  The message
+    came first, so the application may still answer it (RFC 6455 section
+    5.5.1 lets the close reply wait for the message being sent); a coroutine
+    that reads it from the queue must not find the connection already gone."""
+    path = str(tmp_path / "r.sock")
+    with ReceiverThread(handler, [Bind(path)]):  # type: ignore[arg-type]
+        client = _upgraded_client(path)
+        client.sendall(
+            encode_frame(Opcode.TEXT, b"one", mask=b"abcd")
+            + encode_frame(Opcode.BINARY, b"two", mask=b"efgh")
+            + encode_frame(Opcode.CLOSE, b"\x03\xe8bye", mask=b"ijkl")
+        )
+        data = read_all(client)
+        client.close()
+    assert data == (
+        encode_frame(Opcode.TEXT, b"one")
+        + encode_frame(Opcode.BINARY, b"two")
+        + encode_frame(Opcode.CLOSE, b"\x03\xe8")
+    )
+
+
+def test_close_reply_waits_for_a_callback_set_late(tmp_path: Path, no_fd_leak: None) -> None:
+    """Messages queued before ``on_message`` was set are delivered (and
+    answered) before the reply to a close frame that followed them."""
+
+    async def late(handoff: Handoff) -> None:
+        ws = await handoff.websocket()
+        await asyncio.sleep(0.3)  # the client's frames arrive meanwhile
+        ws.on_message = lambda ws, message: ws.send(message)
+
+    path = str(tmp_path / "r.sock")
+    with ReceiverThread(late, [Bind(path)]):
+        client = _upgraded_client(path)
+        client.sendall(
+            encode_frame(Opcode.TEXT, b"early", mask=b"abcd")
+            + encode_frame(Opcode.CLOSE, b"\x03\xe8", mask=b"efgh")
+        )
+        data = read_all(client)
+        client.close()
+    assert data == encode_frame(Opcode.TEXT, b"early") + encode_frame(Opcode.CLOSE, b"\x03\xe8")
+
+
+def test_close_reply_is_not_held_forever_by_unread_messages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_fd_leak: None
+) -> None:
+    """An application that stops reading does not keep the client's close
+    frame unanswered: the reply goes after CLOSE_TIMEOUT."""
+    monkeypatch.setattr(ws_module, "CLOSE_TIMEOUT", 0.3)
+    ended: list[int | None] = []
+
+    async def reads_one(handoff: Handoff) -> None:
+        ws = await handoff.websocket()
+        ws.on_close = lambda ws: ended.append(ws.close_code)
+        await ws.receive()  # and never again
+
+    path = str(tmp_path / "r.sock")
+    with ReceiverThread(reads_one, [Bind(path)]):
+        client = _upgraded_client(path)
+        client.sendall(
+            encode_frame(Opcode.TEXT, b"1", mask=b"abcd")
+            + encode_frame(Opcode.TEXT, b"2", mask=b"abcd")
+            + encode_frame(Opcode.CLOSE, b"\x03\xe8", mask=b"efgh")
+        )
+        started = time.monotonic()
+        data = read_all(client)
+        waited = time.monotonic() - started
+        client.close()
+    assert data == encode_frame(Opcode.CLOSE, b"\x03\xe8")
+    assert 0.2 < waited < 5
+    assert ended == [1000]

@@ -118,6 +118,9 @@ class WebSocket(Stream):
             return
         while inbox.messages and self._on_message is callback:
             self._deliver(callback, inbox.messages.popleft())
+        if not inbox.messages and self._reply_deferred:
+            self._answer_close()
+            return
         self._resume_reading(inbox)
 
     # --- sending ---------------------------------------------------------------------
@@ -130,7 +133,12 @@ class WebSocket(Stream):
         return encode_frame(Opcode.BINARY, bytes(message))
 
     def _send_encoded(self, data: bytes) -> Sent:
-        if self._codec.state is not websocket.State.OPEN:
+        # Nothing may follow our own close frame (RFC 6455 section 5.5.1).
+        # After the client's close frame the codec is CLOSED, but while our
+        # reply waits for the queued messages to be read (_reply_deferred)
+        # the application may still answer them; once the reply is sent the
+        # stream is closed and _write refuses.
+        if self._codec.state is websocket.State.CLOSING:
             return _CLOSED_SEND
         return self._write(data)
 
@@ -148,6 +156,9 @@ class WebSocket(Stream):
         answers (or after :data:`CLOSE_TIMEOUT`)."""
         if super().closed:
             return
+        if self._reply_deferred:
+            self._answer_close()  # the client closed first: our reply is the close
+            return
         frame = self._codec.send_close(code, reason)
         if not frame:
             return  # a close frame was already sent
@@ -162,7 +173,14 @@ class WebSocket(Stream):
 
     # --- receiving ------------------------------------------------------------------------
 
+    @property
+    def _reply_deferred(self) -> bool:
+        """The client's close frame arrived and our reply waits (see _pump)."""
+        return self._codec.state is websocket.State.CLOSED and not super().closed
+
     def _on_data(self, data: bytes) -> None:
+        if self._reply_deferred:
+            return  # nothing after the client's close frame is read (RFC 6455 section 5.5.1)
         self._codec.receive_data(data)
         self._pump()
 
@@ -192,11 +210,32 @@ class WebSocket(Stream):
                 self._received(event.data)
             elif isinstance(event, websocket.Close):
                 self.close_code = event.code
+                inbox = self._inbox
+                if inbox is not None and inbox.messages and self._close_timer is None:
+                    # Messages that came before the close frame still wait
+                    # for receive(): let the application answer them first
+                    # (RFC 6455 section 5.5.1 allows the close reply to wait
+                    # for the data being sent; Autobahn 7.1.1 expects the
+                    # echo before the close).  The reply, queued in the
+                    # codec, goes once the queue is read, or after
+                    # CLOSE_TIMEOUT.
+                    self._close_timer = self._receiver.loop.call_later(
+                        CLOSE_TIMEOUT, self._answer_close
+                    )
+                    return
                 self._flush_replies()
                 self._end(None)
                 return
             # Ping: the pong is queued in the codec; Pong: nothing to do.
         self._flush_replies()
+
+    def _answer_close(self) -> None:
+        """Send the deferred reply to the client's close frame and end."""
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
+        self._flush_replies()
+        self._end(None)
 
     def _flush_replies(self) -> None:
         out = self._codec.data_to_send()
@@ -239,6 +278,10 @@ class WebSocket(Stream):
                 message = inbox.messages.popleft()
                 self._resume_reading(inbox)
                 return message
+            if self._reply_deferred:
+                # Every message that came before the client's close frame
+                # was read (and answered, if the application wanted to).
+                self._answer_close()
             if super().closed:
                 raise ConnectionClosed(f"WebSocket closed (code {self.close_code})")
             inbox.waiter = self._receiver.loop.create_future()
