@@ -263,38 +263,29 @@ class _Collector:
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
         size = len(name)
         # Only 4 (Host), 14 (Content-Length) and 17 (Transfer-Encoding) bytes
         # long names can matter: compare those, lower-cased, and no others.
+        # Their values lose trailing OWS (RFC 9112 §5.1: not part of the value;
+        # llhttp drops it before a value, not after), so "Host: a " is host
+        # "a".  Other values are passed as sent: a strip per header would cost
+        # more than the rest of the header's handling.
         if size == 4:
             if name.lower() == b"host":
+                value = value.rstrip(b" \t")
                 self.hosts.append(value)
         elif size == 14:
             if name.lower() == b"content-length":
+                value = value.rstrip(b" \t")
                 self.content_length = value  # llhttp checked: digits, one value
         elif size == 17 and name.lower() == b"transfer-encoding":
             # llhttp refused every request whose final coding is not chunked.
+            value = value.rstrip(b" \t")
             self.te = True
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self.complete = True
-
-
-class _TrimmingCollector(_Collector):
-    """For heads with whitespace before a line's CRLF (found by one scan of the head).
-
-    RFC 9112 §5.1: the OWS around a field value is not part of it.  llhttp
-    drops it before the value but keeps it after, so ``Host: a `` would be a
-    malformed host and ``Transfer-Encoding: chunked `` would reach a receiver
-    that may not recognise it.  A subclass, so heads without such whitespace
-    (nearly all) pay nothing per header.
-    """
-
-    __slots__ = ()
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        _Collector.on_header(self, name, value.rstrip(b" \t"))
 
 
 def parse_head(
@@ -315,8 +306,7 @@ def parse_head(
             f"request head larger than {limits.max_head_size} bytes", status_hint=431
         )
     start = 0
-    first = head[:1]
-    if first in {b"\r", b"\n"}:
+    if head[:1] <= b"\r":  # one comparison on the hot path; CR, LF (or b"") only matter
         start = empty_lines_end(head)
         if head[start : start + 1] in {b"\r", b"\n"}:
             # llhttp skips a bare CR or LF here too; we refuse bare line ends
@@ -330,11 +320,7 @@ def parse_head(
         )
     if head.startswith(_H2_PREFACE, start):
         raise ProtocolError("HTTP/2 is not supported, only HTTP/1.1", status_hint=505)
-    # One scan of the head instead of a strip per header (_TrimmingCollector).
-    if b" \r\n" in head or b"\t\r\n" in head:
-        collector: _Collector = _TrimmingCollector()
-    else:
-        collector = _Collector()
+    collector = _Collector()
     parser = httptools.HttpRequestParser(collector)
     try:
         parser.feed_data(head)
