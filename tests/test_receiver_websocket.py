@@ -449,3 +449,24 @@ def test_close_reply_is_not_held_forever_by_unread_messages(
     assert data == encode_frame(Opcode.CLOSE, b"\x03\xe8")
     assert 0.2 < waited < 5
     assert ended == [1000]
+
+
+@pytest.mark.parametrize("handler", [echo, coroutine_echo])
+def test_messages_before_a_protocol_error_are_answered(
+    tmp_path: Path, handler: object, no_fd_leak: None
+) -> None:
+    """Autobahn 3.2, 4.1.3, 5.15: a valid message then a bad frame in one
+    write.  The message was whole before the violation: it is answered, then
+    the failing close frame is sent, in the coroutine style too."""
+    path = str(tmp_path / "r.sock")
+    with ReceiverThread(handler, [Bind(path)]):  # type: ignore[arg-type]
+        client = _upgraded_client(path)
+        client.sendall(
+            encode_frame(Opcode.TEXT, b"fine", mask=b"abcd")
+            + encode_frame(Opcode.TEXT, b"bad", mask=b"efgh", rsv=2)
+            + encode_frame(Opcode.PING, b"", mask=b"ijkl")
+        )
+        data = read_all(client)
+        client.close()
+    assert data.startswith(encode_frame(Opcode.TEXT, b"fine") + b"\x88")
+    assert struct.unpack("!H", data[8:10])[0] == 1002

@@ -134,10 +134,10 @@ class WebSocket(Stream):
 
     def _send_encoded(self, data: bytes) -> Sent:
         # Nothing may follow our own close frame (RFC 6455 section 5.5.1).
-        # After the client's close frame the codec is CLOSED, but while our
-        # reply waits for the queued messages to be read (_reply_deferred)
-        # the application may still answer them; once the reply is sent the
-        # stream is closed and _write refuses.
+        # After the client's close frame (or a violation) the codec is
+        # CLOSED, but while our last frame waits for the queued messages to
+        # be read (_reply_deferred) the application may still answer them;
+        # once that frame is sent the stream is closed and _write refuses.
         if self._codec.state is websocket.State.CLOSING:
             return _CLOSED_SEND
         return self._write(data)
@@ -175,12 +175,15 @@ class WebSocket(Stream):
 
     @property
     def _reply_deferred(self) -> bool:
-        """The client's close frame arrived and our reply waits (see _pump)."""
+        """The client's close frame (or a violation) was read and our last
+        frame waits for the queued messages (see _closing)."""
         return self._codec.state is websocket.State.CLOSED and not super().closed
 
     def _on_data(self, data: bytes) -> None:
         if self._reply_deferred:
-            return  # nothing after the client's close frame is read (RFC 6455 section 5.5.1)
+            # Nothing after the client's close frame (RFC 6455 section 5.5.1)
+            # or a violation (section 7.1.7) is processed.
+            return
         self._codec.receive_data(data)
         self._pump()
 
@@ -196,9 +199,8 @@ class WebSocket(Stream):
                 event = codec.next_event()
             except WebSocketProtocolError as exc:
                 self.close_code = exc.close_code
-                self._flush_replies()
                 log.info("WebSocket client broke the protocol: %s (close %d)", exc, exc.close_code)
-                self._end(f"protocol error, close {exc.close_code}: {exc}")
+                self._closing()
                 return
             if event is websocket.NEED_DATA:
                 break
@@ -210,32 +212,35 @@ class WebSocket(Stream):
                 self._received(event.data)
             elif isinstance(event, websocket.Close):
                 self.close_code = event.code
-                inbox = self._inbox
-                if inbox is not None and inbox.messages and self._close_timer is None:
-                    # Messages that came before the close frame still wait
-                    # for receive(): let the application answer them first
-                    # (RFC 6455 section 5.5.1 allows the close reply to wait
-                    # for the data being sent; Autobahn 7.1.1 expects the
-                    # echo before the close).  The reply, queued in the
-                    # codec, goes once the queue is read, or after
-                    # CLOSE_TIMEOUT.
-                    self._close_timer = self._receiver.loop.call_later(
-                        CLOSE_TIMEOUT, self._answer_close
-                    )
-                    return
-                self._flush_replies()
-                self._end(None)
+                self._closing()
                 return
             # Ping: the pong is queued in the codec; Pong: nothing to do.
         self._flush_replies()
 
+    def _closing(self) -> None:
+        """The codec is CLOSED (the client's close frame, or a violation) and
+        holds our last frame (the close reply, or the failing close frame)."""
+        inbox = self._inbox
+        if inbox is not None and inbox.messages and self._close_timer is None:
+            # Whole messages that came before still wait for receive(): let
+            # the application answer them first, as a callback would have
+            # (RFC 6455 section 5.5.1 allows the close reply to wait for the
+            # data being sent; Autobahn 7.1.1 expects the echo before the
+            # close, 3.2 before the failing close).  The frame goes once the
+            # queue is read, or after CLOSE_TIMEOUT.  Not when we had sent a
+            # close frame (the timer runs): nothing can be answered then.
+            self._close_timer = self._receiver.loop.call_later(CLOSE_TIMEOUT, self._answer_close)
+            return
+        self._answer_close()
+
     def _answer_close(self) -> None:
-        """Send the deferred reply to the client's close frame and end."""
+        """Send the codec's last frame and end."""
         if self._close_timer is not None:
             self._close_timer.cancel()
             self._close_timer = None
         self._flush_replies()
-        self._end(None)
+        error = self._codec.error
+        self._end(None if error is None else f"protocol error, close {error.close_code}: {error}")
 
     def _flush_replies(self) -> None:
         out = self._codec.data_to_send()
