@@ -536,3 +536,24 @@ def test_slow_reader_gets_every_message(sock_path: str) -> None:
     assert pongs == 20
     assert [m[:1] for m in got] == [bytes([i]) for i in range(200)]
     assert all(m == m[:1] * 100_000 for m in got)
+
+
+def test_close_after_a_protocol_error_is_a_fin_not_a_reset(
+    sock_path: str, no_fd_leak: None
+) -> None:
+    """Client bytes the adapter never read (past the bad frame, more than one
+    read) would turn close() into a reset, which can destroy the close frame
+    in flight (RFC 1122 4.2.2.13, RFC 6455 section 7.1.1); they are read and
+    dropped first so that the connection ends with FIN, as on the native path."""
+    app = EchoRecorder()
+    with ASGIReceiver(app, sock_path):
+        client = RawClient(sock_path)
+        assert client.handshake() == 101
+        client.sock.sendall(encode_frame(Opcode.TEXT, b"unmasked") + b"unread" * 25_000)
+        data = b""
+        while chunk := client.sock.recv(65536):  # ConnectionResetError fails the test
+            data += chunk
+        client.close()
+        assert app.done.wait(IO_TIMEOUT)
+    assert data[:1] == b"\x88"
+    assert int.from_bytes(data[2:4], "big") == CloseCode.PROTOCOL_ERROR

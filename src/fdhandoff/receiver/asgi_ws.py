@@ -34,7 +34,7 @@ from .asgi_conn import Connection, wake
 from .asgi_http import HTTPCycle
 from .asgi_response import error_response
 from .asgi_scope import Request
-from .stream import ConnectionClosed
+from .stream import ConnectionClosed, _drain_unread
 
 __all__ = ["WebSocketCycle"]
 
@@ -104,7 +104,7 @@ class WebSocketCycle:
                 with contextlib.suppress(ValueError, RuntimeError, WebSocketProtocolError):
                     self.conn.send_nowait(self.ws.send_close(CloseCode.GOING_AWAY))
             self._why = "cancelled at shutdown"
-            self.conn.close()
+            self._close_connection()
             self._log()
             raise
         except Exception as exc:
@@ -147,8 +147,18 @@ class WebSocketCycle:
                 self._log()  # times the answer, not the lingering close
                 await conn.linger_close()
         finally:
-            conn.close()
+            self._close_connection()
             self._log()
+
+    def _close_connection(self) -> None:
+        conn = self.conn
+        if self.ws is not None and not conn.closed and not conn.broken:
+            # Unread client bytes (what followed a bad frame, frames after
+            # the client's close) would make close() send a reset, which can
+            # destroy our close frame in flight (RFC 1122 4.2.2.13); RFC 6455
+            # section 7.1.1 wants it delivered.  Bounded, as on the native path.
+            _drain_unread(conn.sock)
+        conn.close()
 
     def _log(self) -> None:
         if self._started_at < 0:
