@@ -280,6 +280,58 @@ def test_slow_consumer_is_dropped_others_keep_receiving(tmp_path: Path, no_fd_le
         reader.close()
 
 
+def test_one_large_write_then_small_ones_is_not_a_slow_consumer(
+    tmp_path: Path, no_fd_leak: None
+) -> None:
+    """The cap bounds what piles up behind a client that does not read, not
+    the size of one write: a 2 MiB event to a client not reading yet, then a
+    heartbeat and a last event (a WebSocket pong or close frame behind a big
+    message is the same case), all arrive."""
+    big = "x" * (2 * 1024 * 1024)
+
+    async def handler(handoff: Handoff) -> None:
+        stream = await handoff.sse()
+        stream.send(big)
+        stream.comment("heartbeat")
+        stream.send("end")
+        stream.close()
+
+    path = str(tmp_path / "r.sock")
+    with ReceiverThread(handler, [Bind(path)], Options(max_stream_buffer=256 * 1024)):
+        client, server_side = _slow_client()
+        send_scgi(path, front_headers("GET", "/events"), server_side)
+        time.sleep(0.3)  # everything is queued before the client reads a byte
+        client.settimeout(30)
+        body = read_all(client).partition(b"\r\n\r\n")[2]
+        client.close()
+    assert body == b"data: " + big.encode() + b"\n\n: heartbeat\n\ndata: end\n\n"
+
+
+def test_slow_consumer_cap_still_holds_after_a_large_write(
+    tmp_path: Path, no_fd_leak: None
+) -> None:
+    """Behind that large write, small events may pile up to the cap, no more."""
+    outcome: list[str] = []
+
+    async def handler(handoff: Handoff) -> None:
+        stream = await handoff.sse()
+        stream.send("x" * (2 * 1024 * 1024))
+        for _ in range(1000):  # 1 MB of small events behind it
+            if stream.closed:
+                outcome.append("dropped")
+                return
+            stream.send("y" * 1000)
+        outcome.append("kept")
+
+    path = str(tmp_path / "r.sock")
+    with ReceiverThread(handler, [Bind(path)], Options(max_stream_buffer=256 * 1024)):
+        client, server_side = _slow_client()
+        send_scgi(path, front_headers("GET", "/events"), server_side)
+        _wait(lambda: outcome != [])
+        client.close()
+    assert outcome == ["dropped"]
+
+
 def test_awaited_send_raises_once_the_client_left(tmp_path: Path, no_fd_leak: None) -> None:
     outcome: list[str] = []
     left = threading.Event()

@@ -115,10 +115,17 @@ _CLOSED_SEND: Final = _ClosedSend(None)
 class _Backlog:
     """Bytes the kernel did not take yet, with their stall timer and waiters."""
 
-    __slots__ = ("data", "timer", "waiters", "why")
+    __slots__ = ("data", "limit", "timer", "waiters", "why")
 
-    def __init__(self, data: bytes, timer: asyncio.TimerHandle) -> None:
+    def __init__(self, data: bytes, timer: asyncio.TimerHandle, extra: int) -> None:
         self.data = bytearray(data)
+        #: Most bytes it may hold: the write that started it plus ``extra``
+        #: (``max_stream_buffer``), lowered as it drains, never raised.  One
+        #: large write (a 16 MiB WebSocket message) is the application's own
+        #: choice and already in memory; what the cap stops is messages piling
+        #: up behind a client that does not read, and a pong or close frame
+        #: queued behind that large write is not such a pile.
+        self.limit = len(data) + extra
         self.timer = timer
         self.waiters: list[asyncio.Future[None]] = []
         self.why: str | None = None  # set when closing: logged once written
@@ -182,7 +189,7 @@ class Stream:
         backlog = self._backlog
         if backlog is not None:
             backlog.data += data
-            if len(backlog.data) > self._receiver.options.max_stream_buffer:
+            if len(backlog.data) > backlog.limit:
                 self._abort("slow consumer: send buffer limit exceeded")
                 return _CLOSED_SEND
             return Sent(self)
@@ -202,7 +209,7 @@ class Stream:
     def _queue(self, rest: bytes) -> None:
         loop = self._receiver.loop
         timer = loop.call_later(self._receiver.options.write_timeout, self._stalled)
-        self._backlog = _Backlog(rest, timer)
+        self._backlog = _Backlog(rest, timer, self._receiver.options.max_stream_buffer)
         loop.add_writer(self._sock.fileno(), self._on_writable)
 
     def _on_writable(self) -> None:
@@ -219,6 +226,9 @@ class Stream:
         self._sent += sent
         del backlog.data[:sent]
         if backlog.data:
+            backlog.limit = min(
+                backlog.limit, len(backlog.data) + self._receiver.options.max_stream_buffer
+            )
             backlog.timer.cancel()
             backlog.timer = self._receiver.loop.call_later(
                 self._receiver.options.write_timeout, self._stalled
