@@ -154,6 +154,26 @@ def test_websocket_echo_and_bad_frame(tmp_path: Path, no_fd_leak: None) -> None:
         assert int.from_bytes(rest[2:4], "big") == 1009
 
 
+def test_close_after_a_protocol_error_is_a_fin_not_a_reset(
+    tmp_path: Path, no_fd_leak: None
+) -> None:
+    # As in the asyncio flavour: bytes never read after the bad frame would
+    # turn close() into a reset that can destroy the close frame in flight.
+    path = str(tmp_path / "r.sock")
+    with SyncReceiverThread(ws_echo, [Bind(path)]):
+        client, server_side = tcp_pair()
+        send_scgi(path, front_headers("GET", "/", HANDOFF_UPGRADED="websocket"), server_side)
+        # Unmasked, then more than one read of the receiver (64 KiB) behind it.
+        client.sendall(bytes([0x81, 0x05]) + b"hello" + b"unread" * 17000)
+        client.settimeout(10)
+        data = b""
+        while chunk := client.recv(65536):  # ConnectionResetError would fail the test
+            data += chunk
+        client.close()
+    assert data[:1] == b"\x88"
+    assert int.from_bytes(data[2:4], "big") == 1002
+
+
 def test_websocket_closed_from_another_thread(tmp_path: Path, no_fd_leak: None) -> None:
     sockets: list[WebSocket] = []
     got: list[Any] = []

@@ -34,7 +34,7 @@ from .asgi_conn import Connection, wake
 from .asgi_http import HTTPCycle
 from .asgi_response import error_response
 from .asgi_scope import Request
-from .stream import ConnectionClosed, _drain_unread
+from .stream import ConnectionClosed, drain_unread
 
 __all__ = ["WebSocketCycle"]
 
@@ -157,7 +157,7 @@ class WebSocketCycle:
             # the client's close) would make close() send a reset, which can
             # destroy our close frame in flight (RFC 1122 4.2.2.13); RFC 6455
             # section 7.1.1 wants it delivered.  Bounded, as on the native path.
-            _drain_unread(conn.sock)
+            drain_unread(conn.sock)
         conn.close()
 
     def _log(self) -> None:

@@ -54,7 +54,7 @@ _DRAIN_READ: Final = 65536
 _DRAIN_READS: Final = 4
 
 
-def _drain_unread(sock: socket.socket) -> None:
+def drain_unread(sock: socket.socket) -> None:
     """Read what the client sent and we did not, so close() sends FIN, not RST.
 
     Closing with unread input makes the kernel reset the connection (RFC 1122
@@ -323,7 +323,7 @@ class Stream:
             loop.remove_reader(fd)
         self._drop_backlog()
         if clean:
-            _drain_unread(self._sock)
+            drain_unread(self._sock)
         with contextlib.suppress(OSError):
             self._sock.close()
         self._receiver.untrack(self)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import select
 import selectors
 import socket
 import threading
@@ -72,6 +73,10 @@ class _SyncStream:
             return
         self._closed = True
         handoff = self._handoff
+        # As the asyncio flavour: unread client bytes (what followed a bad
+        # frame) would turn the close into a reset that can destroy the close
+        # frame just sent (RFC 1122 4.2.2.13, RFC 6455 7.1.1).
+        _drain_unread(self._sock)
         with contextlib.suppress(OSError):
             self._sock.close()
         handoff.receiver._untrack(self)
@@ -267,6 +272,28 @@ class WebSocket(_SyncStream):
                 yield self.receive()
             except ConnectionClosed:
                 return
+
+
+#: Most unread input dropped before closing (bytes per recv, recvs).
+_DRAIN_READ: Final = 65536
+_DRAIN_READS: Final = 4
+
+
+def _drain_unread(sock: socket.socket) -> None:
+    """Read what the client sent and we did not, without waiting for more.
+
+    Only what is there now: the socket may have a timeout, under which Python
+    turns MSG_DONTWAIT's EAGAIN into a wait.  Bounded: a client that keeps
+    sending gets the reset.
+    """
+    try:
+        poller = select.poll()  # not select(): fds above 1024 are common here
+        poller.register(sock, select.POLLIN)
+        for _ in range(_DRAIN_READS):
+            if not poller.poll(0) or not sock.recv(_DRAIN_READ):
+                return
+    except (OSError, ValueError):  # gone, or closed by another thread
+        return
 
 
 def _readable(sock: socket.socket, timeout: float | None) -> bool:
