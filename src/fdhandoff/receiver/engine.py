@@ -348,10 +348,15 @@ class Receiver:
         try:
             got = assembly.next()  # finished by the previous read (a channel)
             while got is NEED_DATA:
-                await aio.wait_readable(conn)
                 while not self._reserve.held and not self._reserve.refill():
                     await asyncio.sleep(ACCEPT_BACKOFF)  # at the limit: wait for an fd
+                # Read before waiting: a sender writes its handoff right after
+                # connect() (nginx fd_pass, mod_socket_handoff), so by the
+                # accept it is usually there, and a wait would cost a future
+                # and a turn of the loop for nothing.
                 got = self._read_once(conn, assembly)
+                if got is NEED_DATA:
+                    await aio.wait_readable(conn)
         except BaseException:
             assembly.close()
             raise
