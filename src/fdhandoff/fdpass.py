@@ -315,12 +315,15 @@ class Assembly:
     with :meth:`of`, which keeps it with the connection's reader.
     """
 
-    __slots__ = ("conn", "fds", "reader")
+    __slots__ = ("conn", "fds", "reader", "size")
 
     def __init__(self, conn: socket.socket, reader: HandoffReader) -> None:
         self.conn = conn
         self.reader = reader
         self.fds: deque[socket.socket] = deque()
+        #: Bytes to ask of each recvmsg (:func:`recv_size`), found once: the
+        #: socket type is an enum conversion per look-up.
+        self.size = recv_size(conn)
 
     @classmethod
     def of(cls, conn: socket.socket, reader: HandoffReader) -> Assembly:

@@ -149,6 +149,10 @@ class Receiver:
         return bool(limit) and len(self._live) + self._taking >= limit
 
     def _on_listener(self, listener: socket.socket) -> None:
+        # The raw accept and plain ints: socket.accept() converts the
+        # listener's family and type to enums for every connection.
+        accept = listener._accept  # type: ignore[attr-defined]
+        family, kind = int(listener.family), int(listener.type)
         for _ in range(ACCEPT_BATCH):
             if self._at_limit():
                 log.warning(
@@ -158,7 +162,7 @@ class Receiver:
                 self._pause()
                 return
             try:
-                conn, _ = listener.accept()
+                conn = socket.socket(family, kind, 0, accept()[0])
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -174,7 +178,7 @@ class Receiver:
                     "taking handoffs again after %.1f s", self.loop.time() - self._starved_since
                 )
                 self._starved_since = None
-            self._on_connection(conn)
+            self._on_connection(conn, kind)
 
     def _allowed(self, conn: socket.socket) -> bool:
         if sender_allowed(conn, self.options):
@@ -182,7 +186,7 @@ class Receiver:
         self.metrics.inc("handoff_errors_total", reason="peer_refused")
         return False
 
-    def _on_connection(self, conn: socket.socket) -> None:
+    def _on_connection(self, conn: socket.socket, kind: int) -> None:
         if not self._allowed(conn):
             # Closing the UNIX connection makes the kernel release any fd
             # queued on it (unix(7)), so the refused client is closed too.
@@ -190,7 +194,7 @@ class Receiver:
             return
         conn.setblocking(False)
         self._taking += 1  # counts towards --max-connections until it is a Handoff
-        self.spawn(self._take(conn))
+        self.spawn(self._take(conn, kind))
 
     def spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
         """Run ``coro`` as a tracked task (cancelled after the shutdown grace)."""
@@ -205,10 +209,10 @@ class Receiver:
 
     # --- taking handoffs -------------------------------------------------------------
 
-    async def _take(self, conn: socket.socket) -> None:
+    async def _take(self, conn: socket.socket, kind: int) -> None:
         keep = False  # True when conn became the client (plain SCGI)
         try:
-            reader = HandoffReader(conn.type)
+            reader = HandoffReader(kind)
             try:
                 got = await self._receive(conn, reader)
             finally:
@@ -374,7 +378,7 @@ class Receiver:
         reserve = self._reserve
         reserve.release()
         try:
-            data, fd_sock = fdpass.recv_fd_nowait(conn, fdpass.recv_size(conn), blocking=False)
+            data, fd_sock = fdpass.recv_fd_nowait(conn, assembly.size, blocking=False)
         except BlockingIOError:
             return NEED_DATA
         finally:

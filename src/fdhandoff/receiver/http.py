@@ -43,12 +43,13 @@ _BAD_VALUE: Final = re.compile(rb"[\r\n\x00]")
 _date_cache: tuple[int, bytes] = (0, b"")
 
 
+#: Reason phrases by code: HTTPStatus(code) builds an enum member per call.
+_REASONS: Final = {int(status): status.phrase for status in HTTPStatus}
+
+
 def reason(status: int) -> str:
     """The standard reason phrase, or an empty one for unknown codes."""
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return ""
+    return _REASONS.get(status, "")
 
 
 def http_date() -> bytes:
