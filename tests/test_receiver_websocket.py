@@ -351,6 +351,15 @@ def _upgraded_client(path: str) -> socket.socket:
     return client
 
 
+def _exchange(path: str, *frames: bytes) -> bytes:
+    """Send ``frames`` in one write on an upgraded connection; all the receiver sent back."""
+    client = _upgraded_client(path)
+    client.sendall(b"".join(frames))
+    data = read_all(client)
+    client.close()
+    return data
+
+
 def test_pong_for_a_ping_between_fragments_goes_before_the_echo(
     tmp_path: Path, no_fd_leak: None
 ) -> None:
@@ -359,15 +368,13 @@ def test_pong_for_a_ping_between_fragments_goes_before_the_echo(
     must not overtake the queued pong."""
     path = str(tmp_path / "r.sock")
     with ReceiverThread(echo, [Bind(path)]):
-        client = _upgraded_client(path)
-        client.sendall(
-            encode_frame(Opcode.TEXT, b"frag", fin=False, mask=b"abcd")
-            + encode_frame(Opcode.PING, b"ping", mask=b"efgh")
-            + encode_frame(Opcode.CONTINUATION, b"ment", mask=b"ijkl")
-            + encode_frame(Opcode.CLOSE, b"\x03\xe8", mask=b"mnop")
+        data = _exchange(
+            path,
+            encode_frame(Opcode.TEXT, b"frag", fin=False, mask=b"abcd"),
+            encode_frame(Opcode.PING, b"ping", mask=b"efgh"),
+            encode_frame(Opcode.CONTINUATION, b"ment", mask=b"ijkl"),
+            encode_frame(Opcode.CLOSE, b"\x03\xe8", mask=b"mnop"),
         )
-        data = read_all(client)
-        client.close()
     assert data == (
         encode_frame(Opcode.PONG, b"ping")
         + encode_frame(Opcode.TEXT, b"fragment")
@@ -385,14 +392,12 @@ def test_messages_before_the_clients_close_are_answered(
     that reads it from the queue must not find the connection already gone."""
     path = str(tmp_path / "r.sock")
     with ReceiverThread(handler, [Bind(path)]):  # type: ignore[arg-type]
-        client = _upgraded_client(path)
-        client.sendall(
-            encode_frame(Opcode.TEXT, b"one", mask=b"abcd")
-            + encode_frame(Opcode.BINARY, b"two", mask=b"efgh")
-            + encode_frame(Opcode.CLOSE, b"\x03\xe8bye", mask=b"ijkl")
+        data = _exchange(
+            path,
+            encode_frame(Opcode.TEXT, b"one", mask=b"abcd"),
+            encode_frame(Opcode.BINARY, b"two", mask=b"efgh"),
+            encode_frame(Opcode.CLOSE, b"\x03\xe8bye", mask=b"ijkl"),
         )
-        data = read_all(client)
-        client.close()
     assert data == (
         encode_frame(Opcode.TEXT, b"one")
         + encode_frame(Opcode.BINARY, b"two")
@@ -411,13 +416,11 @@ def test_close_reply_waits_for_a_callback_set_late(tmp_path: Path, no_fd_leak: N
 
     path = str(tmp_path / "r.sock")
     with ReceiverThread(late, [Bind(path)]):
-        client = _upgraded_client(path)
-        client.sendall(
-            encode_frame(Opcode.TEXT, b"early", mask=b"abcd")
-            + encode_frame(Opcode.CLOSE, b"\x03\xe8", mask=b"efgh")
+        data = _exchange(
+            path,
+            encode_frame(Opcode.TEXT, b"early", mask=b"abcd"),
+            encode_frame(Opcode.CLOSE, b"\x03\xe8", mask=b"efgh"),
         )
-        data = read_all(client)
-        client.close()
     assert data == encode_frame(Opcode.TEXT, b"early") + encode_frame(Opcode.CLOSE, b"\x03\xe8")
 
 
@@ -460,13 +463,11 @@ def test_messages_before_a_protocol_error_are_answered(
     the failing close frame is sent, in the coroutine style too."""
     path = str(tmp_path / "r.sock")
     with ReceiverThread(handler, [Bind(path)]):  # type: ignore[arg-type]
-        client = _upgraded_client(path)
-        client.sendall(
-            encode_frame(Opcode.TEXT, b"fine", mask=b"abcd")
-            + encode_frame(Opcode.TEXT, b"bad", mask=b"efgh", rsv=2)
-            + encode_frame(Opcode.PING, b"", mask=b"ijkl")
+        data = _exchange(
+            path,
+            encode_frame(Opcode.TEXT, b"fine", mask=b"abcd"),
+            encode_frame(Opcode.TEXT, b"bad", mask=b"efgh", rsv=2),
+            encode_frame(Opcode.PING, b"", mask=b"ijkl"),
         )
-        data = read_all(client)
-        client.close()
     assert data.startswith(encode_frame(Opcode.TEXT, b"fine") + b"\x88")
     assert struct.unpack("!H", data[8:10])[0] == 1002
