@@ -164,6 +164,15 @@ def tcp_pair() -> tuple[socket.socket, socket.socket]:
     return client, server_side
 
 
+def read_to_fin(sock: socket.socket, timeout: float = 10.0) -> bytes:
+    """Read until EOF; a reset (``ConnectionResetError``) fails the caller's test."""
+    sock.settimeout(timeout)
+    out = bytearray()
+    while data := sock.recv(1 << 16):
+        out += data
+    return bytes(out)
+
+
 def read_all(sock: socket.socket, timeout: float = 10.0, limit: int = 1 << 30) -> bytes:
     """Read until EOF (or ``timeout`` seconds without data)."""
     sock.settimeout(timeout)

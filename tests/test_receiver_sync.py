@@ -23,6 +23,7 @@ from test_receiver_support import (
     SyncReceiverThread,
     front_headers,
     read_all,
+    read_to_fin,
     read_until,
     send_payload,
     send_scgi,
@@ -165,10 +166,7 @@ def test_close_after_a_protocol_error_is_a_fin_not_a_reset(
         send_scgi(path, front_headers("GET", "/", HANDOFF_UPGRADED="websocket"), server_side)
         # Unmasked, then more than one read of the receiver (64 KiB) behind it.
         client.sendall(bytes([0x81, 0x05]) + b"hello" + b"unread" * 17000)
-        client.settimeout(10)
-        data = b""
-        while chunk := client.recv(65536):  # ConnectionResetError would fail the test
-            data += chunk
+        data = read_to_fin(client)
         client.close()
     assert data[:1] == b"\x88"
     assert int.from_bytes(data[2:4], "big") == 1002

@@ -26,6 +26,7 @@ from test_receiver_support import (
     ReceiverThread,
     front_headers,
     read_all,
+    read_to_fin,
     read_until,
     send_payload,
     send_scgi,
@@ -169,13 +170,7 @@ def test_close_after_a_protocol_error_is_a_fin_not_a_reset(
         client, server_side = tcp_pair()
         send_scgi(path, front_headers("GET", "/", HANDOFF_UPGRADED="websocket"), server_side)
         client.sendall(bytes([0x81, 0x05]) + b"hello" + b"unread" * 100)
-        client.settimeout(10)
-        data = b""
-        while True:
-            chunk = client.recv(65536)  # ConnectionResetError would fail the test
-            if not chunk:
-                break
-            data += chunk
+        data = read_to_fin(client)
         client.close()
     assert data[0] == 0x88
     assert struct.unpack("!H", data[2:4])[0] == 1002
