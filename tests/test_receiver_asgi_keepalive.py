@@ -136,6 +136,51 @@ def test_empty_lines_between_requests_are_ignored(sock_path: str) -> None:
         client.close()
 
 
+def test_http10_request_after_a_kept_alive_one_is_served_and_ends_it(
+    sock_path: str, no_fd_leak: None
+) -> None:
+    """RFC 9112 section 9.3: an HTTP/1.0 request (no keep-alive) is answered
+    close-delimited, and the connection ends after it; the status line says
+    HTTP/1.1, the version the server implements (RFC 9110 section 2.5)."""
+    counter = Counter()
+    with ASGIReceiver(counter.app(), sock_path):
+        client = hand_over(sock_path, "GET", "/a")
+        reader = ResponseReader(client)
+        assert reader.read().status == 200
+        client.sendall(b"GET /stream HTTP/1.0\r\n\r\n")
+        last = reader.read()
+        assert last.status == 200
+        assert last.header("transfer-encoding") is None
+        assert last.body == b"0;1;2;"
+        assert reader.closed()
+        client.close()
+
+
+def test_bare_lf_before_a_next_request_is_400(sock_path: str, no_fd_leak: None) -> None:
+    """Bare line ends are refused everywhere, as the front refuses them, so a
+    head is judged the same whichever server reads it."""
+    with ASGIReceiver(Counter().app(), sock_path):
+        client = hand_over(sock_path, "GET", "/a")
+        reader = ResponseReader(client)
+        assert reader.read().status == 200
+        client.sendall(b"\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert reader.read().status == 400
+        assert reader.closed()
+        client.close()
+
+
+def test_empty_lines_split_across_reads_before_a_next_request(sock_path: str) -> None:
+    with ASGIReceiver(Counter().app(), sock_path):
+        client = hand_over(sock_path, "GET", "/a")
+        reader = ResponseReader(client)
+        assert reader.read().status == 200
+        for piece in (b"\r", b"\n\r", b"\n", b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n"):
+            client.sendall(piece)
+            time.sleep(0.02)
+        assert reader.read().body == b"GET /b 0"
+        client.close()
+
+
 def test_client_connection_close_is_honoured(sock_path: str, no_fd_leak: None) -> None:
     with ASGIReceiver(Counter().app(), sock_path):
         client = hand_over(sock_path, "GET", "/a")
@@ -226,7 +271,7 @@ def test_background_task_does_not_hold_the_next_request(sock_path: str) -> None:
         (b"GET / HTTP/1.1\r\n\r\n", 400),  # no Host
         (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
         (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-Big: " + b"b" * 40000 + b"\r\n\r\n", 431),
-        (b"GET / HTTP/1.0\r\nHost: x\r\n\r\n", 505),
+        (b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", 505),
         (b"GET / HTTP/1.1\nHost: x\n\n", 400),  # bare LF
         (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
     ],

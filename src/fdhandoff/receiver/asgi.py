@@ -33,7 +33,14 @@ from typing import Any, Final
 
 from .. import websocket
 from ..errors import ConfigError, ProtocolError
-from ..httphead import DEFAULT_LIMITS, HeadLimits, find_head_end, incomplete_head_error, parse_head
+from ..httphead import (
+    DEFAULT_LIMITS,
+    HeadLimits,
+    empty_lines_end,
+    find_head_end,
+    incomplete_head_error,
+    parse_head,
+)
 from ..message import Format
 from .asgi_conn import Connection
 from .asgi_http import HTTPCycle
@@ -267,7 +274,9 @@ class ASGIAdapter:
             if head is None:
                 conn.close()
                 return None
-            request = request_from_head(parse_head(head, self.head_limits))
+            # An HTTP/1.0 request after a 1.1 one is answered in 1.0 and ends
+            # the connection (RFC 9112 section 9.3), as the first one would.
+            request = request_from_head(parse_head(head, self.head_limits, http10=True))
             return request, framing(request.headers)
         except ProtocolError as exc:
             await self._refuse(conn, exc)
@@ -284,10 +293,14 @@ class ASGIAdapter:
         searched = 0
         deadline = conn.loop.time() + HEAD_TIMEOUT if buf else None
         while True:
-            # RFC 9112 section 2.2: empty lines before a request line are ignored.
-            if buf[:1] in (b"\r", b"\n"):
-                buf = buf.lstrip(b"\r\n")
-                searched = 0
+            # RFC 9112 section 2.2: empty lines (CRLF) before a request line are
+            # ignored.  A bare LF stays, and parse_head refuses it as the front
+            # does; a lone CR may be the first half of the next CRLF.
+            if buf[:1] == b"\r":
+                skip = empty_lines_end(buf)
+                if skip:
+                    buf = buf[skip:]
+                    searched = 0
             end = find_head_end(buf, max(0, searched - 3))
             if end > 0:
                 conn.buf = buf[end:]

@@ -122,7 +122,9 @@ def request_from_head(head: RequestHead) -> Request:
     """A request read from the connection itself (keep-alive, pipelining)."""
     raw_path, query = split_target(head.target)
     headers = [(name.lower(), value) for name, value in head.headers]
-    return Request(head.method.decode("latin-1"), raw_path, query, headers)
+    return Request(
+        head.method.decode("latin-1"), raw_path, query, headers, http_version=head.version.decode()
+    )
 
 
 def extension_for(info: HandoffInfo) -> dict[str, Any]:
