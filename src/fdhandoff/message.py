@@ -311,6 +311,8 @@ class HandoffReader:
     def _receive_scgi(self, data: bytes, nfds: int) -> None:
         if nfds > 1:
             raise ProtocolError(f"{nfds} fds arrived with one handoff, expected 1")
+        if nfds and not self._scgi_started and self._format is Format.SCGI and self._whole(data):
+            return
         unclaimed = nfds  # the fd of the handoff that starts in this read
         if not self._scgi_started:
             if self._channel:
@@ -340,6 +342,37 @@ class HandoffReader:
                 return
         if unclaimed:
             raise ProtocolError("a second fd arrived inside one SCGI handoff")
+
+    def _whole(self, data: bytes) -> bool:
+        """Record a handoff that starts and ends in ``data`` with its fd; True if done.
+
+        The usual case (one ``sendmsg`` per handoff) without the incremental
+        decoder.  False, with nothing changed, for anything else: the decoder,
+        still fresh, then reads the same bytes and gives the verdict, so both
+        paths accept and refuse the same handoffs.
+        """
+        parsed = scgi.parse_whole(data, self._max_block)
+        if parsed is None:
+            return False
+        headers, length, end = parsed
+        rest = len(data) - end - length
+        if length > self._max_body or rest < 0:
+            return False  # 413, or the body is still on its way
+        channel = scgi.header_value(headers, CHANNEL_HEADER) == b"1"
+        if channel and rest:
+            return False  # bytes of another handoff without its fd: an error
+        try:
+            _check_duplicates(headers)
+        except ProtocolError:
+            return False
+        body = data[end : end + length] if length else b""
+        record = HandoffRecord(Format.SCGI, headers=headers, body=body, channel=channel)
+        self._records.append(record)
+        self._channel = channel
+        if not channel:
+            self._closed = True  # one SCGI message per connection
+            self.trailing_data = data[end + length :]
+        return True
 
     @staticmethod
     def _claim_fd(unclaimed: int) -> int:
