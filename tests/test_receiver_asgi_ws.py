@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -557,3 +558,43 @@ def test_close_after_a_protocol_error_is_a_fin_not_a_reset(
         assert app.done.wait(IO_TIMEOUT)
     assert data[:1] == b"\x88"
     assert int.from_bytes(data[2:4], "big") == CloseCode.PROTOCOL_ERROR
+
+
+@pytest.mark.parametrize(
+    ("first", "then", "code"),
+    [
+        # A violation: the client answers the failing close frame (section 5.5.1).
+        (client_frame(Opcode.TEXT, b"\xff"), None, CloseCode.INVALID_DATA),
+        # The client's close, then a frame it should not send (Autobahn 7.1.3).
+        (
+            client_frame(Opcode.CLOSE, CloseCode.NORMAL.to_bytes(2, "big")),
+            client_frame(Opcode.PING, b"late"),
+            CloseCode.NORMAL,
+        ),
+    ],
+    ids=["answer-to-a-violation", "frame-after-the-clients-close"],
+)
+def test_what_the_client_sends_after_our_last_close_frame_meets_no_reset(
+    sock_path: str, first: bytes, then: bytes | None, code: int, no_fd_leak: None
+) -> None:
+    """RFC 6455 section 7.1.1: the server closes the TCP connection first (FIN
+    right behind our last close frame), but reads on until the client's FIN.
+    Closed outright, the socket answered the client's close reply with a
+    reset (RFC 1122 4.2.2.13) that can destroy the close frame before the
+    client read it; the client sees it as EPIPE."""
+    app = EchoRecorder()
+    with ASGIReceiver(app, sock_path):
+        client = RawClient(sock_path)
+        assert client.handshake() == 101
+        client.sock.sendall(first)
+        data = b""
+        while chunk := client.sock.recv(65536):  # the server closed first
+            data += chunk
+        client.sock.sendall(client_frame(Opcode.CLOSE, data[2:4]) if then is None else then)
+        time.sleep(0.3)
+        error = client.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        client.close()
+        assert app.done.wait(IO_TIMEOUT)
+    assert data[:1] == b"\x88"
+    assert int.from_bytes(data[2:4], "big") == code
+    assert error == 0, os.strerror(error)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
 import threading
 import time
@@ -243,3 +244,26 @@ def test_declined_channel_is_one_handoff_per_connection(tmp_path: Path, no_fd_le
         assert conn.recv(1) == b""  # closed, no ACK
         assert split_response(read_all(client))[0] == 200
         client.close()
+
+
+def test_the_clients_close_reply_after_a_protocol_error_meets_no_reset(
+    tmp_path: Path, no_fd_leak: None
+) -> None:
+    """RFC 6455 section 7.1.1 (the server closes the TCP connection first)
+    and 5.5.1 (the client answers a close frame): FIN right behind the failing
+    close frame, but the socket reads on until the client's FIN.  Closed
+    outright, it answered the reply with a reset (RFC 1122 4.2.2.13) that can
+    destroy the close frame before the client read it (seen here as EPIPE)."""
+    path = str(tmp_path / "r.sock")
+    with SyncReceiverThread(ws_echo, [Bind(path)]):
+        client, server_side = tcp_pair()
+        send_scgi(path, front_headers("GET", "/", HANDOFF_UPGRADED="websocket"), server_side)
+        client.sendall(encode_frame(Opcode.TEXT, b"\xff", mask=b"abcd"))
+        data = read_to_fin(client)  # the server closed first
+        client.sendall(encode_frame(Opcode.CLOSE, data[2:4], mask=b"efgh"))
+        time.sleep(0.3)
+        error = client.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        client.close()
+    assert data[:1] == b"\x88"
+    assert int.from_bytes(data[2:4], "big") == 1007
+    assert error == 0, os.strerror(error)

@@ -466,3 +466,69 @@ def test_messages_before_a_protocol_error_are_answered(
         )
     assert data.startswith(encode_frame(Opcode.TEXT, b"fine") + b"\x88")
     assert struct.unpack("!H", data[8:10])[0] == 1002
+
+
+@pytest.mark.parametrize("handler", [echo, coroutine_echo])
+@pytest.mark.parametrize(
+    ("first", "then", "code"),
+    [
+        # A violation: the client answers the failing close frame (section 5.5.1).
+        (encode_frame(Opcode.TEXT, b"\xff", mask=b"abcd"), None, 1007),
+        # The client's close, then a frame it should not send (Autobahn 7.1.3).
+        (
+            encode_frame(Opcode.CLOSE, b"\x03\xe8", mask=b"abcd"),
+            encode_frame(Opcode.PING, b"late", mask=b"efgh"),
+            1000,
+        ),
+    ],
+    ids=["answer-to-a-violation", "frame-after-the-clients-close"],
+)
+def test_what_the_client_sends_after_our_last_close_frame_meets_no_reset(
+    tmp_path: Path,
+    handler: object,
+    first: bytes,
+    then: bytes | None,
+    code: int,
+    no_fd_leak: None,
+) -> None:
+    """RFC 6455 section 7.1.1: the server closes the TCP connection first, so
+    the FIN comes right behind our last close frame; but the socket stays
+    readable until the client's FIN.  Closed outright, it answered the
+    client's close reply with a reset (RFC 1122 4.2.2.13), which can destroy
+    the close frame before the client read it; the client sees it as EPIPE."""
+    path = str(tmp_path / "r.sock")
+    with ReceiverThread(handler, [Bind(path)]):  # type: ignore[arg-type]
+        client = _upgraded_client(path)
+        client.sendall(first)
+        data = read_to_fin(client)  # the server closed first
+        reply = encode_frame(Opcode.CLOSE, data[2:4], mask=b"ijkl")
+        client.sendall(reply if then is None else then)
+        time.sleep(0.3)
+        error = client.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        client.close()
+    assert data[:1] == b"\x88"
+    assert struct.unpack("!H", data[2:4])[0] == code
+    assert error == 0, os.strerror(error)
+
+
+def test_a_client_that_never_closes_its_side_is_closed_after_the_linger_timeout(
+    tmp_path: Path, no_fd_leak: None
+) -> None:
+    ended: list[float] = []
+
+    async def handler(handoff: Handoff) -> None:
+        ws = await handoff.websocket()
+        ws.on_close = lambda ws: ended.append(time.monotonic())
+
+    path = str(tmp_path / "r.sock")
+    with ReceiverThread(handler, [Bind(path)], Options(linger_timeout=0.3)):
+        client = _upgraded_client(path)
+        client.sendall(encode_frame(Opcode.CLOSE, b"\x03\xe8", mask=b"abcd"))
+        assert read_to_fin(client) == encode_frame(Opcode.CLOSE, b"\x03\xe8")
+        fin = time.monotonic()
+        deadline = fin + 10
+        while not ended and time.monotonic() < deadline:
+            time.sleep(0.02)
+        client.close()
+    assert ended
+    assert 0.2 < ended[0] - fin < 5

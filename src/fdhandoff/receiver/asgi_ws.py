@@ -146,6 +146,18 @@ class WebSocketCycle:
             if self.state is _State.ANSWERED and not conn.broken:
                 self._log()  # times the answer, not the lingering close
                 await conn.linger_close()
+            elif self._close is not None and self._close[0] != CloseCode.ABNORMAL:
+                # Our last close frame is written (the reply, or the failing
+                # one).  RFC 6455 section 7.1.1: the server closes the TCP
+                # connection first, and the client answers a close frame with
+                # its own (section 5.5.1): closing outright, that reply (or
+                # frames in flight) would meet a closed socket and a reset
+                # (RFC 1122 4.2.2.13) that can destroy our close frame before
+                # it is read.  So FIN now, read and drop until the client's
+                # FIN, bounded by linger_timeout.  Not after 1006: the client
+                # is gone already.
+                self._log()
+                await conn.linger_close()
         finally:
             self._close_connection()
             self._log()

@@ -20,12 +20,18 @@ to the kernel.  Two ways to consume messages:
 A client that breaks the protocol (a frame header announcing 2^62 bytes, bad
 UTF-8, an unmasked frame) gets the close frame the codec chose (1002, 1007,
 1009) and only its own connection ends.
+
+After our last close frame the connection is half-closed (FIN) and the
+client's bytes are read and dropped until its own FIN, for at most
+``Options.linger_timeout``: the close reply the client must send (RFC 6455
+section 5.5.1) then meets an open socket, not a reset.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Final
@@ -80,7 +86,15 @@ class _Inbox:
 class WebSocket(Stream):
     """One WebSocket connection; see the module documentation."""
 
-    __slots__ = ("_close_timer", "_codec", "_inbox", "_on_message", "close_code", "subprotocol")
+    __slots__ = (
+        "_close_timer",
+        "_codec",
+        "_inbox",
+        "_lingering",
+        "_on_message",
+        "close_code",
+        "subprotocol",
+    )
 
     def __init__(
         self,
@@ -93,6 +107,8 @@ class WebSocket(Stream):
         self._on_message: MessageCallback | None = None
         self._inbox: _Inbox | None = None
         self._close_timer: asyncio.TimerHandle | None = None
+        # While half-closed after our last frame: the reason to log at the end.
+        self._lingering: tuple[str | None] | None = None
         #: The close code once the connection ended (1006: closed without one).
         self.close_code: int | None = None
         self.subprotocol = subprotocol
@@ -180,14 +196,19 @@ class WebSocket(Stream):
         return self._codec.state is websocket.State.CLOSED and not super().closed
 
     def _on_data(self, data: bytes) -> None:
-        if self._reply_deferred:
+        if self._reply_deferred or super().closed:
             # Nothing after the client's close frame (RFC 6455 section 5.5.1)
-            # or a violation (section 7.1.7) is processed.
+            # or a violation (section 7.1.7) is processed: not while our last
+            # frame waits for queued messages or for the socket, nor while
+            # lingering (the codec would raise its violation again).
             return
         self._codec.receive_data(data)
         self._pump()
 
     def _on_eof(self) -> None:
+        if self._lingering is not None:
+            self._linger_end()  # the client's FIN: both sides are closed
+            return
         if self.close_code is None:
             self.close_code = CloseCode.ABNORMAL
         self._abort("client closed the connection")
@@ -241,6 +262,49 @@ class WebSocket(Stream):
         self._flush_replies()
         error = self._codec.error
         self._end(None if error is None else f"protocol error, close {error.close_code}: {error}")
+
+    def _finish(self, why: str | None, *, clean: bool) -> None:
+        # A clean end comes after our last close frame is written: the
+        # closing handshake completed, or the connection was failed.
+        if clean and self._lingering is None and self._half_close():
+            self._lingering = (why,)
+            return
+        super()._finish(why, clean=clean)
+
+    def _half_close(self) -> bool:
+        """Send FIN and keep reading until the client's, for a bounded time.
+
+        RFC 6455 section 7.1.1: the server closes the TCP connection first,
+        and after our close frame the client still sends its own (section
+        5.5.1 requires it), possibly behind frames already in flight.
+        Closing the socket outright, such bytes arriving after it (or between
+        ``drain_unread`` and ``close``) are answered with a reset (RFC 1122
+        4.2.2.13), which can destroy our close frame before the client read
+        it.  Half-closed, the FIN goes now and what the client sends is read
+        and dropped until its FIN or ``linger_timeout``.
+        """
+        sock = self._sock
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return False  # the connection is gone: close now
+        loop = self._receiver.loop
+        inbox = self._inbox
+        if inbox is not None and inbox.paused:  # back-pressure: the reader was removed
+            inbox.paused = False
+            loop.add_reader(sock.fileno(), self._on_readable)
+        self._close_timer = loop.call_later(
+            self._receiver.options.linger_timeout, self._linger_end
+        )
+        return True
+
+    def _linger_end(self) -> None:
+        lingering = self._lingering
+        assert lingering is not None
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
+        super()._finish(lingering[0], clean=True)
 
     def _flush_replies(self) -> None:
         out = self._codec.data_to_send()

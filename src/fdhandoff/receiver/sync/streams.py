@@ -217,6 +217,7 @@ class WebSocket(_SyncStream):
             self.close_code = exc.close_code
             log.info("WebSocket client broke the protocol: %s (close %d)", exc, exc.close_code)
             self._send_quietly(codec.data_to_send())
+            self._half_close()
             with self._lock:
                 self._finish(f"protocol error, close {exc.close_code}: {exc}")
             raise ConnectionClosed(f"protocol error: {exc}") from None
@@ -227,6 +228,8 @@ class WebSocket(_SyncStream):
         if isinstance(event, websocket.Close):
             if self.close_code is None:
                 self.close_code = event.code
+            if event.code != CloseCode.ABNORMAL:  # 1006: EOF already, or no reply in time
+                self._half_close()
             with self._lock:
                 self._finish(None)
             raise ConnectionClosed(f"WebSocket closed (code {event.code})")
@@ -235,6 +238,28 @@ class WebSocket(_SyncStream):
                 raise ConnectionClosed(f"WebSocket closed (code {self.close_code})")
             codec.receive_data(self._recv(deadline))
         return None
+
+    def _half_close(self) -> None:
+        """After our last close frame: FIN now, then read and drop what the
+        client sends until its FIN, for at most ``linger_timeout``.
+
+        RFC 6455 section 7.1.1: the server closes the TCP connection first;
+        section 5.5.1: the client answers our close frame with its own.
+        Closing the socket outright, that reply (or frames already in flight)
+        arriving after it, or between ``_drain_unread`` and ``close``, is
+        answered with a reset (RFC 1122 4.2.2.13) that can destroy our close
+        frame before the client read it.  Writers are refused meanwhile: the
+        codec is no longer OPEN.
+        """
+        sock = self._sock
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + self._handoff.receiver.options.linger_timeout
+            while (left := deadline - time.monotonic()) > 0:
+                if _readable(sock, left) and not sock.recv(READ_SIZE):
+                    return  # the client's FIN
+        except (OSError, ValueError):  # gone, or closed by another thread
+            return
 
     def _recv(self, deadline: float | None) -> bytes:
         """Bytes from the client; ``b""`` at EOF or when the stream must end."""
