@@ -6,6 +6,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import logging
 import os
 import socket
 import struct
@@ -16,6 +17,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed as WsClosed
 from websockets.sync.client import connect
 
+from fdhandoff import websocket
 from fdhandoff.receiver import Channel, Handoff, Options, WebSocket
 from fdhandoff.receiver import ws as ws_module
 from fdhandoff.receiver.listeners import Bind
@@ -532,3 +534,41 @@ def test_a_client_that_never_closes_its_side_is_closed_after_the_linger_timeout(
         client.close()
     assert ended
     assert 0.2 < ended[0] - fin < 5
+
+
+def test_a_client_behind_in_reading_gets_every_echo_and_the_close_after_a_violation(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, no_fd_leak: None
+) -> None:
+    """The echoes and the failing close frame wait in the write backlog while
+    the client, which reads nothing yet, sends more.  Those bytes must not
+    reach the failed codec (it raises its violation again, from the reader
+    callback), and closing once the backlog is written must not reset the
+    connection: the reset destroyed everything the client had not read yet."""
+    path = str(tmp_path / "r.sock")
+    with ReceiverThread(echo, [Bind(path)]):
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            client = socket.socket()
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills up fast
+            client.connect(listener.getsockname())
+            server_side, _ = listener.accept()
+        send_scgi(path, front_headers("GET", "/", HANDOFF_UPGRADED="websocket"), server_side)
+        client.settimeout(10)
+        for _ in range(6):
+            client.sendall(encode_frame(Opcode.BINARY, b"x" * 65536, mask=b"abcd"))
+        client.sendall(bytes([0x81, 0x05]) + b"hello")  # unmasked: 1002
+        time.sleep(0.2)
+        client.sendall(b"sent after the violation" * 10)
+        time.sleep(0.2)
+        data = read_to_fin(client)  # a reset fails the test
+        client.close()
+    codec = websocket.WebSocket(client=True)
+    codec.receive_data(data)
+    events = []
+    while (event := codec.next_event()) is not websocket.NEED_DATA:
+        events.append(event)
+        if isinstance(event, websocket.Close):
+            break
+    assert events[:6] == [websocket.Message(b"x" * 65536)] * 6
+    assert isinstance(events[6], websocket.Close)
+    assert events[6].code == 1002
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
