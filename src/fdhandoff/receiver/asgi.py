@@ -176,7 +176,7 @@ class ASGIAdapter:
         )
         # Only an SCGI handoff leaves the client's next request to us.
         persistent = handoff.format is Format.SCGI and not decided and self.keepalive_timeout > 0
-        handoff.receiver.spawn(self._serve(conn, request, body, persistent, cgi))
+        handoff.receiver.spawn(self._serve(conn, request, body, persistent, cgi), eager=True)
 
     # --- serving a connection -------------------------------------------------------------
 

@@ -34,6 +34,7 @@ import errno
 import logging
 import signal
 import socket
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Final, Protocol
@@ -49,6 +50,11 @@ from .options import ACCEPT_BACKOFF, Options, sender_allowed
 from .stream import ConnectionClosed, Stream
 
 __all__ = ["Handler", "Receiver", "serve"]
+
+#: asyncio.Task(eager_start=True) exists from Python 3.12 (eager task
+#: factories); on 3.11 a handler's first step waits for the next loop
+#: iteration, measured at about 20 µs of a handoff's latency.
+_EAGER: Final = sys.version_info >= (3, 12)
 
 log = logging.getLogger("fdhandoff.receiver")
 access_logger = logging.getLogger("fdhandoff.access")
@@ -196,9 +202,22 @@ class Receiver:
         self._taking += 1  # counts towards --max-connections until it is a Handoff
         self.spawn(self._take(conn, kind))
 
-    def spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
-        """Run ``coro`` as a tracked task (cancelled after the shutdown grace)."""
-        task: asyncio.Task[None] = self.loop.create_task(coro)  # type: ignore[arg-type]
+    def spawn(self, coro: Awaitable[None], *, eager: bool = False) -> asyncio.Task[None]:
+        """Run ``coro`` as a tracked task (cancelled after the shutdown grace).
+
+        ``eager``: on Python 3.12+ the task's first step runs now, inside the
+        caller, rather than in the next loop iteration: a handler that answers
+        without waiting has answered when this returns, and one that is done
+        by then costs no tracking.  For callers that do nothing the task
+        depends on after spawning it.
+        """
+        task: asyncio.Task[None]
+        if eager and _EAGER:
+            task = asyncio.Task(coro, loop=self.loop, eager_start=True)  # type: ignore[arg-type,call-arg,unused-ignore]
+            if task.done():
+                return task
+        else:
+            task = self.loop.create_task(coro)  # type: ignore[arg-type]
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
         return task
@@ -261,7 +280,7 @@ class Receiver:
         channel, acknowledge it."""
         handoff = self._open(record, client)
         if handoff is not None:
-            self.spawn(self._run(handoff))
+            self.spawn(self._run(handoff), eager=True)
         if record.channel:
             self._ack(conn)
 
