@@ -200,7 +200,9 @@ class Receiver:
             return
         conn.setblocking(False)
         self._taking += 1  # counts towards --max-connections until it is a Handoff
-        self.spawn(self._take(conn, kind))
+        # Eager: the handoff is usually in the socket already (the sender
+        # connects and sends at once), so it is read and answered right here.
+        self.spawn(self._take(conn, kind), eager=True)
 
     def spawn(self, coro: Awaitable[None], *, eager: bool = False) -> asyncio.Task[None]:
         """Run ``coro`` as a tracked task (cancelled after the shutdown grace).
