@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from fdhandoff.errors import ProtocolError
 from fdhandoff.httphead import (
+    MAX_TRAILER_SIZE,
     ChunkedReader,
     HeadLimits,
     empty_lines_end,
@@ -17,6 +18,7 @@ from fdhandoff.httphead import (
     parse_response_head,
     split_host,
 )
+from fdhandoff.receiver.body import END, BodyDecoder
 
 GET = (
     b"GET /fd/hello?x=1&y=two%20words HTTP/1.1\r\n"
@@ -236,6 +238,69 @@ def test_chunked_reader_rejects(bad: bytes) -> None:
         reader.feed(b"\r\n\r\n")
     with pytest.raises(ProtocolError):
         reader.feed(b"0\r\n\r\n")  # stays failed
+
+
+#: Chunked bodies judged by RFC 9112 §7.1's grammar, and whether each is well-formed.
+CHUNK_GRAMMAR = [
+    (b"5;a=b\r\nhello\r\n0\r\n\r\n", True),
+    (b'5;a="b c\\"d"\r\nhello\r\n0\r\n\r\n', True),  # quoted-string, quoted-pair
+    (b"5 ;a=b\r\nhello\r\n0\r\n\r\n", True),  # BWS before ';' (§7.1.1)
+    (b"5\t; a = b\r\nhello\r\n0\r\n\r\n", True),
+    (b"5\r\nhello\r\n0\r\nX-Sum: 1\r\nY:\r\n\r\n", True),
+    (b"5;\r\nhello\r\n0\r\n\r\n", False),  # ';' without a name
+    (b"5;a\x00\r\nhello\r\n0\r\n\r\n", False),  # NUL in an extension
+    (b"5;a\rb\r\nhello\r\n0\r\n\r\n", False),  # bare CR in an extension
+    (b"5;a@b\r\nhello\r\n0\r\n\r\n", False),  # not a token
+    (b"5;a=b c\r\nhello\r\n0\r\n\r\n", False),  # unquoted space in a value
+    (b'5;a="b\r\nhello\r\n0\r\n\r\n', False),  # unterminated quoted-string
+    (b" 5\r\nhello\r\n0\r\n\r\n", False),  # whitespace before the size
+    (b"5 \r\nhello\r\n0\r\n\r\n", False),  # whitespace, but no extension
+    (b"0x5\r\nhello\r\n0\r\n\r\n", False),
+    (b"5\r\nhello\r\n0\r\nNo-Colon\r\n\r\n", False),
+    (b"5\r\nhello\r\n0\r\nX: 1\r\n folded\r\n\r\n", False),  # obs-fold (§5.2)
+    (b"5\r\nhello\r\n0\r\nX : 1\r\n\r\n", False),  # whitespace before the colon
+    (b"5\r\nhello\r\n0\r\nX: a\x00b\r\n\r\n", False),
+    (b"5\r\nhello\r\n0\r\nX: a\rb\r\n\r\n", False),
+    (b"5\r\nhello\r\n0\r\nX: a\x01\r\n\r\n", False),
+    (b"5\r\nhello\r\n0\r\n: a\r\n\r\n", False),
+]
+
+
+@pytest.mark.parametrize(("body", "valid"), CHUNK_GRAMMAR)
+def test_chunked_grammar_is_the_same_for_front_and_receiver(body: bytes, valid: bool) -> None:
+    # The front (auth mode) and the receiver must cut a chunked body at the
+    # same byte and refuse the same ones, or a request is smuggled past one.
+    reader = ChunkedReader()
+    decoder = BodyDecoder(None, True)
+    decoder.receive_data(body + NEXT)
+    if not valid:
+        with pytest.raises(ProtocolError):
+            reader.feed(body)
+        with pytest.raises(ProtocolError):
+            while decoder.next_event() is not END:
+                pass
+        return
+    used, pieces = reader.feed(body + NEXT)
+    assert reader.done
+    assert (used, b"".join(pieces)) == (len(body), b"hello")
+    data = b""
+    while (event := decoder.next_event()) is not END:
+        assert isinstance(event, bytes)
+        data += event
+    assert (data, decoder.trailing_data) == (b"hello", NEXT)
+
+
+def test_trailer_section_is_bounded() -> None:
+    line = b"X-T: " + b"v" * 1000 + b"\r\n"
+    body = b"0\r\n" + line * (MAX_TRAILER_SIZE // len(line) + 1) + b"\r\n"
+    with pytest.raises(ProtocolError) as info:
+        ChunkedReader().feed(body)
+    assert info.value.status_hint == 431
+    decoder = BodyDecoder(None, True)
+    decoder.receive_data(body)
+    with pytest.raises(ProtocolError) as info:
+        decoder.next_event()
+    assert info.value.status_hint == 431
 
 
 # --- fuzz: accepts, or raises a documented error -------------------------------------------
@@ -458,6 +523,18 @@ def test_transfer_codings_other_than_chunked(te: bytes, status: int) -> None:
 def test_content_length_values_refused(cl: bytes) -> None:
     data = b"POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: " + cl + b"\r\n\r\n"
     assert status_of(data) == 400
+
+
+def test_content_length_digits_are_bounded_like_the_receivers() -> None:
+    # llhttp takes up to 2**64 - 1; the receiver's framing stops at 18
+    # significant digits, and the front refuses what the receiver would.
+    def post(cl: bytes) -> bytes:
+        return b"POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: " + cl + b"\r\n\r\n"
+
+    assert status_of(post(b"1" + b"0" * 18)) == 400
+    assert status_of(post(b"18446744073709551615")) == 400
+    assert parse_head(post(b"9" * 18)).content_length == 10**18 - 1
+    assert parse_head(post(b"0" * 30 + b"5")).content_length == 5  # leading zeros are digits
 
 
 def test_absolute_form_ip_literal_keeps_its_brackets() -> None:

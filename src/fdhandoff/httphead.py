@@ -45,13 +45,17 @@ __all__ = [
     "DEFAULT_LIMITS",
     "HEAD_END",
     "MAX_CHUNK_SIZE_DIGITS",
+    "MAX_CONTENT_LENGTH_DIGITS",
     "MAX_HEADERS",
     "MAX_HEAD_SIZE",
+    "MAX_TRAILER_SIZE",
     "MAX_URI_LENGTH",
     "ChunkedReader",
     "HeadLimits",
     "RequestHead",
     "ResponseHead",
+    "check_trailer_field",
+    "chunk_size",
     "empty_lines_end",
     "find_head_end",
     "incomplete_head_error",
@@ -85,6 +89,17 @@ MAX_CHUNK_SIZE_DIGITS: Final = 16
 #: h11 caps the line similarly).
 MAX_CHUNK_LINE: Final = 4096
 
+#: Trailer section bytes accepted after the last chunk (the fields are
+#: dropped): without a bound, a client could send trailer lines for as long
+#: as it keeps them coming.  Over it: 431, as for a head too large.
+MAX_TRAILER_SIZE: Final = 16 * 1024
+
+#: Significant digits of a Content-Length (10**18 - 1 at most, which fits the
+#: signed 64-bit off_t HTTP servers use).  llhttp takes up to 2**64 - 1;
+#: the receiver's framing (and scgi's CONTENT_LENGTH) stop at 18 digits, so
+#: the front stops there too, and both answer 400 to the same value.
+MAX_CONTENT_LENGTH_DIGITS: Final = 18
+
 #: The end of every head (RFC 9112 §2.1: CRLF after the last field line).
 HEAD_END: Final = b"\r\n\r\n"
 
@@ -102,6 +117,24 @@ _VERSIONED_LINE: Final = re.compile(rb"[^ ]+ [^ ]+ HTTP/([0-9])\.([0-9])")
 
 #: The versions llhttp knows; any other well-formed one makes it fail.
 _LLHTTP_VERSIONS: Final = frozenset(((0, 9), (1, 0), (1, 1), (2, 0)))
+
+#: One chunk-size line without its CRLF (RFC 9112 §7.1.1):
+#: ``chunk-size [ chunk-ext ]``, chunk-size = 1*HEXDIG (16 at most here),
+#: chunk-ext = *( BWS ";" BWS chunk-ext-name [ BWS "=" BWS chunk-ext-val ] ),
+#: names tokens, values tokens or quoted-strings (RFC 9110 §5.6.4: qdtext and
+#: quoted-pair, obs-text included).  Extensions are dropped, but checked: a
+#: NUL, bare CR or stray byte in one is what parsers disagree about.
+_CHUNK_LINE: Final = re.compile(
+    rb"([0-9A-Fa-f]{1,16})"  # MAX_CHUNK_SIZE_DIGITS
+    rb"(?:[ \t]*;[ \t]*[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+    rb"(?:[ \t]*=[ \t]*(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+    rb'|"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"))?)*'
+)
+
+#: One trailer field line without its CRLF (RFC 9112 §7.1.2, §5): a token,
+#: a colon right after it, then a value of visible characters, SP, HTAB and
+#: obs-text only.  A line starting with whitespace (obs-fold) cannot match.
+_TRAILER_FIELD: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*")
 
 _TOKEN_CHARS: Final = frozenset(
     b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -432,6 +465,18 @@ def _build(
     else:
         raise ProtocolError(f"request-target {target[:64]!r} is not origin- or absolute-form")
     length = collector.content_length
+    # RFC 9110 §8.6: a recipient must anticipate large numerals; llhttp stops
+    # at 2**64 - 1, the receiver at 18 significant digits.  The same bound
+    # here, so the front does not hand off what the receiver then refuses
+    # (leading zeros do not count; the length test first keeps it cheap).
+    if (
+        length is not None
+        and len(length) > MAX_CONTENT_LENGTH_DIGITS
+        and len(length.lstrip(b"0")) > MAX_CONTENT_LENGTH_DIGITS
+    ):
+        raise ProtocolError(
+            f"Content-Length {length[:32]!r} has more than {MAX_CONTENT_LENGTH_DIGITS} digits"
+        )
     return RequestHead(
         method,
         target,
@@ -582,6 +627,31 @@ def parse_response_head(head: bytes, *, max_headers: int = MAX_HEADERS) -> Respo
 # --- chunked bodies ----------------------------------------------------------------------
 
 
+def chunk_size(line: bytes) -> int:
+    """The size of a chunk-size line (CRLF removed); 400 unless it is RFC 9112 §7.1.1's grammar.
+
+    Shared by the front (auth mode) and the receiver, so both cut a chunked
+    body at the same place: no leading whitespace, no sign, ``0x`` or ``_``,
+    at most :data:`MAX_CHUNK_SIZE_DIGITS` hex digits, and extensions that are
+    well-formed ``;name[=value]`` pairs (BWS allowed around ``;`` and ``=``).
+    """
+    match = _CHUNK_LINE.fullmatch(line)
+    if match is None:
+        raise ProtocolError(f"malformed chunk-size line {line[:32]!r} (RFC 9112 §7.1.1)")
+    return int(match[1], 16)
+
+
+def check_trailer_field(line: bytes) -> None:
+    """400 unless ``line`` (CRLF removed) is a well-formed field line (RFC 9112 §7.1.2).
+
+    Trailer fields are dropped, but judged like header fields: a name that is
+    not a token, whitespace before the colon, obs-fold, or a control byte in
+    the value makes the body malformed.
+    """
+    if _TRAILER_FIELD.fullmatch(line) is None:
+        raise ProtocolError(f"malformed trailer field {line[:32]!r} (RFC 9112 §7.1.2)")
+
+
 class _ChunkState(Enum):
     SIZE = 1
     DATA = 2
@@ -602,12 +672,13 @@ class ChunkedReader:
     failed.
     """
 
-    __slots__ = ("_line", "_remaining", "_state")
+    __slots__ = ("_line", "_remaining", "_state", "_trailer_size")
 
     def __init__(self) -> None:
         self._state = _ChunkState.SIZE
         self._remaining = 0
         self._line = bytearray()
+        self._trailer_size = 0
 
     @property
     def done(self) -> bool:
@@ -656,16 +727,15 @@ class ChunkedReader:
                 raise ProtocolError("chunk data is not followed by CRLF")
             self._state = _ChunkState.SIZE
         elif self._state is _ChunkState.SIZE:
-            digits = line.split(b";", 1)[0].rstrip(b" \t")
-            if (
-                not digits
-                or len(digits) > MAX_CHUNK_SIZE_DIGITS
-                or not all(byte in b"0123456789abcdefABCDEF" for byte in digits)
-            ):
-                raise ProtocolError(f"malformed chunk size {line[:32]!r}")
-            self._remaining = int(digits, 16)
+            self._remaining = chunk_size(line)
             self._state = _ChunkState.DATA if self._remaining else _ChunkState.TRAILER
-        elif not line:  # TRAILER: the blank line ends the body
-            self._state = _ChunkState.DONE
-        elif b":" not in line or b"\x00" in line or b"\r" in line:
-            raise ProtocolError(f"malformed trailer field {line[:32]!r}")
+        else:  # TRAILER: field lines up to the blank line that ends the body
+            self._trailer_size += len(line) + 2
+            if self._trailer_size > MAX_TRAILER_SIZE:
+                raise ProtocolError(
+                    f"trailer section larger than {MAX_TRAILER_SIZE} bytes", status_hint=431
+                )
+            if not line:
+                self._state = _ChunkState.DONE
+            else:
+                check_trailer_field(line)

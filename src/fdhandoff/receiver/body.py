@@ -13,6 +13,12 @@ from enum import Enum
 from typing import Final
 
 from ..errors import ProtocolError
+from ..httphead import (
+    MAX_CONTENT_LENGTH_DIGITS,
+    MAX_TRAILER_SIZE,
+    check_trailer_field,
+    chunk_size,
+)
 from .request import RawHeaders
 
 __all__ = ["END", "MAX_CHUNK_LINE", "NEED_DATA", "BodyDecoder", "framing"]
@@ -22,8 +28,9 @@ __all__ = ["END", "MAX_CHUNK_LINE", "NEED_DATA", "BodyDecoder", "framing"]
 #: h11's and llhttp's limits.
 MAX_CHUNK_LINE: Final = 4096
 
-#: Trailer bytes accepted after the last chunk (then ignored).
-MAX_TRAILERS: Final = 16 * 1024
+#: Trailer bytes accepted after the last chunk (then ignored): the front's
+#: limit (httphead.MAX_TRAILER_SIZE), so both refuse the same bodies.
+MAX_TRAILERS: Final = MAX_TRAILER_SIZE
 
 
 class _Signal(Enum):
@@ -55,7 +62,13 @@ def framing(headers: RawHeaders) -> tuple[int | None, bool]:
     if len(lengths) > 1:
         raise ProtocolError("request has conflicting Content-Length values")
     value = lengths.pop()
-    if not value.isdigit() or not value.isascii() or len(value) > 18:
+    # Leading zeros are digits like any other (RFC 9110 §8.6: 1*DIGIT): the
+    # limit counts significant ones, as httphead.parse_head does.
+    if (
+        not value.isdigit()
+        or not value.isascii()
+        or len(value.lstrip(b"0")) > MAX_CONTENT_LENGTH_DIGITS
+    ):
         raise ProtocolError(f"invalid Content-Length {value[:32]!r}")
     return int(value), False
 
@@ -158,10 +171,9 @@ class BodyDecoder:
 
     def _on_line(self, state: _State, line: bytes) -> None:
         if state is _State.SIZE:
-            size = line.split(b";", 1)[0].strip(b" \t")
-            if not size or len(size) > 16 or size.strip(b"0123456789abcdefABCDEF"):
-                raise ProtocolError(f"invalid chunk size {size[:20]!r}")
-            self._remaining = int(size, 16)
+            # The front's grammar (RFC 9112 section 7.1.1), so that the two cut
+            # a chunked body at the same place: " 5" or "5;\x00" is refused.
+            self._remaining = chunk_size(line)
             self._state = _State.DATA if self._remaining else _State.TRAILER
         elif state is _State.DATA_END:
             if line:
@@ -173,3 +185,7 @@ class BodyDecoder:
                 raise ProtocolError("chunked trailer section too large", status_hint=431)
             if not line:
                 self._state = _State.DONE
+            else:
+                # Dropped, but judged as the front judges them (RFC 9112
+                # section 7.1.2): no obs-fold, no control bytes, token names.
+                check_trailer_field(line)
