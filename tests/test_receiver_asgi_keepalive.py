@@ -156,6 +156,67 @@ def test_http10_request_after_a_kept_alive_one_is_served_and_ends_it(
         client.close()
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"5;a\x00\r\nhello\r\n0\r\n\r\n",  # NUL in a chunk extension
+        b" 5\r\nhello\r\n0\r\n\r\n",  # whitespace before the size
+        b"5\r\nhello\r\n0\r\nNo-Colon\r\n\r\n",  # a trailer that is no field line
+        b"5\r\nhello\r\n0\r\nX: 1\r\n folded\r\n\r\n",  # obs-fold in the trailers
+    ],
+)
+def test_malformed_chunked_body_is_400_and_what_follows_is_not_served(
+    sock_path: str, body: bytes, no_fd_leak: None
+) -> None:
+    """The front (auth mode) refuses these bodies: so does the receiver, and
+    the request behind one is never taken for a request (RFC 9112 section 7.1)."""
+    counter = Counter()
+    with ASGIReceiver(counter.app(), sock_path):
+        client = hand_over(sock_path, "GET", "/ok")
+        reader = ResponseReader(client)
+        assert reader.read().status == 200
+        client.sendall(
+            b"POST /chunked HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + body
+            + b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        answer = reader.read()
+        assert answer.status == 400
+        assert answer.header("connection") == "close"
+        assert reader.closed()
+        client.close()
+    assert [s[1] for s in counter.seen] == ["/ok"]
+
+
+def test_upgrade_in_an_http10_request_is_ignored(sock_path: str, no_fd_leak: None) -> None:
+    """RFC 9110 section 7.8: a server MUST ignore Upgrade in an HTTP/1.0
+    request; the front hands it off as a plain request, and it is served as one."""
+    counter = Counter()
+    with ASGIReceiver(counter.app(), sock_path):
+        client = hand_over(sock_path, "GET", "/ok")
+        reader = ResponseReader(client)
+        assert reader.read().status == 200
+        client.sendall(
+            b"GET /plain HTTP/1.0\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        answer = reader.read()
+        assert (answer.status, answer.body) == (200, b"GET /plain 0")
+        assert reader.closed()
+        client.close()
+        # The first request of a handoff too (the front passed it on).
+        client = hand_over(
+            sock_path,
+            "GET",
+            "/first",
+            [("Connection", "Upgrade"), ("Upgrade", "websocket")],
+            SERVER_PROTOCOL="HTTP/1.0",
+        )
+        answer = ResponseReader(client).read()
+        assert (answer.status, answer.body) == (200, b"GET /first 0")
+        client.close()
+
+
 def test_bare_lf_before_a_next_request_is_400(sock_path: str, no_fd_leak: None) -> None:
     """Bare line ends are refused everywhere, as the front refuses them, so a
     head is judged the same whichever server reads it."""
@@ -274,6 +335,12 @@ def test_background_task_does_not_hold_the_next_request(sock_path: str) -> None:
         (b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", 505),
         (b"GET / HTTP/1.1\nHost: x\n\n", 400),  # bare LF
         (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
+        # What the front refuses before routing, refused here too: the next
+        # request never passes the front (RFC 3986 sections 2.1 and 5.2.4).
+        (b"GET /%zz HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+        (b"GET /a%00b HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+        (b"GET /a/../../etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1" + b"0" * 18 + b"\r\n\r\n", 400),
     ],
 )
 def test_bad_next_request_is_answered_and_closed(

@@ -209,3 +209,42 @@ def test_idle_keepalive_connections_close_at_once_when_stopping(
         stopper.join(30)
         idle.close()
         busy.close()
+
+
+async def body_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Reads the whole body, then answers with its length."""
+    if scope["type"] != "http":
+        return
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        size += len(message.get("body", b""))
+        if not message.get("more_body"):
+            break
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"%d" % size})
+
+
+@pytest.mark.parametrize("expect", [False, True])
+def test_announced_body_over_the_limit_is_413_at_once(
+    sock_path: str, expect: bool, no_fd_leak: None
+) -> None:
+    """RFC 9110 section 15.5.14: a Content-Length over --max-body-size is
+    answered 413 from the head alone, without a 100 Continue and without
+    waiting for a body the client has no reason to send."""
+    options = Options(max_body_size=1000)
+    headers = [("Content-Length", "1001")] + ([("Expect", "100-continue")] if expect else [])
+    with ASGIReceiver(body_app, sock_path, options):
+        client = hand_over(sock_path, "POST", "/up", headers)
+        reader = ResponseReader(client, timeout=3.0)
+        answer = reader.read()
+        assert answer.status == 413
+        assert answer.header("connection") == "close"
+        client.close()
+        # At the limit the body is read and served as usual.
+        client = hand_over(sock_path, "POST", "/up", [("Content-Length", "1000")], b"x" * 1000)
+        answer = ResponseReader(client).read()
+        assert (answer.status, answer.body) == (200, b"1000")
+        client.close()

@@ -104,3 +104,16 @@ def test_error_response() -> None:
     assert data.endswith(b"\r\n\r\n431 Request Header Fields Too Large\n")
     assert error_response(500, head_only=True).endswith(b"\r\n\r\n")
     assert error_response(500, cgi=True).startswith(b"Status: 500 Internal Server Error\r\n")
+
+
+def test_no_content_length_in_a_204() -> None:
+    # RFC 9110 section 8.6: a server MUST NOT send Content-Length in a 204;
+    # a 304 may keep it (it describes the selected representation).
+    head = app_head(
+        start(204, [(b"Content-Length", b"5"), (b"X-A", b"1")]), cgi=False, head_sent=False
+    )
+    assert b"content-length" not in head.head.lower()
+    assert b"X-A: 1\r\n" in head.head
+    assert head.length is None
+    head = app_head(start(304, [(b"Content-Length", b"5")]), cgi=False, head_sent=False)
+    assert b"Content-Length: 5\r\n" in head.head

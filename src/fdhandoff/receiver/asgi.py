@@ -42,6 +42,7 @@ from ..httphead import (
     parse_head,
 )
 from ..message import Format
+from ..routing import normalize_path
 from .asgi_conn import Connection
 from .asgi_http import HTTPCycle
 from .asgi_lifespan import Lifespan
@@ -276,7 +277,13 @@ class ASGIAdapter:
                 return None
             # An HTTP/1.0 request after a 1.1 one is answered in 1.0 and ends
             # the connection (RFC 9112 section 9.3), as the first one would.
-            request = request_from_head(parse_head(head, self.head_limits, http10=True))
+            parsed = parse_head(head, self.head_limits, http10=True)
+            # The front refuses a path with malformed percent-encoding, an
+            # encoded NUL or dot segments above the root (400) before routing
+            # it; a later request on this connection never passes the front,
+            # so the same judgement is made here (RFC 3986 sections 2.1, 5.2.4).
+            normalize_path(parsed.path)
+            request = request_from_head(parsed)
             return request, framing(request.headers)
         except ProtocolError as exc:
             await self._refuse(conn, exc)

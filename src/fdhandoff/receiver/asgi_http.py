@@ -266,6 +266,16 @@ class HTTPCycle:
         decoder = self._decoder
         assert decoder is not None
         limit = self.conn.options.max_body_size
+        if not self._received and (decoder.length or 0) > limit:
+            # RFC 9110 section 15.5.14: the announced length is enough to
+            # refuse; answered before 100 Continue is sent or a byte is read,
+            # instead of waiting for a body the client may never send.
+            return await self._body_failed(
+                ProtocolError(
+                    f"request body of {decoder.length} bytes, larger than {limit}",
+                    status_hint=413,
+                )
+            )
         parts: list[bytes] = []
         while True:
             try:

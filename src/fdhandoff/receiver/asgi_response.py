@@ -66,6 +66,10 @@ def app_head(message: dict[str, Any], *, cgi: bool, head_sent: bool) -> AppHead:
             close = close or (lower == b"connection" and b"close" in value.lower())
             continue
         if lower == b"content-length":
+            if status == 204:
+                # RFC 9110 section 8.6: a server MUST NOT send Content-Length
+                # in a 204 (its body is dropped anyway, NO_BODY_STATUSES).
+                continue
             length = _content_length(value, length)
         elif lower == b"date":
             has_date = True

@@ -68,9 +68,16 @@ class Request:
 
     @property
     def is_websocket(self) -> bool:
-        """An upgrade to WebSocket: asked for (``Upgrade`` + ``Connection``) or done."""
+        """An upgrade to WebSocket: asked for (``Upgrade`` + ``Connection``) or done.
+
+        RFC 9110 section 7.8: a server MUST ignore ``Upgrade`` in an HTTP/1.0
+        request, so one is an ordinary HTTP request (the front hands it off
+        as such), not a WebSocket handshake to refuse.
+        """
         if self.upgraded:
             return True
+        if self.http_version == "1.0":
+            return False
         return websocket.wants_websocket(self.headers) and b"upgrade" in connection_tokens(
             self.headers
         )
