@@ -97,6 +97,11 @@ class App(BaseHTTPRequestHandler):
         elif name == "slow":
             time.sleep(1.5)
             self._answer(200, {}, b"late")
+        elif name == "hopbyhop":
+            # RFC 9110 section 7.6.1: X-Hop is hop-by-hop, named by Connection.
+            self._answer(200, {"Connection": "X-Hop", "X-Hop": "1", "X-End": "2"}, b"ok")
+        elif name == "nocontent":
+            self._answer(204, {}, b"")  # with a Content-Length: 0 a 204 must not have
         elif name == "chunked":
             self.send_response(200)
             self.send_header("Transfer-Encoding", "chunked")
@@ -519,3 +524,48 @@ def test_http_1_0_client_gets_no_chunked_body_and_no_100(
     status, _, body = http_exchange(front, request)
     assert status == 201
     assert body == b"from the app: hi"
+
+
+def test_relayed_response_loses_hop_by_hop_fields_and_a_204_its_length(
+    app: type[App], sockdir: Path, fronts: Callable[..., FrontProcess]
+) -> None:
+    front = fronts(config=auth_config(app, sockdir))
+    status, headers, body = http_exchange(front, b"GET /app/hopbyhop HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert (status, body) == (200, b"ok")
+    assert "x-hop" not in headers  # named by the application's Connection: hop-by-hop
+    assert headers["x-end"] == "2"
+    assert headers["connection"] == "close"
+    assert headers["content-length"] == "2"
+    status, headers, body = http_exchange(front, b"GET /app/nocontent HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert (status, body) == (204, b"")
+    assert "content-length" not in headers  # RFC 9110 section 8.6
+    assert "transfer-encoding" not in headers
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"5;a\x00\r\nhello\r\n0\r\n\r\n",  # NUL in a chunk extension
+        b"5 \r\nhello\r\n0\r\n\r\n",  # whitespace after the size, no extension
+        b"5\r\nhello\r\n0\r\nX: 1\r\n folded\r\n\r\n",  # obs-fold in the trailers
+    ],
+)
+def test_malformed_chunked_request_body_is_400(
+    no_fd_leak: None,
+    app: type[App],
+    sockdir: Path,
+    fronts: Callable[..., FrontProcess],
+    body: bytes,
+) -> None:
+    """The front refuses what the receiver refuses (RFC 9112 section 7.1): the
+    two never disagree on where a chunked body ends."""
+    front = fronts(config=auth_config(app, sockdir))
+    baseline = warm_fd_count(front)
+    request = b"POST /app/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n" + body
+    status, headers, text = http_exchange(front, request)
+    assert status == 400
+    assert headers["connection"] == "close"
+    assert b"malformed chunked body" in text
+    front.wait_for(r'"POST /app/x" route=/app 400 "malformed chunked body')
+    assert not [seen for seen in app.seen if seen["path"] == "/app/x"]  # no request completed
+    assert front.settled_fd_count(baseline) == baseline

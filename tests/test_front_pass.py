@@ -307,6 +307,11 @@ def write(directory: Path, text: str) -> Path:
         ),
         (b"BREW /fd HTTP/1.1\r\nHost: a\r\n\r\n", 501, "not implemented"),
         (b"GET /fd HTTP/1.1\nHost: a\n\n", 400, "bare LF"),
+        (
+            b"POST /fd HTTP/1.1\r\nHost: a\r\nContent-Length: 1" + b"0" * 18 + b"\r\n\r\n",
+            400,
+            "more than 18 digits",
+        ),
     ],
 )
 def test_error_answers(
@@ -638,3 +643,22 @@ def test_expect_100_continue_is_left_to_the_receiver(
     handoff = receiver.next()
     assert handoff.headers[b"HTTP_EXPECT"] == b"100-continue"
     assert handoff.body == b"ok"
+
+
+def test_options_asterisk_goes_where_the_root_goes(
+    receivers: Callable[..., TestReceiver], fronts: Callable[..., FrontProcess]
+) -> None:
+    """RFC 9110 section 9.3.7: "OPTIONS *" is about the server, not a path;
+    the route for "/" serves it (it used to be a 404), the target stays "*"."""
+    receiver = receivers()
+    front = fronts(f"/=unix:{receiver.path}")
+    status, _, _ = http_exchange(front, b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert status == 200
+    handoff = receiver.next()
+    assert handoff.headers[b"REQUEST_METHOD"] == b"OPTIONS"
+    assert handoff.headers[b"REQUEST_URI"] == b"*"
+    front.wait_for(r'"OPTIONS \*" route=/ handed-off')
+    # With no route for "/", still no route.
+    other = fronts(f"/fd=unix:{receiver.path}")
+    status, _, body = http_exchange(other, b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert (status, body) == (404, b"no route for *\n")

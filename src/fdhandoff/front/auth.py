@@ -75,6 +75,9 @@ _DROP_RESPONSE: Final = frozenset(
     (b"x-socket-handoff", b"x-handoff-data", b"connection", b"keep-alive")
 )
 
+#: The fields that say where a relayed body ends (RFC 9112 §6.3).
+_FRAMING: Final = frozenset((b"content-length", b"transfer-encoding"))
+
 #: Bytes per read when relaying bodies.
 _CHUNK: Final = 64 * 1024
 
@@ -294,8 +297,8 @@ class _Exchange:
             data = await self._recv_client(_CHUNK, peek=True)
             try:
                 used, pieces = reader.feed(data)
-            except ProtocolError as exc:
-                raise _Answer(400, f"malformed chunked body: {exc}") from None
+            except ProtocolError as exc:  # 400, or 431 for a trailer section too large
+                raise _Answer(exc.status_hint, f"malformed chunked body: {exc}") from None
             self.client.recv(used)  # consume exactly the body's bytes (peeked above)
             for piece in pieces:
                 total += len(piece)
@@ -425,12 +428,26 @@ class _Exchange:
         dechunk = (
             self.head.version != b"1.1" and response.chunked and response.content_length is None
         )
+        # RFC 9110 §7.6.1: the fields the application's Connection header
+        # names are hop-by-hop, like Connection itself; they end here.  The
+        # framing fields stay whatever it names: the body is relayed as framed.
+        drop = _DROP_RESPONSE | (
+            {
+                token.strip(b" \t").lower()
+                for value in response.values(b"connection")
+                for token in value.split(b",")
+            }
+            - _FRAMING
+        )
+        if dechunk:
+            drop |= {b"transfer-encoding"}
+        if response.status == 204:
+            # RFC 9110 §8.6 and RFC 9112 §6.1: a 204 carries neither
+            # Content-Length nor Transfer-Encoding (its body is not relayed).
+            drop |= {b"content-length", b"transfer-encoding"}
         lines = [b"HTTP/1.1 %d %s" % (response.status, response.reason)]
         lines += [
-            name + b": " + value
-            for name, value in response.headers
-            if name.lower() not in _DROP_RESPONSE
-            and not (dechunk and name.lower() == b"transfer-encoding")
+            name + b": " + value for name, value in response.headers if name.lower() not in drop
         ]
         lines.append(b"Connection: close")
         await self._send_client(b"\r\n".join(lines) + b"\r\n\r\n")

@@ -528,7 +528,10 @@ class Front:
         except ProtocolError as exc:
             self.reject(sock, req, exc.status_hint, str(exc))
             return
-        match = self.router.match(path, head.host)
+        # RFC 9110 §9.3.7: "OPTIONS *" asks about the server as a whole, not
+        # a resource; it goes where "/" goes (the target stays "*"), rather
+        # than being a 404 for a path no route can have.
+        match = self.router.match(path if path != b"*" else b"/", head.host)
         if match is None:
             self.reject(sock, req, 404, f"no route for {path.decode('utf-8', 'replace')}")
             return
