@@ -177,7 +177,10 @@ class ASGIAdapter:
         )
         # Only an SCGI handoff leaves the client's next request to us.
         persistent = handoff.format is Format.SCGI and not decided and self.keepalive_timeout > 0
-        handoff.receiver.spawn(self._serve(conn, request, body, persistent, cgi), eager=True)
+        # In this task, not a new one: a task and a loop iteration less per
+        # request.  _serve handles its own errors; the handoff is detached, so
+        # the engine only waits for this coroutine to end.
+        await self._serve(conn, request, body, persistent, cgi)
 
     # --- serving a connection -------------------------------------------------------------
 

@@ -165,6 +165,9 @@ class Handoff(HandoffBase):
         if self.phase is Phase.HANDED_OVER:
             raise RuntimeError("the connection was already handed over")
         self.phase = Phase.HANDED_OVER
+        # Now, not when the handler returns: an adapter may go on serving the
+        # socket in the handler's task, counted as its own connection object.
+        self.receiver.untrack(self)
         return self.socket
 
     # --- request body --------------------------------------------------------------------
