@@ -548,6 +548,29 @@ def test_client_leaving_inside_the_body_gives_http_disconnect(
     assert seen[2] == {"type": "send raised OSError"}
 
 
+@pytest.mark.parametrize("path", ["/upload", "/raw-returns"])
+def test_client_half_closing_inside_the_body_gets_400(
+    sock_path: str, path: str, no_fd_leak: None
+) -> None:
+    """RFC 9112 section 8: an incomplete request is the client's error, whether
+    the app raises on http.disconnect (Starlette) or returns without answering."""
+
+    async def raw(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+    app = starlette_app() if path == "/upload" else raw
+    with ASGIReceiver(app, sock_path):
+        client = hand_over(sock_path, "POST", path, [("Content-Length", "1000")])
+        client.sendall(b"a" * 100)
+        client.shutdown(socket.SHUT_WR)
+        reader = ResponseReader(client)
+        assert reader.read().status == 400
+        assert reader.closed()
+        client.close()
+
+
 # --- errors -----------------------------------------------------------------------------------
 
 

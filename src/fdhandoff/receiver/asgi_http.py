@@ -152,7 +152,9 @@ class HTTPCycle:
         except Exception as exc:
             await self._app_failed(exc)
         else:
-            if not self.started:
+            if not self.started and self._body_cut():
+                await self._answer_cut_body()
+            elif not self.started:
                 log.error("%s: ASGI app returned without a response: 500", self._describe())
                 self._why = "app returned without a response"
                 await self._send_error(500)
@@ -178,6 +180,8 @@ class HTTPCycle:
             log.debug("%s: app ended after the client left: %r", self._describe(), exc)
             self._why = self._why or "client disconnected"
             self.keep_alive = False
+            if not self._written and self._body_cut():
+                await self._answer_cut_body()
             return
         log.error("%s: exception in ASGI app", self._describe(), exc_info=exc)
         self._why = "app error"
@@ -189,6 +193,17 @@ class HTTPCycle:
             self.keep_alive = False
         else:
             self._abort("app error during the response")
+
+    def _body_cut(self) -> bool:
+        """True when the client ended (EOF) inside its request body."""
+        return self.disconnected and self._decoder is not None
+
+    async def _answer_cut_body(self) -> None:
+        # The request is incomplete (RFC 9112 section 8), which is not the
+        # app's doing: 400, as the front answers it in auth mode, for a
+        # client that only half-closed and still reads.
+        log.info("%s: client closed inside the request body: 400", self._describe())
+        await self._send_error(400)
 
     def _abort(self, why: str) -> None:
         """The response cannot end well: close without finishing it."""
