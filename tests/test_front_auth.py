@@ -100,6 +100,18 @@ class App(BaseHTTPRequestHandler):
         elif name == "hopbyhop":
             # RFC 9110 section 7.6.1: X-Hop is hop-by-hop, named by Connection.
             self._answer(200, {"Connection": "X-Hop", "X-Hop": "1", "X-End": "2"}, b"ok")
+        elif name == "earlyhints":
+            self.send_response_only(103)
+            self.send_header("Link", "</style.css>; rel=preload")
+            self.send_header("X-Handoff-Data", "must-not-leak")
+            self.end_headers()
+            self._answer(200, {}, b"ok")
+        elif name == "switching":
+            self.send_response_only(101)
+            self.send_header("Upgrade", "websocket")
+            self.send_header("Connection", "Upgrade")
+            self.end_headers()
+            self.wfile.flush()
         elif name == "nocontent":
             self._answer(204, {}, b"")  # with a Content-Length: 0 a 204 must not have
         elif name == "chunked":
@@ -540,6 +552,34 @@ def test_relayed_response_loses_hop_by_hop_fields_and_a_204_its_length(
     assert (status, body) == (204, b"")
     assert "content-length" not in headers  # RFC 9110 section 8.6
     assert "transfer-encoding" not in headers
+
+
+def test_interim_answers_reach_1_1_clients_only(
+    app: type[App], sockdir: Path, fronts: Callable[..., FrontProcess]
+) -> None:
+    """RFC 9110 section 15.2: a proxy forwards the 1xx it did not ask for, never
+    to an HTTP/1.0 client; the handoff fields are dropped from it too."""
+    front = fronts(config=auth_config(app, sockdir))
+    status, headers, rest = http_exchange(front, b"GET /app/earlyhints HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert status == 103
+    assert headers["link"] == "</style.css>; rel=preload"
+    assert "x-handoff-data" not in headers
+    assert parse_response(rest)[0::2] == (200, b"ok")
+    status, _, body = http_exchange(front, b"GET /app/earlyhints HTTP/1.0\r\n\r\n")
+    assert (status, body) == (200, b"ok")
+
+
+def test_upstream_switching_protocols_unasked_is_502(
+    app: type[App], sockdir: Path, fronts: Callable[..., FrontProcess]
+) -> None:
+    front = fronts(config=auth_config(app, sockdir))
+    status, _, _ = http_exchange(
+        front,
+        b"GET /app/switching HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\n"
+        b"Upgrade: websocket\r\n\r\n",
+    )
+    assert status == 502
+    front.wait_for("101 Switching Protocols to a request without Upgrade")
 
 
 @pytest.mark.parametrize(

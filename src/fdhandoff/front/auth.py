@@ -99,6 +99,28 @@ CONNECT_RETRY_DELAYS: Final = (0.01, 0.02)
 _RETRY_ERRNOS: Final = frozenset((errno.ENOENT, errno.ECONNREFUSED))
 
 
+def _dropped_fields(response: ResponseHead) -> frozenset[bytes]:
+    """The response fields that do not reach the client.
+
+    The handoff fields, and, RFC 9110 §7.6.1, the fields the application's
+    Connection header names: hop-by-hop, like Connection itself.  The framing
+    fields stay whatever it names: the body is relayed as framed.
+    """
+    named = {
+        token.strip(b" \t").lower()
+        for value in response.values(b"connection")
+        for token in value.split(b",")
+    }
+    return _DROP_RESPONSE | (named - _FRAMING)
+
+
+def _relayed_head(response: ResponseHead, drop: frozenset[bytes]) -> list[bytes]:
+    """The status line and the fields of ``response`` not in ``drop``."""
+    lines = [b"HTTP/1.1 %d %s" % (response.status, response.reason)]
+    lines += [name + b": " + value for name, value in response.headers if name.lower() not in drop]
+    return lines
+
+
 def check_handoff_path(value: bytes, allowed_prefix: str) -> str:
     """The resolved socket path an application named, or ``_Answer`` 403/503 saying why."""
     try:
@@ -339,7 +361,21 @@ class _Exchange:
                 raise _Answer(502, f"upstream {upstream.text}: {exc}") from None
             if not 100 <= response.status < 200:
                 return response
-            # An interim 1xx (we sent no Expect, but an application may): skip it.
+            if response.status == 101:
+                # The front never passes Upgrade on (hop-by-hop): a switch it
+                # did not ask for leaves nothing it could relay.
+                raise _Answer(
+                    502,
+                    f"upstream {upstream.text}: 101 Switching Protocols to a request without "
+                    "Upgrade (hand WebSockets off with X-Socket-Handoff or a websocket route)",
+                )
+            if response.status != 100 and self.head.version == b"1.1":
+                # RFC 9110 §15.2: a proxy MUST forward the 1xx answers it did
+                # not ask for (103 Early Hints...), and MUST NOT send any to an
+                # HTTP/1.0 client.  A 100 is not forwarded: the front sends no
+                # Expect upstream and answered the client's itself.
+                lines = _relayed_head(response, _dropped_fields(response))
+                await self._send_client(b"\r\n".join(lines) + b"\r\n\r\n", interim=True)
 
     # --- handoff --------------------------------------------------------------------------
 
@@ -428,27 +464,14 @@ class _Exchange:
         dechunk = (
             self.head.version != b"1.1" and response.chunked and response.content_length is None
         )
-        # RFC 9110 §7.6.1: the fields the application's Connection header
-        # names are hop-by-hop, like Connection itself; they end here.  The
-        # framing fields stay whatever it names: the body is relayed as framed.
-        drop = _DROP_RESPONSE | (
-            {
-                token.strip(b" \t").lower()
-                for value in response.values(b"connection")
-                for token in value.split(b",")
-            }
-            - _FRAMING
-        )
+        drop = _dropped_fields(response)
         if dechunk:
             drop |= {b"transfer-encoding"}
         if response.status == 204:
             # RFC 9110 §8.6 and RFC 9112 §6.1: a 204 carries neither
             # Content-Length nor Transfer-Encoding (its body is not relayed).
             drop |= {b"content-length", b"transfer-encoding"}
-        lines = [b"HTTP/1.1 %d %s" % (response.status, response.reason)]
-        lines += [
-            name + b": " + value for name, value in response.headers if name.lower() not in drop
-        ]
+        lines = _relayed_head(response, drop)
         lines.append(b"Connection: close")
         await self._send_client(b"\r\n".join(lines) + b"\r\n\r\n")
         if self.head.method != b"HEAD" and response.status not in (204, 304):
