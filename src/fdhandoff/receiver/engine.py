@@ -624,6 +624,8 @@ class Persistent:
             # One read can finish several handoffs (a burst on a channel).
             while isinstance(got, tuple):
                 receiver._start_one(self.conn, *got)
+                if self.fd < 0:
+                    return  # closed by a handler that ran eagerly (stop_accepting)
                 got = self.assembly.next()
         except (FdPassError, ProtocolError, OSError) as exc:
             receiver._read_failed(exc)
