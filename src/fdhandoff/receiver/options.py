@@ -57,8 +57,11 @@ WRITE_TIMEOUT: Final = 60.0
 MAX_STREAM_BUFFER: Final = 1024 * 1024
 
 #: Largest WebSocket message (after reassembly of fragments); larger ones end
-#: the connection with close code 1009 (RFC 6455 section 7.4.1).
-MAX_WS_MESSAGE_SIZE: Final = 1024 * 1024
+#: the connection with close code 1009 (RFC 6455 section 7.4.1).  The bound
+#: the receiver already puts on a request body read into memory
+#: (MAX_BODY_SIZE), and uvicorn's --ws-max-size: an app moved from uvicorn
+#: takes the same messages.  The codec's own default (websocket.py) is 1 MiB.
+MAX_WS_MESSAGE_SIZE: Final = 16 * 1024 * 1024
 
 #: After a complete response the receiver half-closes and reads what the client
 #: still sends (an unread body, a pipelined request) for at most this long
