@@ -6,6 +6,7 @@ receivers in Apache's SEQPACKET format and in SCGI.
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 import socket
@@ -112,6 +113,12 @@ class App(BaseHTTPRequestHandler):
             self.send_header("Connection", "Upgrade")
             self.end_headers()
             self.wfile.flush()
+        elif name == "gzipped":
+            body = gzip.compress(b"hello")
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "gzip, chunked")
+            self.end_headers()
+            self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
         elif name == "nocontent":
             self._answer(204, {}, b"")  # with a Content-Length: 0 a 204 must not have
         elif name == "chunked":
@@ -567,6 +574,21 @@ def test_interim_answers_reach_1_1_clients_only(
     assert parse_response(rest)[0::2] == (200, b"ok")
     status, _, body = http_exchange(front, b"GET /app/earlyhints HTTP/1.0\r\n\r\n")
     assert (status, body) == (200, b"ok")
+
+
+def test_transfer_coding_other_than_chunked_reaches_only_1_1_clients(
+    app: type[App], sockdir: Path, fronts: Callable[..., FrontProcess]
+) -> None:
+    """RFC 9112 section 6.1: an HTTP/1.0 client gets no Transfer-Encoding; chunked
+    is undone for it, gzip cannot be without changing the content."""
+    front = fronts(config=auth_config(app, sockdir))
+    status, headers, body = http_exchange(front, b"GET /app/gzipped HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert (status, headers["transfer-encoding"]) == (200, "gzip, chunked")
+    size, _, rest = body.partition(b"\r\n")
+    assert gzip.decompress(rest[: int(size, 16)]) == b"hello"
+    status, _, body = http_exchange(front, b"GET /app/gzipped HTTP/1.0\r\n\r\n")
+    assert (status, body) == (502, b"Bad Gateway\n")
+    front.wait_for("transfer coding 'gzip' for an HTTP/1.0 client")
 
 
 def test_upstream_switching_protocols_unasked_is_502(

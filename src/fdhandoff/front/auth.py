@@ -458,6 +458,24 @@ class _Exchange:
 
     async def _relay(self, response: ResponseHead) -> None:
         assert self.reader is not None
+        if self.head.version != b"1.1":
+            codings = [
+                token.strip(b" \t").lower()
+                for value in response.values(b"transfer-encoding")
+                for token in value.split(b",")
+            ]
+            other = [c for c in codings if c and c != b"chunked"]
+            if other:
+                # RFC 9112 §6.1: no Transfer-Encoding to an HTTP/1.0 client.
+                # Chunked can be undone; another coding would reach it as if
+                # it were the content, with nothing to say so.
+                upstream = self.route.upstream
+                assert upstream is not None
+                raise _Answer(
+                    502,
+                    f"upstream {upstream.text}: transfer coding "
+                    f"{b', '.join(other).decode('latin-1')!r} for an HTTP/1.0 client",
+                )
         # An HTTP/1.0 client cannot read chunked (RFC 9112 §6.1: it MUST NOT
         # be sent one): its body goes decoded, delimited by the close that
         # follows every relayed response anyway (RFC 9112 §6.3, rule 8).
