@@ -229,13 +229,15 @@ class Handoff(HandoffBase):
         As nginx's ``lingering_close auto``: when the request had no body left
         unread and nothing more is buffered, the client has nothing to send
         (the response said ``Connection: close``), so the close is immediate:
-        it sends FIN, and a FIN destroys nothing in flight.
+        it sends FIN, and a FIN destroys nothing in flight.  That is decided
+        before anything is sent: a client that saw our FIN first could send
+        again in between and find itself lingered on for nothing.
         """
         sock = self.socket
         try:
-            sock.shutdown(socket.SHUT_WR)
             if self._body_consumed() and not _input_pending(sock):
-                return
+                return  # the close below sends the FIN
+            sock.shutdown(socket.SHUT_WR)
             async with asyncio.timeout(self.receiver.options.linger_timeout):
                 while True:
                     await aio.wait_readable(sock)
