@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import asyncio
 import os
 import resource
 import signal
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from fdhandoff import fdpass, scgi
+from fdhandoff.receiver import engine
 from fdhandoff.websocket import Opcode, encode_frame
 from test_receiver_support import (
     REPO,
@@ -175,6 +177,33 @@ def test_sigterm_during_startup_removes_the_socket_files(tmp_path: Path) -> None
         log = output_of(proc)
     assert not os.path.exists(path), log
     assert "before the receiver was serving" in log
+
+
+def test_serving_gives_the_signal_handlers_back(tmp_path: Path) -> None:
+    """After serve() the loop's removal must not leave SIGTERM at its default
+    action: a signal while the caller still cleans up (socket files) would
+    kill the process half-way.  The handler from before serve() is back."""
+
+    def before(signum: int, frame: object) -> None:
+        pass
+
+    async def handler(handoff: object) -> None:
+        pass
+
+    async def main(listener: socket.socket) -> None:
+        stop = asyncio.Event()
+        asyncio.get_running_loop().call_later(0.05, stop.set)
+        await engine.serve(handler, [listener], stop=stop)
+
+    previous = signal.signal(signal.SIGTERM, before)
+    try:
+        with socket.socket(socket.AF_UNIX) as listener:
+            listener.bind(str(tmp_path / "r.sock"))
+            listener.listen()
+            asyncio.run(main(listener))
+        assert signal.getsignal(signal.SIGTERM) is before
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_streams_are_closed_after_the_grace_period(tmp_path: Path) -> None:

@@ -37,7 +37,7 @@ import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 from .. import aio, fdpass
 from ..errors import FdPassError, ProtocolError
@@ -708,11 +708,16 @@ async def serve(
             hurry.set()
         stop.set()
 
-    installed: list[signal.Signals] = []
+    # (signal, the handler it had): restored when serving ends.  The loop's
+    # removal would leave SIGTERM at its default action, and a signal then,
+    # while the caller still cleans up (fdhandoff serve removes its socket
+    # files), would kill the process half-way.
+    installed: list[tuple[signal.Signals, Any]] = []
     with contextlib.suppress(RuntimeError, NotImplementedError, ValueError):
         for signum in (signal.SIGTERM, signal.SIGINT):
+            before = signal.getsignal(signum)
             loop.add_signal_handler(signum, on_signal)
-            installed.append(signum)
+            installed.append((signum, before))
     if ready is not None:
         ready(receiver)
     try:
@@ -726,8 +731,10 @@ async def serve(
             await receiver.shutdown(grace=0)
         hurried.cancel()
     finally:
-        for signum in installed:
+        for signum, before in installed:
             loop.remove_signal_handler(signum)
+            if before is not None:  # None: not set from Python, nothing to restore
+                signal.signal(signum, before)
         if metrics_server is not None:
             metrics_server.close()
         shutdown_app = getattr(handler, "shutdown", None)
