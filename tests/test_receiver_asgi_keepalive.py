@@ -7,6 +7,8 @@ import random
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +72,20 @@ class Counter:
                 Route("/{path:path}", echo, methods=["GET", "POST"]),
             ]
         )
+
+
+@contextmanager
+def answered_once(
+    sock_path: str, counter: Counter
+) -> Iterator[tuple[socket.socket, ResponseReader]]:
+    """A handed-off connection whose first request (GET /ok) was answered 200:
+    what the client sends next is read by the receiver itself."""
+    with ASGIReceiver(counter.app(), sock_path):
+        client = hand_over(sock_path, "GET", "/ok")
+        reader = ResponseReader(client)
+        assert reader.read().status == 200
+        with client:
+            yield client, reader
 
 
 @pytest.mark.parametrize("loop", LOOPS)
@@ -171,10 +187,7 @@ def test_malformed_chunked_body_is_400_and_what_follows_is_not_served(
     """The front (auth mode) refuses these bodies: so does the receiver, and
     the request behind one is never taken for a request (RFC 9112 section 7.1)."""
     counter = Counter()
-    with ASGIReceiver(counter.app(), sock_path):
-        client = hand_over(sock_path, "GET", "/ok")
-        reader = ResponseReader(client)
-        assert reader.read().status == 200
+    with answered_once(sock_path, counter) as (client, reader):
         client.sendall(
             b"POST /chunked HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
             + body
@@ -192,10 +205,7 @@ def test_upgrade_in_an_http10_request_is_ignored(sock_path: str, no_fd_leak: Non
     """RFC 9110 section 7.8: a server MUST ignore Upgrade in an HTTP/1.0
     request; the front hands it off as a plain request, and it is served as one."""
     counter = Counter()
-    with ASGIReceiver(counter.app(), sock_path):
-        client = hand_over(sock_path, "GET", "/ok")
-        reader = ResponseReader(client)
-        assert reader.read().status == 200
+    with answered_once(sock_path, counter) as (client, reader):
         client.sendall(
             b"GET /plain HTTP/1.0\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
             b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
@@ -337,10 +347,7 @@ def test_bad_next_request_is_answered_and_closed(
     sock_path: str, request_bytes: bytes, status: int, no_fd_leak: None
 ) -> None:
     counter = Counter()
-    with ASGIReceiver(counter.app(), sock_path):
-        client = hand_over(sock_path, "GET", "/ok")
-        reader = ResponseReader(client)
-        assert reader.read().status == 200
+    with answered_once(sock_path, counter) as (client, reader):
         client.sendall(request_bytes)
         answer = reader.read()
         assert answer.status == status
@@ -354,10 +361,7 @@ def test_trickled_head_gets_408(
     sock_path: str, monkeypatch: pytest.MonkeyPatch, no_fd_leak: None
 ) -> None:
     monkeypatch.setattr(asgi_module, "HEAD_TIMEOUT", 0.5)
-    with ASGIReceiver(Counter().app(), sock_path):
-        client = hand_over(sock_path, "GET", "/ok")
-        reader = ResponseReader(client)
-        assert reader.read().status == 200
+    with answered_once(sock_path, Counter()) as (client, reader):
         client.sendall(b"GET /slow HTTP/1.1\r\nHo")
         assert reader.read().status == 408
         assert reader.closed()
@@ -365,10 +369,7 @@ def test_trickled_head_gets_408(
 
 
 def test_client_closing_inside_a_next_head(sock_path: str, no_fd_leak: None) -> None:
-    with ASGIReceiver(Counter().app(), sock_path):
-        client = hand_over(sock_path, "GET", "/ok")
-        reader = ResponseReader(client)
-        assert reader.read().status == 200
+    with answered_once(sock_path, Counter()) as (client, _):
         client.sendall(b"GET /half HTTP/1.1\r\n")
         client.close()
         time.sleep(0.2)
