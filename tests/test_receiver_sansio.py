@@ -324,8 +324,35 @@ def test_response_header_injection_is_refused(header: tuple[str, str]) -> None:
         http.response_head(200, [header])
 
 
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ([("Content-Length", "3")], True),
+        ([(b"TRANSFER-ENCODING", b"chunked")], True),
+        ([("X-A", "1"), ("content-length", "3")], True),
+        ([("Content-Type", "text/plain"), (b"X-Length", b"3")], False),
+        ([], False),
+    ],
+)
+def test_framing_headers_are_recognised_in_any_case(
+    headers: list[tuple[str | bytes, str | bytes]], expected: bool
+) -> None:
+    # Twice: the second answer comes from the name cache.
+    assert http.has_framing(headers) is expected
+    assert http.has_framing(headers) is expected
+    assert http.has_header(headers, b"content-length") is any(
+        (n if isinstance(n, bytes) else n.encode()).lower() == b"content-length" for n, _ in headers
+    )
+
+
 def test_status_range() -> None:
     with pytest.raises(ValueError):
         http.response_head(42)
+    with pytest.raises(ValueError):  # refused every time, not cached once
+        http.response_head(42)
+    # Status lines are cached per (status, version, cgi): no mix-ups between them.
+    assert http.response_head(201, [], version="1.0").startswith(b"HTTP/1.0 201 Created\r\n")
+    assert http.response_head(201, []).startswith(b"HTTP/1.1 201 Created\r\n")
+    assert http.response_head(201, [], cgi=True) == b"Status: 201 Created\r\n\r\n"
     assert http.chunk(b"") == b""
     assert http.chunk(b"abc") == b"3\r\nabc\r\n"

@@ -136,6 +136,37 @@ def test_head_request_gets_no_body(tmp_path: Path, no_fd_leak: None) -> None:
     assert (status, headers["content-length"], body) == (200, "5", b"")
 
 
+@pytest.mark.parametrize(
+    "framing",
+    [("Content-Length", "5"), (b"transfer-encoding", b"chunked"), ("CONTENT-LENGTH", "9")],
+)
+def test_framing_set_by_the_handler_is_refused(
+    tmp_path: Path, framing: tuple[str | bytes, str | bytes], no_fd_leak: None
+) -> None:
+    # The receiver frames every body itself; a handler's own Content-Length or
+    # Transfer-Encoding would contradict it (RFC 9112 section 6), so respond()
+    # raises and the client gets a clean 500 instead of a mis-framed answer.
+    errors: list[str] = []
+
+    async def handler(handoff: Handoff) -> None:
+        try:
+            await handoff.respond(200, [("X-A", "1"), framing], b"hello")
+        except ValueError as exc:
+            errors.append(str(exc))
+            raise
+
+    path = str(tmp_path / "r.sock")
+    with ReceiverThread(handler, [Bind(path)]):
+        for _ in range(2):  # the second time with the header names cached
+            client, server_side = tcp_pair()
+            send_scgi(path, front_headers("GET", "/"), server_side)
+            status, headers, _ = split_response(read_all(client))
+            client.close()
+            assert status == 500
+            assert "x-a" not in headers
+    assert errors == ["Content-Length and Transfer-Encoding are set by the receiver"] * 2
+
+
 def test_client_that_never_reads_is_dropped_after_write_timeout(
     tmp_path: Path, no_fd_leak: None
 ) -> None:

@@ -358,13 +358,17 @@ class HandoffReader:
         rest = len(data) - end - length
         if length > self._max_body or rest < 0:
             return False  # 413, or the body is still on its way
-        channel = scgi.header_value(headers, CHANNEL_HEADER) == b"1"
+        # One dict instead of a scan per name looked up: the hot path.
+        env = dict(headers)
+        if len(env) != len(headers):  # repeated names: only nginx fd_pass may
+            try:
+                _check_duplicates(headers)
+            except ProtocolError:
+                return False
+            env = dict(reversed(headers))  # the first value counts, as header_value
+        channel = env.get(CHANNEL_HEADER) == b"1"
         if channel and rest:
             return False  # bytes of another handoff without its fd: an error
-        try:
-            _check_duplicates(headers)
-        except ProtocolError:
-            return False
         body = data[end : end + length] if length else b""
         record = HandoffRecord(Format.SCGI, headers=headers, body=body, channel=channel)
         self._records.append(record)

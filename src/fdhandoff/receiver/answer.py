@@ -28,6 +28,9 @@ __all__ = ["COALESCE", "HandoffBase", "Phase", "check_body_size"]
 #: Bodies up to this size are sent in one write together with the head.
 COALESCE: Final = 64 * 1024
 
+#: Every response ends the connection (one request per handoff).
+_CLOSE: Final = (b"Connection", b"close")
+
 #: Statuses whose responses never have a body (RFC 9110 sections 15.3.5, 15.4.5).
 _NO_BODY_STATUSES: Final = frozenset({204, 304})
 
@@ -96,26 +99,23 @@ class HandoffBase(HandoffInfo):
 
     # --- heads -----------------------------------------------------------------------
 
-    def _head(
-        self, status: int, headers: HeaderInput, length: int | None, chunked: bool
-    ) -> bytes:
+    def _head(self, status: int, headers: HeaderInput, length: int | None, chunked: bool) -> bytes:
         if self.phase is not Phase.NEW:
             raise RuntimeError(f"a response was already started ({self.phase.name})")
-        if self.head_sent_by_sender:
+        fmt = self.format
+        if fmt is Format.BYTE and self.marker == MARKER_HEAD_SENT:
             return b""  # Apache sent it; only the body is ours
         given = list(headers)
-        if http.has_header(given, b"content-length") or http.has_header(
-            given, b"transfer-encoding"
-        ):
+        if http.has_framing(given):
             raise ValueError("Content-Length and Transfer-Encoding are set by the receiver")
-        extra: list[tuple[str | bytes, str | bytes]] = []
         if length is not None:
-            extra.append((b"Content-Length", b"%d" % length))
+            given.append((b"Content-Length", b"%d" % length))
         elif chunked:
-            extra.append((b"Transfer-Encoding", b"chunked"))
-        if not self.cgi:
-            extra.append((b"Connection", b"close"))
-        return http.response_head(status, given + extra, version=self.http_version, cgi=self.cgi)
+            given.append((b"Transfer-Encoding", b"chunked"))
+        cgi = fmt is Format.PLAIN_SCGI
+        if not cgi:
+            given.append(_CLOSE)
+        return http.response_head(status, given, version=self.http_version, cgi=cgi)
 
     def _started(self, status: int) -> None:
         self.status = status

@@ -248,9 +248,11 @@ class HTTPCycle:
             return
         duration = time.monotonic() - self._started_at
         self._started_at = -1.0
-        self.conn.receiver.access_log(
-            f"{self._describe()} {self.status}", self.conn.bytes_sent, duration, self._why
-        )
+        receiver = self.conn.receiver
+        if receiver.logs_access:  # the line is not even built otherwise
+            receiver.access_log(
+                f"{self._describe()} {self.status}", self.conn.bytes_sent, duration, self._why
+            )
 
     # --- receive ---------------------------------------------------------------------------
 

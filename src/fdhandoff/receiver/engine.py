@@ -477,12 +477,13 @@ class Receiver:
         # Logged before the lingering close: the line then times the response,
         # not up to linger_timeout of waiting for the client's FIN, and it is
         # written even if the shutdown cancels this task inside the linger.
-        self.access_log(
-            handoff.log_prefix(handoff.status or 0),
-            handoff.bytes_sent,
-            time.monotonic() - handoff.started,
-            why,
-        )
+        if self.logs_access:
+            self.access_log(
+                handoff.log_prefix(handoff.status or 0),
+                handoff.bytes_sent,
+                time.monotonic() - handoff.started,
+                why,
+            )
         if handoff.phase is Phase.DONE and why is None:
             await handoff.linger_close()
         else:
@@ -518,9 +519,14 @@ class Receiver:
         """Handoffs being answered, live streams and connections adapters hold."""
         return len(self._live)
 
+    @property
+    def logs_access(self) -> bool:
+        """True when :meth:`access_log` writes: callers skip building the line otherwise."""
+        return self.options.access_log and access_logger.isEnabledFor(logging.INFO)
+
     def access_log(self, prefix: str, sent: int, duration: float, why: str | None = None) -> None:
         """One line per connection: client, request, status, bytes, duration."""
-        if not self.options.access_log or not access_logger.isEnabledFor(logging.INFO):
+        if not self.logs_access:
             return
         if why:
             access_logger.info("%s %d %.3fs (%s)", prefix, sent, duration, why)

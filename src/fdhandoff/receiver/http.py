@@ -21,6 +21,7 @@ __all__ = [
     "HeaderInput",
     "chunk",
     "encode_headers",
+    "has_framing",
     "has_header",
     "http_date",
     "reason",
@@ -98,9 +99,33 @@ def encode_headers(headers: HeaderInput) -> bytes:
     return b"".join(out)
 
 
+#: Header names as given (str or bytes, any case) → lowercase bytes: a
+#: response names the same few each time; bounded like _LINES.
+_LOWER: dict[str | bytes, bytes] = {}
+
+
+def _lower(name: str | bytes) -> bytes:
+    lowered = _LOWER.get(name)
+    if lowered is None:
+        lowered = _as_bytes(name).lower()
+        if len(_LOWER) < MAX_CACHED_LINES:
+            _LOWER[name] = lowered
+    return lowered
+
+
 def has_header(headers: Iterable[tuple[str | bytes, str | bytes]], name: bytes) -> bool:
     """True if ``name`` (lowercase) is among ``headers``."""
-    return any(_as_bytes(n).lower() == name for n, _ in headers)
+    return any(_lower(n) == name for n, _ in headers)
+
+
+#: Framing the receiver writes itself (RFC 9112 section 6): an application
+#: that sets either would frame the body twice or wrongly.
+_FRAMING: Final = frozenset({b"content-length", b"transfer-encoding"})
+
+
+def has_framing(headers: Iterable[tuple[str | bytes, str | bytes]]) -> bool:
+    """True if ``headers`` set Content-Length or Transfer-Encoding."""
+    return any(_lower(n) in _FRAMING for n, _ in headers)
 
 
 def response_head(
@@ -115,6 +140,19 @@ def response_head(
     ``cgi=True`` writes a CGI-style ``Status:`` header instead of a status line:
     what SCGI clients (nginx ``scgi_pass``, Apache ``mod_proxy_scgi``) parse.
     """
+    first = _FIRST_LINES.get((status, version, cgi))
+    if first is None:
+        first = _first_line(status, version, cgi)
+    if not cgi:
+        first += b"Date: " + http_date() + b"\r\n"
+    return first + encode_headers(headers) + b"\r\n"
+
+
+#: Status lines by (status, version, cgi): a few dozen at most.
+_FIRST_LINES: dict[tuple[int, str, bool], bytes] = {}
+
+
+def _first_line(status: int, version: str, cgi: bool) -> bytes:
     if not 100 <= status <= 999:
         raise ValueError(f"invalid HTTP status {status}")
     phrase = reason(status).encode()
@@ -122,8 +160,9 @@ def response_head(
         first = b"Status: %d %s\r\n" % (status, phrase)
     else:
         first = b"HTTP/%s %d %s\r\n" % (version.encode(), status, phrase)
-        first += b"Date: " + http_date() + b"\r\n"
-    return first + encode_headers(headers) + b"\r\n"
+    if len(_FIRST_LINES) < MAX_CACHED_LINES:
+        _FIRST_LINES[(status, version, cgi)] = first
+    return first
 
 
 def chunk(data: bytes) -> bytes:
