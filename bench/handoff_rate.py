@@ -26,6 +26,11 @@ Throughput: ``--conns`` concurrent connections per load process for
 ``--latency-seconds``.  CPU per request: utime + stime of the server
 processes (/proc/PID/stat) over the throughput run, divided by requests.
 
+``--pin CPUS`` runs every server process, of every stack alike, on the given
+CPUs (the load client is not pinned): with ``--pin 0`` on two cores the
+client has a core to itself and the front and its receiver share the other,
+so neither migrates between cores (docs/operations.md, "CPU placement").
+
 Run: ``.venv/bin/python bench/handoff_rate.py`` (about two minutes).
 """
 
@@ -41,6 +46,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -101,9 +107,25 @@ def front_config(tmp: Path, port: int, receiver: str, access: str) -> Path:
     return path
 
 
+def cpu_list(text: str) -> set[int]:
+    """``"0"``, ``"0,2"`` or ``"0-3"`` as a set of CPU numbers."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
 def start_all(stack: ExitStack, tmp: Path, args: argparse.Namespace) -> list[Target]:
     env = c.python_env()
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "env": env}
+    quiet: dict[str, Any] = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    if args.pin:
+        # Every server process of every stack on the same CPUs (nginx's worker
+        # inherits it); the load client stays free to run anywhere else.
+        cpus = cpu_list(args.pin)
+        quiet["preexec_fn"] = lambda: os.sched_setaffinity(0, cpus)
+    served_kwargs = dict(quiet)
+    quiet["env"] = env
     receiver_path = str(tmp / "receiver.sock")
     receiver = stack.enter_context(
         c.started(
@@ -143,7 +165,7 @@ def start_all(stack: ExitStack, tmp: Path, args: argparse.Namespace) -> list[Tar
                     "--interface", interface, "--bind", f"unix:{served}",
                     "--no-access-log", "--log-level", "warning",
                 ],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env_served,
+                env=env_served, **served_kwargs,
             )
         )  # fmt: skip
         c.wait_path(served)
@@ -329,6 +351,11 @@ def main() -> int:
     parser.add_argument("--conns", type=int, default=8, help="connections per load process")
     parser.add_argument("--front-access-log", action="store_true")
     parser.add_argument("--no-nginx", action="store_true")
+    parser.add_argument(
+        "--pin",
+        metavar="CPUS",
+        help="run every server process (all stacks alike) on these CPUs, e.g. 0 or 0-1",
+    )
     parser.add_argument("--parse", action="store_true", help="only the head-parser micro-benchmark")
     args = parser.parse_args()
     if args.parse:
@@ -338,6 +365,7 @@ def main() -> int:
     print(
         f"load: {args.procs} process(es) x {args.conns} connections, {args.seconds:g} s per "
         f"run; latency: 1 connection, {args.latency_seconds:g} s; {args.repeats} repeats"
+        + (f"; servers pinned to CPU {args.pin}" if args.pin else "")
     )
     with tempfile.TemporaryDirectory(prefix="fdh-bench-") as tmp_name, ExitStack() as stack:
         targets = start_all(stack, Path(tmp_name), args)
