@@ -5,6 +5,7 @@ from __future__ import annotations
 import array
 import asyncio
 import os
+import re
 import resource
 import signal
 import socket
@@ -141,6 +142,54 @@ def test_bad_bind_is_a_config_error(tmp_path: Path) -> None:
     done = _serve("test_receiver_support:echo", "--interface", "handoff", "--bind", "tcp:1234")
     assert done.returncode == 2
     assert "unix:PATH" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--linger-timeout", "-1"], "--linger-timeout must not be negative"),
+        (["--max-body-size", "-1"], "--max-body-size must not be negative"),
+        (["--max-connections", "-5"], "--max-connections must not be negative"),
+        (["--grace", "-0.5"], "--grace must not be negative"),
+        (["--max-stream-buffer", "0"], "--max-stream-buffer must be positive"),
+        (["--max-ws-message-size", "-1"], "--max-ws-message-size must be positive"),
+        (["--handoff-timeout", "nan"], "--handoff-timeout must be positive"),
+        (["--write-timeout", "0"], "--write-timeout must be positive"),
+        (["--workers", "0"], "--workers must be at least 1"),
+    ],
+)
+def test_out_of_range_options_are_config_errors(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    path = str(tmp_path / "r.sock")
+    done = _serve(ECHO, "--interface", "handoff", "--bind", f"unix:{path}", *args)
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert not os.path.exists(path)
+
+
+def test_metrics_port_0_gives_each_worker_a_port_of_its_own(tmp_path: Path) -> None:
+    # With --workers, worker i serves metrics on PORT + i; port 0 asks the
+    # kernel for a free port instead, for every worker, and the log says which.
+    path = str(tmp_path / "r.sock")
+    with serve_process(
+        ECHO, [f"unix:{path}"], "--workers", "2", "--metrics", "127.0.0.1:0"
+    ) as proc:
+        deadline = time.monotonic() + 30
+        ports: list[int] = []
+        while len(ports) < 2 and time.monotonic() < deadline:
+            ports = [
+                int(p)
+                for p in re.findall(r"metrics on http://127\.0\.0\.1:(\d+)/", output_of(proc))
+            ]
+            time.sleep(0.05)
+        assert len(ports) == 2, output_of(proc)
+        assert 0 not in ports and len(set(ports)) == 2 and min(ports) > 1024
+        for port in ports:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as scrape:
+                scrape.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                assert read_all(scrape).startswith(b"HTTP/1.1 200")
+        assert _stop(proc) == 0
 
 
 def test_sync_handler_is_served(tmp_path: Path) -> None:

@@ -152,5 +152,8 @@ async def serve_metrics(metrics: Metrics, host: str, port: int) -> asyncio.Serve
                 await writer.wait_closed()
 
     server = await asyncio.start_server(handle, host, port, limit=MAX_SCRAPE_HEAD)
-    log.info("metrics on http://%s:%d/metrics", host, port)
+    # The bound port, not the one asked for: with port 0 the kernel chose it.
+    bound = server.sockets[0].getsockname()[1] if server.sockets else port
+    shown = f"[{host}]" if ":" in host else host
+    log.info("metrics on http://%s:%d/metrics", shown, bound)
     return server

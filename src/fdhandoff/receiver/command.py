@@ -7,7 +7,7 @@ import grp
 import importlib
 import pwd
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from ..errors import ConfigError
 from ..metrics import parse_address
@@ -144,12 +144,27 @@ def _gid(text: str) -> int:
         raise argparse.ArgumentTypeError(f"no such group {text!r}") from None
 
 
+#: Options that must be above 0: a zero timeout would fail every read, a
+#: zero stream buffer or message size would refuse every message.
+_POSITIVE: Final = (
+    "handoff_timeout",
+    "body_timeout",
+    "write_timeout",
+    "max_stream_buffer",
+    "max_ws_message_size",
+)
+#: Options where 0 means something (close at once, no body, no limit).
+_NOT_NEGATIVE: Final = ("grace", "linger_timeout", "max_body_size", "max_connections")
+
+
 def build_options(args: argparse.Namespace) -> Options:
-    for name in ("handoff_timeout", "body_timeout", "write_timeout", "grace"):
-        if getattr(args, name) <= 0 and name != "grace":
+    """The receiver's options from the command line; a clear error for a value out of range."""
+    for name in _POSITIVE:
+        if not getattr(args, name) > 0:  # also NaN
             raise ConfigError(f"--{name.replace('_', '-')} must be positive")
-    if args.grace < 0:
-        raise ConfigError("--grace must not be negative")
+    for name in _NOT_NEGATIVE:
+        if not getattr(args, name) >= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must not be negative")
     return Options(
         handoff_timeout=args.handoff_timeout,
         body_timeout=args.body_timeout,

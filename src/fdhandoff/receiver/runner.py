@@ -175,5 +175,7 @@ def _for_worker(options: Options, slot: int) -> Options:
     if not options.metrics:
         return options
     host, port = parse_address(options.metrics)
-    address = f"[{host}]:{port + slot}" if ":" in host else f"{host}:{port + slot}"
+    if port:  # port 0 stays 0: each worker then gets a port of the kernel's choosing
+        port += slot
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return options.replace(metrics=address)
