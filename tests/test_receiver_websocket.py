@@ -26,12 +26,14 @@ from test_receiver_support import (
     MarkerSender,
     MiniFront,
     ReceiverThread,
+    fd_count,
     front_headers,
     read_all,
     read_to_fin,
     read_until,
     send_payload,
     send_scgi,
+    serve_process,
     split_response,
     tcp_pair,
 )
@@ -47,6 +49,14 @@ async def coroutine_echo(handoff: Handoff) -> None:
     async for message in ws:
         await ws.send(message)
     ws.close()
+
+
+async def stream_on_path(handoff: Handoff) -> None:
+    """/sse: an event stream left open; anything else: a WebSocket echo."""
+    if handoff.path == "/sse":
+        (await handoff.sse()).send("ready")
+        return
+    await coroutine_echo(handoff)
 
 
 def _url(front: MiniFront, path: str = "/ws") -> str:
@@ -339,6 +349,56 @@ def test_a_client_that_resets_ends_with_1006(tmp_path: Path, no_fd_leak: None) -
         while not ended and time.monotonic() < deadline:
             time.sleep(0.02)
     assert ended == [1006]
+
+
+def _open_stream(port: int, path: str) -> socket.socket:
+    """A client whose WebSocket (``/ws``) or event stream (``/sse``) is open."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    if path == "/sse":
+        sock.sendall(b"GET /sse HTTP/1.1\r\nHost: x\r\n\r\n")
+        read_until(sock, b"data: ready\n\n")
+    else:
+        key = base64.b64encode(os.urandom(16))
+        sock.sendall(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: " + key + b"\r\n\r\n"
+        )
+        assert read_until(sock, b"\r\n\r\n").startswith(b"HTTP/1.1 101")
+    return sock
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("path", ["/ws", "/sse"])
+def test_bytes_then_a_reset_end_the_stream(
+    tmp_path: Path, loop: str, path: str, no_fd_leak: None
+) -> None:
+    """A client that sends a few bytes and resets before they are read.
+
+    uvloop reports the readiness event carrying the reset once and then stops
+    watching the fd: a stream that read only the bytes kept the connection,
+    its fd and its handler until the receiver stopped.
+    """
+    sock_path = str(tmp_path / "r.sock")
+    with (
+        serve_process(
+            "test_receiver_websocket:stream_on_path", [f"unix:{sock_path}"], "--loop", loop
+        ) as proc,
+        MiniFront(sock_path) as front,
+    ):
+        _open_stream(front.port, path).close()  # the process's lazily opened fds
+        time.sleep(0.5)
+        baseline = fd_count(proc.pid)
+        for _ in range(5):
+            sock = _open_stream(front.port, path)
+            # Half a masked frame header, then a RST (SO_LINGER 0) right behind it.
+            sock.sendall(b"\x81\x8a\x01\x02\x03")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+        deadline = time.monotonic() + 5
+        while fd_count(proc.pid) > baseline and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert fd_count(proc.pid) <= baseline
+        assert proc.poll() is None
 
 
 def _upgraded_client(path: str) -> socket.socket:

@@ -39,8 +39,12 @@ __all__ = ["Channel", "ConnectionClosed", "Sent", "Stream"]
 
 log = logging.getLogger("fdhandoff.receiver")
 
-#: Bytes read per callback when a client sends something on a stream.
+#: Bytes read per recv when a client sends something on a stream.
 READ_SIZE: Final = 16 * 1024
+
+#: Most recvs per readable callback; past it the next batch is read on the next
+#: loop iteration, so one client streaming bytes cannot starve the others.
+MAX_READS_PER_CALLBACK: Final = 16
 
 #: errno values meaning "the client is gone" rather than "something is wrong".
 _GONE: Final = frozenset(
@@ -271,17 +275,38 @@ class Stream:
     # --- reading -----------------------------------------------------------------
 
     def _on_readable(self) -> None:
-        try:
-            data = self._sock.recv(READ_SIZE)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            self._abort(_describe(exc))
-            return
-        if not data:
-            self._on_eof()
-            return
-        self._on_data(data)
+        # Read until the kernel has nothing more to say (EAGAIN, EOF or an
+        # error), not once per callback: uvloop (libuv) delivers a readiness
+        # event that carries EPOLLERR once and then stops watching the fd.
+        # A client that sends bytes and resets the connection before we read
+        # them produces exactly that event: after one recv of the bytes the
+        # reset would never be reported, and the stream, its fd and its
+        # handler would stay until the receiver stops.
+        for _ in range(MAX_READS_PER_CALLBACK):
+            try:
+                data = self._sock.recv(READ_SIZE)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._abort(_describe(exc))
+                return
+            if not data:
+                self._on_eof()
+                return
+            self._on_data(data)
+            if not self._reading():
+                return  # closed, or paused for back-pressure (resuming re-arms the reader)
+        # More is pending: read it on the next iteration instead of waiting
+        # for a readiness event that may not come (see above).
+        self._receiver.loop.call_soon(self._read_more)
+
+    def _read_more(self) -> None:
+        if self._reading():
+            self._on_readable()
+
+    def _reading(self) -> bool:
+        """True while the reader callback is installed on the socket."""
+        return self._state is _State.OPEN or self._state is _State.CLOSING
 
     def _on_data(self, data: bytes) -> None:
         """Bytes from the client; the base class ignores them."""

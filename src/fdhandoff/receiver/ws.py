@@ -332,6 +332,10 @@ class WebSocket(Stream):
             log.exception("on_message callback failed; closing with 1011")
             self.close(CloseCode.INTERNAL_ERROR, "internal error")
 
+    def _reading(self) -> bool:
+        inbox = self._inbox
+        return super()._reading() and not (inbox is not None and inbox.paused)
+
     def _resume_reading(self, inbox: _Inbox) -> None:
         if inbox.paused and len(inbox.messages) < INBOX_LIMIT // 2 and not super().closed:
             inbox.paused = False
