@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import json
 import socket
+import struct
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -686,6 +687,44 @@ def test_client_disconnect_while_streaming(sock_path: str, loop: str, no_fd_leak
         client.close()
         assert finished.wait(15)
     assert events == ["http.disconnect", "stopped streaming", "send raised OSError"]
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_bytes_then_a_reset_give_http_disconnect(
+    sock_path: str, loop: str, no_fd_leak: None
+) -> None:
+    """A client that sends bytes (a pipelined request) and resets before they are read.
+
+    uvloop reports the readiness event carrying the reset once and then stops
+    watching the fd: reading only the bytes, the app waiting for
+    http.disconnect never got it, and the connection stayed open.
+    """
+    events: list[str] = []
+    finished = threading.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            raise RuntimeError("http only")
+        assert (await receive())["more_body"] is False
+        await send({"type": "http.response.start", "status": 200})
+        await send({"type": "http.response.body", "body": b"waiting", "more_body": True})
+        events.append((await receive())["type"])
+        finished.set()
+
+    with ASGIReceiver(app, sock_path, loop=loop) as receiver:
+        client = hand_over(sock_path)
+        assert b"waiting" in client.recv(4096)
+        time.sleep(0.1)  # the app waits in receive()
+        # Both arrive while the loop is busy, so one readiness event reports them.
+        assert receiver.loop is not None
+        receiver.loop.call_soon_threadsafe(time.sleep, 0.3)
+        time.sleep(0.05)
+        client.sendall(b"GET /next HTTP/1.1\r\n")
+        # SO_LINGER with a zero timeout: close() sends a RST instead of a FIN.
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()
+        assert finished.wait(5)
+    assert events == ["http.disconnect"]
 
 
 def test_streaming_response_stops_when_the_client_leaves(sock_path: str, no_fd_leak: None) -> None:

@@ -384,20 +384,29 @@ class HTTPCycle:
             self._stop_reading()
 
     def _check_client(self) -> bool:
-        """One non-blocking read: True if the client has left (EOF or reset)."""
+        """Non-blocking reads: True if the client has left (EOF or reset).
+
+        Read until EAGAIN, not once: uvloop (libuv) delivers a readiness event
+        that carries EPOLLERR once and then stops watching the fd, so a client
+        that sends bytes and resets before we read them would otherwise leave
+        the reset unreported, and the app waiting for ``http.disconnect``
+        (with the connection and its fd) until it writes.
+        """
         conn = self.conn
-        try:
-            data = conn.sock.recv(READ_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return False
-        except OSError:
-            data = b""
-        if data:
+        while True:
+            try:
+                data = conn.sock.recv(READ_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return False
+            except OSError:
+                data = b""
+            if not data:
+                break
             # A pipelined request: keep it for later, up to one head's worth.
             conn.buf += data
             if len(conn.buf) >= MAX_HEAD_SIZE:
                 self._stop_reading()
-            return False
+                return False
         self.disconnected = True
         self._why = self._why or "client disconnected"
         return True
