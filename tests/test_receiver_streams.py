@@ -524,6 +524,59 @@ def test_a_channel_closed_with_acknowledgements_unread_is_let_go_cleanly(
     assert errors == [], [r.getMessage() for r in errors]
 
 
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_handoffs_queued_when_the_sender_resets_the_channel_are_all_served(
+    tmp_path: Path, loop: str, no_fd_leak: None
+) -> None:
+    """A front that stops (or restarts) with an acknowledgement unread resets
+    the channel (unix(7): ECONNRESET for the peer), yet every handoff it had
+    already sent is in the receiver's queue with its fd, and each client is
+    owed its answer.  uvloop reports a readiness event carrying an error
+    once and then stops watching the fd: the receiver must not stop after
+    the first of them and strand the others (and the connection) forever."""
+    from fdhandoff import fdpass, scgi  # noqa: PLC0415
+    from fdhandoff.message import CHANNEL_ACK  # noqa: PLC0415
+
+    async def handler(handoff: Handoff) -> None:
+        if handoff.path == "/block":
+            time.sleep(0.5)  # holds the loop: the next handoffs queue up meanwhile
+        await handoff.respond(200, [("Content-Type", "text/plain")], handoff.path.encode())
+
+    path = str(tmp_path / "r.sock")
+    with ReceiverThread(handler, [Bind(path)], loop=loop) as receiver:
+        conn = socket.socket(socket.AF_UNIX)
+        conn.connect(path)
+        clients = []
+        for target in ("/first", "/block", "/a", "/b", "/c"):
+            client, server_side = tcp_pair()
+            message = scgi.encode(front_headers("GET", target, HANDOFF_CHANNEL="1"))
+            fdpass.send_fd(conn, message, server_side.fileno())
+            server_side.close()
+            clients.append((target, client))
+            if target == "/first":  # its ACK stays unread: the close below resets
+                assert read_all(client).endswith(b"/first")
+                _wait(lambda: _pending(conn) >= 1)
+                assert conn.recv(1, socket.MSG_PEEK) == CHANNEL_ACK
+        conn.close()  # ACK bytes unread: a reset for the receiver
+        for target, client in clients[1:]:
+            assert read_all(client, timeout=5).endswith(target.encode()), target
+            client.close()
+        clients[0][1].close()
+        _wait(lambda: receiver.receiver is not None and receiver.receiver.connections == 0)
+        assert _get_hello(path).startswith(b"HTTP/1.1 200 OK")
+
+
+def _pending(conn: socket.socket) -> int:
+    """Bytes waiting to be read on ``conn`` (FIONREAD, unix(7))."""
+    import array  # noqa: PLC0415
+    import fcntl  # noqa: PLC0415
+    import termios  # noqa: PLC0415
+
+    count = array.array("i", [0])
+    fcntl.ioctl(conn.fileno(), termios.FIONREAD, count)
+    return count[0]
+
+
 def _get_hello(path: str) -> bytes:
     client, server_side = tcp_pair()
     send_scgi(path, front_headers("GET", "/hello"), server_side)

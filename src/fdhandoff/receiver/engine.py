@@ -639,6 +639,22 @@ class Persistent:
             return
         if got is not NEED_DATA:  # CLOSED: the sender is done with it
             self.close()
+        elif self._reset_pending():
+            # uvloop (libuv) reports a readiness event that carries an error
+            # once, then stops watching the fd.  A sender that closed with our
+            # acknowledgements unread leaves exactly that (unix(7): ECONNRESET)
+            # behind the handoffs it had sent, each holding a client's fd:
+            # SO_ERROR took the error, so watching afresh reads them all, then
+            # the end of the connection.
+            self._pause()
+            self.resume()
+
+    def _reset_pending(self) -> bool:
+        """True (and the error cleared) when the socket holds an error (SO_ERROR)."""
+        try:
+            return self.conn.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0
+        except OSError:
+            return False
 
     def close(self) -> None:
         """Stop reading, close the fds of unfinished handoffs and the connection."""
