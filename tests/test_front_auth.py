@@ -631,3 +631,28 @@ def test_malformed_chunked_request_body_is_400(
     front.wait_for(r'"POST /app/x" route=/app 400 "malformed chunked body')
     assert not [seen for seen in app.seen if seen["path"] == "/app/x"]  # no request completed
     assert front.settled_fd_count(baseline) == baseline
+
+
+def test_client_connection_option_cannot_strip_framing_or_host(
+    no_fd_leak: None, app: type[App], sockdir: Path, fronts: Callable[..., FrontProcess]
+) -> None:
+    """Connection naming Content-Length must not unframe the forwarded body:
+    the application would read the body as a second, smuggled request."""
+    front = fronts(config=auth_config(app, sockdir))
+    baseline = warm_fd_count(front)
+    smuggled = b"GET /app/smuggled HTTP/1.1\r\nHost: a\r\n\r\n"
+    request = (
+        b"POST /app/plain HTTP/1.1\r\nHost: a\r\nConnection: Content-Length, Host, X-Hop\r\n"
+        b"X-Hop: 1\r\nContent-Length: %d\r\n\r\n%s" % (len(smuggled), smuggled)
+    )
+    status, _, body = http_exchange(front, request)
+    assert (status, body) == (201, b"from the app: " + smuggled)
+    seen = app.seen[-1]
+    headers = seen["headers"]
+    assert isinstance(headers, dict)
+    assert headers["Content-Length"] == str(len(smuggled))
+    assert headers["Host"] == "a"
+    assert "X-Hop" not in headers  # the fields a client may name are still dropped
+    assert [s["path"] for s in app.seen if s["path"] == "/app/smuggled"] == []
+    assert front.settled_fd_count(baseline) == baseline
+

@@ -70,6 +70,11 @@ _DROP_REQUEST: Final = frozenset(
         b"x-forwarded-proto",
     )
 )
+#: Request fields kept whatever the client's Connection names: Content-Length
+#: frames the body the front forwards (dropping it would leave the body to be
+#: read upstream as a next request), and an HTTP/1.1 request must carry the
+#: Host it was routed by (RFC 9112 §3.2).
+_KEPT_REQUEST: Final = frozenset((b"content-length", b"host"))
 #: Response headers the client never sees (the front adds Connection: close).
 _DROP_RESPONSE: Final = frozenset(
     (b"x-socket-handoff", b"x-handoff-data", b"connection", b"keep-alive")
@@ -277,7 +282,7 @@ class _Exchange:
             token.strip().lower()
             for value in head.values(b"connection")
             for token in value.split(b",")
-        }
+        } - _KEPT_REQUEST
         forwarded_for: list[bytes] = []
         for name, value in head.headers:
             lower = name.lower()
