@@ -6,6 +6,7 @@ receivers in Apache's SEQPACKET format and in SCGI.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import shutil
@@ -655,4 +656,57 @@ def test_client_connection_option_cannot_strip_framing_or_host(
     assert "X-Hop" not in headers  # the fields a client may name are still dropped
     assert [s["path"] for s in app.seen if s["path"] == "/app/smuggled"] == []
     assert front.settled_fd_count(baseline) == baseline
+
+
+def _raw_app(listener: socket.socket, answer: Callable[[socket.socket], None]) -> threading.Thread:
+    """An application on a UNIX socket that reads one request head and runs ``answer``."""
+
+    def serve() -> None:
+        listener.settimeout(10)
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(10)
+            data = b""
+            while b"\r\n\r\n" not in data and (chunk := conn.recv(65536)):
+                data += chunk
+            with contextlib.suppress(OSError):
+                answer(conn)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_interim_answers_do_not_extend_the_response_head_timeout(
+    no_fd_leak: None, sockdir: Path, fronts: Callable[..., FrontProcess]
+) -> None:
+    """timeouts.upstream bounds the wait for the final head: an application
+    sending one 100 Continue after another cannot hold the client forever."""
+
+    def endless_interim(conn: socket.socket) -> None:
+        deadline = time.monotonic() + 6
+        while time.monotonic() < deadline:
+            conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+            time.sleep(0.2)
+
+    app_path = sockdir / "app.sock"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(app_path))
+        listener.listen()
+        app = _raw_app(listener, endless_interim)
+        config = (
+            f'[[route]]\nprefix = "/"\nmode = "auth"\nupstream = "unix:{app_path}"\n'
+            f'allowed_prefix = "{sockdir}"\n[timeouts]\nupstream = 1\n'
+        )
+        front = fronts(config=config)
+        baseline = front.fd_count()
+        started = time.monotonic()
+        status, _, body = http_exchange(front, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+        elapsed = time.monotonic() - started
+        app.join(timeout=10)
+    assert status == 504
+    assert elapsed < 3  # not the 6 s the application keeps going
+    front.hid_detail(body, "no response within 1 s")
+    # the upstream connection is closed; the loop's own reserve fd may have appeared
+    assert front.settled_fd_count(baseline + 1) <= baseline + 1
 

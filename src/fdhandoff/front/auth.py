@@ -341,9 +341,12 @@ class _Exchange:
         assert self.reader is not None
         upstream = self.route.upstream
         assert upstream is not None
+        # One deadline for the final head, interim answers included: an
+        # application sending 1xx after 1xx must not hold the client forever.
+        deadline = self.front.loop.time() + self.timeouts.upstream
         while True:
             try:
-                async with asyncio.timeout(self.timeouts.upstream):
+                async with asyncio.timeout_at(deadline):
                     raw = await self.reader.readuntil(b"\r\n\r\n")
             except TimeoutError:
                 raise _Answer(
