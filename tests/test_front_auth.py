@@ -710,3 +710,30 @@ def test_interim_answers_do_not_extend_the_response_head_timeout(
     # the upstream connection is closed; the loop's own reserve fd may have appeared
     assert front.settled_fd_count(baseline + 1) <= baseline + 1
 
+
+def test_client_taking_nothing_of_a_relayed_body_is_logged_plainly(
+    no_fd_leak: None, sockdir: Path, fronts: Callable[..., FrontProcess]
+) -> None:
+    size = 32 * 1024 * 1024
+
+    def big_body(conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        block = b"z" * 65536
+        for _ in range(size // len(block)):
+            conn.sendall(block)
+
+    app_path = sockdir / "app.sock"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(app_path))
+        listener.listen()
+        app = _raw_app(listener, big_body)
+        config = (
+            f'[[route]]\nprefix = "/"\nmode = "auth"\nupstream = "unix:{app_path}"\n'
+            f'allowed_prefix = "{sockdir}"\n[timeouts]\nupstream = 0.5\n'
+        )
+        front = fronts(config=config)
+        with front.connect() as client:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            client.sendall(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n")
+            front.wait_for(r'"GET /big" route=/ closed "client took nothing within 0\.5 s"')
+        app.join(timeout=10)

@@ -561,7 +561,9 @@ class _Exchange:
         try:
             async with asyncio.timeout(self.timeouts.upstream):
                 await self.front.loop.sock_sendall(self.client, data)
-        except (TimeoutError, OSError) as exc:
+        except TimeoutError:
+            raise _Answer(499, f"client took nothing within {self.timeouts.upstream:g} s") from None
+        except OSError as exc:
             raise _Answer(499, f"client stopped reading: {exc}") from None
 
     async def _drain(self) -> None:
