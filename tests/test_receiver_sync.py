@@ -267,3 +267,101 @@ def test_the_clients_close_reply_after_a_protocol_error_meets_no_reset(
     assert data[:1] == b"\x88"
     assert int.from_bytes(data[2:4], "big") == 1007
     assert error == 0, os.strerror(error)
+
+
+class Blocker:
+    """A handler that holds its thread until released, answering afterwards."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.entered = threading.Semaphore(0)
+
+    def __call__(self, handoff: Handoff) -> None:
+        self.entered.release()
+        self.release.wait(30)
+        handoff.respond(200, [], b"late")
+
+
+def _hand_over_without_waiting(path: str) -> tuple[socket.socket, socket.socket]:
+    """(client, UNIX connection): a handoff the receiver may not have taken yet."""
+    from fdhandoff import fdpass  # noqa: PLC0415
+
+    client, server_side = tcp_pair()
+    conn = socket.socket(socket.AF_UNIX)
+    conn.connect(path)
+    fdpass.send_fd(conn, scgi.encode(front_headers("GET", "/")), server_side.fileno(), timeout=10)
+    server_side.close()
+    return client, conn
+
+
+def test_stop_at_max_connections_with_a_handoff_queued(tmp_path: Path, no_fd_leak: None) -> None:
+    """Every slot busy and one more sender waiting: the stop still ends
+    after the grace period.  Accepting used to take the connection first and
+    then wait for a slot without looking at the stop, for as long as the
+    handler kept it."""
+    handler = Blocker()
+    path = str(tmp_path / "r.sock")
+    receiver = SyncReceiverThread(handler, [Bind(path)], Options(max_connections=1, grace=0.5))
+    with receiver:
+        client, server_side = tcp_pair()
+        send_scgi(path, front_headers("GET", "/"), server_side)
+        assert handler.entered.acquire(timeout=10)
+        queued, conn = _hand_over_without_waiting(path)
+        time.sleep(0.5)
+        started = time.monotonic()
+        receiver.stop_event.set()
+        receiver.thread.join(10)
+        stopped = not receiver.thread.is_alive()
+        handler.release.set()
+        assert stopped, "the receiver did not stop"
+        assert time.monotonic() - started < 5.0
+        for sock in (client, queued, conn):
+            sock.close()
+
+
+def test_stop_waits_once_for_all_blocked_handlers(tmp_path: Path, no_fd_leak: None) -> None:
+    """After the grace period the remaining threads share one last wait;
+    they used to get one each, so ten stuck handlers held the stop ten times
+    as long."""
+    handler = Blocker()
+    path = str(tmp_path / "r.sock")
+    receiver = SyncReceiverThread(handler, [Bind(path)], Options(grace=0.5))
+    clients = []
+    try:
+        with receiver:
+            for _ in range(6):
+                client, server_side = tcp_pair()
+                send_scgi(path, front_headers("GET", "/"), server_side)
+                clients.append(client)
+            for _ in range(6):
+                assert handler.entered.acquire(timeout=10)
+            started = time.monotonic()
+            receiver.stop_event.set()
+            receiver.thread.join(20)
+            assert time.monotonic() - started < 3.5
+    finally:
+        handler.release.set()
+        for client in clients:
+            client.close()
+
+
+def test_channel_is_served_at_max_connections_one(tmp_path: Path, no_fd_leak: None) -> None:
+    """A channel's reader is not a connection: it used to keep its slot and
+    wait for another one for each handoff, so with --max-connections 1 no
+    handoff on a channel was ever served or acknowledged."""
+    from fdhandoff import fdpass  # noqa: PLC0415
+    from fdhandoff.message import CHANNEL_ACK  # noqa: PLC0415
+
+    path = str(tmp_path / "r.sock")
+    receiver = SyncReceiverThread(echo, [Bind(path)], Options(max_connections=1))
+    with receiver, socket.socket(socket.AF_UNIX) as conn:
+        conn.connect(path)
+        conn.settimeout(10)
+        for n in range(3):
+            client, server_side = tcp_pair()
+            headers = front_headers("GET", f"/{n}", HANDOFF_CHANNEL="1")
+            fdpass.send_fd(conn, scgi.encode(headers), server_side.fileno())
+            server_side.close()
+            assert conn.recv(1) == CHANNEL_ACK
+            assert split_response(read_all(client))[0] == 200
+            client.close()

@@ -48,8 +48,11 @@ class Receiver:
         self._threads: set[threading.Thread] = set()
         #: UNIX connections carrying many handoffs (channels, BYTE markers).
         self._persistent: set[socket.socket] = set()
+        self._full_logged = False
         limit = self.options.max_connections or DEFAULT_MAX_THREADS
         self._slots = threading.BoundedSemaphore(limit)
+        #: Threads holding one of the slots (a channel's reader gives its own back).
+        self._slotted: set[threading.Thread] = set()
 
     # --- bookkeeping -------------------------------------------------------------------
 
@@ -69,8 +72,15 @@ class Receiver:
         else:
             access_logger.info("%s %d %.3fs", prefix, sent, duration)
 
-    def _spawn(self, target: Callable[..., None], *args: Any) -> None:
-        self._slots.acquire()
+    def _wait_slot(self) -> bool:
+        """Take a slot once one is free; False if the receiver stops first."""
+        while not self._slots.acquire(timeout=0.2):
+            if self.stopping.is_set():
+                return False
+        return True
+
+    def _start(self, target: Callable[..., None], *args: Any) -> None:
+        """Run ``target(*args)`` in a new thread that owns the slot its caller took."""
 
         def run() -> None:
             try:
@@ -78,12 +88,20 @@ class Receiver:
             finally:
                 with self._lock:
                     self._threads.discard(thread)
-                self._slots.release()
+                self._free_slot(thread)
 
         thread = threading.Thread(target=run, daemon=True, name="fdhandoff-connection")
         with self._lock:
             self._threads.add(thread)
+            self._slotted.add(thread)
         thread.start()
+
+    def _free_slot(self, thread: threading.Thread) -> None:
+        with self._lock:
+            if thread not in self._slotted:
+                return
+            self._slotted.discard(thread)
+        self._slots.release()
 
     # --- accepting ---------------------------------------------------------------------
 
@@ -96,16 +114,33 @@ class Receiver:
                 sel.register(sock, selectors.EVENT_READ)
             while not self.stopping.is_set():
                 for key, _ in sel.select(0.2):
-                    self._accept(key.fileobj)  # type: ignore[arg-type]
+                    # A slot before accepting, never after: at the limit
+                    # accepting pauses (senders queue in the kernel) and a
+                    # stop is still noticed within 0.2 s.
+                    if not self._slots.acquire(timeout=0.2):
+                        self._note_full()
+                        break
+                    if not self._accept(key.fileobj):  # type: ignore[arg-type]
+                        self._slots.release()
         for sock in socks:
             sock.close()
         self._shutdown()
 
-    def _accept(self, listener: socket.socket) -> None:
+    def _note_full(self) -> None:
+        if not self._full_logged:
+            self._full_logged = True
+            log.warning(
+                "%d connections live (--max-connections): not accepting for now",
+                self.options.max_connections or DEFAULT_MAX_THREADS,
+            )
+
+    def _accept(self, listener: socket.socket) -> bool:
+        """Accept one connection; True if a thread took it (and the caller's slot)."""
+        self._full_logged = False
         try:
             conn, _ = listener.accept()
         except BlockingIOError:
-            return
+            return False
         except OSError as exc:
             if exc.errno in RESOURCE_ERRNOS:
                 log.warning(
@@ -114,11 +149,12 @@ class Receiver:
                 time.sleep(ACCEPT_BACKOFF)
             elif exc.errno not in (errno.ECONNABORTED, errno.EINTR):
                 log.error("accept failed: %s", exc)
-            return
+            return False
         if not sender_allowed(conn, self.options):
             conn.close()
-            return
-        self._spawn(self._take, conn)
+            return False
+        self._start(self._take, conn)
+        return True
 
     def _take(self, conn: socket.socket) -> None:
         keep = False
@@ -134,8 +170,14 @@ class Receiver:
                 # Persistent: BYTE markers, or a channel (one ACK per handoff).
                 with self._lock:
                     self._persistent.add(conn)
+                # The reader is not a connection: each handoff waits for a
+                # slot of its own, so readers holding slots cannot starve them.
+                self._free_slot(threading.current_thread())
                 while True:
-                    self._spawn(self._run, record, client)
+                    if not self._wait_slot():
+                        client.close()  # stopping: never acknowledged
+                        return
+                    self._start(self._run, record, client)
                     if record.channel and not _ack(conn):
                         return
                     if self.stopping.is_set():
@@ -236,6 +278,10 @@ class Receiver:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RD)
         grace = self.options.grace
+        with self._lock:
+            count = len(self._live)
+        if count:
+            log.info("stopping: %d connections live, waiting up to %.1f s", count, grace)
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
             with self._lock:
@@ -253,8 +299,11 @@ class Receiver:
                     item.socket.shutdown(socket.SHUT_RDWR)  # unblocks its thread
         with self._lock:
             threads = list(self._threads)
+        # One deadline for all: a thread that ignores its closed socket (a
+        # handler sleeping, computing) is left to end with the process.
+        deadline = time.monotonic() + max(1.0, grace)
         for thread in threads:
-            thread.join(max(1.0, grace))
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _ack(conn: socket.socket) -> bool:
@@ -307,4 +356,3 @@ def serve(
     finally:
         for signum, old in previous.items():
             signal.signal(signum, old)
-
