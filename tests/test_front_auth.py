@@ -737,3 +737,46 @@ def test_client_taking_nothing_of_a_relayed_body_is_logged_plainly(
             client.sendall(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n")
             front.wait_for(r'"GET /big" route=/ closed "client took nothing within 0\.5 s"')
         app.join(timeout=10)
+
+
+@pytest.mark.parametrize("piecewise", [False, True])
+def test_handoff_fields_in_relayed_trailers_never_reach_the_client(
+    no_fd_leak: None, sockdir: Path, fronts: Callable[..., FrontProcess], piecewise: bool
+) -> None:
+    """X-Socket-Handoff and X-Handoff-Data never reach the client, from the
+    trailer section of a chunked body either (RFC 9112 section 7.1.2); the
+    chunks and the other trailer fields are relayed as sent, whether the
+    trailer arrives in one write or byte by byte."""
+    body = b"5\r\nhello\r\n3;ext=1\r\nabc\r\n0\r\n"
+    trailer = (
+        b"X-Handoff-Data: secret\r\nX-Checksum: 42\r\n"
+        b"x-socket-handoff: /run/other.sock\r\nX-Tail: end\r\n\r\n"
+    )
+
+    def chunked_with_trailers(conn: socket.socket) -> None:
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n"
+        )
+        if not piecewise:
+            conn.sendall(body + trailer)
+            return
+        for byte in body + trailer:
+            conn.sendall(bytes([byte]))
+            time.sleep(0.002)
+
+    app_path = sockdir / "app.sock"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(app_path))
+        listener.listen()
+        app = _raw_app(listener, chunked_with_trailers)
+        front = fronts(
+            config=f'[[route]]\nprefix = "/"\nmode = "auth"\nupstream = "unix:{app_path}"\n'
+            f'allowed_prefix = "{sockdir}"\n'
+        )
+        baseline = front.fd_count()
+        status, headers, relayed = http_exchange(front, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+        app.join(timeout=10)
+    assert (status, headers["transfer-encoding"]) == (200, "chunked")
+    assert relayed == body + b"X-Checksum: 42\r\nX-Tail: end\r\n\r\n"
+    # the upstream connection is closed; the loop's own reserve fd may have appeared
+    assert front.settled_fd_count(baseline + 1) <= baseline + 1

@@ -216,6 +216,18 @@ def test_chunked_reader_stops_exactly_at_the_end(step: int) -> None:
     assert reader.done
     assert body == b"hello world"
     assert used == len(CHUNKED)  # the pipelined request is not consumed
+    # Where the trailer section starts: right past the last chunk's "0\r\n".
+    assert reader.trailer_start == CHUNKED.index(b"Trailer: x")
+
+
+def test_chunked_reader_trailer_start_is_none_until_the_last_chunk() -> None:
+    reader = ChunkedReader()
+    reader.feed(b"5\r\nhello\r\n")
+    assert reader.trailer_start is None
+    reader.feed(b"0\r")
+    assert reader.trailer_start is None  # the size line is not whole yet
+    reader.feed(b"\n\r\n")
+    assert (reader.trailer_start, reader.done) == (len(b"5\r\nhello\r\n0\r\n"), True)
 
 
 @pytest.mark.parametrize(

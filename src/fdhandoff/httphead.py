@@ -672,13 +672,17 @@ class ChunkedReader:
     failed.
     """
 
-    __slots__ = ("_line", "_remaining", "_state", "_trailer_size")
+    __slots__ = ("_fed", "_line", "_remaining", "_state", "_trailer_size", "trailer_start")
 
     def __init__(self) -> None:
         self._state = _ChunkState.SIZE
         self._remaining = 0
         self._line = bytearray()
         self._trailer_size = 0
+        self._fed = 0
+        #: Offset, counted from the body's first byte, where the trailer
+        #: section begins (past the last chunk's size line); None before.
+        self.trailer_start: int | None = None
 
     @property
     def done(self) -> bool:
@@ -719,6 +723,9 @@ class ChunkedReader:
             if not line.endswith(b"\r\n"):
                 raise ProtocolError("chunked body line ends with a bare LF")
             self._line_done(line[:-2])
+            if state is _ChunkState.SIZE and self._state is _ChunkState.TRAILER:
+                self.trailer_start = self._fed + pos
+        self._fed += pos
         return pos, pieces
 
     def _line_done(self, line: bytes) -> None:

@@ -511,6 +511,8 @@ class _Exchange:
         assert self.reader is not None
         remaining = response.content_length
         chunked = ChunkedReader() if response.chunked and remaining is None else None
+        relayed = 0  # bytes of a chunked body read so far, as the reader counts them
+        trailer = b""  # the trailer section, held back until it is whole
         while remaining is None or remaining > 0:
             size = _CHUNK if remaining is None else min(remaining, _CHUNK)
             try:
@@ -527,10 +529,21 @@ class _Exchange:
                     used, pieces = chunked.feed(data)
                 except ProtocolError as exc:
                     raise _Answer(502, f"upstream sent a malformed chunked body: {exc}") from None
-                data = b"".join(pieces) if dechunk else data[:used]
+                if dechunk:
+                    data = b"".join(pieces)
+                else:
+                    # Trailer fields are fields too: the handoff ones must
+                    # not reach the client from there either.
+                    data, start, relayed = data[:used], chunked.trailer_start, relayed + used
+                    if start is not None:
+                        cut = max(0, len(data) - (relayed - start))
+                        data, trailer = data[:cut], trailer + data[cut:]
+                        if chunked.done:
+                            data += _without_handoff_fields(trailer)
             if remaining is not None:
                 remaining -= len(data)
-            await self._send_client(data)
+            if data:
+                await self._send_client(data)
             if chunked is not None and chunked.done:
                 return
 
@@ -590,3 +603,15 @@ class _Exchange:
         self.owned = False
         self.front.log_request(self.req, f'closed "{why}"')
         self.client.close()
+
+
+def _without_handoff_fields(trailer: bytes) -> bytes:
+    """A whole trailer section (field lines, then the empty line) without the
+    handoff fields; the reader has checked every line's form (RFC 9112 §7.1.2)."""
+    lines = trailer.split(b"\r\n")
+    kept = [
+        line
+        for line in lines
+        if line.partition(b":")[0].strip().lower() not in (b"x-socket-handoff", b"x-handoff-data")
+    ]
+    return trailer if len(kept) == len(lines) else b"\r\n".join(kept)
