@@ -270,6 +270,33 @@ def test_plain_scgi_on_the_unix_connection(sock_path: str, no_fd_leak: None) -> 
     assert ("content-length", str(len(body))) in seen["headers"]  # type: ignore[operator]
 
 
+def test_plain_scgi_content_length_differing_from_the_clients_is_refused(
+    sock_path: str, no_fd_leak: None
+) -> None:
+    """A CONTENT_LENGTH shorter than the client's Content-Length is a body the
+    sender cut short (nginx before 1.23 with scgi_request_buffering off): 400,
+    not a truncated body handed to the application as a whole one."""
+    rec = Recorder()
+    with ReceiverThread(rec, [Bind(sock_path)]):
+        answers = []
+        for announced in ("10", "3"):
+            with socket.socket(socket.AF_UNIX) as conn:
+                conn.connect(sock_path)
+                request = [
+                    ("CONTENT_LENGTH", "3"),
+                    ("SCGI", "1"),
+                    ("REQUEST_METHOD", "POST"),
+                    ("REQUEST_URI", "/"),
+                    ("HTTP_CONTENT_LENGTH", announced),
+                ]
+                conn.sendall(scgi.encode(request, b"abc"))
+                answers.append(read_all(conn))
+    assert answers[0].startswith(b"Status: 400 Bad Request\r\n")
+    assert answers[1].startswith(b"Status: 200 OK\r\n")
+    assert answers[1].endswith(b"got abc")
+    assert len(rec.seen) == 1
+
+
 def test_silent_connection_does_not_stall_others(sock_path: str, no_fd_leak: None) -> None:
     rec = Recorder()
     options = Options(handoff_timeout=5.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from fdhandoff.receiver.listeners import Bind
-from test_receiver_support import ReceiverThread, echo
+from test_receiver_support import ReceiverThread, echo, read_all
 
 NGINX_CONF = """
 daemon off;
@@ -42,6 +43,14 @@ http {{
             scgi_param REMOTE_PORT $remote_port;
             scgi_param SERVER_PORT $server_port;
             scgi_param SERVER_NAME $server_name;
+            scgi_pass unix:{sock};
+        }}
+        location /unbuffered/ {{
+            scgi_param REQUEST_METHOD $request_method;
+            scgi_param REQUEST_URI $request_uri;
+            scgi_param SCGI 1;
+            scgi_param SERVER_PROTOCOL $server_protocol;
+            scgi_request_buffering off;
             scgi_pass unix:{sock};
         }}
     }}
@@ -149,5 +158,35 @@ def test_nginx_scgi_pass_repeated_headers(nginx: tuple[int, str], no_fd_leak: No
         assert got.stdout.startswith(b"HTTP/1.1 200"), got.stdout
         body = got.stdout.partition(b"\r\n\r\n")[2]
         assert body in (b"a=1|b=2\n", b"a=1; b=2\n")  # repeated, or merged by nginx
+    finally:
+        receiver.stop()
+
+
+def test_nginx_scgi_pass_unbuffered_body_is_never_cut_short(
+    nginx: tuple[int, str], no_fd_leak: None
+) -> None:
+    """nginx before 1.23 with scgi_request_buffering off sends as CONTENT_LENGTH
+    only the body bytes it has read so far; the client's Content-Length says
+    how long the body is.  The application must never get a truncated body as
+    a whole one: refused (400) where the two differ, served whole where nginx
+    sends the right length."""
+    port, sock = nginx
+    receiver = _start(sock)
+    try:
+        body = b"v" * 200_000
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as client:
+            client.sendall(
+                b"POST /unbuffered/x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(body) + body[:1000]
+            )
+            time.sleep(0.5)  # nginx has connected and sent what it had
+            with contextlib.suppress(OSError):  # refused: nginx may stop reading
+                client.sendall(body[1000:])
+            answer = read_all(client)
+        status = answer.split(b"\r\n", 1)[0]
+        if status == b"HTTP/1.1 200 OK":
+            assert answer.endswith(b"\r\n\r\nplain-scgi POST /unbuffered/x 200000\n" + body)
+        else:
+            assert status == b"HTTP/1.1 400 Bad Request", answer[:200]
     finally:
         receiver.stop()
