@@ -274,7 +274,7 @@ def test_plain_scgi_content_length_differing_from_the_clients_is_refused(
     sock_path: str, no_fd_leak: None
 ) -> None:
     """A CONTENT_LENGTH shorter than the client's Content-Length is a body the
-    sender cut short (nginx before 1.23 with scgi_request_buffering off): 400,
+    sender cut short (nginx 1.22 with scgi_request_buffering off): 400,
     not a truncated body handed to the application as a whole one."""
     rec = Recorder()
     with ReceiverThread(rec, [Bind(sock_path)]):

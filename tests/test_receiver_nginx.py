@@ -165,7 +165,7 @@ def test_nginx_scgi_pass_repeated_headers(nginx: tuple[int, str], no_fd_leak: No
 def test_nginx_scgi_pass_unbuffered_body_is_never_cut_short(
     nginx: tuple[int, str], no_fd_leak: None
 ) -> None:
-    """nginx before 1.23 with scgi_request_buffering off sends as CONTENT_LENGTH
+    """nginx 1.22 with scgi_request_buffering off sends as CONTENT_LENGTH
     only the body bytes it has read so far; the client's Content-Length says
     how long the body is.  The application must never get a truncated body as
     a whole one: refused (400) where the two differ, served whole where nginx

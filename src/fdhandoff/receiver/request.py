@@ -237,8 +237,8 @@ def _cgi_content_headers(env: dict[bytes, bytes], headers: RawHeaders) -> RawHea
             extra.append((b"content-length", length))
         return extra
     # The body that follows is CONTENT_LENGTH bytes; a client's Content-Length
-    # that says otherwise means the sender cut the body short.  nginx before
-    # 1.23 with "scgi_request_buffering off" sends as CONTENT_LENGTH only the
+    # that says otherwise means the sender cut the body short.  nginx 1.22
+    # with "scgi_request_buffering off" sends as CONTENT_LENGTH only the
     # part of the body it has read so far, then streams the rest: taken as
     # it stands, the application would get a truncated body as a whole one.
     announced = next(value for name, value in headers if name == b"content-length")
@@ -246,6 +246,6 @@ def _cgi_content_headers(env: dict[bytes, bytes], headers: RawHeaders) -> RawHea
         raise ProtocolError(
             f"CONTENT_LENGTH {length.decode()} differs from the request's Content-Length "
             f"{announced.decode()}: the sender does not pass the whole body "
-            "(nginx before 1.23 with scgi_request_buffering off)"
+            "(nginx 1.22 with scgi_request_buffering off)"
         )
     return extra
