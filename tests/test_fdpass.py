@@ -243,6 +243,42 @@ def test_ctrunc_closes_every_fd(kit: Kit, kind: str, count: int, no_fd_leak: Non
     assert_fully_closed(client)
 
 
+def test_ctrunc_at_the_open_files_limit_says_so() -> None:
+    """At EMFILE the kernel cannot install the fd and sets MSG_CTRUNC (cmsg(3));
+    the error must not blame the sender for sending too many fds."""
+    script = """
+import array, os, resource, socket
+from fdhandoff import fdpass
+from fdhandoff.errors import FdPassError
+a, b = socket.socketpair()
+payload, peer = socket.socketpair()
+rights = array.array("i", [payload.fileno()]).tobytes()
+a.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
+used = len(os.listdir("/proc/self/fd"))
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+resource.setrlimit(resource.RLIMIT_NOFILE, (used + 2, hard))
+spare = []
+try:
+    while True:
+        spare.append(os.open("/dev/null", os.O_RDONLY))
+except OSError:
+    pass
+try:
+    fdpass.recv_fd_nowait(b)
+except FdPassError as exc:
+    print(exc)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent / "src")},
+    )
+    assert "open-files limit" in done.stdout, done.stdout + done.stderr
+
+
 @pytest.mark.parametrize("kind", TYPES)
 def test_two_fds_in_one_message_closes_both(kit: Kit, kind: str, no_fd_leak: None) -> None:
     sender, receiver = kit.unix_pair("socketpair", TYPES[kind])

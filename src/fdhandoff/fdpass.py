@@ -217,7 +217,13 @@ def _check_received(
     fds = _received_fds(ancdata)
     problem = None
     if msg_flags & _CTRUNC:
-        problem = f"control data truncated: more than {MAX_FDS_PER_MESSAGE} fds were sent"
+        # cmsg(3), unix(7): the kernel sets MSG_CTRUNC both when the fds do
+        # not fit the control buffer and when it has no free descriptor slot
+        # to install one in (EMFILE); the fd is closed either way.
+        problem = (
+            f"control data truncated: more than {MAX_FDS_PER_MESSAGE} fds were sent, "
+            "or this process is at its open-files limit (the fd was lost)"
+        )
     elif msg_flags & _TRUNC:
         problem = f"record larger than the {bufsize}-byte receive buffer was truncated"
     elif len(fds) > 1:
