@@ -307,6 +307,40 @@ def test_unread_body_ends_the_connection(sock_path: str, no_fd_leak: None) -> No
         client.close()
 
 
+@pytest.mark.parametrize("expect", [False, True])
+def test_unread_body_response_says_connection_close(
+    sock_path: str, expect: bool, no_fd_leak: None
+) -> None:
+    """The connection ends after an answer that left the body unread: its head says so.
+
+    Without ``Connection: close`` a client takes the connection as persistent
+    (RFC 9112 section 9.3) and loses the next request it sends on it.
+    """
+    headers = [("Content-Length", "5")]
+    if expect:
+        headers.append(("Expect", "100-continue"))
+    with (
+        ASGIReceiver(Counter().app(), sock_path),
+        hand_over(sock_path, "POST", "/ignore", headers) as client,
+    ):
+        reader = ResponseReader(client)
+        response = reader.read()
+        assert response.body == b"not reading it"
+        assert response.header("connection") == "close"
+        assert reader.closed()
+
+
+def test_body_read_by_the_app_keeps_the_connection(sock_path: str, no_fd_leak: None) -> None:
+    with (
+        ASGIReceiver(Counter().app(), sock_path),
+        hand_over(sock_path, "POST", "/read", [("Content-Length", "5")]) as client,
+    ):
+        client.sendall(b"hello")
+        response = ResponseReader(client).read()
+        assert response.body == b"POST /read 5"
+        assert response.header("connection") is None
+
+
 def test_background_task_does_not_hold_the_next_request(sock_path: str) -> None:
     counter = Counter()
     with ASGIReceiver(counter.app(), sock_path):

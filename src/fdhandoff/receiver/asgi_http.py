@@ -497,6 +497,12 @@ class HTTPCycle:
         if self.conn.receiver.stopping:
             # This is the last response on the connection: say so in its head.
             self.keep_alive = False
+        if not more and self.keep_alive and not self._body_consumed():
+            # The response is whole and the app left part of the request body
+            # unread: the connection ends after it (reusable()), so its head
+            # must say so (RFC 9112 section 9.6), or the client sends its next
+            # request on a connection about to close.
+            self.keep_alive = False
         length: int | None = None
         if self._no_body or self._length is not None:
             pass
