@@ -86,6 +86,9 @@ def echo_app(events: Events) -> Starlette:
     async def crash_before(ws: WebSocket) -> None:
         raise RuntimeError("deliberate, before accept")
 
+    async def silent(ws: WebSocket) -> None:
+        return  # neither accepts nor refuses
+
     async def crash_after(ws: WebSocket) -> None:
         await ws.accept()
         await ws.receive_text()
@@ -107,6 +110,7 @@ def echo_app(events: Events) -> Starlette:
             WebSocketRoute("/refuse", refuse),
             WebSocketRoute("/deny", deny),
             WebSocketRoute("/crash-before", crash_before),
+            WebSocketRoute("/silent", silent),
             WebSocketRoute("/crash-after", crash_after),
             WebSocketRoute("/bye", bye),
             WebSocketRoute("/headers", headers),
@@ -214,6 +218,22 @@ def test_handshake_done_by_the_front(sock_path: str, caplog: pytest.LogCaptureFi
     assert events.scopes[0]["extensions"]["fdhandoff"]["upgraded"] is True
     assert "websocket.http.response" not in events.scopes[0]["extensions"]
     assert "cannot be sent any more" in caplog.text
+
+
+@pytest.mark.parametrize("route", ["/crash-before", "/silent", "/deny"])
+def test_app_failing_before_accept_after_the_front_handshake_closes_with_1011(
+    sock_path: str, route: str, no_fd_leak: None
+) -> None:
+    """The 101 is out: an HTTP 500 now would reach the client as frame bytes."""
+    with (
+        ASGIReceiver(echo_app(Events()), sock_path),
+        MiniFront(sock_path, mode="websocket") as front,
+        ws_connect(front.ws_url + route) as ws,
+        pytest.raises(ConnectionClosed) as caught,
+    ):
+        ws.recv(IO_TIMEOUT)
+    assert caught.value.rcvd is not None
+    assert caught.value.rcvd.code == 1011
 
 
 def test_openresty_marker_handoff(sock_path: str) -> None:
@@ -403,6 +423,34 @@ def test_client_vanishing_gives_1006(sock_path: str, no_fd_leak: None) -> None:
         client.close()
         assert app.done.wait(IO_TIMEOUT)
     assert app.messages == [{"type": "websocket.disconnect", "code": 1006, "reason": ""}]
+
+
+def test_app_reading_after_its_close_stops_waiting_for_a_silent_client(
+    sock_path: str, no_fd_leak: None
+) -> None:
+    """An app that closes and reads on (the usual receive loop) gets 1006 once
+    the client has not answered the close frame in time; the connection ends."""
+    seen: list[dict[str, Any]] = []
+    done = threading.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "websocket":
+            raise RuntimeError("websocket only")
+        await receive()
+        await send({"type": "websocket.accept"})
+        await send({"type": "websocket.close", "code": 4000})
+        seen.append(await receive())
+        done.set()
+
+    with ASGIReceiver(app, sock_path, Options(linger_timeout=0.5), lifespan=False):
+        client = RawClient(sock_path)
+        assert client.handshake() == 101
+        assert client.event() == websocket.Close(4000, "")
+        # The client keeps the connection open and never answers.
+        assert done.wait(IO_TIMEOUT)
+        assert client.sock.recv(10) == b""
+        client.close()
+    assert seen == [{"type": "websocket.disconnect", "code": 1006, "reason": ""}]
 
 
 def test_fragmented_message_and_ping_between_fragments(sock_path: str) -> None:

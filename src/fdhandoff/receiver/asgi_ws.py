@@ -57,6 +57,7 @@ class WebSocketCycle:
 
     __slots__ = (
         "_close",
+        "_close_deadline",
         "_connect_sent",
         "_denial",
         "_started_at",
@@ -83,6 +84,7 @@ class WebSocketCycle:
         self.ws: websocket.WebSocket | None = None
         self._connect_sent = False
         self._close: tuple[int, str] | None = None  # what ended the connection
+        self._close_deadline = 0.0  # loop time: once CLOSING, the client's close frame is due
         self._denial: HTTPCycle | None = None
         self._started_at = time.monotonic()
         self._why: str | None = None
@@ -115,7 +117,7 @@ class WebSocketCycle:
                     "%s: ASGI app returned without accepting the WebSocket: 500", self._describe()
                 )
                 self._why = "app returned without accepting"
-                await self._answer(error_response(500), 500)
+                await self._server_error()
         await self._finish()
 
     async def _app_failed(self, exc: Exception) -> None:
@@ -125,7 +127,7 @@ class WebSocketCycle:
         log.error("%s: exception in ASGI app", self._describe(), exc_info=exc)
         self._why = "app error"
         if self.state is _State.CONNECTING:
-            await self._answer(error_response(500), 500)
+            await self._server_error()
         elif self.state is _State.OPEN:
             await self._send_close(CloseCode.INTERNAL_ERROR, "")
         elif self.state is _State.ANSWERED:
@@ -219,7 +221,18 @@ class WebSocketCycle:
                     waiter: asyncio.Future[None] = loop.create_future()
                     loop.add_reader(fd, wake, waiter)
                     try:
-                        await waiter
+                        if self.state is _State.CLOSING:
+                            # Our close frame is sent: RFC 6455 section 7.1.1
+                            # lets the server close the TCP connection when
+                            # the client does not answer; an app reading on
+                            # after websocket.close must not wait forever.
+                            async with asyncio.timeout_at(self._close_deadline):
+                                await waiter
+                        else:
+                            await waiter
+                    except TimeoutError:
+                        self._why = "client did not answer the close frame"
+                        return self._closed(CloseCode.ABNORMAL, "")
                     finally:
                         loop.remove_reader(fd)
                 else:
@@ -308,16 +321,28 @@ class WebSocketCycle:
 
     async def _refuse(self, message: dict[str, Any]) -> None:
         if self.key is None:
-            # The 101 is gone already: all that is left is a close frame.
-            self.status = _SWITCHED
-            self.state = _State.OPEN
-            self.ws = websocket.WebSocket(max_message_size=self.conn.options.max_ws_message_size)
-            await self._send_close(
+            await self._close_upgraded(
                 message.get("code", CloseCode.NORMAL), message.get("reason") or ""
             )
             return
         self._why = "refused by the app"
         await self._answer(error_response(403), 403)
+
+    async def _server_error(self) -> None:
+        """The app failed before accepting: 500, or 1011 after the sender's 101."""
+        if self.key is None:
+            # An HTTP answer after the 101 would reach the client as frame
+            # bytes (RFC 6455 section 5.2 garbage): only a close frame fits.
+            await self._close_upgraded(CloseCode.INTERNAL_ERROR, "")
+            return
+        await self._answer(error_response(500), 500)
+
+    async def _close_upgraded(self, code: int, reason: str) -> None:
+        """End a connection whose 101 the sender wrote: all that is left is a close frame."""
+        self.status = _SWITCHED
+        self.state = _State.OPEN
+        self.ws = websocket.WebSocket(max_message_size=self.conn.options.max_ws_message_size)
+        await self._send_close(code, reason)
 
     async def _deny(self, message: dict[str, Any]) -> None:
         self.state = _State.ANSWERED
@@ -348,6 +373,7 @@ class WebSocketCycle:
         assert ws is not None
         frame = ws.send_close(code, reason)
         self.state = _State.CLOSING
+        self._close_deadline = self.conn.loop.time() + self.conn.options.linger_timeout
         with contextlib.suppress(ConnectionClosed):
             await self._write(frame)
 
