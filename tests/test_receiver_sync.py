@@ -156,6 +156,25 @@ def test_websocket_echo_and_bad_frame(tmp_path: Path, no_fd_leak: None) -> None:
         assert int.from_bytes(rest[2:4], "big") == 1009
 
 
+@pytest.mark.parametrize("failure", ["raises", "answers nothing"])
+def test_handler_failing_after_the_senders_101_closes_with_1011(
+    tmp_path: Path, failure: str, no_fd_leak: None
+) -> None:
+    """The client reads frames after the sender's 101: no HTTP 500 for it."""
+
+    def handler(handoff: Handoff) -> None:
+        if failure == "raises":
+            raise RuntimeError("deliberate, before websocket()")
+
+    path = str(tmp_path / "r.sock")
+    with SyncReceiverThread(handler, [Bind(path)]):
+        client, server_side = tcp_pair()
+        send_scgi(path, front_headers("GET", "/", HANDOFF_UPGRADED="websocket"), server_side)
+        data = read_all(client)
+        client.close()
+    assert data == encode_frame(Opcode.CLOSE, b"\x03\xf3")  # 1011
+
+
 def test_close_after_a_protocol_error_is_a_fin_not_a_reset(
     tmp_path: Path, no_fd_leak: None
 ) -> None:

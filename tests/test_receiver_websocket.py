@@ -417,6 +417,24 @@ def _exchange(path: str, *frames: bytes) -> bytes:
     return data
 
 
+@pytest.mark.parametrize("failure", ["raises", "answers nothing"])
+def test_handler_failing_after_the_senders_101_closes_with_1011(
+    tmp_path: Path, failure: str, no_fd_leak: None
+) -> None:
+    """The client reads frames after the sender's 101: no HTTP 500 for it."""
+
+    async def handler(handoff: Handoff) -> None:
+        if failure == "raises":
+            raise RuntimeError("deliberate, before websocket()")
+
+    path = str(tmp_path / "r.sock")
+    with ReceiverThread(handler, [Bind(path)]):
+        client = _upgraded_client(path)
+        data = read_all(client)
+        client.close()
+    assert data == encode_frame(Opcode.CLOSE, b"\x03\xf3")  # 1011
+
+
 def test_pong_for_a_ping_between_fragments_goes_before_the_echo(
     tmp_path: Path, no_fd_leak: None
 ) -> None:

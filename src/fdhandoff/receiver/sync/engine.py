@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
-from ... import fdpass
+from ... import fdpass, websocket
 from ...errors import FdPassError, ProtocolError
 from ...message import CHANNEL_ACK, Format, HandoffReader, HandoffRecord
 from .. import http
@@ -331,9 +331,28 @@ def _reject(sock: socket.socket, status: int, cgi: bool) -> None:
 def _answer_error(handoff: Handoff, status: int) -> None:
     if handoff.phase is not Phase.NEW or handoff.socket.fileno() < 0:
         return
+    if handoff.upgraded:
+        # The sender already answered 101: the client reads WebSocket frames
+        # now, and an HTTP answer would reach it as garbage.  A close frame
+        # says the same (RFC 6455 section 7.4.1).
+        handoff.status = 101
+        with contextlib.suppress(ConnectionClosed, OSError):
+            handoff.send_raw(_error_close_frame(status))
+        handoff.phase = Phase.DONE
+        return
     body = f"{status} {http.reason(status)}\n".encode()
     with contextlib.suppress(ConnectionClosed, OSError):
         handoff.respond(status, [("Content-Type", "text/plain; charset=utf-8")], body)
+
+
+def _error_close_frame(status: int) -> bytes:
+    """The close frame for an error ``status``: 1011 for a server error, else 1008."""
+    code = (
+        websocket.CloseCode.INTERNAL_ERROR
+        if status >= 500
+        else websocket.CloseCode.POLICY_VIOLATION
+    )
+    return websocket.encode_frame(websocket.Opcode.CLOSE, websocket.encode_close_payload(code))
 
 
 def serve(
