@@ -277,6 +277,10 @@ def incomplete_head_error(
 # --- parsing --------------------------------------------------------------------------
 
 
+#: A value's last byte when it ends in whitespace (the empty value ends in nothing).
+_OWS: Final = frozenset((b" ", b"\t"))
+
+
 class _Collector:
     """httptools callbacks: the URL, the header pairs, and the few headers the
     front itself acts on (noted as they pass, so nothing scans the list again).
@@ -296,24 +300,22 @@ class _Collector:
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # Trailing OWS is not part of a field value (RFC 9112 §5.1); llhttp
+        # drops it before a value, not after, so "Host: a " is host "a" and
+        # an application sees "v" for "X-A: v  ", as behind any other server.
+        if value[-1:] in _OWS:
+            value = value.rstrip(b" \t")
         size = len(name)
         # Only 4 (Host), 14 (Content-Length) and 17 (Transfer-Encoding) bytes
         # long names can matter: compare those, lower-cased, and no others.
-        # Their values lose trailing OWS (RFC 9112 §5.1: not part of the value;
-        # llhttp drops it before a value, not after), so "Host: a " is host
-        # "a".  Other values are passed as sent: a strip per header would cost
-        # more than the rest of the header's handling.
         if size == 4:
             if name.lower() == b"host":
-                value = value.rstrip(b" \t")
                 self.hosts.append(value)
         elif size == 14:
             if name.lower() == b"content-length":
-                value = value.rstrip(b" \t")
                 self.content_length = value  # llhttp checked: digits, one value
         elif size == 17 and name.lower() == b"transfer-encoding":
             # llhttp refused every request whose final coding is not chunked.
-            value = value.rstrip(b" \t")
             self.te = True
         self.headers.append((name, value))
 
