@@ -16,6 +16,7 @@ from typing import Final
 
 from ..errors import ProtocolError
 from ..message import Format, HandoffRecord
+from ..websocket import CloseCode, Opcode, encode_close_payload, encode_frame
 from . import http
 from .body import BodyDecoder, framing
 from .http import HeaderInput
@@ -23,7 +24,7 @@ from .request import MARKER_HEAD_SENT, HandoffInfo
 from .sse import CONTENT_TYPE as SSE_CONTENT_TYPE
 from .sse import encode_event
 
-__all__ = ["COALESCE", "HandoffBase", "Phase", "check_body_size"]
+__all__ = ["COALESCE", "HandoffBase", "Phase", "check_body_size", "error_close_frame"]
 
 #: Bodies up to this size are sent in one write together with the head.
 COALESCE: Final = 64 * 1024
@@ -42,6 +43,13 @@ class Phase(Enum):
     STREAMING = 2  # response head sent, body in progress
     DONE = 3  # complete response written
     HANDED_OVER = 4  # owned by a stream or by whoever called detach()
+
+
+def error_close_frame(status: int) -> bytes:
+    """What answers an error ``status`` once the sender has sent the ``101``:
+    a close frame (RFC 6455 section 7.4.1), 1011 for a server error, else 1008."""
+    code = CloseCode.INTERNAL_ERROR if status >= 500 else CloseCode.POLICY_VIOLATION
+    return encode_frame(Opcode.CLOSE, encode_close_payload(code))
 
 
 def check_body_size(size: int, limit: int) -> None:

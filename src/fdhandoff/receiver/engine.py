@@ -39,11 +39,12 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Final, Protocol
 
-from .. import aio, fdpass, websocket
+from .. import aio, fdpass
 from ..errors import FdPassError, ProtocolError
 from ..message import CHANNEL_ACK, NEED_DATA, Format, HandoffReader, HandoffRecord, Signal
 from ..metrics import Metrics, parse_address, serve_metrics
 from . import http
+from .answer import error_close_frame
 from .fdlimit import RESOURCE_ERRNOS, FdReserve
 from .handoff import Handoff, Phase
 from .options import ACCEPT_BACKOFF, Options, sender_allowed
@@ -695,22 +696,12 @@ async def _answer_error(handoff: Handoff, status: int) -> None:
         # says the same (RFC 6455 section 7.4.1).
         handoff.status = 101
         with contextlib.suppress(ConnectionClosed, OSError):
-            await handoff.send_raw(_error_close_frame(status))
+            await handoff.send_raw(error_close_frame(status))
         handoff.phase = Phase.DONE
         return
     body = f"{status} {http.reason(status)}\n".encode()
     with contextlib.suppress(ConnectionClosed, OSError):
         await handoff.respond(status, [("Content-Type", "text/plain; charset=utf-8")], body)
-
-
-def _error_close_frame(status: int) -> bytes:
-    """The close frame for an error ``status``: 1011 for a server error, else 1008."""
-    code = (
-        websocket.CloseCode.INTERNAL_ERROR
-        if status >= 500
-        else websocket.CloseCode.POLICY_VIOLATION
-    )
-    return websocket.encode_frame(websocket.Opcode.CLOSE, websocket.encode_close_payload(code))
 
 
 async def serve(

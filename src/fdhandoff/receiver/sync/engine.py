@@ -13,11 +13,11 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
-from ... import fdpass, websocket
+from ... import fdpass
 from ...errors import FdPassError, ProtocolError
 from ...message import CHANNEL_ACK, Format, HandoffReader, HandoffRecord
 from .. import http
-from ..answer import Phase
+from ..answer import Phase, error_close_frame
 from ..fdlimit import RESOURCE_ERRNOS
 from ..options import ACCEPT_BACKOFF, Options, sender_allowed
 from ..stream import ConnectionClosed
@@ -337,22 +337,12 @@ def _answer_error(handoff: Handoff, status: int) -> None:
         # says the same (RFC 6455 section 7.4.1).
         handoff.status = 101
         with contextlib.suppress(ConnectionClosed, OSError):
-            handoff.send_raw(_error_close_frame(status))
+            handoff.send_raw(error_close_frame(status))
         handoff.phase = Phase.DONE
         return
     body = f"{status} {http.reason(status)}\n".encode()
     with contextlib.suppress(ConnectionClosed, OSError):
         handoff.respond(status, [("Content-Type", "text/plain; charset=utf-8")], body)
-
-
-def _error_close_frame(status: int) -> bytes:
-    """The close frame for an error ``status``: 1011 for a server error, else 1008."""
-    code = (
-        websocket.CloseCode.INTERNAL_ERROR
-        if status >= 500
-        else websocket.CloseCode.POLICY_VIOLATION
-    )
-    return websocket.encode_frame(websocket.Opcode.CLOSE, websocket.encode_close_payload(code))
 
 
 def serve(
