@@ -425,10 +425,7 @@ def test_unix_upstream_and_missing_daemon(
     missing = sockdir / "gone.sock"
     thread = _one_shot_app(listener, missing)
     try:
-        config = (
-            f'[[route]]\nprefix = "/"\nmode = "auth"\nupstream = "unix:{app_path}"\n'
-            f'allowed_prefix = "{sockdir}"\n'
-        )
+        config = _unix_app_config(app_path, sockdir)
         front = fronts(config=config)
         status, _, body = http_exchange(front, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
         assert status == 503
@@ -481,10 +478,7 @@ def test_daemon_restarting_is_tried_again_before_503(
         listener.listen()
         daemon.bind(str(daemon_path))  # ECONNREFUSED until listen()
         app = _one_shot_app(listener, daemon_path)
-        config = (
-            f'[[route]]\nprefix = "/"\nmode = "auth"\nupstream = "unix:{app_path}"\n'
-            f'allowed_prefix = "{sockdir}"\n'
-        )
+        config = _unix_app_config(app_path, sockdir)
         front = fronts(config=config)
         with front.connect() as client:
             client.sendall(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
@@ -514,10 +508,7 @@ def test_daemon_missing_after_retries_is_503(
         listener.bind(str(app_path))
         listener.listen()
         app = _one_shot_app(listener, sockdir / "never.sock")
-        config = (
-            f'[[route]]\nprefix = "/"\nmode = "auth"\nupstream = "unix:{app_path}"\n'
-            f'allowed_prefix = "{sockdir}"\n'
-        )
+        config = _unix_app_config(app_path, sockdir)
         front = fronts(config=config)
         started = time.monotonic()
         status, _, body = http_exchange(front, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
@@ -658,6 +649,14 @@ def test_client_connection_option_cannot_strip_framing_or_host(
     assert front.settled_fd_count(baseline) == baseline
 
 
+def _unix_app_config(app_path: Path, sockdir: Path, extra: str = "") -> str:
+    """An auth route for everything, to the application at ``app_path``."""
+    return (
+        f'[[route]]\nprefix = "/"\nmode = "auth"\nupstream = "unix:{app_path}"\n'
+        f'allowed_prefix = "{sockdir}"\n{extra}'
+    )
+
+
 def _raw_app(listener: socket.socket, answer: Callable[[socket.socket], None]) -> threading.Thread:
     """An application on a UNIX socket that reads one request head and runs ``answer``."""
 
@@ -694,10 +693,7 @@ def test_interim_answers_do_not_extend_the_response_head_timeout(
         listener.bind(str(app_path))
         listener.listen()
         app = _raw_app(listener, endless_interim)
-        config = (
-            f'[[route]]\nprefix = "/"\nmode = "auth"\nupstream = "unix:{app_path}"\n'
-            f'allowed_prefix = "{sockdir}"\n[timeouts]\nupstream = 1\n'
-        )
+        config = _unix_app_config(app_path, sockdir, "[timeouts]\nupstream = 1\n")
         front = fronts(config=config)
         baseline = front.fd_count()
         started = time.monotonic()
@@ -727,10 +723,7 @@ def test_client_taking_nothing_of_a_relayed_body_is_logged_plainly(
         listener.bind(str(app_path))
         listener.listen()
         app = _raw_app(listener, big_body)
-        config = (
-            f'[[route]]\nprefix = "/"\nmode = "auth"\nupstream = "unix:{app_path}"\n'
-            f'allowed_prefix = "{sockdir}"\n[timeouts]\nupstream = 0.5\n'
-        )
+        config = _unix_app_config(app_path, sockdir, "[timeouts]\nupstream = 0.5\n")
         front = fronts(config=config)
         with front.connect() as client:
             client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -769,10 +762,7 @@ def test_handoff_fields_in_relayed_trailers_never_reach_the_client(
         listener.bind(str(app_path))
         listener.listen()
         app = _raw_app(listener, chunked_with_trailers)
-        front = fronts(
-            config=f'[[route]]\nprefix = "/"\nmode = "auth"\nupstream = "unix:{app_path}"\n'
-            f'allowed_prefix = "{sockdir}"\n'
-        )
+        front = fronts(config=_unix_app_config(app_path, sockdir))
         baseline = front.fd_count()
         status, headers, relayed = http_exchange(front, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
         app.join(timeout=10)
