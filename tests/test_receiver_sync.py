@@ -217,10 +217,20 @@ def test_websocket_closed_from_another_thread(tmp_path: Path, no_fd_leak: None) 
             sockets[0].send("late")
 
 
+def _channel_handoff(conn: socket.socket, target: str) -> socket.socket:
+    """Hand a new client over on ``conn`` as the front does on a channel; the client end."""
+    from fdhandoff import fdpass  # noqa: PLC0415
+
+    client, server_side = tcp_pair()
+    headers = front_headers("GET", target, HANDOFF_CHANNEL="1")
+    with server_side:
+        fdpass.send_fd(conn, scgi.encode(headers), server_side.fileno())
+    return client
+
+
 def test_channel_acknowledged_and_closed_at_stop(tmp_path: Path, no_fd_leak: None) -> None:
     """Three handoffs on one channel: three answers, three ACK bytes, and the
     stop does not wait out the grace period for the idle channel."""
-    from fdhandoff import fdpass  # noqa: PLC0415
     from fdhandoff.message import CHANNEL_ACK  # noqa: PLC0415
 
     path = str(tmp_path / "r.sock")
@@ -229,10 +239,7 @@ def test_channel_acknowledged_and_closed_at_stop(tmp_path: Path, no_fd_leak: Non
         conn.connect(path)
         conn.settimeout(10)
         for n in range(3):
-            client, server_side = tcp_pair()
-            headers = front_headers("GET", f"/{n}", HANDOFF_CHANNEL="1")
-            fdpass.send_fd(conn, scgi.encode(headers), server_side.fileno())
-            server_side.close()
+            client = _channel_handoff(conn, f"/{n}")
             assert split_response(read_all(client))[0] == 200
             client.close()
             assert conn.recv(1) == CHANNEL_ACK
@@ -247,7 +254,6 @@ def test_declined_channel_is_one_handoff_per_connection(tmp_path: Path, no_fd_le
     """A worker of --workers N declines channels: it takes the handoff and
     closes the connection (the acknowledgement of a receiver without channels),
     so the front keeps opening connections and the kernel spreads them."""
-    from fdhandoff import fdpass  # noqa: PLC0415
     from fdhandoff.receiver.runner import _for_worker  # noqa: PLC0415
 
     options = _for_worker(Options(), 1)
@@ -256,10 +262,7 @@ def test_declined_channel_is_one_handoff_per_connection(tmp_path: Path, no_fd_le
     with SyncReceiverThread(echo, [Bind(path)], options), socket.socket(socket.AF_UNIX) as conn:
         conn.connect(path)
         conn.settimeout(10)
-        client, server_side = tcp_pair()
-        headers = front_headers("GET", "/", HANDOFF_CHANNEL="1")
-        fdpass.send_fd(conn, scgi.encode(headers), server_side.fileno())
-        server_side.close()
+        client = _channel_handoff(conn, "/")
         assert conn.recv(1) == b""  # closed, no ACK
         assert split_response(read_all(client))[0] == 200
         client.close()
@@ -368,7 +371,6 @@ def test_channel_is_served_at_max_connections_one(tmp_path: Path, no_fd_leak: No
     """A channel's reader is not a connection: it used to keep its slot and
     wait for another one for each handoff, so with --max-connections 1 no
     handoff on a channel was ever served or acknowledged."""
-    from fdhandoff import fdpass  # noqa: PLC0415
     from fdhandoff.message import CHANNEL_ACK  # noqa: PLC0415
 
     path = str(tmp_path / "r.sock")
@@ -377,10 +379,7 @@ def test_channel_is_served_at_max_connections_one(tmp_path: Path, no_fd_leak: No
         conn.connect(path)
         conn.settimeout(10)
         for n in range(3):
-            client, server_side = tcp_pair()
-            headers = front_headers("GET", f"/{n}", HANDOFF_CHANNEL="1")
-            fdpass.send_fd(conn, scgi.encode(headers), server_side.fileno())
-            server_side.close()
+            client = _channel_handoff(conn, f"/{n}")
             assert conn.recv(1) == CHANNEL_ACK
             assert split_response(read_all(client))[0] == 200
             client.close()
