@@ -306,6 +306,15 @@ class FrontProcess:
             count = self.fd_count()
         return count
 
+    def fd_count_within(self, limit: int, timeout: float = IO_TIMEOUT) -> int:
+        """The fd count once it is at most ``limit`` (or the last value seen)."""
+        deadline = time.monotonic() + timeout
+        count = self.fd_count()
+        while count > limit and time.monotonic() < deadline:
+            time.sleep(0.02)
+            count = self.fd_count()
+        return count
+
     def connect(self) -> socket.socket:
         return socket.create_connection(self.host_port, timeout=IO_TIMEOUT)
 

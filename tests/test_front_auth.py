@@ -657,8 +657,13 @@ def _unix_app_config(app_path: Path, sockdir: Path, extra: str = "") -> str:
     )
 
 
-def _raw_app(listener: socket.socket, answer: Callable[[socket.socket], None]) -> threading.Thread:
-    """An application on a UNIX socket that reads one request head and runs ``answer``."""
+def _raw_app(
+    listener: socket.socket,
+    answer: Callable[[socket.socket], None],
+    received: list[bytes] | None = None,
+) -> threading.Thread:
+    """An application on a UNIX socket that reads one request head and runs
+    ``answer``; what it read with the head goes to ``received``."""
 
     def serve() -> None:
         listener.settimeout(10)
@@ -668,6 +673,8 @@ def _raw_app(listener: socket.socket, answer: Callable[[socket.socket], None]) -
             data = b""
             while b"\r\n\r\n" not in data and (chunk := conn.recv(65536)):
                 data += chunk
+            if received is not None:
+                received.append(data)
             with contextlib.suppress(OSError):
                 answer(conn)
 
@@ -704,7 +711,7 @@ def test_interim_answers_do_not_extend_the_response_head_timeout(
     assert elapsed < 3  # not the 6 s the application keeps going
     front.hid_detail(body, "no response within 1 s")
     # the upstream connection is closed; the loop's own reserve fd may have appeared
-    assert front.settled_fd_count(baseline + 1) <= baseline + 1
+    assert front.fd_count_within(baseline + 1) <= baseline + 1
 
 
 def test_client_taking_nothing_of_a_relayed_body_is_logged_plainly(
@@ -769,4 +776,154 @@ def test_handoff_fields_in_relayed_trailers_never_reach_the_client(
     assert (status, headers["transfer-encoding"]) == (200, "chunked")
     assert relayed == body + b"X-Checksum: 42\r\nX-Tail: end\r\n\r\n"
     # the upstream connection is closed; the loop's own reserve fd may have appeared
-    assert front.settled_fd_count(baseline + 1) <= baseline + 1
+    assert front.fd_count_within(baseline + 1) <= baseline + 1
+
+
+def _uploading_client(front: FrontProcess, size: int) -> tuple[socket.socket, threading.Thread]:
+    """A client sending a POST of ``size`` bytes from a thread, whatever happens to it."""
+    client = front.connect()
+    client.sendall(b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % size)
+
+    def upload() -> None:
+        block = b"u" * 65536
+        with contextlib.suppress(OSError):
+            for _ in range(size // len(block)):
+                client.sendall(block)
+
+    thread = threading.Thread(target=upload, daemon=True)
+    thread.start()
+    return client, thread
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+@pytest.mark.parametrize("then", ["close", "hold"])
+def test_answer_before_the_whole_body_is_relayed(
+    no_fd_leak: None, sockdir: Path, fronts: Callable[..., FrontProcess], transport: str, then: str
+) -> None:
+    """An application that answers (413 here) without reading a large body, and
+    then closes or stops reading, has its answer relayed at once: not a 502
+    for the failed upload, nor a 504 after timeouts.upstream.  The client's
+    unread body is drained while the front lingers, so the answer is not lost
+    to a reset either (RFC 9112 section 9.6)."""
+    released = threading.Event()
+
+    def early(conn: socket.socket) -> None:
+        conn.sendall(
+            b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 9\r\nConnection: close\r\n\r\n"
+            b"too large"
+        )
+        if then == "hold":  # the connection stays open and unread
+            released.wait(20)
+
+    size = 6 * 1024 * 1024
+    family = socket.AF_UNIX if transport == "unix" else socket.AF_INET
+    with socket.socket(family) as listener:
+        if transport == "unix":
+            listener.bind(str(sockdir / "app.sock"))
+            upstream = f"unix:{sockdir / 'app.sock'}"
+        else:
+            listener.bind(("127.0.0.1", 0))
+            upstream = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        listener.listen()
+        app = _raw_app(listener, early)
+        config = (
+            f'[[route]]\nprefix = "/"\nmode = "auth"\nupstream = "{upstream}"\n'
+            f'allowed_prefix = "{sockdir}"\n[timeouts]\nupstream = 8\n'
+        )
+        front = fronts(config=config)
+        baseline = front.fd_count()
+        started = time.monotonic()
+        client, uploader = _uploading_client(front, size)
+        with client:
+            client.settimeout(10)
+            data = b""
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := client.recv(65536):
+                    data += chunk
+            elapsed = time.monotonic() - started
+            with contextlib.suppress(OSError):
+                client.shutdown(socket.SHUT_RDWR)  # ends the uploader's sendall
+        released.set()
+        uploader.join(timeout=10)
+        app.join(timeout=10)
+    status, headers, body = parse_response(data)
+    assert (status, body, headers["connection"]) == (413, b"too large", "close")
+    assert elapsed < 4  # at once, not after the 8 s of timeouts.upstream
+    front.wait_for(r'"POST /upload" route=/ relayed 413')
+    # the upstream connection is closed; the loop's own reserve fd may have appeared
+    assert front.fd_count_within(baseline + 1) <= baseline + 1
+
+
+def test_upload_cut_by_an_application_that_never_answers_is_502(
+    no_fd_leak: None, sockdir: Path, fronts: Callable[..., FrontProcess]
+) -> None:
+    """Closing without an answer in the middle of the body stays a 502, told plainly."""
+    app_path = sockdir / "app.sock"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(app_path))
+        listener.listen()
+        app = _raw_app(listener, lambda conn: None)  # reads the head, closes
+        front = fronts(config=_unix_app_config(app_path, sockdir))
+        client, uploader = _uploading_client(front, 6 * 1024 * 1024)
+        with client:
+            client.settimeout(10)
+            data = b""
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := client.recv(65536):
+                    data += chunk
+            with contextlib.suppress(OSError):
+                client.shutdown(socket.SHUT_RDWR)  # ends the uploader's sendall
+        uploader.join(timeout=10)
+        app.join(timeout=10)
+    status, _, body = parse_response(data)
+    assert status == 502
+    assert b"upstream" not in body  # the reason is for the log only
+    # The upload fails, or the end of the application's data is seen first.
+    front.wait_for(r"/upload: 502 .*(closed before a complete response head|connection failed)")
+
+
+def test_early_handoff_answer_waits_for_the_body(
+    no_fd_leak: None,
+    sockdir: Path,
+    receivers: Callable[..., TestReceiver],
+    fronts: Callable[..., FrontProcess],
+) -> None:
+    """An X-Socket-Handoff answer sent before the application has read the body
+    is acted on once the body has gone to it: the daemon gets the client with
+    nothing of the body left in the socket, only what the client sends next."""
+    daemon = sockdir / "daemon.sock"
+    receivers("daemon.sock", sock_type=socket.SOCK_SEQPACKET, behaviour=payload_echo)
+    body = b"b" * (4 * 1024 * 1024)
+    got: list[int] = []
+    received: list[bytes] = []
+
+    def answer_then_read(conn: socket.socket) -> None:
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\nX-Socket-Handoff: %s\r\nX-Handoff-Data: early\r\n"
+            b"Content-Length: 0\r\n\r\n" % bytes(daemon)
+        )
+        time.sleep(0.3)  # the answer is with the front well before the body is read
+        total = len(received[0].partition(b"\r\n\r\n")[2])
+        while total < len(body) and (chunk := conn.recv(65536)):
+            total += len(chunk)
+        got.append(total)
+
+    app_path = sockdir / "app.sock"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(app_path))
+        listener.listen()
+        app = _raw_app(listener, answer_then_read, received)
+        front = fronts(config=_unix_app_config(app_path, sockdir))
+        with front.connect() as client:
+            client.sendall(
+                b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+            )
+            client.settimeout(10)
+            data = b""
+            while chunk := client.recv(65536):
+                data += chunk
+        app.join(timeout=10)
+    assert got == [len(body)]
+    status, _, echoed = parse_response(data)
+    assert status == 200
+    assert json.loads(echoed)["payload"] == "early"

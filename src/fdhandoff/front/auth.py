@@ -35,13 +35,13 @@ import os
 import socket
 import stat
 from _socket import socket as Socket
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from .. import aio
 from ..errors import ProtocolError
 from ..httphead import ChunkedReader, RequestHead, ResponseHead, parse_response_head
 from ..message import MAX_PAYLOAD_SIZE, encode_payload
-from .config import HandoffFormat, RouteConfig
+from .config import Address, HandoffFormat, RouteConfig
 from .describe import Endpoint, describe
 from .handoff import open_backend
 
@@ -87,6 +87,102 @@ _FRAMING: Final = frozenset((b"content-length", b"transfer-encoding"))
 _CHUNK: Final = 64 * 1024
 
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class _Upstream:
+    """The connection to the application: its socket and what was read from it.
+
+    Not an asyncio stream on purpose.  An application may answer without
+    reading the whole request body and close; its kernel then resets the
+    connection (RFC 1122 §4.2.2.13), often right behind the answer.  The
+    front's kernel still holds the answer (a read returns it before the reset
+    error), but a transport whose write fails closes the socket at once, and
+    a stream reader holding an error raises it before the bytes it buffered:
+    either way the answer would be lost.  Here a failed write closes nothing,
+    and a reset reads as the end of the data: what came before it is read as
+    usual, and a head or body cut short by it is still an error.
+    """
+
+    __slots__ = ("buf", "eof", "loop", "sock")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.buf = bytearray()
+        self.eof = False
+
+    @classmethod
+    async def open(cls, loop: asyncio.AbstractEventLoop, upstream: Address) -> _Upstream:
+        """Connect to the application (each address of its name in turn)."""
+        if upstream.is_unix:
+            targets: list[tuple[int, Any]] = [(socket.AF_UNIX, upstream.path)]
+        else:
+            infos = await loop.getaddrinfo(upstream.host, upstream.port, type=socket.SOCK_STREAM)
+            targets = [(family, address) for family, _, _, _, address in infos]
+        failure: OSError = OSError(errno.EADDRNOTAVAIL, "no address for the upstream")
+        for family, address in targets:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.setblocking(False)
+                if family != socket.AF_UNIX:
+                    # Heads and small bodies go out at once (Nagle would hold
+                    # a write that follows an unacknowledged one).
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                await loop.sock_connect(sock, address)
+            except OSError as exc:
+                sock.close()
+                failure = exc
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            return cls(loop, sock)
+        raise failure
+
+    async def _fill(self) -> None:
+        try:
+            data = await self.loop.sock_recv(self.sock, _CHUNK)
+        except OSError:  # a reset: everything before it has been read
+            data = b""
+        if data:
+            self.buf += data
+        else:
+            self.eof = True
+
+    async def readuntil(self, separator: bytes, limit: int) -> bytes:
+        """Bytes through ``separator``; ProtocolError when there is none within
+        ``limit`` bytes, EOFError when the data ends first."""
+        start = 0
+        while True:
+            found = self.buf.find(separator, start)
+            if found >= 0:
+                end = found + len(separator)
+                if end > limit:
+                    break
+                data = bytes(self.buf[:end])
+                del self.buf[:end]
+                return data
+            if len(self.buf) > limit:
+                break
+            if self.eof:
+                raise EOFError
+            start = max(0, len(self.buf) - len(separator) + 1)
+            await self._fill()
+        raise ProtocolError(f"no {separator!r} within {limit} bytes")
+
+    async def read(self, size: int) -> bytes:
+        """Up to ``size`` bytes, waiting for some; b"" at the end of the data."""
+        if not self.buf and not self.eof:
+            await self._fill()
+        data = bytes(self.buf[:size])
+        del self.buf[:size]
+        return data
+
+    async def sendall(self, data: bytes) -> None:
+        await self.loop.sock_sendall(self.sock, data)
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 class _Answer(Exception):
@@ -217,8 +313,7 @@ class _Exchange:
         self.server = server
         self.timeouts = front.config.timeouts
         self.limits = front.config.limits
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
+        self.upstream: _Upstream | None = None
         self.replied = False  # bytes of a response already went to the client
         self.owned = True  # False once the client was handed off or closed
 
@@ -239,10 +334,10 @@ class _Exchange:
         ):
             # The application never sees Expect: the front asks for the body itself.
             await self._send_client(_CONTINUE, interim=True)
-        assert self.writer is not None
-        self.writer.write(self._upstream_head())
-        await self._send_body()
-        response = await self._response_head()
+        await self._send_upstream(self._upstream_head())
+        response = await self._send_body_watching() if head.has_body else None
+        if response is None:
+            response = await self._final_head()
         targets = response.values(b"x-socket-handoff")
         if targets:
             await self._handoff(response, targets)
@@ -254,15 +349,7 @@ class _Exchange:
         assert upstream is not None
         try:
             async with asyncio.timeout(self.timeouts.upstream_connect):
-                if upstream.is_unix:
-                    connection = asyncio.open_unix_connection(
-                        upstream.path, limit=self.limits.max_response_head_size
-                    )
-                else:
-                    connection = asyncio.open_connection(
-                        upstream.host, upstream.port, limit=self.limits.max_response_head_size
-                    )
-                self.reader, self.writer = await connection
+                self.upstream = await _Upstream.open(self.front.loop, upstream)
         except TimeoutError:
             raise _Answer(
                 504,
@@ -302,7 +389,6 @@ class _Exchange:
 
     async def _send_body(self) -> None:
         head = self.head
-        assert self.writer is not None
         if head.chunked:
             await self._send_chunked()
         elif head.content_length:
@@ -312,12 +398,9 @@ class _Exchange:
                 # it is not read (nothing past the request is ever consumed).
                 data = await self._recv_client(min(remaining, _CHUNK))
                 remaining -= len(data)
-                self.writer.write(data)
-                await self._drain()
-        await self._drain()
+                await self._send_upstream(data)
 
     async def _send_chunked(self) -> None:
-        assert self.writer is not None
         reader = ChunkedReader()
         total = 0
         while not reader.done:
@@ -333,12 +416,95 @@ class _Exchange:
                     raise _Answer(
                         413, f"request body larger than {self.limits.max_body_size} bytes"
                     )
-                self.writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
-            await self._drain()
-        self.writer.write(b"0\r\n\r\n")
+            framed = b"".join([b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces])
+            await self._send_upstream(framed + b"0\r\n\r\n" if reader.done else framed)
 
-    async def _response_head(self) -> ResponseHead:
-        assert self.reader is not None
+    async def _send_body_watching(self) -> ResponseHead | None:
+        """Send the request body, watching for an answer that comes first.
+
+        An application may answer before it has read the whole body (401,
+        413...), then close or stop reading.  Sending the body first and only
+        then reading would turn that answer into a 502 (the upload fails on
+        the closed connection) or a 504 (it stalls until timeouts.upstream).
+        So the response head is read while the body goes out, and a final
+        answer that arrives first is returned at once: it is relayed with
+        ``Connection: close`` and the rest of the client's body is read and
+        dropped while lingering (RFC 9112 §9.6), as nginx does with an early
+        upstream response.  None means the body went out whole first.
+        """
+        body = asyncio.ensure_future(self._send_body())
+        try:
+            while True:
+                reading = asyncio.ensure_future(self._read_head())
+                await asyncio.wait((body, reading), return_when=asyncio.FIRST_COMPLETED)
+                if not reading.done():
+                    return await self._after_body(body, reading)
+                response = reading.result()  # its _Answer (502) is the outcome
+                if 100 <= response.status < 200:
+                    await self._interim(response)
+                    continue
+                if response.values(b"x-socket-handoff"):
+                    # The daemon takes the client as it stands: the body owed
+                    # to the application must have gone to it, or the daemon
+                    # would read its rest as the client's next bytes.
+                    await body
+                return response
+        finally:
+            if not body.done():
+                body.cancel()
+            # Taken, so that an upload failing next to an answer already
+            # chosen is not reported as an exception nobody retrieved.
+            with contextlib.suppress(asyncio.CancelledError, _Answer):
+                await body
+
+    async def _after_body(
+        self, body: asyncio.Future[None], reading: asyncio.Future[ResponseHead]
+    ) -> ResponseHead | None:
+        """The body ended first; an answer may still follow a failed upload."""
+        try:
+            failure = body.exception()
+            if failure is None:
+                return None
+            if not (isinstance(failure, _Answer) and failure.status == 502):
+                raise failure
+            # The connection to the application failed while the body was going
+            # out (it closed, or reset).  What it answered before is still to be
+            # read; only when there is none is the failed upload the outcome.
+            try:
+                async with asyncio.timeout(self.timeouts.upstream):
+                    response = await reading
+            except (TimeoutError, _Answer):
+                raise failure from None
+            if 100 <= response.status < 200:
+                raise failure
+            return response
+        finally:
+            reading.cancel()
+
+    async def _read_head(self) -> ResponseHead:
+        """One response head from the application, without a deadline."""
+        assert self.upstream is not None
+        upstream = self.route.upstream
+        assert upstream is not None
+        try:
+            raw = await self.upstream.readuntil(b"\r\n\r\n", self.limits.max_response_head_size)
+        except ProtocolError:
+            raise _Answer(
+                502,
+                f"upstream {upstream.text}: response head larger than "
+                f"{self.limits.max_response_head_size} bytes",
+            ) from None
+        except EOFError:
+            raise _Answer(
+                502, f"upstream {upstream.text}: closed before a complete response head"
+            ) from None
+        try:
+            return parse_response_head(raw)
+        except ProtocolError as exc:
+            raise _Answer(502, f"upstream {upstream.text}: {exc}") from None
+
+    async def _final_head(self) -> ResponseHead:
+        """The final response head, interim answers passed on as they come."""
         upstream = self.route.upstream
         assert upstream is not None
         # One deadline for the final head, interim answers included: an
@@ -347,43 +513,35 @@ class _Exchange:
         while True:
             try:
                 async with asyncio.timeout_at(deadline):
-                    raw = await self.reader.readuntil(b"\r\n\r\n")
+                    response = await self._read_head()
             except TimeoutError:
                 raise _Answer(
                     504,
                     f"upstream {upstream.text}: no response within {self.timeouts.upstream:g} s",
                 ) from None
-            except asyncio.LimitOverrunError:
-                raise _Answer(
-                    502,
-                    f"upstream {upstream.text}: response head larger than "
-                    f"{self.limits.max_response_head_size} bytes",
-                ) from None
-            except (asyncio.IncompleteReadError, OSError):
-                raise _Answer(
-                    502, f"upstream {upstream.text}: closed before a complete response head"
-                ) from None
-            try:
-                response = parse_response_head(raw)
-            except ProtocolError as exc:
-                raise _Answer(502, f"upstream {upstream.text}: {exc}") from None
             if not 100 <= response.status < 200:
                 return response
-            if response.status == 101:
-                # The front never passes Upgrade on (hop-by-hop): a switch it
-                # did not ask for leaves nothing it could relay.
-                raise _Answer(
-                    502,
-                    f"upstream {upstream.text}: 101 Switching Protocols to a request without "
-                    "Upgrade (hand WebSockets off with X-Socket-Handoff or a websocket route)",
-                )
-            if response.status != 100 and self.head.version == b"1.1":
-                # RFC 9110 §15.2: a proxy MUST forward the 1xx answers it did
-                # not ask for (103 Early Hints...), and MUST NOT send any to an
-                # HTTP/1.0 client.  A 100 is not forwarded: the front sends no
-                # Expect upstream and answered the client's itself.
-                lines = _relayed_head(response, _dropped_fields(response))
-                await self._send_client(b"\r\n".join(lines) + b"\r\n\r\n", interim=True)
+            await self._interim(response)
+
+    async def _interim(self, response: ResponseHead) -> None:
+        """Pass on a 1xx answer where HTTP allows it; a 101 is an error."""
+        upstream = self.route.upstream
+        assert upstream is not None
+        if response.status == 101:
+            # The front never passes Upgrade on (hop-by-hop): a switch it
+            # did not ask for leaves nothing it could relay.
+            raise _Answer(
+                502,
+                f"upstream {upstream.text}: 101 Switching Protocols to a request without "
+                "Upgrade (hand WebSockets off with X-Socket-Handoff or a websocket route)",
+            )
+        if response.status != 100 and self.head.version == b"1.1":
+            # RFC 9110 §15.2: a proxy MUST forward the 1xx answers it did
+            # not ask for (103 Early Hints...), and MUST NOT send any to an
+            # HTTP/1.0 client.  A 100 is not forwarded: the front sends no
+            # Expect upstream and answered the client's itself.
+            lines = _relayed_head(response, _dropped_fields(response))
+            await self._send_client(b"\r\n".join(lines) + b"\r\n\r\n", interim=True)
 
     # --- handoff --------------------------------------------------------------------------
 
@@ -449,14 +607,14 @@ class _Exchange:
 
     async def _discard(self, response: ResponseHead) -> None:
         """Read and drop the application's response body, bounded, then close."""
-        assert self.reader is not None
+        assert self.upstream is not None
         budget = self.limits.max_discard_size
         if response.content_length is not None:
             budget = min(budget, response.content_length)
         with contextlib.suppress(TimeoutError, OSError):
             async with asyncio.timeout(self.timeouts.linger):
                 while budget > 0:
-                    data = await self.reader.read(min(budget, _CHUNK))
+                    data = await self.upstream.read(min(budget, _CHUNK))
                     if not data:
                         break
                     budget -= len(data)
@@ -465,7 +623,6 @@ class _Exchange:
     # --- relaying -------------------------------------------------------------------------
 
     async def _relay(self, response: ResponseHead) -> None:
-        assert self.reader is not None
         if self.head.version != b"1.1":
             codings = [
                 token.strip(b" \t").lower()
@@ -508,7 +665,7 @@ class _Exchange:
         self.front.send_and_linger(self.client, b"")
 
     async def _relay_body(self, response: ResponseHead, *, dechunk: bool = False) -> None:
-        assert self.reader is not None
+        assert self.upstream is not None
         remaining = response.content_length
         chunked = ChunkedReader() if response.chunked and remaining is None else None
         relayed = 0  # bytes of a chunked body read so far, as the reader counts them
@@ -517,7 +674,7 @@ class _Exchange:
             size = _CHUNK if remaining is None else min(remaining, _CHUNK)
             try:
                 async with asyncio.timeout(self.timeouts.upstream):
-                    data = await self.reader.read(size)
+                    data = await self.upstream.read(size)
             except TimeoutError:
                 raise _Answer(504, "upstream stalled inside the response body") from None
             if not data:
@@ -579,11 +736,11 @@ class _Exchange:
         except OSError as exc:
             raise _Answer(499, f"client stopped reading: {exc}") from None
 
-    async def _drain(self) -> None:
-        assert self.writer is not None
+    async def _send_upstream(self, data: bytes) -> None:
+        assert self.upstream is not None
         try:
             async with asyncio.timeout(self.timeouts.upstream):
-                await self.writer.drain()
+                await self.upstream.sendall(data)
         except TimeoutError:
             raise _Answer(504, "upstream stopped reading the request body") from None
         except OSError as exc:
@@ -592,9 +749,9 @@ class _Exchange:
     # --- endings --------------------------------------------------------------------------
 
     def close_upstream(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        if self.upstream is not None:
+            self.upstream.close()
+            self.upstream = None
 
     def abort(self, why: str) -> None:
         """Close the client without an answer (one was already partly sent)."""
