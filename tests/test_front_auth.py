@@ -927,3 +927,37 @@ def test_early_handoff_answer_waits_for_the_body(
     status, _, echoed = parse_response(data)
     assert status == 200
     assert json.loads(echoed)["payload"] == "early"
+
+
+@pytest.mark.parametrize("field", ["X-Socket-Handoff", "X-Handoff-Data"])
+def test_handoff_field_sent_twice_is_502(
+    no_fd_leak: None,
+    sockdir: Path,
+    receivers: Callable[..., TestReceiver],
+    fronts: Callable[..., FrontProcess],
+    field: str,
+) -> None:
+    """Two values of a handoff field leave no way to tell which the application
+    meant: nothing is handed off on a guess, the client gets a 502."""
+    daemon = sockdir / "daemon.sock"
+    receiver = receivers("daemon.sock", sock_type=socket.SOCK_SEQPACKET, behaviour=payload_echo)
+    fields = {"X-Socket-Handoff": str(daemon), "X-Handoff-Data": "one"}
+    lines = "".join(f"{name}: {value}\r\n" for name, value in fields.items())
+    lines += f"{field}: {fields[field]}\r\n"
+
+    def answer(conn: socket.socket) -> None:
+        conn.sendall(f"HTTP/1.1 200 OK\r\n{lines}Content-Length: 0\r\n\r\n".encode())
+
+    app_path = sockdir / "app.sock"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(app_path))
+        listener.listen()
+        app = _raw_app(listener, answer)
+        front = fronts(config=_unix_app_config(app_path, sockdir))
+        baseline = front.fd_count()
+        status, _, body = http_exchange(front, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+        app.join(timeout=10)
+    assert status == 502
+    front.hid_detail(body, f"the application sent {field} more than once")
+    assert receiver.handoffs.empty()
+    assert front.fd_count_within(baseline + 1) <= baseline + 1

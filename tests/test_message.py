@@ -520,3 +520,22 @@ def test_fd_inside_plain_scgi_rejected() -> None:
     assert reader.next_record() is NEED_DATA
     with pytest.raises(ProtocolError, match="fd"):
         reader.receive(PLAIN[5:], 1)
+
+
+@pytest.mark.parametrize("start", [b"+", b" ", b"-"])
+def test_netstring_with_a_bad_first_byte_is_named_as_such(start: bytes) -> None:
+    """A length that does not start with a digit makes the stream look like
+    BYTE markers; the error says what was most likely meant."""
+    reader = HandoffReader(socket.SOCK_STREAM)
+    data = start + message.encode_scgi([(b"REQUEST_METHOD", b"GET")])
+    with pytest.raises(ProtocolError, match="neither an SCGI netstring") as caught:
+        reader.receive(data, 1)
+    assert repr(start)[2:-1] in str(caught.value)
+
+
+def test_marker_run_after_the_first_keeps_its_own_error() -> None:
+    reader = HandoffReader(socket.SOCK_STREAM)
+    reader.receive(b"X", 1)
+    assert reader.next_record().marker == b"X"  # type: ignore[union-attr]
+    with pytest.raises(ProtocolError, match="marker handoff delivered 2 bytes"):
+        reader.receive(b"XX", 1)

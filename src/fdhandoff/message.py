@@ -293,7 +293,8 @@ class HandoffReader:
                 raise ProtocolError("fd arrived without data")
             self._eof()
             return
-        if self._format is None:
+        first = self._format is None
+        if first:
             self._format = detect_format(data, self._sock_type)
         if self._format is Format.PAYLOAD:
             if nfds != 1:
@@ -301,6 +302,14 @@ class HandoffReader:
             self._records.append(decode_payload(data))
         elif self._format is Format.BYTE:
             if nfds != 1 or len(data) != 1:
+                if first and nfds == 1:
+                    # The first read: what was sent is most likely a broken
+                    # netstring (a sign, a space), not a run of markers.
+                    raise ProtocolError(
+                        f"handoff starting {data[:16]!r} is neither an SCGI netstring (the "
+                        "length must start with a digit) nor a one-byte marker "
+                        f"({len(data)} bytes came with the fd)"
+                    )
                 raise ProtocolError(
                     f"marker handoff delivered {len(data)} bytes with {nfds} fds, expected 1 and 1"
                 )

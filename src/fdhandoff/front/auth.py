@@ -549,6 +549,10 @@ class _Exchange:
         if len(targets) > 1:
             raise _Answer(502, "the application sent X-Socket-Handoff more than once")
         data_values = response.values(b"x-handoff-data")
+        if len(data_values) > 1:
+            # Which one the application meant is unknowable (Apache's module
+            # takes the first silently); the daemon must not get a guess.
+            raise _Answer(502, "the application sent X-Handoff-Data more than once")
         data = data_values[0] if data_values else None
         if self.route.handoff_format is HandoffFormat.APACHE:
             sock_type = socket.SOCK_SEQPACKET
