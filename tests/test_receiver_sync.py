@@ -18,6 +18,7 @@ from fdhandoff import scgi
 from fdhandoff.receiver import Options
 from fdhandoff.receiver.listeners import Bind
 from fdhandoff.receiver.sync import Channel, ConnectionClosed, Handoff, WebSocket
+from fdhandoff.receiver.sync import engine as sync_engine
 from fdhandoff.websocket import Opcode, encode_frame
 from test_receiver_support import (
     MiniFront,
@@ -383,3 +384,39 @@ def test_channel_is_served_at_max_connections_one(tmp_path: Path, no_fd_leak: No
             assert conn.recv(1) == CHANNEL_ACK
             assert split_response(read_all(client))[0] == 200
             client.close()
+
+
+def test_silent_connections_hold_no_thread(
+    tmp_path: Path,
+    no_fd_leak: None,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """UNIX connections that send nothing wait in the accepting thread, not in
+    a connection thread each: with every slot's worth of them open, a handoff
+    is still served at once, and they are closed after handoff_timeout.
+    Each used to take a thread for the whole timeout, so as many silent
+    connections as there are threads (512) stalled every sender."""
+    monkeypatch.setattr(sync_engine, "DEFAULT_MAX_THREADS", 2)
+    path = str(tmp_path / "r.sock")
+    options = Options(handoff_timeout=1.5)
+    silent = []
+    with SyncReceiverThread(echo, [Bind(path)], options):
+        for _ in range(2):
+            conn = socket.socket(socket.AF_UNIX)
+            conn.connect(path)
+            silent.append(conn)
+        time.sleep(0.3)  # accepted by now
+        started = time.monotonic()
+        client, server_side = tcp_pair()
+        send_scgi(path, front_headers("GET", "/"), server_side)
+        status = split_response(read_all(client))[0]
+        served_in = time.monotonic() - started
+        client.close()
+        for conn in silent:
+            conn.settimeout(5)
+            assert conn.recv(1) == b""  # closed by the receiver
+            conn.close()
+    assert status == 200
+    assert served_in < 1.0  # not after the silent ones' 1.5 s
+    assert caplog.text.count("sent no complete handoff within 1.5 s") == 2

@@ -106,25 +106,72 @@ class Receiver:
     # --- accepting ---------------------------------------------------------------------
 
     def serve(self, listeners: Iterable[socket.socket]) -> None:
-        """Accept until :attr:`stopping` is set, then shut down gracefully."""
+        """Accept until :attr:`stopping` is set, then shut down gracefully.
+
+        A new UNIX connection gets a thread only once its first bytes have
+        arrived: until then it waits here, in the selector, for at most
+        ``handoff_timeout``.  Senders write a handoff right after connecting,
+        so this costs them nothing, and connections that stay silent hold an
+        fd for a while, not the threads every handoff needs.
+        """
         socks = list(listeners)
+        limit = self.options.max_connections
+        #: Accepted, silent so far: connection -> when it is given up.
+        waiting: dict[socket.socket, float] = {}
         with selectors.DefaultSelector() as sel:
             for sock in socks:
                 sock.setblocking(False)
                 sel.register(sock, selectors.EVENT_READ)
+            accepting = True
             while not self.stopping.is_set():
                 for key, _ in sel.select(0.2):
-                    # A slot before accepting, never after: at the limit
-                    # accepting pauses (senders queue in the kernel) and a
+                    conn = key.fileobj
+                    assert isinstance(conn, socket.socket)
+                    if key.data is None:  # a listener
+                        if accepting and (new := self._accept(conn)) is not None:
+                            sel.register(new, selectors.EVENT_READ, data=True)
+                            waiting[new] = time.monotonic() + self.options.handoff_timeout
+                        continue
+                    # A slot before a thread: at the limit the connection stays
+                    # in the selector (its handoff queued in the kernel) and a
                     # stop is still noticed within 0.2 s.
                     if not self._slots.acquire(timeout=0.2):
                         self._note_full()
                         break
-                    if not self._accept(key.fileobj):  # type: ignore[arg-type]
-                        self._slots.release()
+                    self._full_logged = False
+                    sel.unregister(conn)
+                    deadline = waiting.pop(conn)
+                    self._start(self._take, conn, deadline)
+                self._expire(sel, waiting)
+                # --max-connections counts the waiting ones too, as in the
+                # asyncio engine: at the limit accepting pauses and senders
+                # queue in the kernel's backlog.  Without it, only the fd
+                # limit bounds them (accept backs off on EMFILE).
+                with self._lock:
+                    room = not limit or len(waiting) + len(self._slotted) < limit
+                if accepting != room:
+                    accepting = not accepting
+                    for sock in socks:
+                        if accepting:
+                            sel.register(sock, selectors.EVENT_READ)
+                        else:
+                            sel.unregister(sock)
+        for conn in waiting:
+            conn.close()
         for sock in socks:
             sock.close()
         self._shutdown()
+
+    def _expire(self, sel: selectors.BaseSelector, waiting: dict[socket.socket, float]) -> None:
+        now = time.monotonic()
+        for conn in [conn for conn, deadline in waiting.items() if deadline <= now]:
+            del waiting[conn]
+            sel.unregister(conn)
+            conn.close()
+            log.warning(
+                "UNIX connection sent no complete handoff within %.1f s; closed",
+                self.options.handoff_timeout,
+            )
 
     def _note_full(self) -> None:
         if not self._full_logged:
@@ -134,13 +181,12 @@ class Receiver:
                 self.options.max_connections or DEFAULT_MAX_THREADS,
             )
 
-    def _accept(self, listener: socket.socket) -> bool:
-        """Accept one connection; True if a thread took it (and the caller's slot)."""
-        self._full_logged = False
+    def _accept(self, listener: socket.socket) -> socket.socket | None:
+        """Accept one connection from an allowed sender, non-blocking, or None."""
         try:
             conn, _ = listener.accept()
         except BlockingIOError:
-            return False
+            return None
         except OSError as exc:
             if exc.errno in RESOURCE_ERRNOS:
                 log.warning(
@@ -149,19 +195,20 @@ class Receiver:
                 time.sleep(ACCEPT_BACKOFF)
             elif exc.errno not in (errno.ECONNABORTED, errno.EINTR):
                 log.error("accept failed: %s", exc)
-            return False
+            return None
         if not sender_allowed(conn, self.options):
             conn.close()
-            return False
-        self._start(self._take, conn)
-        return True
+            return None
+        conn.setblocking(False)
+        return conn
 
-    def _take(self, conn: socket.socket) -> None:
+    def _take(self, conn: socket.socket, deadline: float) -> None:
         keep = False
         try:
             conn.setblocking(True)
             reader = HandoffReader(conn.type)
-            got = self._receive(conn, reader, self.options.handoff_timeout)
+            # What is left of handoff_timeout after waiting for the first bytes.
+            got = self._receive(conn, reader, max(0.001, deadline - time.monotonic()))
             if got is None:
                 return
             record, client = got
@@ -204,7 +251,10 @@ class Receiver:
         try:
             return fdpass.recv_handoff(conn, reader, blocking=True, timeout=timeout)
         except TimeoutError:
-            log.warning("UNIX connection sent no complete handoff within %.1f s; closed", timeout)
+            log.warning(
+                "UNIX connection sent no complete handoff within %.1f s; closed",
+                self.options.handoff_timeout,
+            )
         except (ProtocolError, FdPassError) as exc:
             log.warning("invalid handoff: %s", exc)
         except OSError as exc:
