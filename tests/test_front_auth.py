@@ -961,3 +961,17 @@ def test_handoff_field_sent_twice_is_502(
     front.hid_detail(body, f"the application sent {field} more than once")
     assert receiver.handoffs.empty()
     assert front.fd_count_within(baseline + 1) <= baseline + 1
+
+
+def test_upstream_named_by_host_name(
+    no_fd_leak: None, app: type[App], sockdir: Path, fronts: Callable[..., FrontProcess]
+) -> None:
+    """An upstream given by name is looked up, each address tried in turn
+    (``localhost`` may list ::1 first, where nobody listens here)."""
+    config = auth_config(app, sockdir).replace("127.0.0.1", "localhost")
+    assert "http://localhost:" in config
+    front = fronts(config=config)
+    status, _, body = http_exchange(
+        front, b"POST /app/plain HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\nnamed"
+    )
+    assert (status, body) == (201, b"from the app: name")

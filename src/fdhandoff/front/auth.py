@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import logging
 import os
 import socket
@@ -114,11 +115,19 @@ class _Upstream:
     @classmethod
     async def open(cls, loop: asyncio.AbstractEventLoop, upstream: Address) -> _Upstream:
         """Connect to the application (each address of its name in turn)."""
+        targets: list[tuple[int, Any]]
         if upstream.is_unix:
-            targets: list[tuple[int, Any]] = [(socket.AF_UNIX, upstream.path)]
+            targets = [(socket.AF_UNIX, upstream.path)]
         else:
-            infos = await loop.getaddrinfo(upstream.host, upstream.port, type=socket.SOCK_STREAM)
-            targets = [(family, address) for family, _, _, _, address in infos]
+            try:  # an address needs no lookup (getaddrinfo runs in a thread)
+                version = ipaddress.ip_address(upstream.host).version
+                literal = socket.AF_INET6 if version == 6 else socket.AF_INET
+                targets = [(literal, (upstream.host, upstream.port))]
+            except ValueError:
+                infos = await loop.getaddrinfo(
+                    upstream.host, upstream.port, type=socket.SOCK_STREAM
+                )
+                targets = [(info[0], info[4]) for info in infos]
         failure: OSError = OSError(errno.EADDRNOTAVAIL, "no address for the upstream")
         for family, address in targets:
             sock = socket.socket(family, socket.SOCK_STREAM)
@@ -128,7 +137,14 @@ class _Upstream:
                     # Heads and small bodies go out at once (Nagle would hold
                     # a write that follows an unacknowledged one).
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                await loop.sock_connect(sock, address)
+                # connect_ex, not loop.sock_connect: uvloop's resolves even
+                # an address, in a thread, on every call.
+                error = sock.connect_ex(address)
+                if error == errno.EINPROGRESS:  # TCP: done when writable
+                    await aio.wait_writable(sock)
+                    error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if error:
+                    raise OSError(error, os.strerror(error))
             except OSError as exc:
                 sock.close()
                 failure = exc
