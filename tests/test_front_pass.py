@@ -288,6 +288,8 @@ def write(directory: Path, text: str) -> Path:
         (b"\nGET /fd HTTP/1.1\r\nHost: a\r\n\r\n", 400, "bare CR or LF"),
         (b"GET /fd HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n", 400, "more than one Host"),
         (b"GET /fd HTTP/1.1\r\nHost: a%zz\r\n\r\n", 400, "malformed Host"),
+        (b"GET /fd HTTP/1.1\r\nHost: h..x\r\n\r\n", 400, "empty label"),
+        (b"GET /fd\r\n", 400, "not METHOD SP target SP HTTP/x.y"),  # HTTP/0.9: at once
         (b"GET /fd HTTP/1.1\r\nHost: a\r\nX: 1\r\n  folded\r\n\r\n", 400, "malformed"),
         (b"GET /fd HTTP/1.1\r\nHost: a\r\nX : 1\r\n\r\n", 400, "malformed"),
         (

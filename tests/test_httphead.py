@@ -590,3 +590,53 @@ def test_request_target_forms(line: bytes, status: int) -> None:
         assert status_of(data) == status
     else:
         assert parse_head(data).path == b"*"
+
+
+@pytest.mark.parametrize(("line_length", "status"), [(97, 0), (98, 0), (99, 414), (100, 414)])
+def test_request_line_limit_counts_its_crlf_like_nginx(line_length: int, status: int) -> None:
+    """max_uri_length holds the request line and its CRLF, as nginx's 8 KiB
+    buffer does (8190 bytes before the CRLF by default), whole or in pieces."""
+    limits = HeadLimits(max_head_size=1024, max_uri_length=100)
+    line = b"GET /" + b"a" * (line_length - len(b"GET / HTTP/1.1")) + b" HTTP/1.1"
+    assert len(line) == line_length
+    data = line + b"\r\nHost: a\r\n\r\n"
+    if status:
+        assert status_of(data, limits) == status
+    else:
+        assert parse_head(data, limits).method == b"GET"
+    assert set(judged_in_pieces(data, limits)) == {status}
+
+
+def test_overlong_request_line_is_414_even_when_the_head_is_too_large() -> None:
+    """A head judged whole gets the answer it gets while still arriving."""
+    limits = HeadLimits(max_head_size=200, max_uri_length=100)
+    data = b"GET /" + b"a" * 300 + b" HTTP/1.1\r\nHost: a\r\n\r\n"
+    assert status_of(data, limits) == 414
+    assert set(judged_in_pieces(data, limits)) == {414}
+
+
+@pytest.mark.parametrize("line", [b"GET /", b"GET / HTTP/1.1 x", b"GET", b"GET /a HTTP/1"])
+def test_a_line_that_is_no_request_line_is_400_once_it_ends(line: bytes) -> None:
+    """HTTP/0.9's ``GET /`` and other lines without the form of a request line
+    are refused when they end, not after the head timeout."""
+    error = incomplete_head_error(line + b"\r\n")
+    assert error is not None and error.status_hint == 400
+    assert incomplete_head_error(line) is None  # may still become one
+
+
+@pytest.mark.parametrize(
+    "value", [b"..", b"..:80", b"h..x", b"a...", b".a", b"a.b..", b"..example.com"]
+)
+def test_host_with_an_empty_label_is_refused(value: bytes) -> None:
+    with pytest.raises(ProtocolError, match="empty label"):
+        split_host(value)
+    assert status_of(b"GET / HTTP/1.1\r\nHost: " + value + b"\r\n\r\n") == 400
+    target = b"http://" + value + b"/a"
+    assert status_of(b"GET " + target + b" HTTP/1.1\r\nHost: h\r\n\r\n") == 400
+
+
+@pytest.mark.parametrize("value", [b"a b", b"", b"a/b", b"a..b"])
+def test_invalid_host_is_400_with_an_absolute_target_too(value: bytes) -> None:
+    """RFC 9112 section 3.2: an invalid Host is 400 even where the target's
+    authority replaces it."""
+    assert status_of(b"GET http://h/a HTTP/1.1\r\nHost: " + value + b"\r\n\r\n") == 400

@@ -72,8 +72,9 @@ __all__ = [
 #: every request nginx fd_pass accepted acceptable here.  Over it: 431.
 MAX_HEAD_SIZE: Final = 32 * 1024
 
-#: Longest request line.  nginx refuses a request line that does not fit one
-#: 8k large_client_header_buffer with 414; the same limit, the same answer.
+#: Longest request line, its CRLF included.  nginx refuses a request line that
+#: does not fit one 8k large_client_header_buffer with 414; the same limit,
+#: the same answer (8190 bytes before the CRLF at most).
 MAX_URI_LENGTH: Final = 8 * 1024
 
 #: Most header lines in one head.  Apache's LimitRequestFields default; each
@@ -251,27 +252,41 @@ def incomplete_head_error(
     """The error for a head that has not ended yet, or None if it may still end well.
 
     Catches early what can already be judged: a bare LF (400), a request line
-    already longer than the URI limit (414), and a head that has reached the
-    size limit without ending (414 if its request line did not end either,
-    else 431).  Empty lines before the request line are not the request line.
+    already longer than the URI limit (414), a request line that has ended
+    without the form of one (400: ``GET /`` of HTTP/0.9 waits for nothing
+    more), and a head that has reached the size limit without ending (414 if
+    its request line did not end either, else 431).  Empty lines before the
+    request line are not the request line.
     """
     start = empty_lines_end(buf) if buf[:1] == b"\r" else 0
     line_end = buf.find(b"\r\n", start)
     if buf.count(b"\n") != buf.count(b"\r\n"):
         return ProtocolError("line ends with a bare LF, not CRLF (RFC 9112 §2.2)")
-    if line_end >= 0:
-        line_end -= start
-    if (line_end < 0 and len(buf) - start > limits.max_uri_length) or (
-        line_end > limits.max_uri_length
-    ):
+    if _line_too_long(start, line_end, len(buf), limits):
         return ProtocolError(
             f"request line longer than {limits.max_uri_length} bytes", status_hint=414
+        )
+    if line_end >= 0 and not _VERSIONED_LINE.fullmatch(buf, start, line_end):
+        # Every line parse_head accepts has this form (single spaces, a
+        # version): one that does not will not become a request by waiting.
+        return ProtocolError(
+            "malformed request line: not METHOD SP target SP HTTP/x.y (RFC 9112 §3)"
         )
     if len(buf) >= limits.max_head_size:
         return ProtocolError(
             f"request head larger than {limits.max_head_size} bytes", status_hint=431
         )
     return None
+
+
+def _line_too_long(start: int, line_end: int, size: int, limits: HeadLimits) -> bool:
+    """Whether the request line and its CRLF exceed ``max_uri_length`` (nginx's
+    buffer holds both); ``line_end`` < 0 while the line has not ended in
+    ``size`` bytes, which is already too long at ``max_uri_length`` bytes
+    (even a final CR leaves the CRLF a byte over)."""
+    if line_end < 0:
+        return size - start >= limits.max_uri_length
+    return line_end - start + 2 > limits.max_uri_length
 
 
 # --- parsing --------------------------------------------------------------------------
@@ -336,10 +351,6 @@ def parse_head(
     Raises :class:`ProtocolError` with the status to answer (module docstring).
     """
     size = len(head)
-    if size > limits.max_head_size:
-        raise ProtocolError(
-            f"request head larger than {limits.max_head_size} bytes", status_hint=431
-        )
     start = 0
     if head[:1] <= b"\r":  # one comparison on the hot path; CR, LF (or b"") only matter
         start = empty_lines_end(head)
@@ -349,9 +360,15 @@ def parse_head(
             # whether it arrived whole or in pieces.
             raise ProtocolError("bare CR or LF before the request line (RFC 9112 §2.2)")
     line_end = head.find(b"\r\n", start)
-    if line_end - start > limits.max_uri_length:
+    # The request line before the head's size, as incomplete_head_error
+    # judges a head still arriving: 414 for an overlong line either way.
+    if _line_too_long(start, line_end, size, limits):
         raise ProtocolError(
             f"request line longer than {limits.max_uri_length} bytes", status_hint=414
+        )
+    if size > limits.max_head_size:
+        raise ProtocolError(
+            f"request head larger than {limits.max_head_size} bytes", status_hint=431
         )
     if head.startswith(_H2_PREFACE, start):
         raise ProtocolError("HTTP/2 is not supported, only HTTP/1.1", status_hint=505)
@@ -455,6 +472,9 @@ def _build(
         target = path + b"?" + query if query else path
         authority = host + b":" + port if port else host
         if hosts:
+            # RFC 9112 §3.2: a Host that is not a valid field value is 400,
+            # whatever the target says; then the target's authority wins.
+            split_host(hosts[0])
             collector.headers = [
                 (name, authority if name.lower() == b"host" else value)
                 for name, value in collector.headers
@@ -556,14 +576,21 @@ def split_host(value: bytes) -> tuple[bytes, bytes]:
     RFC 3986 §3.2.2).  An empty host is refused: RFC 9110 §7.2 allows it only
     for a target URI without authority, and every ``http`` URI has one.  A
     trailing dot is dropped (``example.com.`` is ``example.com``, as nginx
-    does), so host routes match either spelling.
+    does), so host routes match either spelling; an empty label elsewhere
+    (``..``, ``a..b``, ``.a``) is refused.
     """
     match = _HOST.fullmatch(value)
     if match is None:
         raise ProtocolError(f"malformed Host header {value[:64]!r}")
     host = match[1].lower()
-    if host.endswith(b".") and not host.startswith(b"["):
-        host = host[:-1]
+    if not host.startswith(b"["):
+        if host.endswith(b"."):
+            host = host[:-1]
+        if host[:1] == b"." or host[-1:] == b"." or b".." in host:
+            # An empty label names nothing in DNS; nginx refuses it as well,
+            # and ".." in a host that ends up in a path or a cache key is a
+            # hazard downstream.
+            raise ProtocolError(f"Host {value[:64]!r} has an empty label")
     if not host:
         raise ProtocolError(f"Host header {value[:64]!r} names no host")
     return host, match[2] or b""
