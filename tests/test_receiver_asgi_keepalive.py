@@ -375,6 +375,14 @@ def test_background_task_does_not_hold_the_next_request(sock_path: str) -> None:
         (b"GET /a%00b HTTP/1.1\r\nHost: x\r\n\r\n", 400),
         (b"GET /a/../../etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n", 400),
         (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1" + b"0" * 18 + b"\r\n\r\n", 400),
+        # Empty lines count towards the head's size, as at the front.
+        (b"\r\n" * 17000 + b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", 431),
+        (
+            b"\r\n" * 16000 + b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X: " + b"v" * 900 + b"\r\n\r\n",
+            431,
+        ),
+        (b"GET /" + b"a" * 8200 + b"\r\n", 414),
+        (b"GET /\r\n", 400),  # HTTP/0.9: refused when its line ends
     ],
 )
 def test_bad_next_request_is_answered_and_closed(

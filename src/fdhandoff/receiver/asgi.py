@@ -301,6 +301,7 @@ class ASGIAdapter:
         """
         buf = conn.take_buffer()
         searched = 0
+        skipped = 0  # empty lines dropped: they count towards the head's size
         deadline = conn.loop.time() + HEAD_TIMEOUT if buf else None
         while True:
             # RFC 9112 section 2.2: empty lines (CRLF) before a request line are
@@ -311,7 +312,16 @@ class ASGIAdapter:
                 if skip:
                     buf = buf[skip:]
                     searched = 0
+                    skipped += skip
             end = find_head_end(buf, max(0, searched - 3))
+            limit = self.head_limits.max_head_size
+            if skipped and (skipped + end > limit if end > 0 else skipped + len(buf) >= limit):
+                # As the front counts them (parse_head, incomplete_head_error):
+                # endless empty lines are a head too large, not a free ride.
+                raise ProtocolError(
+                    f"request head larger than {self.head_limits.max_head_size} bytes",
+                    status_hint=431,
+                )
             if end > 0:
                 conn.buf = buf[end:]
                 return buf[:end]
