@@ -975,3 +975,55 @@ def test_upstream_named_by_host_name(
         front, b"POST /app/plain HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\nnamed"
     )
     assert (status, body) == (201, b"from the app: name")
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+def test_answer_arriving_as_the_upload_ends_is_never_lost(
+    no_fd_leak: None, sockdir: Path, fronts: Callable[..., FrontProcess], transport: str
+) -> None:
+    """The application answers as soon as it has read the body, so its answer
+    arrives just as the front's last write of the body completes.  The read
+    of the head under way then must go on: stopped and started again, it
+    could drop what it had already taken off the socket (a 502)."""
+    rounds = 150
+    body = b"b" * 300_000
+    request = b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    with socket.socket(socket.AF_UNIX if transport == "unix" else socket.AF_INET) as listener:
+        if transport == "unix":
+            listener.bind(str(sockdir / "app.sock"))
+            upstream = f"unix:{sockdir / 'app.sock'}"
+        else:
+            listener.bind(("127.0.0.1", 0))
+            upstream = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        listener.listen(64)
+        listener.settimeout(10)
+
+        def serve() -> None:
+            for _ in range(rounds):
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    return
+                with conn:
+                    # The whole request read, as a server does before its
+                    # application looks at it: the answer then leaves just as
+                    # the front's last write of the body completes.
+                    data = b""
+                    while len(data) < len(request) and (chunk := conn.recv(65536)):
+                        data += chunk
+                    conn.sendall(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 0\r\n\r\n")
+
+        app = threading.Thread(target=serve, daemon=True)
+        app.start()
+        front = fronts(
+            config=f'[[route]]\nprefix = "/"\nmode = "auth"\nupstream = "{upstream}"\n'
+            f'allowed_prefix = "{sockdir}"\n'
+        )
+        statuses = []
+        for _ in range(rounds):
+            try:
+                statuses.append(http_exchange(front, request)[0])
+            except AssertionError:
+                statuses.append(0)
+        app.join(timeout=10)
+    assert statuses == [413] * rounds, "\n".join(front.lines[-40:])

@@ -156,10 +156,20 @@ class _Upstream:
         raise failure
 
     async def _fill(self) -> None:
-        try:
-            data = await self.loop.sock_recv(self.sock, _CHUNK)
-        except OSError:  # a reset: everything before it has been read
-            data = b""
+        # Wait, then read: never loop.sock_recv.  A read the wait for the
+        # body cancels (the body went out first) must lose nothing, and
+        # sock_recv can take bytes off the socket and then be cancelled
+        # before its caller resumes: the answer would vanish.  Here the
+        # only await is the wait; the read happens after it, at once.
+        while True:
+            try:
+                data = self.sock.recv(_CHUNK)
+                break
+            except BlockingIOError:
+                await aio.wait_readable(self.sock)
+            except OSError:  # a reset: everything before it has been read
+                data = b""
+                break
         if data:
             self.buf += data
         else:
@@ -351,8 +361,10 @@ class _Exchange:
             # The application never sees Expect: the front asks for the body itself.
             await self._send_client(_CONTINUE, interim=True)
         await self._send_upstream(self._upstream_head())
-        response = await self._send_body_watching() if head.has_body else None
-        if response is None:
+        if head.has_body:
+            sent = await self._send_body_watching()
+            response = sent if isinstance(sent, ResponseHead) else await self._final_head(sent)
+        else:
             response = await self._final_head()
         targets = response.values(b"x-socket-handoff")
         if targets:
@@ -435,7 +447,7 @@ class _Exchange:
             framed = b"".join([b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces])
             await self._send_upstream(framed + b"0\r\n\r\n" if reader.done else framed)
 
-    async def _send_body_watching(self) -> ResponseHead | None:
+    async def _send_body_watching(self) -> ResponseHead | asyncio.Task[ResponseHead]:
         """Send the request body, watching for an answer that comes first.
 
         An application may answer before it has read the whole body (401,
@@ -446,15 +458,21 @@ class _Exchange:
         answer that arrives first is returned at once: it is relayed with
         ``Connection: close`` and the rest of the client's body is read and
         dropped while lingering (RFC 9112 §9.6), as nginx does with an early
-        upstream response.  None means the body went out whole first.
+        upstream response.  Once the body has gone out whole, the read under
+        way is returned to be awaited further: it is never stopped and
+        started again, so it cannot drop what it was reading.
         """
         body = asyncio.ensure_future(self._send_body())
+        reading: asyncio.Task[ResponseHead] | None = None
         try:
             while True:
                 reading = asyncio.ensure_future(self._read_head())
                 await asyncio.wait((body, reading), return_when=asyncio.FIRST_COMPLETED)
                 if not reading.done():
-                    return await self._after_body(body, reading)
+                    if body.exception() is None:
+                        pending, reading = reading, None
+                        return pending
+                    return await self._after_failed_upload(body, reading)
                 response = reading.result()  # its _Answer (502) is the outcome
                 if 100 <= response.status < 200:
                     await self._interim(response)
@@ -466,36 +484,37 @@ class _Exchange:
                     await body
                 return response
         finally:
-            if not body.done():
-                body.cancel()
+            # Ended before the caller goes on: a task left waiting on the
+            # upstream's fd after it is closed could stop watching a new
+            # socket given the same number.
+            for task in (body, reading):
+                if task is not None and not task.done():
+                    task.cancel()
+                    await asyncio.wait((task,))
             # Taken, so that an upload failing next to an answer already
             # chosen is not reported as an exception nobody retrieved.
-            with contextlib.suppress(asyncio.CancelledError, _Answer):
-                await body
+            if not body.cancelled():
+                body.exception()
 
-    async def _after_body(
+    async def _after_failed_upload(
         self, body: asyncio.Future[None], reading: asyncio.Future[ResponseHead]
-    ) -> ResponseHead | None:
-        """The body ended first; an answer may still follow a failed upload."""
+    ) -> ResponseHead:
+        """The body ended first, with an error; an answer may still come."""
+        failure = body.exception()
+        assert failure is not None
+        if not (isinstance(failure, _Answer) and failure.status == 502):
+            raise failure
+        # The connection to the application failed while the body was going
+        # out (it closed, or reset).  What it answered before is still to be
+        # read; only when there is none is the failed upload the outcome.
         try:
-            failure = body.exception()
-            if failure is None:
-                return None
-            if not (isinstance(failure, _Answer) and failure.status == 502):
-                raise failure
-            # The connection to the application failed while the body was going
-            # out (it closed, or reset).  What it answered before is still to be
-            # read; only when there is none is the failed upload the outcome.
-            try:
-                async with asyncio.timeout(self.timeouts.upstream):
-                    response = await reading
-            except (TimeoutError, _Answer):
-                raise failure from None
-            if 100 <= response.status < 200:
-                raise failure
-            return response
-        finally:
-            reading.cancel()
+            async with asyncio.timeout(self.timeouts.upstream):
+                response = await reading
+        except (TimeoutError, _Answer):
+            raise failure from None
+        if 100 <= response.status < 200:
+            raise failure
+        return response
 
     async def _read_head(self) -> ResponseHead:
         """One response head from the application, without a deadline."""
@@ -519,8 +538,9 @@ class _Exchange:
         except ProtocolError as exc:
             raise _Answer(502, f"upstream {upstream.text}: {exc}") from None
 
-    async def _final_head(self) -> ResponseHead:
-        """The final response head, interim answers passed on as they come."""
+    async def _final_head(self, reading: asyncio.Task[ResponseHead] | None = None) -> ResponseHead:
+        """The final response head, interim answers passed on as they come;
+        ``reading``: a read of the first head already under way."""
         upstream = self.route.upstream
         assert upstream is not None
         # One deadline for the final head, interim answers included: an
@@ -529,7 +549,9 @@ class _Exchange:
         while True:
             try:
                 async with asyncio.timeout_at(deadline):
-                    response = await self._read_head()
+                    # Cancelled by the deadline, the task awaited is cancelled too.
+                    response = await (reading or self._read_head())
+                reading = None
             except TimeoutError:
                 raise _Answer(
                     504,
