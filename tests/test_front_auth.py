@@ -1027,3 +1027,51 @@ def test_answer_arriving_as_the_upload_ends_is_never_lost(
                 statuses.append(0)
         app.join(timeout=10)
     assert statuses == [413] * rounds, "\n".join(front.lines[-40:])
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_early_answer_reaches_a_client_that_sends_its_whole_body_first(
+    no_fd_leak: None, sockdir: Path, fronts: Callable[..., FrontProcess], chunked: bool
+) -> None:
+    """A client that reads nothing until it has sent its whole body (Python's
+    http.client) gets an early answer, large body included: the front drops
+    the rest of the upload while it relays, as nginx does, instead of the two
+    waiting on each other until a timeout, or a reset cutting the answer."""
+    answer_body = b"a" * (1024 * 1024)
+
+    def early(conn: socket.socket) -> None:
+        conn.sendall(
+            b"HTTP/1.1 401 Unauthorized\r\nContent-Length: %d\r\n\r\n" % len(answer_body)
+            + answer_body
+        )
+
+    size = 6 * 1024 * 1024
+    if chunked:
+        piece = b"u" * 65536
+        upload = b"%x\r\n%s\r\n" % (len(piece), piece) * (size // len(piece)) + b"0\r\n\r\n"
+        framing = b"Transfer-Encoding: chunked"
+    else:
+        upload = b"u" * size
+        framing = b"Content-Length: %d" % size
+    app_path = sockdir / "app.sock"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(app_path))
+        listener.listen()
+        app = _raw_app(listener, early)
+        front = fronts(config=_unix_app_config(app_path, sockdir, "[timeouts]\nupstream = 8\n"))
+        baseline = front.fd_count()
+        started = time.monotonic()
+        with front.connect() as client:
+            client.settimeout(10)
+            client.sendall(b"POST /up HTTP/1.1\r\nHost: a\r\n" + framing + b"\r\n\r\n" + upload)
+            data = b""
+            while chunk := client.recv(65536):
+                data += chunk
+        elapsed = time.monotonic() - started
+        app.join(timeout=10)
+    status, _, body = parse_response(data)
+    assert (status, len(body)) == (401, len(answer_body))
+    assert body == answer_body
+    assert elapsed < 5
+    front.wait_for(r'"POST /up" route=/ relayed 401')
+    assert front.fd_count_within(baseline + 1) <= baseline + 1

@@ -293,6 +293,7 @@ async def serve_auth(
         await exchange.run()
     except _Answer as answer:
         exchange.close_upstream()
+        await exchange.end_dropping(cancel=True)
         if not exchange.owned:
             return
         if exchange.replied:  # part of a response is out: all that is left is to close
@@ -304,11 +305,14 @@ async def serve_auth(
         front.reject(client, req, answer.status, str(answer))
     except asyncio.CancelledError:
         exchange.close_upstream()
+        if exchange.dropping is not None:
+            exchange.dropping.cancel()  # its wait ends with the loop
         exchange.abort("front shutting down")
         raise
     except Exception:
         log.exception("internal error in auth mode for %s", req.client)
         exchange.close_upstream()
+        await exchange.end_dropping(cancel=True)
         exchange.abort("internal error")
 
 
@@ -340,6 +344,13 @@ class _Exchange:
         self.timeouts = front.config.timeouts
         self.limits = front.config.limits
         self.upstream: _Upstream | None = None
+        #: The request body still to be read from the client: bytes for a
+        #: Content-Length, the reader's state for a chunked one.
+        self.body_left = 0 if head.chunked else (head.content_length or 0)
+        self.chunks = ChunkedReader() if head.chunked else None
+        self.body_total = 0  # chunked data bytes so far, against max_body_size
+        #: Reads and drops the rest of the body while an early answer is relayed.
+        self.dropping: asyncio.Task[None] | None = None
         self.replied = False  # bytes of a response already went to the client
         self.owned = True  # False once the client was handed off or closed
 
@@ -364,6 +375,8 @@ class _Exchange:
         if head.has_body:
             sent = await self._send_body_watching()
             response = sent if isinstance(sent, ResponseHead) else await self._final_head(sent)
+            if self.body_left or (self.chunks is not None and not self.chunks.done):
+                self.dropping = asyncio.ensure_future(self._drop_body())
         else:
             response = await self._final_head()
         targets = response.values(b"x-socket-handoff")
@@ -415,37 +428,51 @@ class _Exchange:
         lines.append(b"Connection: close")
         return b"\r\n".join(lines) + b"\r\n\r\n"
 
-    async def _send_body(self) -> None:
-        head = self.head
-        if head.chunked:
-            await self._send_chunked()
-        elif head.content_length:
-            remaining = head.content_length
-            while remaining:
+    async def _send_body(self, *, forward: bool = True) -> None:
+        """Read the request body from the client and send it upstream, or
+        drop it (``forward`` False).  What is left of it is kept on the
+        exchange as it is read, so a drop can take over where a send stopped.
+        """
+        while self.body_left or (self.chunks is not None and not self.chunks.done):
+            if self.chunks is not None:
+                data = await self._recv_client(_CHUNK, peek=True)
+                framed = self._dechunk_some(data)
+            else:
                 # Exactly what the body still owes: a pipelined request after
                 # it is not read (nothing past the request is ever consumed).
-                data = await self._recv_client(min(remaining, _CHUNK))
-                remaining -= len(data)
-                await self._send_upstream(data)
+                data = await self._recv_client(min(self.body_left, _CHUNK))
+                self.body_left -= len(data)
+                framed = data
+            if forward:
+                await self._send_upstream(framed)
 
-    async def _send_chunked(self) -> None:
-        reader = ChunkedReader()
-        total = 0
-        while not reader.done:
-            data = await self._recv_client(_CHUNK, peek=True)
-            try:
-                used, pieces = reader.feed(data)
-            except ProtocolError as exc:  # 400, or 431 for a trailer section too large
-                raise _Answer(exc.status_hint, f"malformed chunked body: {exc}") from None
-            self.client.recv(used)  # consume exactly the body's bytes (peeked above)
-            for piece in pieces:
-                total += len(piece)
-                if total > self.limits.max_body_size:
-                    raise _Answer(
-                        413, f"request body larger than {self.limits.max_body_size} bytes"
-                    )
-            framed = b"".join([b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces])
-            await self._send_upstream(framed + b"0\r\n\r\n" if reader.done else framed)
+    def _dechunk_some(self, data: bytes) -> bytes:
+        """Consume the chunked body's bytes in ``data`` (peeked); them, re-chunked."""
+        assert self.chunks is not None
+        try:
+            used, pieces = self.chunks.feed(data)
+        except ProtocolError as exc:  # 400, or 431 for a trailer section too large
+            raise _Answer(exc.status_hint, f"malformed chunked body: {exc}") from None
+        self.client.recv(used)  # consume exactly the body's bytes (peeked above)
+        for piece in pieces:
+            self.body_total += len(piece)
+        if self.body_total > self.limits.max_body_size:
+            raise _Answer(413, f"request body larger than {self.limits.max_body_size} bytes")
+        framed = b"".join([b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces])
+        return framed + b"0\r\n\r\n" if self.chunks.done else framed
+
+    async def _drop_body(self) -> None:
+        """The rest of the request body, read and dropped, after an early answer.
+
+        A client may send the whole body before it reads anything (Python's
+        http.client does): while the answer is relayed, what it still sends
+        is read, each read bounded by ``timeouts.body``, as nginx discards a
+        body it no longer needs.  Otherwise that client and the front would
+        wait on each other, and the close would meet unread bytes: a reset
+        that destroys the answer's tail still in flight (RFC 9112 §9.6).
+        """
+        with contextlib.suppress(_Answer):  # the client stopped, or lied: just stop
+            await self._send_body(forward=False)
 
     async def _send_body_watching(self) -> ResponseHead | asyncio.Task[ResponseHead]:
         """Send the request body, watching for an answer that comes first.
@@ -702,6 +729,7 @@ class _Exchange:
         if self.head.method != b"HEAD" and response.status not in (204, 304):
             await self._relay_body(response, dechunk=dechunk)
         self.close_upstream()
+        await self.end_dropping(cancel=False)  # the linger below reads the client next
         self.owned = False
         self.front.log_request(self.req, f"relayed {response.status}")
         self.front.send_and_linger(self.client, b"")
@@ -789,6 +817,15 @@ class _Exchange:
             raise _Answer(502, f"upstream connection failed: {exc.strerror or exc}") from None
 
     # --- endings --------------------------------------------------------------------------
+
+    async def end_dropping(self, *, cancel: bool) -> None:
+        """Wait for the drop of the body to end (``cancel``: stop it first), so
+        that nothing waits on the client's fd when it is lingered on or closed."""
+        if self.dropping is not None:
+            if cancel:
+                self.dropping.cancel()
+            await asyncio.wait((self.dropping,))
+            self.dropping = None
 
     def close_upstream(self) -> None:
         if self.upstream is not None:
