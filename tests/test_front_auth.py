@@ -657,6 +657,29 @@ def _unix_app_config(app_path: Path, sockdir: Path, extra: str = "") -> str:
     )
 
 
+@contextlib.contextmanager
+def _app_listener(
+    transport: str, sockdir: Path, extra: str = ""
+) -> Iterator[tuple[socket.socket, str]]:
+    """A listening socket for an application, UNIX or TCP, and the config of
+    an auth route for everything to it."""
+    with socket.socket(socket.AF_UNIX if transport == "unix" else socket.AF_INET) as listener:
+        if transport == "unix":
+            listener.bind(str(sockdir / "app.sock"))
+            upstream = f"unix:{sockdir / 'app.sock'}"
+        else:
+            listener.bind(("127.0.0.1", 0))
+            upstream = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        listener.listen(64)
+        yield (
+            listener,
+            (
+                f'[[route]]\nprefix = "/"\nmode = "auth"\nupstream = "{upstream}"\n'
+                f'allowed_prefix = "{sockdir}"\n{extra}'
+            ),
+        )
+
+
 def _raw_app(
     listener: socket.socket,
     answer: Callable[[socket.socket], None],
@@ -816,20 +839,8 @@ def test_answer_before_the_whole_body_is_relayed(
             released.wait(20)
 
     size = 6 * 1024 * 1024
-    family = socket.AF_UNIX if transport == "unix" else socket.AF_INET
-    with socket.socket(family) as listener:
-        if transport == "unix":
-            listener.bind(str(sockdir / "app.sock"))
-            upstream = f"unix:{sockdir / 'app.sock'}"
-        else:
-            listener.bind(("127.0.0.1", 0))
-            upstream = f"http://127.0.0.1:{listener.getsockname()[1]}"
-        listener.listen()
+    with _app_listener(transport, sockdir, "[timeouts]\nupstream = 8\n") as (listener, config):
         app = _raw_app(listener, early)
-        config = (
-            f'[[route]]\nprefix = "/"\nmode = "auth"\nupstream = "{upstream}"\n'
-            f'allowed_prefix = "{sockdir}"\n[timeouts]\nupstream = 8\n'
-        )
         front = fronts(config=config)
         baseline = front.fd_count()
         started = time.monotonic()
@@ -988,14 +999,7 @@ def test_answer_arriving_as_the_upload_ends_is_never_lost(
     rounds = 150
     body = b"b" * 300_000
     request = b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % len(body) + body
-    with socket.socket(socket.AF_UNIX if transport == "unix" else socket.AF_INET) as listener:
-        if transport == "unix":
-            listener.bind(str(sockdir / "app.sock"))
-            upstream = f"unix:{sockdir / 'app.sock'}"
-        else:
-            listener.bind(("127.0.0.1", 0))
-            upstream = f"http://127.0.0.1:{listener.getsockname()[1]}"
-        listener.listen(64)
+    with _app_listener(transport, sockdir) as (listener, config):
         listener.settimeout(10)
 
         def serve() -> None:
@@ -1015,10 +1019,7 @@ def test_answer_arriving_as_the_upload_ends_is_never_lost(
 
         app = threading.Thread(target=serve, daemon=True)
         app.start()
-        front = fronts(
-            config=f'[[route]]\nprefix = "/"\nmode = "auth"\nupstream = "{upstream}"\n'
-            f'allowed_prefix = "{sockdir}"\n'
-        )
+        front = fronts(config=config)
         statuses = []
         for _ in range(rounds):
             try:
