@@ -1076,3 +1076,59 @@ def test_early_answer_reaches_a_client_that_sends_its_whole_body_first(
     assert elapsed < 5
     front.wait_for(r'"POST /up" route=/ relayed 401')
     assert front.fd_count_within(baseline + 1) <= baseline + 1
+
+
+def test_early_answer_ends_soon_after_the_client_stops_sending(
+    no_fd_leak: None, sockdir: Path, fronts: Callable[..., FrontProcess]
+) -> None:
+    """A client that stops its upload on seeing the answer is not held for
+    timeouts.body: the drop ends after timeouts.linger without bytes, so an
+    answer delimited by the close (no Content-Length) ends in time."""
+
+    def early(conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 403 Forbidden\r\nConnection: close\r\n\r\nno upload for you")
+
+    app_path = sockdir / "app.sock"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(app_path))
+        listener.listen()
+        app = _raw_app(listener, early)
+        front = fronts(config=_unix_app_config(app_path, sockdir, "[timeouts]\nlinger = 0.5\n"))
+        started = time.monotonic()
+        with front.connect() as client:
+            client.sendall(b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 1000000\r\n\r\n")
+            client.sendall(b"u" * 1000)  # and no more
+            client.settimeout(10)
+            data = b""
+            while chunk := client.recv(65536):
+                data += chunk
+        elapsed = time.monotonic() - started
+        app.join(timeout=10)
+    status, _, body = parse_response(data)
+    assert (status, body) == (403, b"no upload for you")
+    assert elapsed < 3  # the linger of 0.5 s twice at most, not the 30 s of timeouts.body
+
+
+def test_body_already_received_goes_out_with_the_head(
+    no_fd_leak: None, sockdir: Path, fronts: Callable[..., FrontProcess]
+) -> None:
+    """Body bytes that came with the head reach the application in the same
+    write: one that answers on the head alone has them already, and its
+    close does not meet them arriving later (a reset cutting its answer)."""
+    body = b"b" * 1000
+    firsts: list[bytes] = []
+
+    def answer(conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+
+    app_path = sockdir / "app.sock"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(app_path))
+        listener.listen()
+        app = _raw_app(listener, answer, firsts)
+        front = fronts(config=_unix_app_config(app_path, sockdir))
+        request = b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 1000\r\n\r\n" + body
+        status = http_exchange(front, request)[0]
+        app.join(timeout=10)
+    assert status == 204
+    assert firsts[0].endswith(b"\r\n\r\n" + body)

@@ -371,7 +371,9 @@ class _Exchange:
         ):
             # The application never sees Expect: the front asks for the body itself.
             await self._send_client(_CONTINUE, interim=True)
-        await self._send_upstream(self._upstream_head())
+        await self._send_upstream(
+            self._upstream_head() + (self._body_at_hand() if head.has_body else b"")
+        )
         if head.has_body:
             sent = await self._send_body_watching()
             response = sent if isinstance(sent, ResponseHead) else await self._final_head(sent)
@@ -428,23 +430,44 @@ class _Exchange:
         lines.append(b"Connection: close")
         return b"\r\n".join(lines) + b"\r\n\r\n"
 
-    async def _send_body(self, *, forward: bool = True) -> None:
+    async def _send_body(self, *, forward: bool = True, wait: float | None = None) -> None:
         """Read the request body from the client and send it upstream, or
-        drop it (``forward`` False).  What is left of it is kept on the
-        exchange as it is read, so a drop can take over where a send stopped.
+        drop it (``forward`` False; ``wait``: for each read).  What is left of
+        it is kept on the exchange as it is read, so a drop can take over
+        where a send stopped.
         """
         while self.body_left or (self.chunks is not None and not self.chunks.done):
             if self.chunks is not None:
-                data = await self._recv_client(_CHUNK, peek=True)
+                data = await self._recv_client(_CHUNK, peek=True, wait=wait)
                 framed = self._dechunk_some(data)
             else:
                 # Exactly what the body still owes: a pipelined request after
                 # it is not read (nothing past the request is ever consumed).
-                data = await self._recv_client(min(self.body_left, _CHUNK))
+                data = await self._recv_client(min(self.body_left, _CHUNK), wait=wait)
                 self.body_left -= len(data)
                 framed = data
             if forward:
                 await self._send_upstream(framed)
+
+    def _body_at_hand(self) -> bytes:
+        """The body bytes already received, consumed now, framed for upstream.
+
+        They go out in one write with the request head: an application that
+        answers on the head alone and stops reading would otherwise have the
+        body's first write arrive after its answer, and the reset its close
+        then sends can cut its own answer short (uvicorn does this).
+        """
+        try:
+            if self.chunks is not None:
+                data = self.client.recv(_CHUNK, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                return self._dechunk_some(data) if data else b""
+            if not self.body_left:
+                return b""
+            data = self.client.recv(min(self.body_left, _CHUNK), socket.MSG_DONTWAIT)
+        except OSError:  # nothing yet, or the client failed: the body task will tell
+            return b""
+        self.body_left -= len(data)
+        return data
 
     def _dechunk_some(self, data: bytes) -> bytes:
         """Consume the chunked body's bytes in ``data`` (peeked); them, re-chunked."""
@@ -471,8 +494,12 @@ class _Exchange:
         wait on each other, and the close would meet unread bytes: a reset
         that destroys the answer's tail still in flight (RFC 9112 §9.6).
         """
-        with contextlib.suppress(_Answer):  # the client stopped, or lied: just stop
-            await self._send_body(forward=False)
+        # As after the front's own answers, a client that sends nothing for
+        # timeouts.linger is taken to be done; the whole drop is bounded by
+        # timeouts.body (nginx bounds its lingering the same way).
+        with contextlib.suppress(_Answer, TimeoutError):
+            async with asyncio.timeout(self.timeouts.body):
+                await self._send_body(forward=False, wait=self.timeouts.linger)
 
     async def _send_body_watching(self) -> ResponseHead | asyncio.Task[ResponseHead]:
         """Send the request body, watching for an answer that comes first.
@@ -539,7 +566,8 @@ class _Exchange:
                 response = await reading
         except (TimeoutError, _Answer):
             raise failure from None
-        if 100 <= response.status < 200:
+        if 100 <= response.status < 200 or response.values(b"x-socket-handoff"):
+            # A handoff needs the whole body to have reached the application.
             raise failure
         return response
 
@@ -776,10 +804,13 @@ class _Exchange:
 
     # --- client I/O -----------------------------------------------------------------------
 
-    async def _recv_client(self, size: int, *, peek: bool = False) -> bytes:
+    async def _recv_client(
+        self, size: int, *, peek: bool = False, wait: float | None = None
+    ) -> bytes:
+        """Client bytes, waiting at most ``wait`` (default ``timeouts.body``)."""
         flags = socket.MSG_PEEK if peek else 0
         try:
-            async with asyncio.timeout(self.timeouts.body):
+            async with asyncio.timeout(self.timeouts.body if wait is None else wait):
                 while True:
                     try:
                         data = self.client.recv(size, flags)
