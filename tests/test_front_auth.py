@@ -649,12 +649,17 @@ def test_client_connection_option_cannot_strip_framing_or_host(
     assert front.settled_fd_count(baseline) == baseline
 
 
-def _unix_app_config(app_path: Path, sockdir: Path, extra: str = "") -> str:
-    """An auth route for everything, to the application at ``app_path``."""
+def _auth_route(upstream: str, sockdir: Path, extra: str = "") -> str:
+    """An auth route for everything, to the application at ``upstream``."""
     return (
-        f'[[route]]\nprefix = "/"\nmode = "auth"\nupstream = "unix:{app_path}"\n'
+        f'[[route]]\nprefix = "/"\nmode = "auth"\nupstream = "{upstream}"\n'
         f'allowed_prefix = "{sockdir}"\n{extra}'
     )
+
+
+def _unix_app_config(app_path: Path, sockdir: Path, extra: str = "") -> str:
+    """An auth route for everything, to the application at ``app_path``."""
+    return _auth_route(f"unix:{app_path}", sockdir, extra)
 
 
 @contextlib.contextmanager
@@ -671,13 +676,7 @@ def _app_listener(
             listener.bind(("127.0.0.1", 0))
             upstream = f"http://127.0.0.1:{listener.getsockname()[1]}"
         listener.listen(64)
-        yield (
-            listener,
-            (
-                f'[[route]]\nprefix = "/"\nmode = "auth"\nupstream = "{upstream}"\n'
-                f'allowed_prefix = "{sockdir}"\n{extra}'
-            ),
-        )
+        yield listener, _auth_route(upstream, sockdir, extra)
 
 
 def _raw_app(
@@ -718,12 +717,8 @@ def test_interim_answers_do_not_extend_the_response_head_timeout(
             conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
             time.sleep(0.2)
 
-    app_path = sockdir / "app.sock"
-    with socket.socket(socket.AF_UNIX) as listener:
-        listener.bind(str(app_path))
-        listener.listen()
+    with _app_listener("unix", sockdir, "[timeouts]\nupstream = 1\n") as (listener, config):
         app = _raw_app(listener, endless_interim)
-        config = _unix_app_config(app_path, sockdir, "[timeouts]\nupstream = 1\n")
         front = fronts(config=config)
         baseline = front.fd_count()
         started = time.monotonic()
@@ -748,12 +743,8 @@ def test_client_taking_nothing_of_a_relayed_body_is_logged_plainly(
         for _ in range(size // len(block)):
             conn.sendall(block)
 
-    app_path = sockdir / "app.sock"
-    with socket.socket(socket.AF_UNIX) as listener:
-        listener.bind(str(app_path))
-        listener.listen()
+    with _app_listener("unix", sockdir, "[timeouts]\nupstream = 0.5\n") as (listener, config):
         app = _raw_app(listener, big_body)
-        config = _unix_app_config(app_path, sockdir, "[timeouts]\nupstream = 0.5\n")
         front = fronts(config=config)
         with front.connect() as client:
             client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -787,12 +778,9 @@ def test_handoff_fields_in_relayed_trailers_never_reach_the_client(
             conn.sendall(bytes([byte]))
             time.sleep(0.002)
 
-    app_path = sockdir / "app.sock"
-    with socket.socket(socket.AF_UNIX) as listener:
-        listener.bind(str(app_path))
-        listener.listen()
+    with _app_listener("unix", sockdir) as (listener, config):
         app = _raw_app(listener, chunked_with_trailers)
-        front = fronts(config=_unix_app_config(app_path, sockdir))
+        front = fronts(config=config)
         baseline = front.fd_count()
         status, headers, relayed = http_exchange(front, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
         app.join(timeout=10)
@@ -869,12 +857,9 @@ def test_upload_cut_by_an_application_that_never_answers_is_502(
     no_fd_leak: None, sockdir: Path, fronts: Callable[..., FrontProcess]
 ) -> None:
     """Closing without an answer in the middle of the body stays a 502, told plainly."""
-    app_path = sockdir / "app.sock"
-    with socket.socket(socket.AF_UNIX) as listener:
-        listener.bind(str(app_path))
-        listener.listen()
+    with _app_listener("unix", sockdir) as (listener, config):
         app = _raw_app(listener, lambda conn: None)  # reads the head, closes
-        front = fronts(config=_unix_app_config(app_path, sockdir))
+        front = fronts(config=config)
         client, uploader = _uploading_client(front, 6 * 1024 * 1024)
         with client:
             client.settimeout(10)
@@ -919,12 +904,9 @@ def test_early_handoff_answer_waits_for_the_body(
             total += len(chunk)
         got.append(total)
 
-    app_path = sockdir / "app.sock"
-    with socket.socket(socket.AF_UNIX) as listener:
-        listener.bind(str(app_path))
-        listener.listen()
+    with _app_listener("unix", sockdir) as (listener, config):
         app = _raw_app(listener, answer_then_read, received)
-        front = fronts(config=_unix_app_config(app_path, sockdir))
+        front = fronts(config=config)
         with front.connect() as client:
             client.sendall(
                 b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % len(body) + body
@@ -959,12 +941,9 @@ def test_handoff_field_sent_twice_is_502(
     def answer(conn: socket.socket) -> None:
         conn.sendall(f"HTTP/1.1 200 OK\r\n{lines}Content-Length: 0\r\n\r\n".encode())
 
-    app_path = sockdir / "app.sock"
-    with socket.socket(socket.AF_UNIX) as listener:
-        listener.bind(str(app_path))
-        listener.listen()
+    with _app_listener("unix", sockdir) as (listener, config):
         app = _raw_app(listener, answer)
-        front = fronts(config=_unix_app_config(app_path, sockdir))
+        front = fronts(config=config)
         baseline = front.fd_count()
         status, _, body = http_exchange(front, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
         app.join(timeout=10)
@@ -1054,12 +1033,9 @@ def test_early_answer_reaches_a_client_that_sends_its_whole_body_first(
     else:
         upload = b"u" * size
         framing = b"Content-Length: %d" % size
-    app_path = sockdir / "app.sock"
-    with socket.socket(socket.AF_UNIX) as listener:
-        listener.bind(str(app_path))
-        listener.listen()
+    with _app_listener("unix", sockdir, "[timeouts]\nupstream = 8\n") as (listener, config):
         app = _raw_app(listener, early)
-        front = fronts(config=_unix_app_config(app_path, sockdir, "[timeouts]\nupstream = 8\n"))
+        front = fronts(config=config)
         baseline = front.fd_count()
         started = time.monotonic()
         with front.connect() as client:
@@ -1088,12 +1064,9 @@ def test_early_answer_ends_soon_after_the_client_stops_sending(
     def early(conn: socket.socket) -> None:
         conn.sendall(b"HTTP/1.1 403 Forbidden\r\nConnection: close\r\n\r\nno upload for you")
 
-    app_path = sockdir / "app.sock"
-    with socket.socket(socket.AF_UNIX) as listener:
-        listener.bind(str(app_path))
-        listener.listen()
+    with _app_listener("unix", sockdir, "[timeouts]\nlinger = 0.5\n") as (listener, config):
         app = _raw_app(listener, early)
-        front = fronts(config=_unix_app_config(app_path, sockdir, "[timeouts]\nlinger = 0.5\n"))
+        front = fronts(config=config)
         started = time.monotonic()
         with front.connect() as client:
             client.sendall(b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 1000000\r\n\r\n")
@@ -1121,12 +1094,9 @@ def test_body_already_received_goes_out_with_the_head(
     def answer(conn: socket.socket) -> None:
         conn.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
 
-    app_path = sockdir / "app.sock"
-    with socket.socket(socket.AF_UNIX) as listener:
-        listener.bind(str(app_path))
-        listener.listen()
+    with _app_listener("unix", sockdir) as (listener, config):
         app = _raw_app(listener, answer, firsts)
-        front = fronts(config=_unix_app_config(app_path, sockdir))
+        front = fronts(config=config)
         request = b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 1000\r\n\r\n" + body
         status = http_exchange(front, request)[0]
         app.join(timeout=10)
