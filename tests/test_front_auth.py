@@ -7,6 +7,7 @@ receivers in Apache's SEQPACKET format and in SCGI.
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import gzip
 import json
 import shutil
@@ -788,6 +789,43 @@ def test_handoff_fields_in_relayed_trailers_never_reach_the_client(
     assert relayed == body + b"X-Checksum: 42\r\nX-Tail: end\r\n\r\n"
     # the upstream connection is closed; the loop's own reserve fd may have appeared
     assert front.fd_count_within(baseline + 1) <= baseline + 1
+
+
+@pytest.mark.parametrize("app_date", [None, b"Sun, 06 Nov 1994 08:49:37 GMT"])
+def test_relayed_response_has_exactly_one_date(
+    no_fd_leak: None, sockdir: Path, fronts: Callable[..., FrontProcess], app_date: bytes | None
+) -> None:
+    """RFC 9110 §6.6.1: a response forwarded without Date gets the front's;
+    one that has a Date keeps it, alone.  An interim 103 is relayed as sent."""
+    date_line = b"" if app_date is None else b"Date: " + app_date + b"\r\n"
+
+    def answer(conn: socket.socket) -> None:
+        conn.sendall(
+            b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+            b"HTTP/1.1 401 Unauthorized\r\n" + date_line + b"Content-Length: 2\r\n\r\nno"
+        )
+
+    with _app_listener("unix", sockdir) as (listener, config):
+        app = _raw_app(listener, answer)
+        front = fronts(config=config)
+        with front.connect() as client:
+            client.sendall(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+            client.settimeout(10)
+            data = b""
+            while chunk := client.recv(65536):
+                data += chunk
+        app.join(timeout=10)
+    interim, _, final = data.partition(b"\r\n\r\n")
+    assert interim.startswith(b"HTTP/1.1 103 ") and b"Date:" not in interim
+    head, _, body = final.partition(b"\r\n\r\n")
+    dates = [line[6:] for line in head.split(b"\r\n") if line.lower().startswith(b"date: ")]
+    assert head.startswith(b"HTTP/1.1 401 ") and body == b"no"
+    assert len(dates) == 1
+    if app_date is not None:
+        assert dates[0] == app_date
+    else:
+        sent = email.utils.parsedate_to_datetime(dates[0].decode())
+        assert abs(sent.timestamp() - time.time()) < 5
 
 
 def _uploading_client(front: FrontProcess, size: int) -> tuple[socket.socket, threading.Thread]:

@@ -148,6 +148,7 @@ def test_invalid_upgrades(
     if status == 426:
         assert headers["sec-websocket-version"] == "13"
     assert "close" in headers["connection"]
+    assert headers["date"].endswith(" GMT")  # RFC 9110 §6.6.1: every 4xx of an origin
     assert receiver.handoffs.empty()
     front.wait_for(rf'route=/ws {status} ".*{why}')
     assert front.settled_fd_count(baseline) == baseline

@@ -564,6 +564,33 @@ def test_absolute_form_ip_literal_keeps_its_brackets() -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    ("target", "host", "path"),
+    [
+        (b"http://h:/a", b"h", b"/a"),
+        (b"http://h:", b"h", b"/"),
+        (b"http://h:?q", b"h", b"/?q"),
+        (b"http://[::1]:/x", b"[::1]", b"/x"),
+    ],
+)
+def test_absolute_form_with_an_empty_port_is_the_host_alone(
+    target: bytes, host: bytes, path: bytes
+) -> None:
+    # RFC 3986 §3.2.3 and §6.2.3: "http://h:/" is "http://h/", as "Host: h:"
+    # is host h; llhttp refuses the empty port, nginx accepts it.
+    head = parse_head(b"GET " + target + b" HTTP/1.1\r\nHost: other\r\n\r\n")
+    assert (head.host, head.port, head.target) == (host, b"", path)
+    assert head.values(b"host") == [host]
+
+
+@pytest.mark.parametrize("target", [b"http://:/a", b"http://h::/a", b"http://h:x/a"])
+def test_absolute_form_with_a_bad_authority_is_400(target: bytes) -> None:
+    with pytest.raises(ProtocolError) as info:
+        parse_head(b"GET " + target + b" HTTP/1.1\r\nHost: other\r\n\r\n")
+    assert info.value.status_hint == 400
+    assert target.decode() in str(info.value)  # the request's own spelling
+
+
 def test_host_percent_encoding_must_be_well_formed() -> None:
     assert split_host(b"a%2Db") == (b"a%2db", b"")
     for bad in (b"a%zz", b"a%2", b"%"):

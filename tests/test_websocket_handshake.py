@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import email.utils
+import time
 
 import httptools
 import pytest
@@ -201,6 +203,16 @@ def test_error_response_for_400_has_no_upgrade_headers() -> None:
     assert b"Sec-WebSocket-Version" not in head
     assert b"Connection: close" in head.split(b"\r\n")
     assert body == b"missing Host header\n"
+
+
+@pytest.mark.parametrize("status", [400, 426])
+def test_error_response_carries_a_date(status: int) -> None:
+    # RFC 9110 §6.6.1: an origin server with a clock MUST send Date in a 4xx.
+    head = error_response(ProtocolError("no", status_hint=status)).partition(b"\r\n\r\n")[0]
+    dates = [line for line in head.split(b"\r\n") if line.startswith(b"Date: ")]
+    assert len(dates) == 1
+    sent = email.utils.parsedate_to_datetime(dates[0][6:].decode())
+    assert abs(sent.timestamp() - time.time()) < 5
 
 
 def test_wants_websocket() -> None:

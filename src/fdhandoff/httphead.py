@@ -27,14 +27,20 @@ Every error is a :class:`~fdhandoff.errors.ProtocolError` whose
 505    HTTP/0.9, 2 and higher; HTTP/1.0 unless the caller accepts it
 =====  ==========================================================
 
+It also holds the two pieces every role's own responses share: the ``Date``
+value and the reason phrases.
+
 Bytes in, values out: no sockets, no asyncio.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
+from email.utils import formatdate
 from enum import Enum
+from http import HTTPStatus
 from typing import Final, NamedTuple
 
 import httptools
@@ -58,12 +64,44 @@ __all__ = [
     "chunk_size",
     "empty_lines_end",
     "find_head_end",
+    "http_date",
     "incomplete_head_error",
     "is_token",
     "parse_head",
     "parse_response_head",
+    "reason_phrase",
     "split_host",
 ]
+
+# --- what every role's own responses carry --------------------------------------------
+
+_date: tuple[int, bytes] = (0, b"")
+
+
+def http_date() -> bytes:
+    """The current time as an IMF-fixdate (RFC 9110 §5.6.7), formatted once a second.
+
+    RFC 9110 §6.6.1: an origin server with a clock MUST send ``Date`` in its
+    2xx, 3xx and 4xx responses, and a recipient that forwards a response
+    without one MUST add it: every answer the front, the receiver or an
+    upgrade refusal writes itself carries this value.
+    """
+    global _date  # noqa: PLW0603 - a one-entry cache shared by all responses
+    now = int(time.time())
+    if _date[0] != now:
+        _date = (now, formatdate(now, usegmt=True).encode("ascii"))
+    return _date[1]
+
+
+#: Reason phrases by code: HTTPStatus(code) builds an enum member per call.
+_REASONS: Final = {int(status): status.phrase.encode("ascii") for status in HTTPStatus}
+
+
+def reason_phrase(status: int) -> bytes:
+    """The standard reason phrase of ``status``, empty for a code without one
+    (RFC 9112 §4: the reason-phrase is optional, its SP is not)."""
+    return _REASONS.get(status, b"")
+
 
 # --- limits (docs/security.md, "Front") ----------------------------------------
 
@@ -547,8 +585,17 @@ def _check_transfer_coding(headers: list[tuple[bytes, bytes]], version: bytes) -
 def _absolute_form(target: bytes) -> tuple[bytes, bytes, bytes, bytes]:
     # RFC 9112 §3.2.2: a server MUST accept absolute-form; its authority
     # replaces the Host header.
+    start = target.index(b"//") + 2
+    stops = [i for i in (target.find(b"/", start), target.find(b"?", start)) if i >= 0]
+    end = min(stops, default=len(target))
+    url_text = target
+    if target[end - 1 : end] == b":" and end > start:
+        # RFC 3986 §3.2.3: the port may be empty, and "http://h:/" is
+        # "http://h/" (§6.2.3), as it is for "Host: h:" and for nginx;
+        # llhttp refuses the empty port.
+        url_text = target[: end - 1] + target[end:]
     try:
-        url = httptools.parse_url(target)
+        url = httptools.parse_url(url_text)
     except httptools.HttpParserInvalidURLError:
         raise ProtocolError(f"malformed absolute-form request-target {target[:64]!r}") from None
     if not url.host or url.userinfo:

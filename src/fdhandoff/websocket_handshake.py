@@ -22,10 +22,10 @@ import binascii
 import hashlib
 import re
 from collections.abc import Iterable
-from http import HTTPStatus
 from typing import Final
 
 from .errors import ProtocolError
+from .httphead import http_date, reason_phrase
 
 __all__ = [
     "GUID",
@@ -252,17 +252,11 @@ def error_headers(status: int) -> list[tuple[bytes, bytes]]:
     return []
 
 
-def _reason_phrase(status: int) -> bytes:
-    try:
-        return HTTPStatus(status).phrase.encode("ascii")
-    except ValueError:
-        return b"Error"
-
-
 def error_response(error: ProtocolError) -> bytes:
     """A complete plain-text HTTP/1.1 error response for a failed upgrade.
 
-    Status from ``error.status_hint``, the message as the body, the headers of
+    Status from ``error.status_hint``, the message as the body, a ``Date``
+    (RFC 9110 §6.6.1: a 4xx from an origin with a clock), the headers of
     :func:`error_headers`, and ``Connection: close`` (plus ``upgrade`` when an
     ``Upgrade`` header is sent, as RFC 9110 §7.8 requires).
     """
@@ -271,7 +265,8 @@ def error_response(error: ProtocolError) -> bytes:
     extra = error_headers(status)
     connection = b"upgrade, close" if extra else b"close"
     lines = [
-        b"HTTP/1.1 %d %s" % (status, _reason_phrase(status)),
+        b"HTTP/1.1 %d %s" % (status, reason_phrase(status)),
+        b"Date: " + http_date(),
         b"Content-Type: text/plain; charset=utf-8",
         b"Content-Length: %d" % len(body),
         b"Connection: " + connection,

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from .. import aio
 from ..errors import ProtocolError
-from ..httphead import ChunkedReader, RequestHead, ResponseHead, parse_response_head
+from ..httphead import ChunkedReader, RequestHead, ResponseHead, http_date, parse_response_head
 from ..message import MAX_PAYLOAD_SIZE, encode_payload
 from .config import Address, HandoffFormat, RouteConfig
 from .describe import Endpoint, describe
@@ -242,9 +242,16 @@ def _dropped_fields(response: ResponseHead) -> frozenset[bytes]:
 
 
 def _relayed_head(response: ResponseHead, drop: frozenset[bytes]) -> list[bytes]:
-    """The status line and the fields of ``response`` not in ``drop``."""
+    """The status line and the fields of ``response`` not in ``drop``.
+
+    A final response without ``Date`` gets one: RFC 9110 §6.6.1, a recipient
+    with a clock that forwards a response lacking it MUST add it (nginx puts
+    its own on every response it relays).  An interim one is left as it is.
+    """
     lines = [b"HTTP/1.1 %d %s" % (response.status, response.reason)]
     lines += [name + b": " + value for name, value in response.headers if name.lower() not in drop]
+    if response.status >= 200 and not response.values(b"date"):
+        lines.append(b"Date: " + http_date())
     return lines
 
 

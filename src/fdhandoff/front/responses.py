@@ -9,35 +9,15 @@ problem, so a person with curl sees why.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
-from email.utils import formatdate
-from functools import lru_cache
-from http import HTTPStatus
 from typing import Final
 
-__all__ = ["error_response", "http_date", "reason_phrase"]
+from ..httphead import http_date, reason_phrase
+
+__all__ = ["error_response"]
 
 #: Longest problem text echoed in a body; the text may quote client input.
 MAX_TEXT: Final = 512
-
-
-@lru_cache(maxsize=64)
-def reason_phrase(status: int) -> bytes:
-    try:
-        return HTTPStatus(status).phrase.encode("ascii")
-    except ValueError:
-        return b"Error"
-
-
-@lru_cache(maxsize=2)
-def _date_at(second: int) -> bytes:
-    return formatdate(second, usegmt=True).encode("ascii")
-
-
-def http_date() -> bytes:
-    """The current time as an IMF-fixdate (RFC 9110 §5.6.7), formatted once a second."""
-    return _date_at(int(time.time()))
 
 
 def error_response(

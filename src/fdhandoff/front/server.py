@@ -47,6 +47,7 @@ from ..httphead import (
     empty_lines_end,
     incomplete_head_error,
     parse_head,
+    reason_phrase,
 )
 from ..metrics import Metrics, parse_address, serve_metrics
 from ..routing import Router, normalize_path
@@ -62,7 +63,7 @@ from .listeners import (
     peer_endpoint,
     server_endpoint,
 )
-from .responses import error_response, reason_phrase
+from .responses import error_response
 
 __all__ = ["Front", "Request"]
 

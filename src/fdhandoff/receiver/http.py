@@ -9,11 +9,10 @@ from application data would let it forge headers or a second response.
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Iterable
-from email.utils import formatdate
-from http import HTTPStatus
 from typing import Final
+
+from ..httphead import http_date, reason_phrase
 
 __all__ = [
     "CONTINUE",
@@ -41,25 +40,10 @@ _TOKEN: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 # field-value: no CR, LF or NUL (RFC 9110 section 5.5).
 _BAD_VALUE: Final = re.compile(rb"[\r\n\x00]")
 
-_date_cache: tuple[int, bytes] = (0, b"")
-
-
-#: Reason phrases by code: HTTPStatus(code) builds an enum member per call.
-_REASONS: Final = {int(status): status.phrase for status in HTTPStatus}
-
 
 def reason(status: int) -> str:
     """The standard reason phrase, or an empty one for unknown codes."""
-    return _REASONS.get(status, "")
-
-
-def http_date() -> bytes:
-    """The ``Date`` value (RFC 9110 section 6.6.1), computed once per second."""
-    global _date_cache  # noqa: PLW0603 - a one-entry cache shared by all responses
-    now = int(time.time())
-    if _date_cache[0] != now:
-        _date_cache = (now, formatdate(now, usegmt=True).encode())
-    return _date_cache[1]
+    return reason_phrase(status).decode("ascii")
 
 
 def _as_bytes(value: str | bytes) -> bytes:
@@ -155,7 +139,7 @@ _FIRST_LINES: dict[tuple[int, str, bool], bytes] = {}
 def _first_line(status: int, version: str, cgi: bool) -> bytes:
     if not 100 <= status <= 999:
         raise ValueError(f"invalid HTTP status {status}")
-    phrase = reason(status).encode()
+    phrase = reason_phrase(status)
     if cgi:
         first = b"Status: %d %s\r\n" % (status, phrase)
     else:
