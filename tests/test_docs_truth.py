@@ -71,6 +71,9 @@ def _front_keys() -> dict[str, str | None]:
             keys[f"route[].{name}"] = _shown(default.value)
         elif name == "host":
             keys[f"route[].{name}"] = "none"
+        elif name == "subprotocols":
+            assert default == ()
+            keys[f"route[].{name}"] = "[]"  # the TOML spelling of the empty tuple
         else:
             keys[f"route[].{name}"] = None  # required (in some mode)
     for section, instance in (

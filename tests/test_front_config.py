@@ -128,6 +128,38 @@ def test_every_problem_is_reported_with_key_path_value_and_why() -> None:
     assert "routes = []: unknown key (did you mean 'route'?)" in text
 
 
+def test_websocket_subprotocols() -> None:
+    route = {"prefix": "/ws", "mode": "websocket", "backend": "unix:/x"}
+    listen = [{"address": "127.0.0.1:0"}]
+    config = build_config(
+        {
+            "listen": listen,
+            "route": [{**route, "subprotocols": ["graphql-transport-ws", "v12.stomp"]}],
+        }
+    )
+    assert config.routes[0].subprotocols == (b"graphql-transport-ws", b"v12.stomp")
+    assert build_config({"listen": listen, "route": [route]}).routes[0].subprotocols == ()
+    text = "\n".join(
+        errors_of(
+            {
+                "listen": listen,
+                "route": [
+                    {**route, "subprotocols": "chat"},
+                    {**route, "subprotocols": ["chat", "a b"]},
+                    {**route, "subprotocols": ["chat", "chat"]},
+                    {**route, "subprotocols": ["", "x"]},
+                    {"prefix": "/p", "backend": "unix:/x", "subprotocols": ["chat"]},
+                ],
+            }
+        )
+    )
+    assert "route[0].subprotocols = 'chat': must be a list of strings" in text
+    assert "route[1].subprotocols = 'a b': a subprotocol is a token (RFC 6455 §4.1)" in text
+    assert "route[2].subprotocols = ['chat', 'chat']: lists a subprotocol twice" in text
+    assert "route[3].subprotocols = '': a subprotocol is a token" in text
+    assert "route[4].subprotocols = ['chat']: only used in websocket mode, not pass" in text
+
+
 def test_mode_specific_keys() -> None:
     text = "\n".join(
         errors_of(

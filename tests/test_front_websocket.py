@@ -18,7 +18,9 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.sync.client import connect
+from websockets.typing import Subprotocol
 
+from cdp import chromium_path, launch
 from handoff_receiver import (
     IO_TIMEOUT,
     FrontProcess,
@@ -95,6 +97,88 @@ def test_websockets_client_through_the_front(
     assert handoff.body == b"hello|again"
     front.wait_for(r'"GET /ws/chat\?room=1" route=/ws 101 handed-off')
     assert front.settled_fd_count(baseline) == baseline
+
+
+SUBPROTOCOL_ROUTE = (
+    '[[route]]\nprefix = "/ws"\nmode = "websocket"\nbackend = "unix:{path}"\n'
+    'subprotocols = ["chat", "superchat"]\n'
+)
+
+
+@pytest.mark.parametrize(
+    ("offered", "chosen"),
+    [
+        (["superchat", "chat"], "superchat"),  # the client's order of preference
+        (["mqtt", "chat"], "chat"),
+        (["mqtt"], None),  # nothing in common: no protocol, the client decides
+        (None, None),  # nothing offered: none may be sent
+    ],
+)
+def test_the_front_agrees_a_subprotocol_of_the_route(
+    no_fd_leak: None,
+    receivers: Callable[..., TestReceiver],
+    fronts: Callable[..., FrontProcess],
+    offered: list[str] | None,
+    chosen: str | None,
+) -> None:
+    """RFC 6455 §4.2.2: the 101 names one of the client's offers that the
+    route's backend speaks, and the receiver learns which; a browser that
+    offered subprotocols fails a 101 without one."""
+    receiver = receivers(behaviour=ws_echo)
+    front = fronts(config=SUBPROTOCOL_ROUTE.format(path=receiver.path))
+    with connect(
+        f"ws://{front.addresses[0]}/ws",
+        proxy=None,
+        compression=None,
+        open_timeout=IO_TIMEOUT,
+        subprotocols=[Subprotocol(name) for name in offered] if offered else None,
+    ) as ws:
+        assert ws.subprotocol == chosen
+        ws.send("hi")
+        assert ws.recv(timeout=IO_TIMEOUT) == "echo:hi"
+    headers = receiver.next().headers
+    assert headers.get(b"HANDOFF_SUBPROTOCOL") == (chosen.encode() if chosen else None)
+
+
+def test_a_malformed_subprotocol_offer_is_400_where_the_route_lists_some(
+    no_fd_leak: None, receivers: Callable[..., TestReceiver], fronts: Callable[..., FrontProcess]
+) -> None:
+    receiver = receivers(behaviour=ws_echo)
+    front = fronts(config=SUBPROTOCOL_ROUTE.format(path=receiver.path))
+    request = upgrade_request().replace(
+        b"\r\n\r\n", b"\r\nSec-WebSocket-Protocol: chat, a/b\r\n\r\n"
+    )
+    status, _, body = http_exchange(front, request)
+    assert status == 400
+    assert "Sec-WebSocket-Protocol element b'a/b' is not a token" in body.decode()
+    assert receiver.handoffs.empty()
+
+
+def test_browser_gets_the_subprotocol_it_asked_for(
+    require_tool: Callable[[str], str],
+    receivers: Callable[..., TestReceiver],
+    fronts: Callable[..., FrontProcess],
+) -> None:
+    """Chromium fails a connection whose 101 names no subprotocol when it
+    offered some (close code 1006 before the open event)."""
+    require_tool("chromium")
+    executable = chromium_path()
+    assert executable is not None
+    receiver = receivers(behaviour=ws_echo)
+    front = fronts(config=SUBPROTOCOL_ROUTE.format(path=receiver.path))
+    url = f"ws://{front.addresses[0]}/ws"
+    with launch(executable) as browser:
+        page = browser.open("about:blank")
+        page.evaluate(
+            "window.result = null; (() => {"
+            f" const ws = new WebSocket({url!r}, ['graphql-ws', 'chat']);"
+            " ws.onopen = () => ws.send('from chromium');"
+            " ws.onmessage = (e) => { window.result = ws.protocol + ' ' + e.data; ws.close(); };"
+            " ws.onclose = (e) => { window.result = window.result || 'closed ' + e.code; };"
+            "})()"
+        )
+        assert page.wait_for("window.result") == "chat echo:from chromium"
+    assert receiver.next().headers[b"HANDOFF_SUBPROTOCOL"] == b"chat"
 
 
 def test_frames_sent_with_the_upgrade_request_reach_the_receiver(

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from websockets.sync.client import connect
+from websockets.typing import Subprotocol
 
 from handoff_receiver import FrontProcess, running_front
 from test_receiver_asgi_support import IO_TIMEOUT, ASGIReceiver, ResponseReader
@@ -264,19 +265,27 @@ def test_starlette_websockets_through_the_front(tmp_path: Path) -> None:
                 assert alice.recv(IO_TIMEOUT) == "a2"
 
 
-def test_websocket_upgraded_by_the_front(tmp_path: Path) -> None:
-    """The front's websocket mode sends the 101 itself (HANDOFF_UPGRADED)."""
+@pytest.mark.parametrize("listed", [True, False])
+def test_websocket_upgraded_by_the_front(tmp_path: Path, listed: bool) -> None:
+    """The front's websocket mode sends the 101 itself (HANDOFF_UPGRADED),
+    with the subprotocol the route lists and the app then accepts; one the
+    route does not list cannot reach the client, and the receiver says so."""
 
     with serve("examples.starlette_app:app", tmp_path) as receiver:
         config = tmp_path / "front.toml"
         config.write_text(
             f'[[route]]\nprefix = "/ws/"\nmode = "websocket"\nbackend = "unix:{receiver.path}"\n'
+            + ('subprotocols = ["echo"]\n' if listed else "")
         )
         with running_front(["--listen", "127.0.0.1:0", "--config", str(config)]) as front:
             ws_url = front.url.replace("http://", "ws://")
-            with connect(ws_url + "/ws/echo", proxy=None) as ws:
+            offered = [Subprotocol("echo")]
+            with connect(ws_url + "/ws/echo", proxy=None, subprotocols=offered) as ws:
+                assert ws.subprotocol == ("echo" if listed else None)
                 ws.send("via the front's 101")
                 assert ws.recv(IO_TIMEOUT) == "via the front's 101"
+        warned = "the app's 'echo' cannot be sent any more" in receiver.output()
+        assert warned is not listed
 
 
 # --- FastAPI -----------------------------------------------------------------------------------

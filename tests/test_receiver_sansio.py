@@ -94,6 +94,15 @@ def test_front_fields() -> None:
     assert info.headers == [("content-type", "text/plain")]
 
 
+def test_subprotocol_agreed_by_the_front() -> None:
+    base = [(b"CONTENT_LENGTH", b"0"), (b"REQUEST_METHOD", b"GET"), (b"REQUEST_URI", b"/ws")]
+    upgraded = (b"HANDOFF_UPGRADED", b"websocket")
+    chosen = (b"HANDOFF_SUBPROTOCOL", b"graphql-transport-ws")
+    assert _scgi([*base, upgraded, chosen]).subprotocol == "graphql-transport-ws"
+    assert _scgi([*base, upgraded]).subprotocol is None  # the front chose none
+    assert _scgi([*base, chosen]).subprotocol is None  # no 101 was sent: nothing agreed
+
+
 def test_plain_scgi_content_headers_and_cgi_fallbacks() -> None:
     info = _scgi(
         [

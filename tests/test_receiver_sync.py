@@ -20,6 +20,7 @@ from fdhandoff.receiver.listeners import Bind
 from fdhandoff.receiver.sync import Channel, ConnectionClosed, Handoff, WebSocket
 from fdhandoff.receiver.sync import engine as sync_engine
 from fdhandoff.websocket import Opcode, encode_frame
+from handoff_receiver import read_exactly
 from test_receiver_support import (
     MiniFront,
     SyncReceiverThread,
@@ -155,6 +156,30 @@ def test_websocket_echo_and_bad_frame(tmp_path: Path, no_fd_leak: None) -> None:
         client_sock.close()
         assert rest[:1] == b"\x88"
         assert int.from_bytes(rest[2:4], "big") == 1009
+
+
+def test_sync_websocket_reports_the_subprotocol_the_front_agreed(
+    tmp_path: Path, no_fd_leak: None
+) -> None:
+    seen: list[str | None] = []
+
+    def handler(handoff: Handoff) -> None:
+        ws = handoff.websocket(subprotocol="other")  # too late: the 101 said chat.v1
+        seen.append(ws.subprotocol)
+        ws.send(ws.subprotocol or "")
+        ws.close()
+
+    path = str(tmp_path / "r.sock")
+    with SyncReceiverThread(handler, [Bind(path)]):
+        client_sock, server_side = tcp_pair()
+        headers = front_headers(
+            "GET", "/", HANDOFF_UPGRADED="websocket", HANDOFF_SUBPROTOCOL="chat.v1"
+        )
+        send_scgi(path, headers, server_side)
+        first = read_exactly(client_sock, 9)
+        client_sock.close()
+    assert first == b"\x81\x07chat.v1"
+    assert seen == ["chat.v1"]
 
 
 @pytest.mark.parametrize("failure", ["raises", "answers nothing"])

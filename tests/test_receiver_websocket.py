@@ -22,6 +22,7 @@ from fdhandoff.receiver import Channel, Handoff, Options, WebSocket
 from fdhandoff.receiver import ws as ws_module
 from fdhandoff.receiver.listeners import Bind
 from fdhandoff.websocket import Opcode, accept_key, encode_frame
+from handoff_receiver import read_exactly
 from test_receiver_support import (
     MarkerSender,
     MiniFront,
@@ -91,6 +92,45 @@ def test_subprotocol_is_negotiated(tmp_path: Path, no_fd_leak: None) -> None:
             assert client.subprotocol == "chat.v1"
             client.send("x")
             assert client.recv(timeout=10) == "x"
+
+
+@pytest.mark.parametrize(
+    ("agreed", "wanted", "warned"),
+    [("chat.v1", "chat.v1", False), ("chat.v1", None, False), (None, "chat.v1", True)],
+)
+def test_subprotocol_agreed_by_the_front_is_the_one_in_force(
+    tmp_path: Path,
+    no_fd_leak: None,
+    caplog: pytest.LogCaptureFixture,
+    agreed: str | None,
+    wanted: str | None,
+    warned: bool,
+) -> None:
+    """After the front's 101 (HANDOFF_SUBPROTOCOL) the client knows one
+    subprotocol: the WebSocket reports that one, and a handler asking for
+    another is told it cannot be sent."""
+    path = str(tmp_path / "r.sock")
+    seen: list[str | None] = []
+
+    async def handler(handoff: Handoff) -> None:
+        ws = await handoff.websocket(subprotocol=wanted)
+        seen.append(ws.subprotocol)
+        ws.close()
+
+    extra = {"HANDOFF_UPGRADED": "websocket"}
+    if agreed is not None:
+        extra["HANDOFF_SUBPROTOCOL"] = agreed
+    with ReceiverThread(handler, [Bind(path)]), caplog.at_level(logging.WARNING):
+        client, server_side = tcp_pair()
+        send_scgi(path, front_headers("GET", "/", **extra), server_side)
+        # The client answers the handler's close frame, as RFC 6455 §5.5.1 asks.
+        closing = read_exactly(client, 4)
+        client.sendall(encode_frame(Opcode.CLOSE, closing[2:], mask=b"abcd"))
+        read_to_fin(client)
+        client.close()
+    assert closing[:2] == b"\x88\x02"  # the handler's close frame, nothing before it
+    assert seen == [agreed]
+    assert ("cannot be sent any more" in caplog.text) is warned
 
 
 class Chat:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from ..errors import ConfigError
-from ..httphead import MAX_HEAD_SIZE, MAX_HEADERS, MAX_URI_LENGTH, HeadLimits
+from ..httphead import MAX_HEAD_SIZE, MAX_HEADERS, MAX_URI_LENGTH, HeadLimits, is_token
 from ..metrics import parse_address as parse_metrics_address
 
 __all__ = [
@@ -95,6 +95,9 @@ class RouteConfig:
     #: auth: X-Socket-Handoff paths must resolve (symlinks included) inside it.
     allowed_prefix: str = ""
     handoff_format: HandoffFormat = HandoffFormat.APACHE
+    #: websocket: the subprotocols the backend speaks (RFC 6455 §1.9); the
+    #: front answers the client's first offer among them in its ``101``.
+    subprotocols: tuple[bytes, ...] = ()
 
 
 #: Channels (persistent UNIX connections, docs/protocol.md) kept open to each
@@ -319,6 +322,7 @@ _ROUTE_KEYS: Final = [
     "host",
     "mode",
     "prefix",
+    "subprotocols",
     "upstream",
 ]
 _LOG_LEVELS: Final = ["debug", "info", "warning", "error"]
@@ -376,6 +380,13 @@ def _route(table: Mapping[str, Any], path: str, errors: _Errors) -> RouteConfig 
     backend = _string(table, "backend", path, errors) or ""
     upstream_text = _string(table, "upstream", path, errors)
     allowed = _string(table, "allowed_prefix", path, errors) or ""
+    subprotocols = _subprotocols(table, path, errors)
+    if subprotocols and mode is not Mode.WEBSOCKET:
+        errors.add(
+            f"{path}.subprotocols",
+            table["subprotocols"],
+            f"only used in websocket mode, not {mode.value}",
+        )
     upstream: Address | None = None
     if mode is Mode.AUTH:
         for key in ("backend",):
@@ -408,7 +419,26 @@ def _route(table: Mapping[str, Any], path: str, errors: _Errors) -> RouteConfig 
                 errors.add(f"{path}.backend", backend, str(exc))
     if len(errors.lines) > before or prefix is None:
         return None
-    return RouteConfig(prefix, mode, host, backend, upstream, allowed, fmt)
+    return RouteConfig(prefix, mode, host, backend, upstream, allowed, fmt, subprotocols)
+
+
+def _subprotocols(table: Mapping[str, Any], path: str, errors: _Errors) -> tuple[bytes, ...]:
+    """``subprotocols``: distinct tokens (RFC 6455 §4.1: the values a client offers)."""
+    value = table.get("subprotocols", [])
+    where = f"{path}.subprotocols"
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        errors.add(where, value, 'must be a list of strings, e.g. ["graphql-transport-ws"]')
+        return ()
+    for item in value:
+        if not (item.isascii() and is_token(item.encode("ascii"))):
+            errors.add(
+                where, item, "a subprotocol is a token (RFC 6455 §4.1): no spaces or separators"
+            )
+            return ()
+    if len(set(value)) != len(value):
+        errors.add(where, value, "lists a subprotocol twice")
+        return ()
+    return tuple(item.encode("ascii") for item in value)
 
 
 def _limits(table: Mapping[str, Any], errors: _Errors) -> Limits:

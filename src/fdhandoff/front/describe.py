@@ -108,6 +108,7 @@ def describe(
     route: bytes,
     https: bool = False,
     upgraded: bytes | None = None,
+    subprotocol: bytes | None = None,
     handoff_data: bytes | None = None,
     already_read: bytes = b"",
     channel: bool = False,
@@ -147,6 +148,8 @@ def describe(
     ]
     if upgraded is not None:
         parts += (b"HANDOFF_UPGRADED", upgraded)
+    if subprotocol is not None:
+        parts += (b"HANDOFF_SUBPROTOCOL", subprotocol)
     if handoff_data is not None:
         parts += (b"HANDOFF_DATA", handoff_data)
     if channel:

@@ -584,6 +584,7 @@ class Front:
     ) -> None:
         try:
             key = websocket.check_upgrade(head.method, head.version, head.headers)
+            subprotocol = _subprotocol(head, route.subprotocols)
         except ProtocolError as exc:
             self.log_request(req, f'{exc.status_hint} "{exc}"')
             self.send_and_linger(sock, websocket.error_response(exc))
@@ -594,6 +595,7 @@ class Front:
             server=server,
             route=self._prefix_bytes[route.prefix],
             upgraded=b"websocket",
+            subprotocol=subprotocol,
             channel=self._channels,
         )
         if dropped:
@@ -603,7 +605,7 @@ class Front:
         link = self._link(route.backend, sock, req)
         if link is None:
             return
-        response = websocket.handshake_response(key)
+        response = websocket.handshake_response(key, subprotocol=subprotocol)
         try:
             sent = sock.send(response, _NOWAIT)
         except OSError:
@@ -766,6 +768,23 @@ class Front:
             req.client,
             names,
         )
+
+
+def _subprotocol(head: RequestHead, supported: tuple[bytes, ...]) -> bytes | None:
+    """The client's first offer the route's backend speaks, or None (RFC 6455 §4.2.2).
+
+    The client lists its offers in order of preference (§4.1 item 10).  A
+    client that offered some must get one back: browsers fail the connection
+    otherwise.  With no match the upgrade still goes on without one, as the
+    RFC allows; the client then decides.  Offers are only read (400 when not
+    tokens) for a route that lists ``subprotocols``.
+    """
+    if not supported:
+        return None
+    for offer in websocket.parse_subprotocols(head.headers):
+        if offer in supported:
+            return offer
+    return None
 
 
 def _outcome_label(outcome: str) -> str:

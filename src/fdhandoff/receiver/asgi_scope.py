@@ -52,6 +52,7 @@ class Request:
     repeated names stay repeated (nginx ``fd_pass`` sends one ``HTTP_*`` per
     header line).  ``upgraded``: the WebSocket handshake was already answered
     by the sender (fdhandoff front ``HANDOFF_UPGRADED``, OpenResty ``X``).
+    ``subprotocol``: the one the fdhandoff front agreed in that answer.
     ``head_sent``: Apache ``mod_proxy_fdpass`` already sent the response head.
     ``described``: the request came from the client (a parsed head, SCGI),
     not made up for a payload-only handoff.
@@ -65,6 +66,7 @@ class Request:
     upgraded: bool = False
     head_sent: bool = False
     described: bool = True
+    subprotocol: str | None = None
 
     @property
     def is_websocket(self) -> bool:
@@ -110,6 +112,7 @@ def request_from_handoff(info: HandoffInfo) -> Request:
             info.raw_headers,
             info.http_version,
             upgraded=info.upgraded,
+            subprotocol=info.subprotocol,
         )
     # PAYLOAD and BYTE handoffs describe no request: the sender (Apache,
     # OpenResty) consumed it.  The app sees GET / and the payload.

@@ -295,7 +295,17 @@ class WebSocketCycle:
 
     async def _accept(self, subprotocol: str | None, headers: list[Any]) -> None:
         if self.key is None:
-            if subprotocol is not None or headers:
+            request = self.request
+            if request.described and subprotocol not in (None, request.subprotocol):
+                # The fdhandoff front answered with the route's subprotocol.
+                log.warning(
+                    "%s: the front answered the upgrade with subprotocol %r, the app's %r "
+                    "cannot be sent any more (list it in the route's subprotocols)",
+                    self._describe(),
+                    request.subprotocol,
+                    subprotocol,
+                )
+            if headers or (subprotocol is not None and not request.described):
                 log.warning(
                     "%s: the handshake was done by the sender: the subprotocol %r and "
                     "%d header(s) the app chose cannot be sent any more",

@@ -102,6 +102,7 @@ class HandoffInfo:
         "record",
         "route",
         "server",
+        "subprotocol",
         "tls",
         "upgraded",
     )
@@ -124,6 +125,9 @@ class HandoffInfo:
         self.server: tuple[str, int] | None = None
         self.tls = False
         self.upgraded = record.marker == MARKER_UPGRADED
+        #: The WebSocket subprotocol the sender agreed in the ``101`` it sent
+        #: (fdhandoff front ``HANDOFF_SUBPROTOCOL``), None when it chose none.
+        self.subprotocol: str | None = None
         self.route: str | None = None
         #: nginx fd_pass with kTLS TX only (KTLS_RX=0): decrypted client bytes
         #: keep arriving on the UNIX connection (peers.md section 1).
@@ -167,6 +171,9 @@ class HandoffInfo:
         )
         self.tls = env.get(b"HTTPS") in _ON_VALUES or env.get(b"REQUEST_SCHEME") == b"https"
         self.upgraded = env.get(b"HANDOFF_UPGRADED") == b"websocket"
+        if self.upgraded:
+            chosen = env.get(b"HANDOFF_SUBPROTOCOL")
+            self.subprotocol = chosen.decode("latin-1") if chosen else None
         route = env.get(b"HANDOFF_ROUTE")
         self.route = route.decode("utf-8", "replace") if route is not None else None
         self.payload = env.get(b"HANDOFF_DATA", b"")

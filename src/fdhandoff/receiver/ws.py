@@ -394,6 +394,28 @@ def choose_subprotocol(handoff: HandoffInfo, subprotocol: str | None) -> bytes |
     return chosen
 
 
+def agreed_subprotocol(handoff: HandoffInfo, wanted: str | None) -> str | None:
+    """The subprotocol of a connection whose ``101`` the sender already wrote.
+
+    The fdhandoff front says which one it agreed with the client
+    (``HANDOFF_SUBPROTOCOL``, from the route's ``subprotocols``): that one is
+    in force whatever the handler asks for, and a different choice only gets a
+    warning, since the client cannot be told any more.  A marker handoff
+    (OpenResty's ``X``) says nothing: the handler's choice is taken on trust.
+    """
+    if handoff.format is not Format.SCGI:
+        return wanted
+    if wanted is not None and wanted != handoff.subprotocol:
+        log.warning(
+            "%s: the front answered the upgrade with subprotocol %r, the handler's %r "
+            "cannot be sent any more (list it in the route's subprotocols)",
+            handoff.describe(),
+            handoff.subprotocol,
+            wanted,
+        )
+    return handoff.subprotocol
+
+
 def header_bytes(headers: HeaderInput) -> Iterable[tuple[bytes, bytes]]:
     for name, value in headers:
         yield (
@@ -453,7 +475,9 @@ async def accept(
     receiver: Receiver = handoff.receiver
     limit = receiver.options.max_ws_message_size if max_message_size is None else max_message_size
     codec = websocket.WebSocket(max_message_size=limit)
-    if not handoff.upgraded:
+    if handoff.upgraded:
+        subprotocol = agreed_subprotocol(handoff, subprotocol)
+    else:
         await _handshake(handoff, subprotocol, headers, key)
     handoff.status = 101
     ws = WebSocket(handoff, codec, subprotocol)

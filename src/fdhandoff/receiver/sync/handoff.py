@@ -15,7 +15,7 @@ from ..answer import COALESCE, HandoffBase, Phase, check_body_size
 from ..body import END, NEED_DATA
 from ..http import HeaderInput
 from ..stream import ConnectionClosed
-from ..ws import choose_subprotocol, header_bytes
+from ..ws import agreed_subprotocol, choose_subprotocol, header_bytes
 from .streams import SSEStream, WebSocket
 
 if TYPE_CHECKING:
@@ -99,7 +99,9 @@ class Handoff(HandoffBase):
         options = self.receiver.options
         limit = options.max_ws_message_size if max_message_size is None else max_message_size
         codec = websocket.WebSocket(max_message_size=limit)
-        if not self.upgraded:
+        if self.upgraded:
+            subprotocol = agreed_subprotocol(self, subprotocol)
+        else:
             self._handshake(subprotocol, headers, key)
         self.status = 101
         ws = WebSocket(self, codec, subprotocol)
