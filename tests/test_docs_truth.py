@@ -71,7 +71,7 @@ def _front_keys() -> dict[str, str | None]:
             keys[f"route[].{name}"] = _shown(default.value)
         elif name == "host":
             keys[f"route[].{name}"] = "none"
-        elif name == "subprotocols":
+        elif name in ("subprotocols", "allowed_origins"):
             assert default == ()
             keys[f"route[].{name}"] = "[]"  # the TOML spelling of the empty tuple
         else:

@@ -160,6 +160,35 @@ def test_websocket_subprotocols() -> None:
     assert "route[4].subprotocols = ['chat']: only used in websocket mode, not pass" in text
 
 
+def test_websocket_allowed_origins() -> None:
+    route = {"prefix": "/ws", "mode": "websocket", "backend": "unix:/x"}
+    listen = [{"address": "127.0.0.1:0"}]
+    origins = ["https://App.Example.com", "http://127.0.0.1:8080", "null"]
+    config = build_config({"listen": listen, "route": [{**route, "allowed_origins": origins}]})
+    assert config.routes[0].allowed_origins == (
+        b"https://app.example.com",
+        b"http://127.0.0.1:8080",
+        b"null",
+    )
+    text = "\n".join(
+        errors_of(
+            {
+                "listen": listen,
+                "route": [
+                    {**route, "allowed_origins": "https://a"},
+                    {**route, "allowed_origins": ["https://a/path"]},
+                    {**route, "allowed_origins": ["example.com"]},
+                    {"prefix": "/p", "backend": "unix:/x", "allowed_origins": ["https://a"]},
+                ],
+            }
+        )
+    )
+    assert "route[0].allowed_origins = 'https://a': must be a list of strings" in text
+    assert "route[1].allowed_origins = 'https://a/path': an origin is scheme://host[:port]" in text
+    assert "route[2].allowed_origins = 'example.com': an origin is" in text
+    assert "route[3].allowed_origins = ['https://a']: only used in websocket mode, not pass" in text
+
+
 def test_mode_specific_keys() -> None:
     text = "\n".join(
         errors_of(

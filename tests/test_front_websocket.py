@@ -154,6 +154,92 @@ def test_a_malformed_subprotocol_offer_is_400_where_the_route_lists_some(
     assert receiver.handoffs.empty()
 
 
+ORIGIN_ROUTE = (
+    '[[route]]\nprefix = "/ws"\nmode = "websocket"\nbackend = "unix:{path}"\n'
+    'allowed_origins = ["https://app.example.com", "http://127.0.0.1:8080"]\n'
+)
+
+
+@pytest.mark.parametrize(
+    ("origins", "status"),
+    [
+        ([b"https://app.example.com"], 101),
+        ([b"HTTPS://APP.EXAMPLE.COM"], 101),  # scheme and host are case-insensitive
+        ([], 101),  # not a browser page: nothing to check
+        ([b"https://evil.example"], 403),
+        ([b"https://app.example.com:8443"], 403),
+        ([b"null"], 403),
+        ([b"https://app.example.com", b"https://evil.example"], 403),  # RFC 6454 §7.3: one
+    ],
+)
+def test_allowed_origins_refuse_other_pages_with_403(
+    no_fd_leak: None,
+    receivers: Callable[..., TestReceiver],
+    fronts: Callable[..., FrontProcess],
+    origins: list[bytes],
+    status: int,
+) -> None:
+    """RFC 6455 §10.2: a server that serves only some origins answers others 403;
+    the front sends the 101 itself, so it is where a cross-site page is refused."""
+    receiver = receivers(behaviour=ws_echo)
+    front = fronts(config=ORIGIN_ROUTE.format(path=receiver.path))
+    baseline = front.fd_count()
+    lines = b"".join(b"Origin: %s\r\n" % origin for origin in origins)
+    request = upgrade_request().replace(b"\r\n\r\n", b"\r\n" + lines + b"\r\n")
+    if status == 101:
+        with front.connect() as sock:
+            sock.sendall(request + masked_text_frame(b"hi"))
+            sock.settimeout(IO_TIMEOUT)
+            data = b""
+            while b"echo:hi" not in data:
+                chunk = sock.recv(65536)
+                assert chunk, f"closed early: {data!r}"
+                data += chunk
+        assert data.startswith(b"HTTP/1.1 101 ")
+        assert receiver.next().body == b"hi"
+        return
+    got, headers, body = http_exchange(front, request)
+    assert (got, headers["connection"]) == (403, "close")
+    assert "may not open WebSockets on this route" in body.decode()
+    assert receiver.handoffs.empty()
+    front.wait_for(r'route=/ws 403 "Origin .* may not open WebSockets')
+    assert front.settled_fd_count(baseline) == baseline
+
+
+def test_browser_page_of_another_origin_is_refused(
+    require_tool: Callable[[str], str],
+    receivers: Callable[..., TestReceiver],
+    fronts: Callable[..., FrontProcess],
+) -> None:
+    """Chromium sends the page's origin (``null`` for about:blank): a route
+    that does not allow it answers 403 and the page never sees an open."""
+    require_tool("chromium")
+    executable = chromium_path()
+    assert executable is not None
+    receiver = receivers(behaviour=ws_echo)
+    front = fronts(
+        config=(
+            '[[route]]\nprefix = "/shut"\nmode = "websocket"\n'
+            f'backend = "unix:{receiver.path}"\nallowed_origins = ["https://app.example.com"]\n'
+            '[[route]]\nprefix = "/open"\nmode = "websocket"\n'
+            f'backend = "unix:{receiver.path}"\nallowed_origins = ["null"]\n'
+        )
+    )
+    base = f"ws://{front.addresses[0]}"
+    with launch(executable) as browser:
+        page = browser.open("about:blank")
+        page.evaluate(
+            "window.results = {}; for (const path of ['/shut', '/open']) {"
+            f" const ws = new WebSocket({base!r} + path);"
+            " ws.onopen = () => ws.send('hi');"
+            " ws.onmessage = (e) => { window.results[path] = e.data; ws.close(); };"
+            " ws.onclose = (e) => { window.results[path] ||= 'closed ' + e.code; }; }"
+        )
+        results = page.wait_for("Object.keys(window.results).length === 2 ? window.results : null")
+    assert results == {"/shut": "closed 1006", "/open": "echo:hi"}
+    front.wait_for(r'"GET /shut" route=/shut 403 "Origin \'null\' may not open WebSockets')
+
+
 def test_browser_gets_the_subprotocol_it_asked_for(
     require_tool: Callable[[str], str],
     receivers: Callable[..., TestReceiver],

@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -98,6 +99,8 @@ class RouteConfig:
     #: websocket: the subprotocols the backend speaks (RFC 6455 §1.9); the
     #: front answers the client's first offer among them in its ``101``.
     subprotocols: tuple[bytes, ...] = ()
+    #: websocket: the page origins allowed to connect (lower case); empty: any.
+    allowed_origins: tuple[bytes, ...] = ()
 
 
 #: Channels (persistent UNIX connections, docs/protocol.md) kept open to each
@@ -316,6 +319,7 @@ def _backend_path(text: str) -> str:
 _TOP_KEYS: Final = ["limits", "listen", "log", "metrics", "route", "timeouts"]
 _LISTEN_KEYS: Final = ["address", "backlog"]
 _ROUTE_KEYS: Final = [
+    "allowed_origins",
     "allowed_prefix",
     "backend",
     "handoff_format",
@@ -381,12 +385,12 @@ def _route(table: Mapping[str, Any], path: str, errors: _Errors) -> RouteConfig 
     upstream_text = _string(table, "upstream", path, errors)
     allowed = _string(table, "allowed_prefix", path, errors) or ""
     subprotocols = _subprotocols(table, path, errors)
-    if subprotocols and mode is not Mode.WEBSOCKET:
-        errors.add(
-            f"{path}.subprotocols",
-            table["subprotocols"],
-            f"only used in websocket mode, not {mode.value}",
-        )
+    origins = _origins(table, path, errors)
+    for key in ("subprotocols", "allowed_origins"):
+        if key in table and mode is not Mode.WEBSOCKET:
+            errors.add(
+                f"{path}.{key}", table[key], f"only used in websocket mode, not {mode.value}"
+            )
     upstream: Address | None = None
     if mode is Mode.AUTH:
         for key in ("backend",):
@@ -419,7 +423,28 @@ def _route(table: Mapping[str, Any], path: str, errors: _Errors) -> RouteConfig 
                 errors.add(f"{path}.backend", backend, str(exc))
     if len(errors.lines) > before or prefix is None:
         return None
-    return RouteConfig(prefix, mode, host, backend, upstream, allowed, fmt, subprotocols)
+    return RouteConfig(prefix, mode, host, backend, upstream, allowed, fmt, subprotocols, origins)
+
+
+#: An origin as browsers send it (RFC 6454 §6.2): scheme "://" host [":" port],
+#: no path; "null" for an opaque one (a sandboxed frame, a file: page).
+_ORIGIN: Final = re.compile(r"(https?://[a-z0-9.\-\[\]:]+|null)")
+
+
+def _origins(table: Mapping[str, Any], path: str, errors: _Errors) -> tuple[bytes, ...]:
+    """``allowed_origins``: serialized origins, compared lower-cased as browsers send them."""
+    value = table.get("allowed_origins", [])
+    where = f"{path}.allowed_origins"
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        errors.add(where, value, 'must be a list of strings, e.g. ["https://example.com"]')
+        return ()
+    for item in value:
+        if not _ORIGIN.fullmatch(item.lower()):
+            errors.add(
+                where, item, "an origin is scheme://host[:port] (http or https, no path) or null"
+            )
+            return ()
+    return tuple(item.lower().encode("ascii") for item in value)
 
 
 def _subprotocols(table: Mapping[str, Any], path: str, errors: _Errors) -> tuple[bytes, ...]:

@@ -584,6 +584,8 @@ class Front:
     ) -> None:
         try:
             key = websocket.check_upgrade(head.method, head.version, head.headers)
+            if route.allowed_origins:
+                _check_origin(head, route.allowed_origins)
             subprotocol = _subprotocol(head, route.subprotocols)
         except ProtocolError as exc:
             self.log_request(req, f'{exc.status_hint} "{exc}"')
@@ -767,6 +769,28 @@ class Front:
             "%s: dropped header(s) whose name is not letters, digits and '-': %s",
             req.client,
             names,
+        )
+
+
+def _check_origin(head: RequestHead, allowed: tuple[bytes, ...]) -> None:
+    """403 unless the page that opens the WebSocket is of an allowed origin.
+
+    RFC 6455 §10.2: browsers send ``Origin`` with every WebSocket handshake,
+    and a server that only serves some origins SHOULD answer others 403;
+    the front sends the 101 itself, so this is the last moment a page on
+    another site (cross-site WebSocket hijacking, which rides on the user's
+    cookies) can be refused with a status.  A request without ``Origin``
+    does not come from a browser page and is not refused here.
+    """
+    origins = head.values(b"origin")
+    if not origins:
+        return
+    origin = origins[0].strip(b" \t").lower()
+    if len(origins) > 1 or origin not in allowed:
+        shown = origin if len(origins) == 1 else b", ".join(origins)
+        raise ProtocolError(
+            f"Origin {shown[:200].decode('latin-1')!r} may not open WebSockets on this route",
+            status_hint=403,
         )
 
 
