@@ -791,13 +791,23 @@ def test_handoff_fields_in_relayed_trailers_never_reach_the_client(
     assert front.fd_count_within(baseline + 1) <= baseline + 1
 
 
-@pytest.mark.parametrize("app_date", [None, b"Sun, 06 Nov 1994 08:49:37 GMT"])
+@pytest.mark.parametrize(
+    ("app_date", "hop_by_hop"),
+    [(None, False), (b"Sun, 06 Nov 1994 08:49:37 GMT", False), (b"x", True)],
+)
 def test_relayed_response_has_exactly_one_date(
-    no_fd_leak: None, sockdir: Path, fronts: Callable[..., FrontProcess], app_date: bytes | None
+    no_fd_leak: None,
+    sockdir: Path,
+    fronts: Callable[..., FrontProcess],
+    app_date: bytes | None,
+    hop_by_hop: bool,
 ) -> None:
     """RFC 9110 §6.6.1: a response forwarded without Date gets the front's;
-    one that has a Date keeps it, alone.  An interim 103 is relayed as sent."""
+    one that has a Date keeps it, alone (unless its Connection names Date,
+    which makes it hop-by-hop and dropped).  An interim 103 is relayed as sent."""
     date_line = b"" if app_date is None else b"Date: " + app_date + b"\r\n"
+    if hop_by_hop:
+        date_line += b"Connection: Date\r\n"
 
     def answer(conn: socket.socket) -> None:
         conn.sendall(
@@ -821,7 +831,7 @@ def test_relayed_response_has_exactly_one_date(
     dates = [line[6:] for line in head.split(b"\r\n") if line.lower().startswith(b"date: ")]
     assert head.startswith(b"HTTP/1.1 401 ") and body == b"no"
     assert len(dates) == 1
-    if app_date is not None:
+    if app_date is not None and not hop_by_hop:
         assert dates[0] == app_date
     else:
         sent = email.utils.parsedate_to_datetime(dates[0].decode())

@@ -145,7 +145,7 @@ def test_websocket_subprotocols() -> None:
                 "listen": listen,
                 "route": [
                     {**route, "subprotocols": "chat"},
-                    {**route, "subprotocols": ["chat", "a b"]},
+                    {**route, "subprotocols": ["chat", "a b", "c;d"]},
                     {**route, "subprotocols": ["chat", "chat"]},
                     {**route, "subprotocols": ["", "x"]},
                     {"prefix": "/p", "backend": "unix:/x", "subprotocols": ["chat"]},
@@ -155,6 +155,7 @@ def test_websocket_subprotocols() -> None:
     )
     assert "route[0].subprotocols = 'chat': must be a list of strings" in text
     assert "route[1].subprotocols = 'a b': a subprotocol is a token (RFC 6455 §4.1)" in text
+    assert "route[1].subprotocols = 'c;d': a subprotocol is a token" in text
     assert "route[2].subprotocols = ['chat', 'chat']: lists a subprotocol twice" in text
     assert "route[3].subprotocols = '': a subprotocol is a token" in text
     assert "route[4].subprotocols = ['chat']: only used in websocket mode, not pass" in text
@@ -163,11 +164,25 @@ def test_websocket_subprotocols() -> None:
 def test_websocket_allowed_origins() -> None:
     route = {"prefix": "/ws", "mode": "websocket", "backend": "unix:/x"}
     listen = [{"address": "127.0.0.1:0"}]
-    origins = ["https://App.Example.com", "http://127.0.0.1:8080", "null"]
+    # Written as browsers send them (RFC 6454 §6.2): lower case, no default
+    # port, IPv6 in its short form; otherwise they could never match.
+    origins = [
+        "https://App.Example.com",
+        "https://a.example:443",
+        "http://a_b.example:8080",
+        "http://[0:0::1]:8080",
+        "http://127.0.0.1:8080",
+        "capacitor://localhost",
+        "null",
+    ]
     config = build_config({"listen": listen, "route": [{**route, "allowed_origins": origins}]})
     assert config.routes[0].allowed_origins == (
         b"https://app.example.com",
+        b"https://a.example",
+        b"http://a_b.example:8080",
+        b"http://[::1]:8080",
         b"http://127.0.0.1:8080",
+        b"capacitor://localhost",
         b"null",
     )
     text = "\n".join(
@@ -176,17 +191,24 @@ def test_websocket_allowed_origins() -> None:
                 "listen": listen,
                 "route": [
                     {**route, "allowed_origins": "https://a"},
-                    {**route, "allowed_origins": ["https://a/path"]},
-                    {**route, "allowed_origins": ["example.com"]},
+                    {**route, "allowed_origins": ["https://a/path", "example.com", "http://a:"]},
+                    {**route, "allowed_origins": ["http://a:08080", "http://a:99999"]},
+                    {**route, "allowed_origins": ["http://0x7f.1", "http://[::12345]"]},
+                    {**route, "allowed_origins": ["https://bücher.example"]},
                     {"prefix": "/p", "backend": "unix:/x", "allowed_origins": ["https://a"]},
                 ],
             }
         )
     )
     assert "route[0].allowed_origins = 'https://a': must be a list of strings" in text
-    assert "route[1].allowed_origins = 'https://a/path': an origin is scheme://host[:port]" in text
-    assert "route[2].allowed_origins = 'example.com': an origin is" in text
-    assert "route[3].allowed_origins = ['https://a']: only used in websocket mode, not pass" in text
+    for bad in ("https://a/path", "example.com", "http://a:"):  # every bad one is named
+        assert f"route[1].allowed_origins = {bad!r}: an origin is scheme://host[:port]" in text
+    assert "'http://a:08080': port 08080 is not a number from 1 to 65535" in text
+    assert "'http://a:99999': port 99999 is not a number" in text
+    assert "'http://0x7f.1': 0x7f.1 is not an IPv4 address in dotted decimal" in text
+    assert "'http://[::12345]': [::12345] is not an IPv6 address" in text
+    assert "'https://bücher.example': a host name outside ASCII is written in its IDNA form" in text
+    assert "route[5].allowed_origins = ['https://a']: only used in websocket mode, not pass" in text
 
 
 def test_mode_specific_keys() -> None:

@@ -99,6 +99,20 @@ def test_websockets_client_through_the_front(
     assert front.settled_fd_count(baseline) == baseline
 
 
+def test_refused_upgrade_to_head_is_the_head_alone(
+    no_fd_leak: None, receivers: Callable[..., TestReceiver], fronts: Callable[..., FrontProcess]
+) -> None:
+    """RFC 9110 §9.3.2: the answer to HEAD is the head a GET would get."""
+    receiver = receivers(behaviour=ws_echo)
+    front = fronts(
+        config=f'[[route]]\nprefix = "/ws"\nmode = "websocket"\nbackend = "unix:{receiver.path}"\n'
+    )
+    got, headers, body = http_exchange(front, upgrade_request().replace(b"GET", b"HEAD", 1))
+    assert (got, body) == (400, b"")
+    assert int(headers["content-length"]) > 0  # what the GET's body would have been
+    front.wait_for(r'"HEAD /ws" route=/ws 400 "WebSocket upgrade must use GET')
+
+
 SUBPROTOCOL_ROUTE = (
     '[[route]]\nprefix = "/ws"\nmode = "websocket"\nbackend = "unix:{path}"\n'
     'subprotocols = ["chat", "superchat"]\n'
@@ -237,7 +251,7 @@ def test_browser_page_of_another_origin_is_refused(
         )
         results = page.wait_for("Object.keys(window.results).length === 2 ? window.results : null")
     assert results == {"/shut": "closed 1006", "/open": "echo:hi"}
-    front.wait_for(r'"GET /shut" route=/shut 403 "Origin \'null\' may not open WebSockets')
+    front.wait_for(r'"GET /shut" route=/shut 403 "Origin b\'null\' may not open WebSockets')
 
 
 def test_browser_gets_the_subprotocol_it_asked_for(

@@ -116,8 +116,12 @@ def test_receiver_counts_handoffs_and_errors(tmp_path: Path) -> None:
         assert 'fdhandoff_receiver_handoffs_total{format="scgi"} 2' in text
         assert 'fdhandoff_receiver_handoff_errors_total{reason="invalid"} 1' in text
         assert "fdhandoff_receiver_accepting 1" in text
-        with pytest.raises(urllib.error.HTTPError):
+        with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/other", timeout=10)
+        assert refused.value.code == 404
+        assert refused.value.headers["Date"].endswith(" GMT")  # RFC 9110 §6.6.1
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+            assert reply.headers["Date"].endswith(" GMT")
     finally:
         proc.terminate()
         proc.wait(timeout=30)

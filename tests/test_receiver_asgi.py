@@ -171,6 +171,7 @@ def test_http_scope_from_a_front_handoff(sock_path: str, loop: str) -> None:
         "marker": b"",
         "route": "/caf",
         "upgraded": False,
+        "subprotocol": None,
     }
     assert app.messages == [{"type": "http.request", "body": b"", "more_body": False}]
 

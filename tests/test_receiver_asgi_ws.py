@@ -104,6 +104,13 @@ def echo_app(events: Events) -> Starlette:
         await ws.send_text("ok")
         await ws.receive()  # until the client leaves
 
+    async def insist(ws: WebSocket) -> None:
+        events.scopes.append(ws.scope)
+        await ws.accept(subprotocol="echo.v1")  # whatever the scope says
+        await ws.send_text("ok")
+        await ws.receive()
+        events.done.set()
+
     return Starlette(
         routes=[
             WebSocketRoute("/echo", echo),
@@ -114,6 +121,7 @@ def echo_app(events: Events) -> Starlette:
             WebSocketRoute("/crash-after", crash_after),
             WebSocketRoute("/bye", bye),
             WebSocketRoute("/headers", headers),
+            WebSocketRoute("/insist", insist),
         ]
     )
 
@@ -203,21 +211,32 @@ def test_accept_with_headers(sock_path: str) -> None:
         assert ws.recv(IO_TIMEOUT) == "ok"
 
 
-def test_handshake_done_by_the_front(sock_path: str, caplog: pytest.LogCaptureFixture) -> None:
-    """HANDOFF_UPGRADED: accept writes nothing; a subprotocol can no longer be chosen."""
+@pytest.mark.parametrize(("path", "warned"), [("/echo", False), ("/insist", True)])
+def test_handshake_done_by_the_front(
+    sock_path: str, caplog: pytest.LogCaptureFixture, path: str, warned: bool
+) -> None:
+    """HANDOFF_UPGRADED: accept writes nothing.  The scope offers only what the
+    front's 101 named (here none), so an app choosing from it chooses what the
+    client was told; one that insists on another is warned it cannot be sent."""
     events = Events()
     with (
         ASGIReceiver(echo_app(events), sock_path),
         MiniFront(sock_path, mode="websocket") as front,
-        ws_connect(front.ws_url + "/echo", subprotocols=["echo.v1"]) as ws,
+        ws_connect(front.ws_url + path, subprotocols=["echo.v1"]) as ws,
     ):
         assert ws.subprotocol is None  # the front's 101 chose none
-        ws.send("through the front")
-        assert ws.recv(IO_TIMEOUT) == "through the front"
+        if path == "/echo":
+            ws.send("through the front")
+            assert ws.recv(IO_TIMEOUT) == "through the front"
+        else:
+            assert ws.recv(IO_TIMEOUT) == "ok"
     assert events.done.wait(IO_TIMEOUT)
-    assert events.scopes[0]["extensions"]["fdhandoff"]["upgraded"] is True
-    assert "websocket.http.response" not in events.scopes[0]["extensions"]
-    assert "cannot be sent any more" in caplog.text
+    scope = events.scopes[0]
+    assert scope["subprotocols"] == []
+    assert scope["extensions"]["fdhandoff"]["upgraded"] is True
+    assert scope["extensions"]["fdhandoff"]["subprotocol"] is None
+    assert "websocket.http.response" not in scope["extensions"]
+    assert ("cannot be sent any more" in caplog.text) is warned
 
 
 @pytest.mark.parametrize("route", ["/crash-before", "/silent", "/deny"])

@@ -205,6 +205,14 @@ def test_error_response_for_400_has_no_upgrade_headers() -> None:
     assert body == b"missing Host header\n"
 
 
+def test_error_response_to_head_has_no_body() -> None:
+    error = ProtocolError("WebSocket upgrade must use GET")
+    whole = error_response(error)
+    head_only = error_response(error, head_only=True)
+    assert whole.startswith(head_only) and head_only.endswith(b"\r\n\r\n")
+    assert whole[len(head_only) :] == b"WebSocket upgrade must use GET\n"
+
+
 @pytest.mark.parametrize("status", [400, 426])
 def test_error_response_carries_a_date(status: int) -> None:
     # RFC 9110 §6.6.1: an origin server with a clock MUST send Date in a 4xx.

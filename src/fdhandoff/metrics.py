@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable
 from typing import Final
 
+from .httphead import http_date
+
 __all__ = ["Metrics", "parse_address", "serve_metrics"]
 
 log = logging.getLogger("fdhandoff.metrics")
@@ -116,7 +118,7 @@ def parse_address(text: str) -> tuple[str, int]:
 _OK: Final = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
 _NOT_FOUND: Final = (
     b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: 21\r\n"
-    b"Connection: close\r\n\r\nonly /metrics is here"
+    b"Connection: close\r\nDate: %s\r\n\r\nonly /metrics is here"
 )
 
 
@@ -134,13 +136,16 @@ async def serve_metrics(metrics: Metrics, host: str, port: int) -> asyncio.Serve
                     and (parts[1] == b"/metrics" or parts[1].startswith(b"/metrics?"))
                 ):
                     body = metrics.render()
+                    # RFC 9110 §6.6.1: Date on the 2xx and 4xx answers alike.
                     writer.write(
-                        _OK + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+                        _OK
+                        + b"Content-Length: %d\r\nConnection: close\r\nDate: %s\r\n\r\n"
+                        % (len(body), http_date())
                     )
                     if parts[0] == b"GET":
                         writer.write(body)
                 else:
-                    writer.write(_NOT_FOUND)
+                    writer.write(_NOT_FOUND % http_date())
                 await writer.drain()
         except (TimeoutError, asyncio.LimitOverrunError, asyncio.IncompleteReadError) as exc:
             log.debug("metrics request dropped: %s", type(exc).__name__)

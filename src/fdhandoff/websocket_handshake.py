@@ -252,13 +252,15 @@ def error_headers(status: int) -> list[tuple[bytes, bytes]]:
     return []
 
 
-def error_response(error: ProtocolError) -> bytes:
+def error_response(error: ProtocolError, *, head_only: bool = False) -> bytes:
     """A complete plain-text HTTP/1.1 error response for a failed upgrade.
 
     Status from ``error.status_hint``, the message as the body, a ``Date``
     (RFC 9110 §6.6.1: a 4xx from an origin with a clock), the headers of
     :func:`error_headers`, and ``Connection: close`` (plus ``upgrade`` when an
-    ``Upgrade`` header is sent, as RFC 9110 §7.8 requires).
+    ``Upgrade`` header is sent, as RFC 9110 §7.8 requires).  ``head_only``:
+    the answer to a ``HEAD`` request, the same head without its body
+    (RFC 9110 §9.3.2).
     """
     status = error.status_hint
     body = str(error).encode("utf-8", "backslashreplace") + b"\n"
@@ -272,5 +274,5 @@ def error_response(error: ProtocolError) -> bytes:
         b"Connection: " + connection,
     ]
     lines += [name + b": " + value for name, value in extra]
-    lines += (b"", body)
+    lines += (b"", b"" if head_only else body)
     return b"\r\n".join(lines)

@@ -248,9 +248,10 @@ def _relayed_head(response: ResponseHead, drop: frozenset[bytes]) -> list[bytes]
     with a clock that forwards a response lacking it MUST add it (nginx puts
     its own on every response it relays).  An interim one is left as it is.
     """
+    kept = [(name, value) for name, value in response.headers if name.lower() not in drop]
     lines = [b"HTTP/1.1 %d %s" % (response.status, response.reason)]
-    lines += [name + b": " + value for name, value in response.headers if name.lower() not in drop]
-    if response.status >= 200 and not response.values(b"date"):
+    lines += [name + b": " + value for name, value in kept]
+    if response.status >= 200 and not any(name.lower() == b"date" for name, _ in kept):
         lines.append(b"Date: " + http_date())
     return lines
 

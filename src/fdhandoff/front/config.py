@@ -426,25 +426,63 @@ def _route(table: Mapping[str, Any], path: str, errors: _Errors) -> RouteConfig 
     return RouteConfig(prefix, mode, host, backend, upstream, allowed, fmt, subprotocols, origins)
 
 
-#: An origin as browsers send it (RFC 6454 §6.2): scheme "://" host [":" port],
-#: no path; "null" for an opaque one (a sandboxed frame, a file: page).
-_ORIGIN: Final = re.compile(r"(https?://[a-z0-9.\-\[\]:]+|null)")
+#: scheme "://" host [":" port] (RFC 6454 §6.2), lower-cased; the host a
+#: bracketed IPv6 literal or a name (browsers keep "_" in names).
+_ORIGIN: Final = re.compile(
+    r"([a-z][a-z0-9+.\-]*)://(\[[0-9a-f:.]+\]|[a-z0-9._~\-]+)(?::([0-9]+))?"
+)
+_DEFAULT_PORTS: Final = {"http": "80", "https": "443"}
+
+
+def _origin(text: str) -> str:
+    """``text`` as a browser serializes that origin (RFC 6454 §6.2), or ValueError.
+
+    Browsers send the default port as nothing and IP addresses in one
+    spelling; a value written otherwise could never match, so it is either
+    brought to that form (default port, IPv6) or refused, naming the form.
+    """
+    if text == "null":
+        return text
+    if not text.isascii():
+        raise ValueError("a host name outside ASCII is written in its IDNA form (xn--...)")
+    match = _ORIGIN.fullmatch(text.lower())
+    if match is None:
+        raise ValueError("an origin is scheme://host[:port], without path or trailing slash")
+    scheme, host, port = match.groups()
+    if host.startswith("["):
+        try:
+            host = f"[{ipaddress.IPv6Address(host[1:-1]).compressed}]"
+        except ValueError:
+            raise ValueError(f"{host} is not an IPv6 address") from None
+    elif host.replace(".", "").isdigit() or host.startswith("0x"):
+        try:
+            canonical = str(ipaddress.IPv4Address(host))
+        except ValueError:
+            raise ValueError(f"{host} is not an IPv4 address in dotted decimal") from None
+        if canonical != host:
+            raise ValueError(f"browsers write this address {canonical}")
+    if port is not None:
+        if port != str(int(port)) or not 0 < int(port) < 65536:
+            raise ValueError(f"port {port} is not a number from 1 to 65535 without leading zeros")
+        if _DEFAULT_PORTS.get(scheme) == port:
+            port = None  # browsers leave the default port out
+    return f"{scheme}://{host}" + (f":{port}" if port else "")
 
 
 def _origins(table: Mapping[str, Any], path: str, errors: _Errors) -> tuple[bytes, ...]:
-    """``allowed_origins``: serialized origins, compared lower-cased as browsers send them."""
+    """``allowed_origins``: origins in the form browsers send them (see :func:`_origin`)."""
     value = table.get("allowed_origins", [])
     where = f"{path}.allowed_origins"
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         errors.add(where, value, 'must be a list of strings, e.g. ["https://example.com"]')
         return ()
+    origins: list[bytes] = []
     for item in value:
-        if not _ORIGIN.fullmatch(item.lower()):
-            errors.add(
-                where, item, "an origin is scheme://host[:port] (http or https, no path) or null"
-            )
-            return ()
-    return tuple(item.lower().encode("ascii") for item in value)
+        try:
+            origins.append(_origin(item).encode("ascii"))
+        except ValueError as exc:
+            errors.add(where, item, str(exc))
+    return tuple(origins)
 
 
 def _subprotocols(table: Mapping[str, Any], path: str, errors: _Errors) -> tuple[bytes, ...]:
@@ -454,12 +492,11 @@ def _subprotocols(table: Mapping[str, Any], path: str, errors: _Errors) -> tuple
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         errors.add(where, value, 'must be a list of strings, e.g. ["graphql-transport-ws"]')
         return ()
-    for item in value:
-        if not (item.isascii() and is_token(item.encode("ascii"))):
-            errors.add(
-                where, item, "a subprotocol is a token (RFC 6455 §4.1): no spaces or separators"
-            )
-            return ()
+    bad = [item for item in value if not (item.isascii() and is_token(item.encode("ascii")))]
+    for item in bad:
+        errors.add(where, item, "a subprotocol is a token (RFC 6455 §4.1): no spaces or separators")
+    if bad:
+        return ()
     if len(set(value)) != len(value):
         errors.add(where, value, "lists a subprotocol twice")
         return ()

@@ -589,7 +589,8 @@ class Front:
             subprotocol = _subprotocol(head, route.subprotocols)
         except ProtocolError as exc:
             self.log_request(req, f'{exc.status_hint} "{exc}"')
-            self.send_and_linger(sock, websocket.error_response(exc))
+            head_only = head.method == b"HEAD"
+            self.send_and_linger(sock, websocket.error_response(exc, head_only=head_only))
             return
         message, dropped = describe(
             head,
@@ -789,8 +790,7 @@ def _check_origin(head: RequestHead, allowed: tuple[bytes, ...]) -> None:
     if len(origins) > 1 or origin not in allowed:
         shown = origin if len(origins) == 1 else b", ".join(origins)
         raise ProtocolError(
-            f"Origin {shown[:200].decode('latin-1')!r} may not open WebSockets on this route",
-            status_hint=403,
+            f"Origin {shown[:200]!r} may not open WebSockets on this route", status_hint=403
         )
 
 

@@ -388,6 +388,12 @@ class ASGIAdapter:
             if not request.upgraded:
                 raise
             offered = []  # the sender accepted the upgrade: the app decides
+        if request.upgraded and request.described:
+            # The fdhandoff front's 101 already named the subprotocol (or
+            # none): that is the only choice left, and an app that picks from
+            # the list, as most do, picks what the client was told.
+            agreed = request.subprotocol
+            offered = [agreed.encode("latin-1")] if agreed is not None else []
         if key is not None:
             # The last scope of this connection: its dict can take the key.
             conn.extensions["websocket.http.response"] = {}
@@ -407,7 +413,7 @@ class ASGIAdapter:
         log.info('%s "%s": WebSocket upgrade refused: %s', client, request.describe(), exc)
         conn.bytes_sent = 0
         try:
-            await conn.write(websocket.error_response(exc))
+            await conn.write(websocket.error_response(exc, head_only=request.method == "HEAD"))
         except ConnectionClosed:
             return
         conn.receiver.access_log(

@@ -145,6 +145,7 @@ def extension_for(info: HandoffInfo) -> dict[str, Any]:
         "marker": info.marker,
         "route": info.route,
         "upgraded": info.upgraded,
+        "subprotocol": info.subprotocol,
     }
 
 

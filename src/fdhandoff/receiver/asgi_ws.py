@@ -299,8 +299,8 @@ class WebSocketCycle:
             if request.described and subprotocol not in (None, request.subprotocol):
                 # The fdhandoff front answered with the route's subprotocol.
                 log.warning(
-                    "%s: the front answered the upgrade with subprotocol %r, the app's %r "
-                    "cannot be sent any more (list it in the route's subprotocols)",
+                    "%s: the front's 101 named subprotocol %r (the client's first offer among "
+                    "the route's subprotocols); the app's %r cannot be sent any more",
                     self._describe(),
                     request.subprotocol,
                     subprotocol,

@@ -407,8 +407,8 @@ def agreed_subprotocol(handoff: HandoffInfo, wanted: str | None) -> str | None:
         return wanted
     if wanted is not None and wanted != handoff.subprotocol:
         log.warning(
-            "%s: the front answered the upgrade with subprotocol %r, the handler's %r "
-            "cannot be sent any more (list it in the route's subprotocols)",
+            "%s: the front's 101 named subprotocol %r (the client's first offer among the "
+            "route's subprotocols); the handler's %r cannot be sent any more",
             handoff.describe(),
             handoff.subprotocol,
             wanted,
@@ -448,7 +448,9 @@ async def _handshake(
             )
         except ProtocolError as exc:
             handoff.status = exc.status_hint
-            await handoff.send_raw(websocket.error_response(exc))
+            await handoff.send_raw(
+                websocket.error_response(exc, head_only=handoff.method == "HEAD")
+            )
             handoff.phase = Phase.DONE
             raise
     response = websocket.handshake_response(

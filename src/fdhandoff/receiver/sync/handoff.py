@@ -127,7 +127,7 @@ class Handoff(HandoffBase):
                 )
             except ProtocolError as exc:
                 self.status = exc.status_hint
-                self.send_raw(websocket.error_response(exc))
+                self.send_raw(websocket.error_response(exc, head_only=self.method == "HEAD"))
                 self.phase = Phase.DONE
                 raise
         response = websocket.handshake_response(
