@@ -304,6 +304,11 @@ def test_check_command(tmp_path: Path) -> None:
     assert good.returncode == 0, good.stderr
     assert "ok: 3 listener(s)" in good.stdout
     assert "/ws -> websocket /run/ws.sock" in good.stdout
+    assert "allowed_origins" not in good.stderr
+    opaque = EXAMPLE.replace('mode = "websocket"', 'mode = "websocket"\nallowed_origins = ["null"]')
+    warned = run_check("--config", str(write(tmp_path, opaque)))
+    assert warned.returncode == 0
+    assert "warning: route '/ws': allowed_origins lists null" in warned.stderr
     bad = run_check("--config", str(write(tmp_path, EXAMPLE.replace('"websocket"', '"ws"'))))
     assert bad.returncode == 2
     assert "route[1].mode = 'ws': not one of auth, pass, websocket" in bad.stderr

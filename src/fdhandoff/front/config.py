@@ -725,4 +725,9 @@ def warnings(config: FrontConfig) -> list[str]:
                 f"route {route.prefix!r}: allowed_prefix {route.allowed_prefix} "
                 "is not an existing directory"
             )
+        if b"null" in route.allowed_origins:
+            found.append(
+                f"route {route.prefix!r}: allowed_origins lists null, the origin of every "
+                "sandboxed frame and file: page, whatever site it comes from"
+            )
     return found
