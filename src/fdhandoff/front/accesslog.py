@@ -60,8 +60,8 @@ class AccessLog:
         if where == "stderr":
             self._stream = sys.stderr
         elif self.enabled:
-            # Opened once at start (before any privilege change would matter)
-            # and appended to: rotation tools use copytruncate or a restart.
+            # Opened at start and on each reload (SIGHUP), appended to: a
+            # rotation tool renames the file, then signals (or copytruncates).
             fd = os.open(where, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
             self._stream = open(fd, "a", encoding="utf-8", closefd=True)  # noqa: SIM115
             self._owned = True

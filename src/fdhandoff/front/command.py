@@ -92,7 +92,7 @@ def _run_front(args: argparse.Namespace) -> int:
     logging.getLogger("fdhandoff").setLevel(config.log.level.upper())
     from .server import Front  # noqa: PLC0415  (``check`` needs none of the engine)
 
-    front = Front(config)
+    front = Front(config, reload=lambda: _load(args))
     front.open()  # bind before the loop starts: a busy port is exit 2 at once
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         return runner.run(front.serve())

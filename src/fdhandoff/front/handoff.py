@@ -180,6 +180,23 @@ class Handoffs:
         """Channels open, idle or not."""
         return sum(len(links) for links in self._channels.values())
 
+    def reconfigure(self, timeout: float, channels: int) -> None:
+        """New settings (configuration reload) for the handoffs sent from now on.
+
+        Every channel is retired: an idle one closes now, a busy one once its
+        handoffs are taken (as a connection beyond the channel limit does),
+        and the next handoff to a backend opens a new one, to the backend
+        the configuration names now.
+        """
+        self._timeout = timeout
+        self._max_channels = channels
+        retired = [link for links in self._channels.values() for link in links]
+        self._channels.clear()
+        for link in retired:
+            link.pooled = False
+            if not link.flights:
+                self._drop(link)
+
     def close(self) -> None:
         """Close every connection (after :meth:`settle_all`) and the epoll set."""
         for link in list(self._links.values()):

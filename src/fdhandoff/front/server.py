@@ -31,16 +31,18 @@ taken the connection: the client gets 503 (or a WebSocket close 1013 after a
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import logging
 import signal
 import socket
 import time
 from _socket import socket as Socket  # the C socket type, see _on_accept
+from collections.abc import Callable
 from typing import Final, TypeVar
 
 from .. import websocket
-from ..errors import ProtocolError
+from ..errors import ConfigError, ProtocolError
 from ..httphead import (
     HEAD_END,
     RequestHead,
@@ -195,19 +197,15 @@ def _request_line(head: bytes) -> tuple[bytes, bytes]:
 class Front:
     """One front server: its listeners, routes, and the connections in flight."""
 
-    def __init__(self, config: FrontConfig) -> None:
-        self.config = config
-        self.timeouts = config.timeouts
-        self.head_limits = config.limits.head
-        self.router: Router[RouteConfig] = Router((r.prefix, r.host, r) for r in config.routes)
-        self._prefix_bytes = {r.prefix: r.prefix.encode("utf-8") for r in config.routes}
-        #: Offer channels (HANDOFF_CHANNEL) in pass and websocket modes.
-        self._channels = config.limits.channels > 0
+    def __init__(
+        self, config: FrontConfig, reload: Callable[[], FrontConfig] | None = None
+    ) -> None:
+        #: Reads the configuration again (SIGHUP); ConfigError if it is invalid.
+        self._reload_source = reload
+        self._apply(config)
         self.access = AccessLog(config.log.access)
         self.metrics = _front_metrics(self)
         self.listeners: list[Listener] = []
-        self._buf = bytearray(self.head_limits.max_head_size)
-        self._max_head = self.head_limits.max_head_size
         self._pending: dict[_Pending, float] = {}
         self._handoffs: Handoffs | None = None
         self._lingering: dict[_Linger, float] = {}
@@ -222,6 +220,18 @@ class Front:
         self._short_since: float | None = None
         self._short_pauses = 0
         self._short_logged = 0.0
+
+    def _apply(self, config: FrontConfig) -> None:
+        """Take the settings a reload can change (routes, limits, timeouts)."""
+        self.config = config
+        self.timeouts = config.timeouts
+        self.head_limits = config.limits.head
+        self.router: Router[RouteConfig] = Router((r.prefix, r.host, r) for r in config.routes)
+        self._prefix_bytes = {r.prefix: r.prefix.encode("utf-8") for r in config.routes}
+        #: Offer channels (HANDOFF_CHANNEL) in pass and websocket modes.
+        self._channels = config.limits.channels > 0
+        self._max_head = self.head_limits.max_head_size
+        self._buf = bytearray(self._max_head)  # used synchronously only: safe to replace
 
     # --- life cycle -------------------------------------------------------------------
 
@@ -256,6 +266,7 @@ class Front:
             self.open()
         for signum in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(signum, self.stop)
+        self.loop.add_signal_handler(signal.SIGHUP, self.reload)
         self._handoffs = Handoffs(
             self.loop,
             self.timeouts.handoff,
@@ -274,7 +285,7 @@ class Front:
             await self._stop_event.wait()
             await self._shutdown()
         finally:
-            for signum in (signal.SIGTERM, signal.SIGINT):
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 self.loop.remove_signal_handler(signum)
             if self._tick_handle is not None:
                 self._tick_handle.cancel()
@@ -288,6 +299,78 @@ class Front:
         """Begin a clean shutdown (signal handler)."""
         if self._stop_event is not None:
             self._stop_event.set()
+
+    def reload(self) -> None:
+        """Read the configuration again and apply it, dropping no connection (SIGHUP).
+
+        All or nothing: an invalid configuration, a new listen address that
+        cannot be bound or an access log that cannot be opened leaves the
+        running configuration as it was, with the reason in the log.  Kept
+        addresses keep their listening socket (their backlog is not reset);
+        requests whose head is still arriving are routed with the new routes;
+        handoffs in flight and auth exchanges finish as they began.  Channels
+        are retired: each closes once its handoffs are taken, and later
+        handoffs open new ones.  The access log file is reopened (log rotation).
+        The metrics address is only read at start.
+        """
+        if self._stopping or self._reload_source is None:
+            return
+        try:
+            config = self._reload_source()
+            if config.metrics != self.config.metrics:
+                log.warning("reload: a new metrics address takes effect at the next restart")
+                config = dataclasses.replace(config, metrics=self.config.metrics)
+            access = AccessLog(config.log.access)
+        except (ConfigError, OSError) as exc:
+            log.error("reload refused, the running configuration stays: %s", _one_line(exc))
+            return
+        try:
+            kept, added = self._listeners_for(config)
+        except ConfigError as exc:
+            access.close()
+            log.error("reload refused, the running configuration stays: %s", _one_line(exc))
+            return
+        for listener in self.listeners:
+            if listener not in kept:
+                if self._accepting:
+                    self.loop.remove_reader(listener.sock.fileno())
+                close_listener(listener)
+        if self._accepting:
+            for listener in added:
+                self.loop.add_reader(listener.sock.fileno(), self._on_accept, listener)
+        self.listeners = kept + added
+        self._apply(config)
+        self.handoffs.reconfigure(config.timeouts.handoff, config.limits.channels)
+        self.access.close()
+        self.access = access
+        logging.getLogger("fdhandoff").setLevel(config.log.level.upper())
+        log.info(
+            "configuration reloaded: listening on %s, %d route(s)",
+            ", ".join(listener.label for listener in self.listeners),
+            len(config.routes),
+        )
+
+    def _listeners_for(self, config: FrontConfig) -> tuple[list[Listener], list[Listener]]:
+        """The running listeners ``config`` keeps (new backlogs applied) and those
+        it adds, bound now; ConfigError, with the added ones closed, if one fails."""
+        running = {listener.address: listener for listener in self.listeners}
+        kept: list[Listener] = []
+        added: list[Listener] = []
+        try:
+            for address, backlog in zip(
+                config.listen, config.backlog or (1024,) * len(config.listen), strict=False
+            ):
+                listener = running.pop(address, None)
+                if listener is None:
+                    added.append(open_listener(address, backlog))
+                else:
+                    listener.sock.listen(backlog)  # listen(2) again only sets the backlog
+                    kept.append(listener)
+        except BaseException:
+            for listener in added:
+                close_listener(listener)
+            raise
+        return kept, added
 
     def in_flight(self) -> int:
         handoffs = len(self._handoffs) if self._handoffs is not None else 0
@@ -771,6 +854,10 @@ class Front:
             req.client,
             names,
         )
+
+
+def _one_line(exc: Exception) -> str:
+    return "; ".join(line.strip() for line in str(exc).splitlines())
 
 
 def _check_origin(head: RequestHead, allowed: tuple[bytes, ...]) -> None:

@@ -1,0 +1,207 @@
+"""``SIGHUP``: the front reads its configuration again and applies it, dropping nothing.
+
+Real front processes, real receivers (``fdhandoff serve`` for the channels),
+real sockets; the configuration file is rewritten between signals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from handoff_receiver import (
+    IO_TIMEOUT,
+    FrontProcess,
+    TestReceiver,
+    parse_response,
+    running_front,
+    sockdir_fixture,  # noqa: F401  (fixture)
+)
+from test_receiver_asgi_e2e import ReceiverProcess, serve
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _config(ports: list[int], backend: str, extra: str = "") -> str:
+    listen = "".join(f'[[listen]]\naddress = "127.0.0.1:{port}"\n' for port in ports)
+    return f'{listen}[[route]]\nprefix = "/"\nbackend = "unix:{backend}"\n{extra}'
+
+
+def _reload(front: FrontProcess, path: Path, text: str, expect: str) -> None:
+    """Write the configuration, send SIGHUP, wait for one more line matching ``expect``."""
+    before = sum(expect in line for line in front.lines)
+    path.write_text(text)
+    front.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + IO_TIMEOUT
+    while sum(expect in line for line in front.lines) <= before:
+        assert front.proc.poll() is None, "\n".join(front.lines)
+        assert time.monotonic() < deadline, f"no new {expect!r} in:\n" + "\n".join(front.lines)
+        time.sleep(0.02)
+
+
+def _get(port: int, target: str = "/x", head_rest: bytes = b"") -> dict[str, object]:
+    with socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) as sock:
+        sock.sendall(b"GET %s HTTP/1.1\r\nHost: a\r\n%s\r\n" % (target.encode(), head_rest))
+        return _answer(sock)
+
+
+def _answer(sock: socket.socket) -> dict[str, object]:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    status, _, body = parse_response(data)
+    assert status == 200, data
+    result: dict[str, object] = json.loads(body)
+    return result
+
+
+@pytest.fixture
+def two_receivers(sockdir: Path) -> Iterator[tuple[TestReceiver, TestReceiver]]:
+    first = TestReceiver(sockdir / "one.sock")
+    second = TestReceiver(sockdir / "two.sock")
+    try:
+        yield first, second
+    finally:
+        first.close()
+        second.close()
+
+
+def test_reload_changes_routes_and_listeners_and_keeps_what_is_in_flight(
+    no_fd_leak: None, sockdir: Path, two_receivers: tuple[TestReceiver, TestReceiver]
+) -> None:
+    first, second = two_receivers
+    kept, added = _free_port(), _free_port()
+    path = sockdir / "front.toml"
+    path.write_text(_config([kept], first.path))
+    with running_front(["--config", str(path)]) as front:
+        assert _get(kept)["headers"]["HANDOFF_ROUTE"] == "/"  # type: ignore[index]
+        assert first.handoffs.get(timeout=IO_TIMEOUT)
+        baseline = front.fd_count()
+        # A client in the middle of its head while the configuration changes.
+        slow = socket.create_connection(("127.0.0.1", kept), timeout=IO_TIMEOUT)
+        slow.sendall(b"GET /slow HTTP/1.1\r\nHost: a\r\n")
+        time.sleep(0.2)
+        _reload(front, path, _config([kept, added], second.path), "configuration reloaded")
+        front.wait_for(
+            rf"configuration reloaded: listening on 127\.0\.0\.1:{kept}, 127\.0\.0\.1:{added}"
+        )
+        slow.sendall(b"\r\n")  # its head ends under the new routes
+        with slow:
+            assert _answer(slow)["headers"]["REQUEST_URI"] == "/slow"  # type: ignore[index]
+        assert second.handoffs.get(timeout=IO_TIMEOUT).headers[b"REQUEST_URI"] == b"/slow"
+        _get(added)
+        assert second.handoffs.get(timeout=IO_TIMEOUT)
+        assert first.handoffs.empty()
+        # The address left out is closed; the one kept never stopped listening.
+        _reload(front, path, _config([added], second.path), "configuration reloaded")
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", kept), timeout=IO_TIMEOUT).close()
+        _get(added)
+        assert front.settled_fd_count(baseline) == baseline
+
+
+def test_invalid_reload_keeps_the_running_configuration(
+    no_fd_leak: None, sockdir: Path, two_receivers: tuple[TestReceiver, TestReceiver]
+) -> None:
+    """All or nothing: a configuration error, or a new address that cannot be
+    bound, is logged and changes nothing (not even the routes)."""
+    first, second = two_receivers
+    port = _free_port()
+    path = sockdir / "front.toml"
+    path.write_text(_config([port], first.path))
+    with socket.socket() as taken, running_front(["--config", str(path)]) as front:
+        baseline = front.fd_count()
+        broken = _config([port], second.path).replace('prefix = "/"', 'prefix = "x"')
+        _reload(front, path, broken, "reload refused")
+        front.wait_for(r"reload refused, the running configuration stays: route\[0\]\.prefix = 'x'")
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        _reload(front, path, _config([port, busy], second.path), "reload refused")
+        front.wait_for(rf"reload refused, .*127\.0\.0\.1:{busy}")
+        _get(port)
+        assert first.handoffs.get(timeout=IO_TIMEOUT)
+        assert second.handoffs.empty()
+        assert front.settled_fd_count(baseline) == baseline
+
+
+def test_reload_reopens_the_access_log(
+    sockdir: Path, two_receivers: tuple[TestReceiver, TestReceiver]
+) -> None:
+    """logrotate's rename-then-signal: later lines go to a new file at the path."""
+    first, _ = two_receivers
+    port = _free_port()
+    access = sockdir / "access.log"
+    path = sockdir / "front.toml"
+    text = _config([port], first.path, f'[log]\naccess = "{access}"\n')
+    path.write_text(text)
+    with running_front(["--config", str(path)]) as front:
+        _get(port, "/before")
+        deadline = time.monotonic() + IO_TIMEOUT
+        while "/before" not in (access.read_text() if access.exists() else ""):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        access.rename(sockdir / "access.log.1")
+        _reload(front, path, text, "configuration reloaded")
+        _get(port, "/after")
+        deadline = time.monotonic() + IO_TIMEOUT
+        while not access.exists() or "/after" not in access.read_text():
+            assert time.monotonic() < deadline, "nothing logged to the reopened file"
+            time.sleep(0.05)
+    assert "/after" not in (sockdir / "access.log.1").read_text()
+
+
+def test_reload_retires_channels_to_the_old_backend(tmp_path: Path) -> None:
+    """Channels belong to the configuration that opened them: after a reload
+    that moves the route, the old receiver's channel closes, and handoffs go
+    over channels to the new one."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    port = _free_port()
+    path = tmp_path / "front.toml"
+    with (
+        serve("examples.starlette_app:app", tmp_path / "a") as old,
+        serve("examples.starlette_app:app", tmp_path / "b") as new,
+    ):
+        path.write_text(_config([port], old.path))
+        with running_front(["--config", str(path)]) as front:
+            for _ in range(3):
+                _http_ok(port)
+            _wait_channels(old, lambda n: n >= 1)
+            _reload(front, path, _config([port], new.path), "configuration reloaded")
+            _wait_channels(old, lambda n: n == 0)
+            for _ in range(3):
+                _http_ok(port)
+            _wait_channels(new, lambda n: n >= 1)
+
+
+def _http_ok(port: int) -> None:
+    with socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        data = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                data += chunk
+    assert data.startswith(b"HTTP/1.1 200 "), data[:200]
+
+
+def _wait_channels(receiver: ReceiverProcess, done: object) -> None:
+    assert callable(done)
+    deadline = time.monotonic() + IO_TIMEOUT
+    while not done(receiver.channel_count()):
+        assert time.monotonic() < deadline, f"channels: {receiver.channel_count()}"
+        time.sleep(0.05)
