@@ -205,3 +205,28 @@ def _wait_channels(receiver: ReceiverProcess, done: object) -> None:
     while not done(receiver.channel_count()):
         assert time.monotonic() < deadline, f"channels: {receiver.channel_count()}"
         time.sleep(0.05)
+
+
+def test_a_head_over_a_lowered_size_limit_is_431_after_the_reload(
+    no_fd_leak: None, sockdir: Path, two_receivers: tuple[TestReceiver, TestReceiver]
+) -> None:
+    """A head already holding more than the new max_head_size when the reload
+    lands is refused with 431 on its next bytes, as it would be from the start."""
+    first, _ = two_receivers
+    port = _free_port()
+    path = sockdir / "front.toml"
+    path.write_text(_config([port], first.path))
+    with running_front(["--config", str(path)]) as front:
+        with socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) as client:
+            client.sendall(b"GET /big HTTP/1.1\r\nHost: a\r\nX-Big: " + b"b" * 20000)
+            time.sleep(0.3)  # read and kept by the front: the head has not ended
+            smaller = _config([port], first.path, "[limits]\nmax_head_size = 16384\n")
+            _reload(front, path, smaller, "configuration reloaded")
+            client.sendall(b"b")
+            data = b""
+            while chunk := client.recv(65536):
+                data += chunk
+        assert data.startswith(b"HTTP/1.1 431 "), data[:200]
+        front.wait_for(r'"GET /big" route=- 431 "request head larger than 16384 bytes"')
+        assert not any("Traceback" in line or "Exception" in line for line in front.lines)
+        assert first.handoffs.empty()

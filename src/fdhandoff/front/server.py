@@ -530,6 +530,11 @@ class Front:
 
     def _on_readable(self, pending: _Pending) -> None:
         room = self._max_head - len(pending.buf)
+        if room <= 0:  # a reload lowered max_head_size below what this head holds
+            error = incomplete_head_error(pending.buf, self.head_limits)
+            assert error is not None  # a head at the size limit is an error
+            self._refuse_pending(pending, error)
+            return
         try:
             n = pending.sock.recv_into(self._buf, room, _PEEK)
         except BlockingIOError:
@@ -582,11 +587,15 @@ class Front:
         error = incomplete_head_error(combined, self.head_limits)
         if error is None:
             return True
+        self._refuse_pending(pending, error)
+        return False
+
+    def _refuse_pending(self, pending: _Pending, error: ProtocolError) -> None:
+        """Answer a head that cannot become a request with ``error``'s status."""
         self._drop_pending(pending)
         req = Request(pending.listener, pending.addr, pending.start)
-        req.method, req.target = _request_line(bytes(combined))
-        self.reject(sock, req, error.status_hint, str(error))
-        return False
+        req.method, req.target = _request_line(bytes(pending.buf))
+        self.reject(pending.sock, req, error.status_hint, str(error))
 
     def _drop_pending(self, pending: _Pending) -> None:
         if self._pending.pop(pending, None) is not None:
