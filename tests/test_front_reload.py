@@ -6,16 +6,23 @@ real sockets; the configuration file is rewritten between signals.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import signal
 import socket
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from fdhandoff import fdpass
+from fdhandoff.front.handoff import Handoffs
+from fdhandoff.message import CHANNEL_ACK
 from handoff_receiver import (
     IO_TIMEOUT,
     FrontProcess,
@@ -230,3 +237,122 @@ def test_a_head_over_a_lowered_size_limit_is_431_after_the_reload(
         front.wait_for(r'"GET /big" route=- 431 "request head larger than 16384 bytes"')
         assert not any("Traceback" in line or "Exception" in line for line in front.lines)
         assert first.handoffs.empty()
+
+
+def test_a_connection_acknowledged_after_the_reload_joins_no_pool(no_fd_leak: None) -> None:
+    """Handoffs.reconfigure retires channels, also one whose first handoff is
+    still unacknowledged: when its ACK comes, it closes instead of becoming a
+    channel to the backend the old configuration named."""
+    taken: list[object] = []
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        handoffs = Handoffs(
+            loop, 5.0, taken=lambda f: taken.append(f.context), failed=lambda f, why: None,
+            channels=4,
+        )  # fmt: skip
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ours.setblocking(False)
+        client, client_peer = socket.socketpair()
+        try:
+            link = handoffs.open(ours, "old-backend")
+            assert handoffs.send(link, client, b"1:x,", "in flight")
+            passed = fdpass.recv_fd(theirs, blocking=False)[1]
+            assert passed is not None
+            passed.close()
+            handoffs.reconfigure(2.0, 4)  # the reload lands before the ACK
+            theirs.sendall(CHANNEL_ACK)
+            for _ in range(100):
+                await asyncio.sleep(0.01)
+                if taken:
+                    break
+            assert taken == ["in flight"]
+            assert handoffs.channel("old-backend") is None
+            assert handoffs.channels == 0
+            assert ours.fileno() == -1  # closed, not kept idle
+            assert theirs.recv(1) == b""  # the receiver sees the end
+        finally:
+            handoffs.close()
+            theirs.close()
+            client_peer.close()
+
+    asyncio.run(scenario())
+
+
+def test_sighup_while_stopping_does_not_kill_the_front(sockdir: Path) -> None:
+    """After the loop stops handling SIGHUP, its default action would kill the
+    front: a reload or log-rotation signal during a stop must not."""
+    path = sockdir / "front.toml"
+    path.write_text(_config([_free_port()], str(sockdir / "none.sock")))
+    front = FrontProcess(["--config", str(path)])
+    done = threading.Event()
+
+    def hup_until_exit() -> None:
+        while not done.is_set() and front.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                front.proc.send_signal(signal.SIGHUP)
+            time.sleep(0.001)
+
+    try:
+        front.proc.send_signal(signal.SIGTERM)
+        sender = threading.Thread(target=hup_until_exit)
+        sender.start()
+        code = front.proc.wait(timeout=30)
+        done.set()
+        sender.join(timeout=10)
+        assert code == 0, "\n".join(front.lines)
+    finally:
+        done.set()
+        front.stop()
+
+
+def test_a_lowered_head_timeout_applies_to_heads_already_waiting(
+    no_fd_leak: None, sockdir: Path, two_receivers: tuple[TestReceiver, TestReceiver]
+) -> None:
+    """Lowering timeouts.head (against slow clients) reaches the heads that began
+    before the reload too, counted from their start; a later head is not kept
+    waiting behind an earlier one's longer deadline."""
+    first, _ = two_receivers
+    port = _free_port()
+    path = sockdir / "front.toml"
+    path.write_text(_config([port], first.path, "[timeouts]\nhead = 8\n"))
+    with running_front(["--config", str(path)]) as front:
+        early = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
+        early.sendall(b"GET /early HTTP/1.1\r\n")
+        time.sleep(0.2)
+        _reload(front, path, _config([port], first.path, "[timeouts]\nhead = 1\n"), "reloaded")
+        late = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
+        late.sendall(b"GET /late HTTP/1.1\r\n")
+        began = time.monotonic()
+        for sock in (late, early):
+            with sock:
+                data = b""
+                while chunk := sock.recv(65536):
+                    data += chunk
+            assert data.startswith(b"HTTP/1.1 408 "), data[:100]
+        assert time.monotonic() - began < 4  # not the 8 s the early head began with
+        front.wait_for(r'"GET /late" route=- 408 "request head not complete within 1 s"')
+
+
+def test_a_file_that_is_not_utf8_is_refused_by_reload_and_check(
+    no_fd_leak: None, sockdir: Path, two_receivers: tuple[TestReceiver, TestReceiver]
+) -> None:
+    first, _ = two_receivers
+    port = _free_port()
+    path = sockdir / "front.toml"
+    good = _config([port], first.path)
+    path.write_text(good)
+    with running_front(["--config", str(path)]) as front:
+        before = sum("reload refused" in line for line in front.lines)
+        path.write_bytes(good.encode() + b"# caf\xe9\n")
+        front.proc.send_signal(signal.SIGHUP)
+        front.wait_for(r"reload refused, .*not valid TOML: not UTF-8 at byte")
+        assert sum("reload refused" in line for line in front.lines) == before + 1
+        assert not any("Traceback" in line for line in front.lines)
+        _get(port)
+    checked = subprocess.run(
+        [sys.executable, "-m", "fdhandoff", "check", "--config", str(path)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert checked.returncode == 2
+    assert "not valid TOML: not UTF-8 at byte" in checked.stderr

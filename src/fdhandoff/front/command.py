@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -93,6 +94,9 @@ def _run_front(args: argparse.Namespace) -> int:
     from .server import Front  # noqa: PLC0415  (``check`` needs none of the engine)
 
     front = Front(config, reload=lambda: _load(args))
+    # Until the loop handles it (and after): a reload or log-rotation
+    # SIGHUP sent while starting must not kill the front (default action).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     front.open()  # bind before the loop starts: a busy port is exit 2 at once
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         return runner.run(front.serve())

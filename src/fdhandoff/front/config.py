@@ -708,6 +708,8 @@ def load_config(
             raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        except UnicodeDecodeError as exc:  # TOML is UTF-8 (a stray Latin-1 byte)
+            raise ConfigError(f"{path}: not valid TOML: not UTF-8 at byte {exc.start}") from None
     return build_config(raw, listen=listen, routes=routes)
 
 

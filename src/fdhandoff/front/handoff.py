@@ -101,13 +101,17 @@ def _send_failure(exc: OSError) -> str:
 class InFlight:
     """One handoff waiting to be taken.  ``context`` is the caller's (for logs)."""
 
-    __slots__ = ("client", "context", "deadline", "size")
+    __slots__ = ("client", "context", "deadline", "size", "timeout")
 
-    def __init__(self, client: Socket, context: Any, deadline: float, size: int) -> None:
+    def __init__(
+        self, client: Socket, context: Any, deadline: float, size: int, timeout: float
+    ) -> None:
         self.client = client
         self.context = context
         self.deadline = deadline
         self.size = size  # bytes of its message
+        #: ``timeouts.handoff`` when it was sent: a reload changes later ones only.
+        self.timeout = timeout
 
 
 class Link:
@@ -192,6 +196,9 @@ class Handoffs:
         self._max_channels = channels
         retired = [link for links in self._channels.values() for link in links]
         self._channels.clear()
+        for link in self._links.values():
+            # Also those not acknowledged yet: none may join a pool later.
+            link.backend = None
         for link in retired:
             link.pooled = False
             if not link.flights:
@@ -249,7 +256,8 @@ class Handoffs:
         connection.  Any other failure goes to ``failed``.
         """
         start = time.monotonic() if now is None else now
-        flight = InFlight(client, context, start + self._timeout, len(message))
+        timeout = self._timeout
+        flight = InFlight(client, context, start + timeout, len(message), timeout)
         try:
             # fdpass is typed for socket.socket; the C type has the same sendmsg.
             sent = fdpass.send_fd_nowait(link.usock, message, client.fileno())  # type: ignore[arg-type]
@@ -386,11 +394,12 @@ class Handoffs:
         thousands of WebSockets queued on it), its oldest handoff waits for its
         turn, and the deadline counts from the last acknowledgement.
         """
-        limit = now - self._timeout
         late = [
             link
             for link in self._links.values()
-            if link.flights and link.flights[0].deadline <= now and link.progress <= limit
+            if link.flights
+            and link.flights[0].deadline <= now
+            and link.progress <= now - link.flights[0].timeout
         ]
         for link in late:
             self._settle(link, None)
@@ -410,7 +419,8 @@ class Handoffs:
         flights = link.flights
         if link.rest is not None:
             unread -= flights[-1].size - len(link.rest)
-            self._fail(flights.pop(), why or self._late("read"))
+            flight = flights.pop()
+            self._fail(flight, why or self._late("read", flight))
         unread_flights: list[InFlight] = []
         while flights and unread > 0:
             flight = flights.pop()
@@ -420,11 +430,12 @@ class Handoffs:
             self._take(flight)  # read by the receiver, which has the fd
         flights.clear()
         for flight in reversed(unread_flights):
-            self._fail(flight, why or self._late("take"))
+            self._fail(flight, why or self._late("take", flight))
         self._drop(link)
 
-    def _late(self, what: str) -> str:
-        return f"receiver did not {what} the connection within {self._timeout:g} s"
+    @staticmethod
+    def _late(what: str, flight: InFlight) -> str:
+        return f"receiver did not {what} the connection within {flight.timeout:g} s"
 
     # --- bookkeeping -----------------------------------------------------------------
 

@@ -287,6 +287,9 @@ class Front:
         finally:
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 self.loop.remove_signal_handler(signum)
+            # remove_signal_handler restores SIGHUP's default action, which
+            # kills: a reload sent while the front stops must not.
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
             if self._tick_handle is not None:
                 self._tick_handle.cancel()
             self.handoffs.close()
@@ -314,6 +317,7 @@ class Front:
         The metrics address is only read at start.
         """
         if self._stopping or self._reload_source is None:
+            log.info("SIGHUP ignored: %s", "stopping" if self._stopping else "nothing to reload")
             return
         try:
             config = self._reload_source()
@@ -326,35 +330,56 @@ class Front:
             return
         try:
             kept, added = self._listeners_for(config)
-        except ConfigError as exc:
+        except (ConfigError, OSError) as exc:
             access.close()
             log.error("reload refused, the running configuration stays: %s", _one_line(exc))
             return
+        for listener, backlog in kept:
+            listener.sock.listen(backlog)  # listen(2) again only sets the backlog
         for listener in self.listeners:
-            if listener not in kept:
+            if not any(listener is still for still, _ in kept):
                 if self._accepting:
                     self.loop.remove_reader(listener.sock.fileno())
                 close_listener(listener)
         if self._accepting:
             for listener in added:
                 self.loop.add_reader(listener.sock.fileno(), self._on_accept, listener)
-        self.listeners = kept + added
+        self.listeners = [listener for listener, _ in kept] + added
+        self._shorten_deadlines(config)
         self._apply(config)
         self.handoffs.reconfigure(config.timeouts.handoff, config.limits.channels)
         self.access.close()
         self.access = access
-        logging.getLogger("fdhandoff").setLevel(config.log.level.upper())
+        # Logged before the new level applies: a reload to "warning" still says it worked.
         log.info(
             "configuration reloaded: listening on %s, %d route(s)",
             ", ".join(listener.label for listener in self.listeners),
             len(config.routes),
         )
+        logging.getLogger("fdhandoff").setLevel(config.log.level.upper())
 
-    def _listeners_for(self, config: FrontConfig) -> tuple[list[Listener], list[Listener]]:
-        """The running listeners ``config`` keeps (new backlogs applied) and those
-        it adds, bound now; ConfigError, with the added ones closed, if one fails."""
+    def _shorten_deadlines(self, config: FrontConfig) -> None:
+        """A lowered head or linger timeout applies to what is waiting now, too.
+
+        Each dict must stay in deadline order (``_expired`` stops at the first
+        live entry): a deadline moved to ``start + new`` (heads) or ``now +
+        new`` (lingering closes) keeps the order, as both are monotone.
+        """
+        head, linger = config.timeouts.head, config.timeouts.linger
+        if head < self.timeouts.head:
+            self._pending = {p: min(d, p.start + head) for p, d in self._pending.items()}
+        if linger < self.timeouts.linger:
+            until = time.monotonic() + linger
+            self._lingering = {item: min(d, until) for item, d in self._lingering.items()}
+
+    def _listeners_for(
+        self, config: FrontConfig
+    ) -> tuple[list[tuple[Listener, int]], list[Listener]]:
+        """The running listeners ``config`` keeps, with their new backlog (set by
+        the caller once nothing can fail), and those it adds, bound now;
+        ConfigError or OSError, with the added ones closed, if one fails."""
         running = {listener.address: listener for listener in self.listeners}
-        kept: list[Listener] = []
+        kept: list[tuple[Listener, int]] = []
         added: list[Listener] = []
         try:
             for address, backlog in zip(
@@ -364,8 +389,7 @@ class Front:
                 if listener is None:
                     added.append(open_listener(address, backlog))
                 else:
-                    listener.sock.listen(backlog)  # listen(2) again only sets the backlog
-                    kept.append(listener)
+                    kept.append((listener, backlog))
         except BaseException:
             for listener in added:
                 close_listener(listener)
@@ -832,15 +856,11 @@ class Front:
     def _tick(self) -> None:
         now = time.monotonic()
         for pending in _expired(self._pending, now):
+            allowed = self._pending[pending] - pending.start  # the timeout it had
             self._drop_pending(pending)
             req = Request(pending.listener, pending.addr, pending.start)
             req.method, req.target = _request_line(bytes(pending.buf))
-            self.reject(
-                pending.sock,
-                req,
-                408,
-                f"request head not complete within {self.timeouts.head:g} s",
-            )
+            self.reject(pending.sock, req, 408, f"request head not complete within {allowed:.3g} s")
         self.handoffs.expire(now)
         for linger in _expired(self._lingering, now):
             self._end_linger(linger)
