@@ -220,6 +220,23 @@ def test_allowed_origins_refuse_other_pages_with_403(
     assert front.settled_fd_count(baseline) == baseline
 
 
+def _in_chromium(executable: str, url: str, protocols: list[str], message: str) -> str:
+    """What a page (about:blank) sees opening ``url``: ``"<protocol> <first
+    message>"`` once it is open and has sent ``message``, or ``"closed <code>"``."""
+    with launch(executable) as browser:
+        page = browser.open("about:blank")
+        page.evaluate(
+            "window.result = null; (() => {"
+            f" const ws = new WebSocket({url!r}, {protocols!r});"
+            f" ws.onopen = () => ws.send({message!r});"
+            " ws.onmessage = (e) => { window.result = ws.protocol + ' ' + e.data; ws.close(); };"
+            " ws.onclose = (e) => { window.result = window.result || 'closed ' + e.code; };"
+            "})()"
+        )
+        result: str = page.wait_for("window.result")
+        return result
+
+
 def test_browser_page_of_another_origin_is_refused(
     require_tool: Callable[[str], str],
     receivers: Callable[..., TestReceiver],
@@ -240,17 +257,8 @@ def test_browser_page_of_another_origin_is_refused(
         )
     )
     base = f"ws://{front.addresses[0]}"
-    with launch(executable) as browser:
-        page = browser.open("about:blank")
-        page.evaluate(
-            "window.results = {}; for (const path of ['/shut', '/open']) {"
-            f" const ws = new WebSocket({base!r} + path);"
-            " ws.onopen = () => ws.send('hi');"
-            " ws.onmessage = (e) => { window.results[path] = e.data; ws.close(); };"
-            " ws.onclose = (e) => { window.results[path] ||= 'closed ' + e.code; }; }"
-        )
-        results = page.wait_for("Object.keys(window.results).length === 2 ? window.results : null")
-    assert results == {"/shut": "closed 1006", "/open": "echo:hi"}
+    results = {path: _in_chromium(executable, base + path, [], "hi") for path in ("/shut", "/open")}
+    assert results == {"/shut": "closed 1006", "/open": " echo:hi"}
     front.wait_for(r'"GET /shut" route=/shut 403 "Origin b\'null\' may not open WebSockets')
 
 
@@ -267,17 +275,8 @@ def test_browser_gets_the_subprotocol_it_asked_for(
     receiver = receivers(behaviour=ws_echo)
     front = fronts(config=SUBPROTOCOL_ROUTE.format(path=receiver.path))
     url = f"ws://{front.addresses[0]}/ws"
-    with launch(executable) as browser:
-        page = browser.open("about:blank")
-        page.evaluate(
-            "window.result = null; (() => {"
-            f" const ws = new WebSocket({url!r}, ['graphql-ws', 'chat']);"
-            " ws.onopen = () => ws.send('from chromium');"
-            " ws.onmessage = (e) => { window.result = ws.protocol + ' ' + e.data; ws.close(); };"
-            " ws.onclose = (e) => { window.result = window.result || 'closed ' + e.code; };"
-            "})()"
-        )
-        assert page.wait_for("window.result") == "chat echo:from chromium"
+    got = _in_chromium(executable, url, ["graphql-ws", "chat"], "from chromium")
+    assert got == "chat echo:from chromium"
     assert receiver.next().headers[b"HANDOFF_SUBPROTOCOL"] == b"chat"
 
 

@@ -469,13 +469,21 @@ def _origin(text: str) -> str:
     return f"{scheme}://{host}" + (f":{port}" if port else "")
 
 
+def _strings(
+    table: Mapping[str, Any], key: str, where: str, errors: _Errors, example: str
+) -> list[str]:
+    """``table[key]`` as a list of strings (empty if absent, or after an error)."""
+    value = table.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        errors.add(where, value, f"must be a list of strings, e.g. {example}")
+        return []
+    return value
+
+
 def _origins(table: Mapping[str, Any], path: str, errors: _Errors) -> tuple[bytes, ...]:
     """``allowed_origins``: origins in the form browsers send them (see :func:`_origin`)."""
-    value = table.get("allowed_origins", [])
     where = f"{path}.allowed_origins"
-    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-        errors.add(where, value, 'must be a list of strings, e.g. ["https://example.com"]')
-        return ()
+    value = _strings(table, "allowed_origins", where, errors, '["https://example.com"]')
     origins: list[bytes] = []
     for item in value:
         try:
@@ -487,11 +495,8 @@ def _origins(table: Mapping[str, Any], path: str, errors: _Errors) -> tuple[byte
 
 def _subprotocols(table: Mapping[str, Any], path: str, errors: _Errors) -> tuple[bytes, ...]:
     """``subprotocols``: distinct tokens (RFC 6455 §4.1: the values a client offers)."""
-    value = table.get("subprotocols", [])
     where = f"{path}.subprotocols"
-    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-        errors.add(where, value, 'must be a list of strings, e.g. ["graphql-transport-ws"]')
-        return ()
+    value = _strings(table, "subprotocols", where, errors, '["graphql-transport-ws"]')
     bad = [item for item in value if not (item.isascii() and is_token(item.encode("ascii")))]
     for item in bad:
         errors.add(where, item, "a subprotocol is a token (RFC 6455 §4.1): no spaces or separators")
