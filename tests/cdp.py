@@ -106,7 +106,8 @@ class Page:
 
 @contextmanager
 def launch(executable: str) -> Iterator[Browser]:
-    with tempfile.TemporaryDirectory(prefix="fdhandoff-chromium-") as profile:
+    profile = tempfile.mkdtemp(prefix="fdhandoff-chromium-")
+    try:
         proc = subprocess.Popen(
             [executable, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
             stdout=subprocess.DEVNULL,
@@ -126,6 +127,23 @@ def launch(executable: str) -> Iterator[Browser]:
                 proc.wait()
             if proc.stderr is not None:
                 proc.stderr.close()
+    finally:
+        _remove_profile(profile)
+
+
+def _remove_profile(profile: str) -> None:
+    """Chromium's helper processes may still write into the profile for a
+    moment after the browser exited ("Directory not empty"): retry, briefly."""
+    for _ in range(50):
+        try:
+            shutil.rmtree(profile)
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.1)
+        else:
+            return
+    shutil.rmtree(profile, ignore_errors=True)
 
 
 def _devtools_url(proc: subprocess.Popen[str]) -> str:
