@@ -63,6 +63,19 @@ def read_exactly(sock: socket.socket, size: int, timeout: float = IO_TIMEOUT) ->
     return data
 
 
+def read_to_close(sock: socket.socket, *, reset_ok: bool = False) -> bytes:
+    """Everything until the peer closes (its timeout is the caller's); with
+    ``reset_ok`` a reset ends the reading like a close."""
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        if not reset_ok:
+            raise
+    return data
+
+
 def read_available(sock: socket.socket, wait: float) -> bytes:
     """Whatever arrives within ``wait`` seconds of silence."""
     data = b""

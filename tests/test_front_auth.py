@@ -30,6 +30,7 @@ from handoff_receiver import (
     http_exchange,
     parse_response,
     read_exactly,
+    read_to_close,
     receivers_fixture,  # noqa: F401  (fixture)
     respond,
     sockdir_fixture,  # noqa: F401  (fixture)
@@ -494,9 +495,7 @@ def test_daemon_restarting_is_tried_again_before_503(
             with handed:
                 handed.sendall(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
             client.settimeout(10)
-            data = b""
-            while chunk := client.recv(65536):
-                data += chunk
+            data = read_to_close(client)
             status, _, _ = parse_response(data)
         assert status == 204
 
@@ -821,9 +820,7 @@ def test_relayed_response_has_exactly_one_date(
         with front.connect() as client:
             client.sendall(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
             client.settimeout(10)
-            data = b""
-            while chunk := client.recv(65536):
-                data += chunk
+            data = read_to_close(client)
         app.join(timeout=10)
     interim, _, final = data.partition(b"\r\n\r\n")
     assert interim.startswith(b"HTTP/1.1 103 ") and b"Date:" not in interim
@@ -883,10 +880,7 @@ def test_answer_before_the_whole_body_is_relayed(
         client, uploader = _uploading_client(front, size)
         with client:
             client.settimeout(10)
-            data = b""
-            with contextlib.suppress(ConnectionResetError):
-                while chunk := client.recv(65536):
-                    data += chunk
+            data = read_to_close(client, reset_ok=True)
             elapsed = time.monotonic() - started
             with contextlib.suppress(OSError):
                 client.shutdown(socket.SHUT_RDWR)  # ends the uploader's sendall
@@ -911,10 +905,7 @@ def test_upload_cut_by_an_application_that_never_answers_is_502(
         client, uploader = _uploading_client(front, 6 * 1024 * 1024)
         with client:
             client.settimeout(10)
-            data = b""
-            with contextlib.suppress(ConnectionResetError):
-                while chunk := client.recv(65536):
-                    data += chunk
+            data = read_to_close(client, reset_ok=True)
             with contextlib.suppress(OSError):
                 client.shutdown(socket.SHUT_RDWR)  # ends the uploader's sendall
         uploader.join(timeout=10)
@@ -960,9 +951,7 @@ def test_early_handoff_answer_waits_for_the_body(
                 b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % len(body) + body
             )
             client.settimeout(10)
-            data = b""
-            while chunk := client.recv(65536):
-                data += chunk
+            data = read_to_close(client)
         app.join(timeout=10)
     assert got == [len(body)]
     status, _, echoed = parse_response(data)
@@ -1089,9 +1078,7 @@ def test_early_answer_reaches_a_client_that_sends_its_whole_body_first(
         with front.connect() as client:
             client.settimeout(10)
             client.sendall(b"POST /up HTTP/1.1\r\nHost: a\r\n" + framing + b"\r\n\r\n" + upload)
-            data = b""
-            while chunk := client.recv(65536):
-                data += chunk
+            data = read_to_close(client)
         elapsed = time.monotonic() - started
         app.join(timeout=10)
     status, _, body = parse_response(data)
@@ -1120,9 +1107,7 @@ def test_early_answer_ends_soon_after_the_client_stops_sending(
             client.sendall(b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 1000000\r\n\r\n")
             client.sendall(b"u" * 1000)  # and no more
             client.settimeout(10)
-            data = b""
-            while chunk := client.recv(65536):
-                data += chunk
+            data = read_to_close(client)
         elapsed = time.monotonic() - started
         app.join(timeout=10)
     status, _, body = parse_response(data)

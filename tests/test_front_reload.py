@@ -28,6 +28,7 @@ from handoff_receiver import (
     FrontProcess,
     TestReceiver,
     parse_response,
+    read_to_close,
     running_front,
     sockdir_fixture,  # noqa: F401  (fixture)
 )
@@ -67,9 +68,7 @@ def _get(port: int, target: str = "/x", head_rest: bytes = b"") -> dict[str, obj
 
 
 def _answer(sock: socket.socket) -> dict[str, object]:
-    data = b""
-    while chunk := sock.recv(65536):
-        data += chunk
+    data = read_to_close(sock)
     status, _, body = parse_response(data)
     assert status == 200, data
     result: dict[str, object] = json.loads(body)
@@ -199,10 +198,7 @@ def test_reload_retires_channels_to_the_old_backend(tmp_path: Path) -> None:
 def _http_ok(port: int) -> None:
     with socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-        data = b""
-        with contextlib.suppress(ConnectionResetError):
-            while chunk := sock.recv(65536):
-                data += chunk
+        data = read_to_close(sock, reset_ok=True)
     assert data.startswith(b"HTTP/1.1 200 "), data[:200]
 
 
@@ -230,9 +226,7 @@ def test_a_head_over_a_lowered_size_limit_is_431_after_the_reload(
             smaller = _config([port], first.path, "[limits]\nmax_head_size = 16384\n")
             _reload(front, path, smaller, "configuration reloaded")
             client.sendall(b"b")
-            data = b""
-            while chunk := client.recv(65536):
-                data += chunk
+            data = read_to_close(client)
         assert data.startswith(b"HTTP/1.1 431 "), data[:200]
         front.wait_for(r'"GET /big" route=- 431 "request head larger than 16384 bytes"')
         assert not any("Traceback" in line or "Exception" in line for line in front.lines)
@@ -326,9 +320,7 @@ def test_a_lowered_head_timeout_applies_to_heads_already_waiting(
         began = time.monotonic()
         for sock in (late, early):
             with sock:
-                data = b""
-                while chunk := sock.recv(65536):
-                    data += chunk
+                data = read_to_close(sock)
             assert data.startswith(b"HTTP/1.1 408 "), data[:100]
         assert time.monotonic() - began < 4  # not the 8 s the early head began with
         front.wait_for(r'"GET /late" route=- 408 "request head not complete within 1 s"')

@@ -28,6 +28,7 @@ from handoff_receiver import (
     TestReceiver,
     fronts_fixture,  # noqa: F401  (fixture)
     http_exchange,
+    read_to_close,
     receivers_fixture,  # noqa: F401  (fixture)
     sockdir_fixture,  # noqa: F401  (fixture)
 )
@@ -363,9 +364,7 @@ def test_receiver_not_taking_it_after_the_101_gets_a_close_1013(
     with front.connect() as sock:
         sock.sendall(upgrade_request())
         sock.settimeout(IO_TIMEOUT)
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
+        data = read_to_close(sock)
     head, _, frame = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 101")
     assert frame[0] == 0x88  # close frame, unmasked
