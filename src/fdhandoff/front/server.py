@@ -285,11 +285,16 @@ class Front:
             await self._stop_event.wait()
             await self._shutdown()
         finally:
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            for signum in (signal.SIGTERM, signal.SIGINT):
                 self.loop.remove_signal_handler(signum)
             # remove_signal_handler restores SIGHUP's default action, which
-            # kills: a reload sent while the front stops must not.
+            # kills: a reload sent while the front stops must not.  Blocked
+            # until it is ignored, so none lands in between (an ignored
+            # signal that was pending is discarded, signal(7)).
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+            self.loop.remove_signal_handler(signal.SIGHUP)
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
             if self._tick_handle is not None:
                 self._tick_handle.cancel()
             self.handoffs.close()
