@@ -62,9 +62,12 @@ def _front_keys() -> dict[str, str | None]:
     keys: dict[str, str | None] = {}
     route_defaults = {f.name: f.default for f in dataclasses.fields(front_config.RouteConfig)}
     for name in front_config._LISTEN_KEYS:
-        keys[f"listen[].{name}"] = (
-            _shown(front_config.DEFAULT_BACKLOG) if name == "backlog" else None
-        )
+        if name == "backlog":
+            keys[f"listen[].{name}"] = _shown(front_config.DEFAULT_BACKLOG)
+        elif name.startswith("tls_"):
+            keys[f"listen[].{name}"] = "none"  # optional: plain HTTP without
+        else:
+            keys[f"listen[].{name}"] = None
     for name in front_config._ROUTE_KEYS:
         default = route_defaults.get(name, dataclasses.MISSING)
         if isinstance(default, front_config.Mode | front_config.HandoffFormat):

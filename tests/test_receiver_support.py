@@ -79,8 +79,12 @@ class ReceiverThread:
             self._ready.set()
 
         await engine.serve(
-            self.handler, [x.sock for x in self.listeners], self.options, stop=self._stop,
-            ready=ready, lifespan=self.engine_lifespan,
+            self.handler,
+            [x.sock for x in self.listeners],
+            self.options,
+            stop=self._stop,
+            ready=ready,
+            lifespan=self.engine_lifespan,
         )
 
     def start(self) -> ReceiverThread:
@@ -509,6 +513,34 @@ async def echo(handoff: Handoff) -> None:
     body = await handoff.read_body()
     text = f"{handoff.format.value} {handoff.method} {handoff.path} {len(body)}\n"
     await handoff.respond(200, [("Content-Type", "text/plain")], text.encode() + body)
+
+
+async def asgi_echo(
+    scope: dict[str, Any],
+    receive: Callable[[], Awaitable[dict[str, Any]]],
+    send: Callable[[dict[str, Any]], Awaitable[None]],
+) -> None:
+    """ASGI twin of :func:`echo`: scheme, method, path, body length, then the body."""
+    if scope["type"] == "lifespan":
+        while (event := await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    body = b""
+    while True:
+        event = await receive()
+        body += event.get("body", b"")
+        if not event.get("more_body"):
+            break
+    text = f"{scope['scheme']} {scope['method']} {scope['path']} {len(body)}\n".encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-length", b"%d" % len(text + body))],
+        }
+    )
+    await send({"type": "http.response.body", "body": text + body})
 
 
 def sync_echo(handoff: Any) -> None:

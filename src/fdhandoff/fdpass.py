@@ -24,6 +24,7 @@ builds the asyncio verbs on the latter.
 
 from __future__ import annotations
 
+import _socket
 import array
 import contextlib
 import errno
@@ -52,6 +53,8 @@ __all__ = [
     "recv_size",
     "send_fd",
     "send_fd_nowait",
+    "send_tls_close_notify",
+    "tls_offloaded",
     "wrap_fd",
 ]
 
@@ -391,3 +394,61 @@ def _wait(sock: socket.socket, *, write: bool, deadline: float | None) -> None:
         sel.register(sock, selectors.EVENT_WRITE if write else selectors.EVENT_READ)
         if not sel.select(remaining):
             raise TimeoutError("timed out waiting for the UNIX socket")
+
+
+# --- kernel TLS on a handed-off socket -------------------------------------------------------
+# A TLS connection is handed off once the kernel holds its record layer
+# (kTLS): its holder reads and writes plain bytes, and ends the session with
+# a close_notify alert, which only an ancillary-data sendmsg can ask the
+# kernel to send.
+
+#: linux/tcp.h TCP_ULP, linux/socket.h SOL_TLS, linux/tls.h TLS_TX / TLS_RX /
+#: TLS_SET_RECORD_TYPE (the socket module names none of them).
+TCP_ULP: Final = 31
+SOL_TLS: Final = 282
+TLS_TX: Final = 1
+TLS_RX: Final = 2
+TLS_SET_RECORD_TYPE: Final = 1
+
+#: An alert record (RFC 5246 §6.2.1, content type 21) carrying close_notify
+#: (RFC 5246 §7.2.1, RFC 8446 §6.1: level warning = 1, close_notify = 0).
+_ALERT_RECORD: Final = [(SOL_TLS, TLS_SET_RECORD_TYPE, bytes((21,)))]
+_CLOSE_NOTIFY: Final = [bytes((1, 0))]
+
+
+def tls_offloaded(sock: socket.socket) -> str | None:
+    """None if the kernel carries both directions of ``sock``'s TLS; else why not.
+
+    ``getsockopt(SOL_TLS, TLS_TX|TLS_RX)`` with room for the 4-byte
+    ``tls_crypto_info`` header succeeds once that direction's keys are in the
+    kernel, and fails (EBUSY) before (net/tls/tls_main.c).
+    """
+    try:
+        ulp = sock.getsockopt(socket.IPPROTO_TCP, TCP_ULP, 16).rstrip(b"\x00")
+    except OSError as exc:
+        return f"TCP_ULP: {exc.strerror}"
+    if ulp != b"tls":
+        return "the kernel's tls layer is not attached"
+    missing = []
+    for name, option in (("send", TLS_TX), ("receive", TLS_RX)):
+        try:
+            sock.getsockopt(SOL_TLS, option, 4)
+        except OSError:
+            missing.append(name)
+    return f"no kernel offload for {' and '.join(missing)}" if missing else None
+
+
+def send_tls_close_notify(sock: _socket.socket) -> bool:
+    """End the TLS session of a kTLS socket with close_notify, before its FIN.
+
+    Without it, a client reading to the end of the connection cannot tell
+    the end from a truncation (OpenSSL 3 reports "unexpected eof").  Only
+    on a socket whose send side the kernel encrypts: on any other the alert
+    would go out as two plain bytes.  False if nothing was sent.
+    """
+    try:
+        sock.getsockopt(SOL_TLS, TLS_TX, 4)
+        sent = sock.sendmsg(_CLOSE_NOTIFY, _ALERT_RECORD, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+    except OSError:
+        return False
+    return sent == len(_CLOSE_NOTIFY[0])

@@ -670,6 +670,7 @@ class _Exchange:
                 remote=self.peer,
                 server=self.server,
                 route=self.route.prefix.encode("utf-8"),
+                https=self.req.tls,
                 handoff_data=data,
                 body_consumed=True,  # it went to the application
             )
@@ -768,7 +769,7 @@ class _Exchange:
         await self.end_dropping(cancel=False)  # the linger below reads the client next
         self.owned = False
         self.front.log_request(self.req, f"relayed {response.status}")
-        self.front.send_and_linger(self.client, b"")
+        self.front.send_and_linger(self.client, b"", tls=self.req.tls)
 
     async def _relay_body(self, response: ResponseHead, *, dechunk: bool = False) -> None:
         assert self.upstream is not None

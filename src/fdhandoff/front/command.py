@@ -12,6 +12,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from .config import FrontConfig, load_config, warnings
+from .tls import probe_offload, server_context
 
 __all__ = ["register"]
 
@@ -63,13 +64,14 @@ def _load(args: argparse.Namespace) -> FrontConfig:
 def _run_check(args: argparse.Namespace) -> int:
     try:
         config = _load(args)
+        found = warnings(config) + _check_tls(config)
     except ConfigError as exc:
         source = args.config or "command line"
         print(f"{source}: invalid configuration:", file=sys.stderr)
         for line in str(exc).splitlines():
             print(f"  {line}", file=sys.stderr)
         return 2
-    for line in warnings(config):
+    for line in found:
         print(f"warning: {line}", file=sys.stderr)
     listen = ", ".join(address.text for address in config.listen)
     print(f"ok: {len(config.listen)} listener(s) ({listen}), {len(config.routes)} route(s)")
@@ -78,6 +80,23 @@ def _run_check(args: argparse.Namespace) -> int:
         host = f" host={route.host}" if route.host else ""
         print(f"  {route.prefix}{host} -> {route.mode.value} {where}")
     return 0
+
+
+def _check_tls(config: FrontConfig) -> list[str]:
+    """Load every TLS listener's certificate and key (ConfigError if one cannot
+    be); a warning if this machine cannot hand TLS connections off, as the
+    front would then refuse to start here (the check may run elsewhere)."""
+    found: list[str] = []
+    for address, files in zip(config.listen, config.tls, strict=False):
+        if files is None:
+            continue
+        try:
+            context = server_context(files)
+        except ConfigError as exc:
+            raise ConfigError(f"listen {address.text}: {exc}") from None
+        if not found and (problem := probe_offload(context)) is not None:
+            found.append(f"listen {address.text}: TLS cannot be handed off here: {problem}")
+    return found
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:

@@ -24,6 +24,7 @@ from typing import Any, Final, TypeVar
 from ..errors import ConfigError
 from ..httphead import MAX_HEAD_SIZE, MAX_HEADERS, MAX_URI_LENGTH, HeadLimits, is_token
 from ..metrics import parse_address as parse_metrics_address
+from .tls import TlsFiles
 
 __all__ = [
     "Address",
@@ -151,6 +152,8 @@ class FrontConfig:
     listen: tuple[Address, ...]
     routes: tuple[RouteConfig, ...]
     backlog: tuple[int, ...] = ()
+    #: Per listener (same order as ``listen``): its certificate and key, or None.
+    tls: tuple[TlsFiles | None, ...] = ()
     limits: Limits = field(default_factory=Limits)
     timeouts: Timeouts = field(default_factory=Timeouts)
     log: LogConfig = field(default_factory=LogConfig)
@@ -317,7 +320,7 @@ def _backend_path(text: str) -> str:
 # --- sections ----------------------------------------------------------------------------
 
 _TOP_KEYS: Final = ["limits", "listen", "log", "metrics", "route", "timeouts"]
-_LISTEN_KEYS: Final = ["address", "backlog"]
+_LISTEN_KEYS: Final = ["address", "backlog", "tls_certificate", "tls_key"]
 _ROUTE_KEYS: Final = [
     "allowed_origins",
     "allowed_prefix",
@@ -348,22 +351,43 @@ def _tables(raw: Mapping[str, Any], key: str, errors: _Errors) -> list[Mapping[s
     return value
 
 
-def _listen(table: Mapping[str, Any], path: str, errors: _Errors) -> tuple[Address | None, int]:
+def _listen(
+    table: Mapping[str, Any], path: str, errors: _Errors
+) -> tuple[Address | None, int, TlsFiles | None]:
     _check_keys(table, _LISTEN_KEYS, path, errors)
     backlog = _number(
         table, "backlog", path, errors, default=DEFAULT_BACKLOG, kind=int, low=1, high=65535
     )
+    tls = _tls_files(table, path, errors)
     text = _string(table, "address", path, errors)
     if text is None:
         if "address" not in table:
             errors.add(f"{path}.address", _MISSING, "every [[listen]] needs an address")
-        return None, backlog
+        return None, backlog, tls
     try:
-        return parse_address(text), backlog
+        address = parse_address(text)
     except ValueError as exc:
         where = path if path.startswith("--") else f"{path}.address"
         errors.add(where, text, str(exc))
-        return None, backlog
+        return None, backlog, tls
+    if tls is not None and address.is_unix:
+        errors.add(f"{path}.tls_certificate", tls.certificate, "TLS needs a TCP address")
+    return address, backlog, tls
+
+
+def _tls_files(table: Mapping[str, Any], path: str, errors: _Errors) -> TlsFiles | None:
+    """Both ``tls_certificate`` and ``tls_key``, or neither (plain HTTP)."""
+    certificate = _string(table, "tls_certificate", path, errors)
+    key = _string(table, "tls_key", path, errors)
+    for name, value, other in (
+        ("tls_certificate", certificate, "tls_key"),
+        ("tls_key", key, "tls_certificate"),
+    ):
+        if value is not None and other not in table:
+            errors.add(f"{path}.{other}", _MISSING, f"{name} needs {other} too")
+    if certificate is None or key is None:
+        return None
+    return TlsFiles(certificate, key)
 
 
 def _route(table: Mapping[str, Any], path: str, errors: _Errors) -> RouteConfig | None:
@@ -647,15 +671,17 @@ def build_config(
     _check_keys(raw, _TOP_KEYS, "", errors)
     addresses: list[Address] = []
     backlogs: list[int] = []
+    tls: list[TlsFiles | None] = []
     listen_tables = (
         [{"address": text} for text in listen] if listen else _tables(raw, "listen", errors)
     )
     for index, table in enumerate(listen_tables):
         label = "--listen" if listen else f"listen[{index}]"
-        address, backlog = _listen(table, label, errors)
+        address, backlog, files = _listen(table, label, errors)
         if address is not None:
             addresses.append(address)
             backlogs.append(backlog)
+            tls.append(files)
     route_configs: list[RouteConfig] = []
     route_tables = [(f"route[{i}]", t) for i, t in enumerate(_tables(raw, "route", errors))]
     for text in routes or []:
@@ -688,6 +714,7 @@ def build_config(
         tuple(addresses),
         tuple(route_configs),
         tuple(backlogs),
+        tuple(tls),
         _limits(_table(raw, "limits", errors), errors),
         _timeouts(_table(raw, "timeouts", errors), errors),
         _log(_table(raw, "log", errors), errors),

@@ -6,8 +6,8 @@ layout), so a receiver written for nginx works unchanged:
 ``CONTENT_LENGTH``
     bytes the front already read from the client that follow the netstring
     (always 0 on plain TCP: the front never reads past the head).
-``SCGI`` = ``1+fd_pass``, [``HTTPS`` = ``on``], ``REMOTE_ADDR``, ``REMOTE_PORT``,
-``REQUEST_METHOD``, ``REQUEST_URI`` (raw, origin-form), ``SERVER_ADDR``,
+``SCGI`` = ``1+fd_pass``, [``HTTPS`` = ``on``, ``KTLS_RX`` = ``1``], ``REMOTE_ADDR``,
+``REMOTE_PORT``, ``REQUEST_METHOD``, ``REQUEST_URI`` (raw, origin-form), ``SERVER_ADDR``,
 ``SERVER_PORT``, ``QUERY_STRING`` (always, may be empty)
     as nginx, in nginx's order and with nginx's values: ``1+fd_pass`` says
     "SCGI 1 with the client fd attached", which is what this is, so a receiver
@@ -124,7 +124,9 @@ def describe(
         b"%d" % len(already_read),
         b"SCGI",
         b"1+fd_pass",
-        *((b"HTTPS", b"on") if https else ()),
+        # As nginx on a fully offloaded connection: KTLS_RX=1 says the
+        # kernel decrypts what the client sends, nothing is relayed.
+        *((b"HTTPS", b"on", b"KTLS_RX", b"1") if https else ()),
         b"REMOTE_ADDR",
         remote[0],
         b"REMOTE_PORT",

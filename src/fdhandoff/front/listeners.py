@@ -8,6 +8,7 @@ import errno
 import logging
 import os
 import socket
+import ssl
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,6 +43,9 @@ class Listener:
     is_unix: bool
     #: (st_dev, st_ino) of the socket file we created, so only ours is removed.
     inode: tuple[int, int] | None = None
+    #: TLS listeners: the context every handshake uses (replaced on reload,
+    #: so renewed certificates apply to new connections).
+    tls: ssl.SSLContext | None = None
     #: accept4(2) returning (fd, address): the C method under socket.accept().
     accept: Callable[[], tuple[int, Any]] = field(init=False)
     family: int = field(init=False)

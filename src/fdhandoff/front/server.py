@@ -31,11 +31,13 @@ taken the connection: the client gets 503 (or a WebSocket close 1013 after a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import logging
 import signal
 import socket
+import ssl
 import time
 from _socket import socket as Socket  # the C socket type, see _on_accept
 from collections.abc import Callable
@@ -43,6 +45,7 @@ from typing import Final, TypeVar
 
 from .. import websocket
 from ..errors import ConfigError, ProtocolError
+from ..fdpass import send_tls_close_notify, tls_offloaded
 from ..httphead import (
     HEAD_END,
     RequestHead,
@@ -66,6 +69,7 @@ from .listeners import (
     server_endpoint,
 )
 from .responses import error_response
+from .tls import probe_offload, server_context
 
 __all__ = ["Front", "Request"]
 
@@ -115,6 +119,10 @@ _DONTWAIT: Final = int(socket.MSG_DONTWAIT)
 #: Answers whose reason names the server's insides (socket paths, the
 #: upstream's address, the allowed prefix): the body says only the phrase.
 _DETAILS_LOGGED_ONLY: Final = frozenset((403, 500, 502, 503, 504))
+#: Bytes peeked on a new TLS connection to tell a handshake from a plain
+#: request line (enough for the access log's method and target).
+_TLS_SNIFF: Final = 1024
+_HANDSHAKE_RECORD: Final = 22
 _ACCEPT_PAUSE_ERRNOS: Final = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 _BACKEND_REASONS: Final = {
     errno.ENOENT: "socket file missing",
@@ -140,10 +148,12 @@ class Request:
     access log off, most requests never need it.
     """
 
-    __slots__ = ("addr", "listener", "method", "route", "start", "target", "upgraded")
+    __slots__ = ("addr", "listener", "method", "route", "start", "target", "tls", "upgraded")
 
     def __init__(self, listener: Listener, addr: object, start: float) -> None:
         self.listener = listener
+        #: The client speaks TLS (kernel TLS by now): answers end with close_notify.
+        self.tls = listener.tls is not None
         self.addr = addr
         self.start = start
         self.method = b""
@@ -168,6 +178,21 @@ class _Pending:
         self.listener = listener
         self.buf = bytearray()
         self.start = start
+
+
+class _Handshake:
+    """A TLS connection whose handshake is under way (TLS listeners only)."""
+
+    __slots__ = ("addr", "fd", "listener", "start", "tls", "waiting")
+
+    def __init__(self, tls: ssl.SSLSocket, addr: object, listener: Listener, start: float):
+        self.tls = tls
+        self.fd = tls.fileno()
+        self.addr = addr
+        self.listener = listener
+        self.start = start
+        #: The readiness the handshake waits for: "", "read" or "write".
+        self.waiting = ""
 
 
 class _Linger:
@@ -207,6 +232,7 @@ class Front:
         self.metrics = _front_metrics(self)
         self.listeners: list[Listener] = []
         self._pending: dict[_Pending, float] = {}
+        self._handshaking: dict[_Handshake, float] = {}
         self._handoffs: Handoffs | None = None
         self._lingering: dict[_Linger, float] = {}
         self.tasks: set[asyncio.Task[None]] = set()
@@ -237,11 +263,14 @@ class Front:
 
     def open(self) -> None:
         """Bind every listener (ConfigError on failure, nothing left open)."""
+        contexts = _tls_contexts(self.config)
         try:
-            for address, backlog in zip(
-                self.config.listen, self.config.backlog or (1024,) * 99, strict=False
+            for address, backlog, context in zip(
+                self.config.listen, self.config.backlog or (1024,) * 99, contexts, strict=False
             ):
-                self.listeners.append(open_listener(address, backlog))
+                listener = open_listener(address, backlog)
+                listener.tls = context
+                self.listeners.append(listener)
         except BaseException:
             for listener in self.listeners:
                 close_listener(listener)
@@ -339,17 +368,18 @@ class Front:
             access.close()
             log.error("reload refused, the running configuration stays: %s", _one_line(exc))
             return
-        for listener, backlog in kept:
+        for listener, backlog, context in kept:
             listener.sock.listen(backlog)  # listen(2) again only sets the backlog
+            listener.tls = context  # certificates read again: renewals apply now
         for listener in self.listeners:
-            if not any(listener is still for still, _ in kept):
+            if not any(listener is still for still, _, _ in kept):
                 if self._accepting:
                     self.loop.remove_reader(listener.sock.fileno())
                 close_listener(listener)
         if self._accepting:
             for listener in added:
                 self.loop.add_reader(listener.sock.fileno(), self._on_accept, listener)
-        self.listeners = [listener for listener, _ in kept] + added
+        self.listeners = [listener for listener, _, _ in kept] + added
         self._shorten_deadlines(config)
         self._apply(config)
         self.handoffs.reconfigure(config.timeouts.handoff, config.limits.channels)
@@ -373,28 +403,35 @@ class Front:
         head, linger = config.timeouts.head, config.timeouts.linger
         if head < self.timeouts.head:
             self._pending = {p: min(d, p.start + head) for p, d in self._pending.items()}
+            self._handshaking = {h: min(d, h.start + head) for h, d in self._handshaking.items()}
         if linger < self.timeouts.linger:
             until = time.monotonic() + linger
             self._lingering = {item: min(d, until) for item, d in self._lingering.items()}
 
     def _listeners_for(
         self, config: FrontConfig
-    ) -> tuple[list[tuple[Listener, int]], list[Listener]]:
-        """The running listeners ``config`` keeps, with their new backlog (set by
-        the caller once nothing can fail), and those it adds, bound now;
-        ConfigError or OSError, with the added ones closed, if one fails."""
+    ) -> tuple[list[tuple[Listener, int, ssl.SSLContext | None]], list[Listener]]:
+        """The running listeners ``config`` keeps, with their new backlog and TLS
+        context (set by the caller once nothing can fail), and those it adds,
+        bound now; ConfigError or OSError, with the added ones closed, if one fails."""
+        contexts = _tls_contexts(config)
         running = {listener.address: listener for listener in self.listeners}
-        kept: list[tuple[Listener, int]] = []
+        kept: list[tuple[Listener, int, ssl.SSLContext | None]] = []
         added: list[Listener] = []
         try:
-            for address, backlog in zip(
-                config.listen, config.backlog or (1024,) * len(config.listen), strict=False
+            for address, backlog, context in zip(
+                config.listen,
+                config.backlog or (1024,) * len(config.listen),
+                contexts,
+                strict=False,
             ):
                 listener = running.pop(address, None)
                 if listener is None:
-                    added.append(open_listener(address, backlog))
+                    listener = open_listener(address, backlog)
+                    listener.tls = context
+                    added.append(listener)
                 else:
-                    kept.append((listener, backlog))
+                    kept.append((listener, backlog, context))
         except BaseException:
             for listener in added:
                 close_listener(listener)
@@ -403,7 +440,13 @@ class Front:
 
     def in_flight(self) -> int:
         handoffs = len(self._handoffs) if self._handoffs is not None else 0
-        return len(self._pending) + handoffs + len(self._lingering) + len(self.tasks)
+        return (
+            len(self._pending)
+            + len(self._handshaking)
+            + handoffs
+            + len(self._lingering)
+            + len(self.tasks)
+        )
 
     async def _shutdown(self) -> None:
         self._stopping = True
@@ -429,6 +472,9 @@ class Front:
         for pending in list(self._pending):
             self._drop_pending(pending)
             pending.sock.close()
+        for handshake in list(self._handshaking):
+            self._end_handshake(handshake)
+            handshake.tls.close()
         self.handoffs.settle_all()
         for linger in list(self._lingering):
             self._end_linger(linger)
@@ -467,6 +513,7 @@ class Front:
         """
         accept = listener.accept
         family = listener.family
+        tls = listener.tls
         for _ in range(ACCEPT_BATCH):
             try:
                 fd, addr = accept()
@@ -479,10 +526,14 @@ class Front:
                 self._fds_back()
             sock = Socket(family, _STREAM, 0, fd)
             try:
-                self._start(sock, addr, listener)
+                if tls is None:
+                    self._start(sock, addr, listener)
+                else:
+                    self._begin_tls(sock, addr, listener, tls)
             except Exception:  # never let one connection take the loop down
                 log.exception("internal error on a new connection from %r", addr)
-                sock.close()
+                if sock.fileno() >= 0:
+                    sock.close()
 
     def _accept_failed(self, listener: Listener, exc: OSError) -> None:
         if exc.errno in _ACCEPT_PAUSE_ERRNOS:
@@ -520,10 +571,108 @@ class Front:
         )
         self._short_since = None
 
+    # --- TLS handshake (TLS listeners, fdhandoff.front.tls) ------------------------------
+
+    def _begin_tls(
+        self, sock: Socket, addr: object, listener: Listener, context: ssl.SSLContext
+    ) -> None:
+        start = time.monotonic()
+        try:
+            first = sock.recv(_TLS_SNIFF, _PEEK)
+        except BlockingIOError:
+            first = b"?"  # nothing yet: the handshake waits for it
+        except OSError:
+            first = b""
+        if not first:
+            sock.close()
+            return
+        # A TLS connection starts with a handshake record (RFC 8446 §5.1,
+        # content type 22); a request line starts with a method's letters.
+        if first[0] != _HANDSHAKE_RECORD and first[:1].isalpha():
+            req = Request(listener, addr, start)
+            req.tls = False  # the answer goes out in plain text: it is read as such
+            req.method, req.target = _request_line(first)
+            self.reject(sock, req, 400, "plain HTTP sent to a TLS port: use https://")
+            return
+        raw = socket.socket(listener.family, socket.SOCK_STREAM, 0, sock.detach())
+        raw.setblocking(False)  # do_handshake() must not wait: the loop calls back
+        try:
+            tls = context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+        except (OSError, ValueError) as exc:
+            raw.close()
+            log.info("%s: TLS: %s", _client_label(listener, addr), exc)
+            return
+        handshake = _Handshake(tls, addr, listener, start)
+        self._handshaking[handshake] = start + self.timeouts.head
+        self._tls_step(handshake)
+
+    def _tls_step(self, handshake: _Handshake) -> None:
+        tls = handshake.tls
+        try:
+            tls.do_handshake()
+        except ssl.SSLWantReadError:
+            self._tls_wait(handshake, "read")
+            return
+        except ssl.SSLWantWriteError:
+            self._tls_wait(handshake, "write")
+            return
+        except (ssl.SSLError, OSError) as exc:
+            self._end_handshake(handshake)
+            tls.close()
+            reason = getattr(exc, "reason", None) or exc.strerror or str(exc)
+            self._tls_failed(handshake, f"handshake failed: {reason}", "failed")
+            return
+        self._end_handshake(handshake)
+        problem = tls_offloaded(tls)
+        if problem is not None:
+            # Not handed off half-encrypted; the answer goes through OpenSSL.
+            self._tls_failed(handshake, f"{problem} ({tls.version()}, {_cipher(tls)})", "offload")
+            with contextlib.suppress(OSError, ssl.SSLError):
+                tls.send(error_response(500, reason_phrase(500).decode("ascii")))
+            tls.close()
+            return
+        # The kernel holds the record layer now: OpenSSL's state is dropped
+        # (no close_notify, the connection goes on) and the socket is read
+        # like any other.  Blocking again, as every accepted socket is.
+        sock = Socket(handshake.listener.family, _STREAM, 0, tls.detach())
+        sock.setblocking(True)
+        self._start(sock, handshake.addr, handshake.listener, handshake.start)
+
+    def _tls_wait(self, handshake: _Handshake, want: str) -> None:
+        if handshake.waiting == want:
+            return
+        self._tls_unwatch(handshake)
+        if want == "read":
+            self.loop.add_reader(handshake.fd, self._tls_step, handshake)
+        else:
+            self.loop.add_writer(handshake.fd, self._tls_step, handshake)
+        handshake.waiting = want
+
+    def _tls_unwatch(self, handshake: _Handshake) -> None:
+        if handshake.waiting == "read":
+            self.loop.remove_reader(handshake.fd)
+        elif handshake.waiting == "write":
+            self.loop.remove_writer(handshake.fd)
+        handshake.waiting = ""
+
+    def _end_handshake(self, handshake: _Handshake) -> None:
+        self._tls_unwatch(handshake)
+        self._handshaking.pop(handshake, None)
+
+    def _tls_failed(self, handshake: _Handshake, why: str, reason: str) -> None:
+        """A TLS connection that never became a request: no access-log line
+        (there was no request), a log line and a count."""
+        self.metrics.inc("tls_failures_total", reason=reason)
+        client = _client_label(handshake.listener, handshake.addr)
+        if reason == "offload":
+            log.error("%s: TLS connection refused, it cannot be handed off: %s", client, why)
+        else:
+            log.info("%s: TLS %s", client, why)
+
     # --- reading the head -----------------------------------------------------------------
 
-    def _start(self, sock: Socket, addr: object, listener: Listener) -> None:
-        start = time.monotonic()
+    def _start(self, sock: Socket, addr: object, listener: Listener, start: float = 0.0) -> None:
+        start = start or time.monotonic()  # TLS: since the accept, handshake included
         buf = self._buf
         try:
             n = sock.recv_into(buf, self._max_head, _PEEK)
@@ -687,6 +836,7 @@ class Front:
             remote=peer,
             server=server,
             route=self._prefix_bytes[route.prefix],
+            https=req.tls,
             channel=self._channels,
         )
         if dropped:
@@ -711,13 +861,16 @@ class Front:
         except ProtocolError as exc:
             self.log_request(req, f'{exc.status_hint} "{exc}"')
             head_only = head.method == b"HEAD"
-            self.send_and_linger(sock, websocket.error_response(exc, head_only=head_only))
+            self.send_and_linger(
+                sock, websocket.error_response(exc, head_only=head_only), tls=req.tls
+            )
             return
         message, dropped = describe(
             head,
             remote=peer,
             server=server,
             route=self._prefix_bytes[route.prefix],
+            https=req.tls,
             upgraded=b"websocket",
             subprotocol=subprotocol,
             channel=self._channels,
@@ -810,7 +963,9 @@ class Front:
             self.reject(client, req, status, text)
             return
         self.log_request(req, f'101 closed-1013 "{text}"')
-        self.send_and_linger(client, _close_frame(WS_TRY_AGAIN, b"backend unavailable"))
+        self.send_and_linger(
+            client, _close_frame(WS_TRY_AGAIN, b"backend unavailable"), tls=req.tls
+        )
 
     def reject(self, sock: Socket, req: Request, status: int, text: str) -> None:
         """Answer the client with an error of the front's own and close (lingering).
@@ -825,13 +980,20 @@ class Front:
             text = reason_phrase(status).decode("ascii")
         # RFC 9110 §9.3.2 / RFC 9112 §6.3: an answer to HEAD has no content.
         head_only = req.method == b"HEAD"
-        self.send_and_linger(sock, error_response(status, text, head_only=head_only))
+        self.send_and_linger(sock, error_response(status, text, head_only=head_only), tls=req.tls)
 
-    def send_and_linger(self, sock: Socket, data: bytes) -> None:
+    def send_and_linger(self, sock: Socket, data: bytes, *, tls: bool) -> None:
         """Send a final answer, then read and drop what the client still sends until
-        it closes (bounded in bytes and time), so our answer is not lost to an RST."""
+        it closes (bounded in bytes and time), so our answer is not lost to an RST.
+
+        ``tls``: the kernel holds the connection's TLS; a close_notify goes
+        before the FIN, so the client sees a clean end, not a truncation.
+        """
         try:
-            sock.send(data, _NOWAIT)
+            if data:
+                sock.send(data, _NOWAIT)
+            if tls:
+                send_tls_close_notify(sock)
             sock.shutdown(socket.SHUT_WR)
         except OSError:
             sock.close()
@@ -866,6 +1028,11 @@ class Front:
             req = Request(pending.listener, pending.addr, pending.start)
             req.method, req.target = _request_line(bytes(pending.buf))
             self.reject(pending.sock, req, 408, f"request head not complete within {allowed:.3g} s")
+        for handshake in _expired(self._handshaking, now):
+            allowed = self._handshaking[handshake] - handshake.start
+            self._end_handshake(handshake)
+            handshake.tls.close()
+            self._tls_failed(handshake, f"handshake not complete within {allowed:.3g} s", "timeout")
         self.handoffs.expire(now)
         for linger in _expired(self._lingering, now):
             self._end_linger(linger)
@@ -950,6 +1117,11 @@ def _front_metrics(front: Front) -> Metrics:
         "Requests by outcome: handed_off, relayed (auth mode), closed, or the status "
         "the front answered itself.",
     )
+    metrics.counter(
+        "tls_failures_total",
+        "TLS connections that never became a request: handshake failed, timed out, "
+        "or not offloaded to the kernel (offload).",
+    )
     metrics.gauge("in_flight", "Connections being read, handed off or answered.", front.in_flight)
     metrics.gauge(
         "channels",
@@ -961,6 +1133,36 @@ def _front_metrics(front: Front) -> Metrics:
         lambda: int(front._accepting),
     )  # fmt: skip
     return metrics
+
+
+def _cipher(tls: ssl.SSLSocket) -> str:
+    cipher = tls.cipher()
+    return cipher[0] if cipher else "no cipher"
+
+
+def _tls_contexts(config: FrontConfig) -> list[ssl.SSLContext | None]:
+    """Each listener's TLS context (None: plain HTTP); ConfigError if a certificate
+    cannot be loaded, or if this system cannot hand TLS connections off at all
+    (checked once, with a loopback handshake: no kernel TLS, or an OpenSSL
+    without it)."""
+    contexts: list[ssl.SSLContext | None] = []
+    probed = False
+    files_per_listener = config.tls or (None,) * len(config.listen)
+    for address, files in zip(config.listen, files_per_listener, strict=False):
+        if files is None:
+            contexts.append(None)
+            continue
+        try:
+            context = server_context(files)
+        except ConfigError as exc:
+            raise ConfigError(f"listen {address.text}: {exc}") from None
+        if not probed:
+            problem = probe_offload(context)
+            if problem is not None:
+                raise ConfigError(f"listen {address.text}: TLS cannot be handed off: {problem}")
+            probed = True
+        contexts.append(context)
+    return contexts
 
 
 def _expired(deadlines: dict[_T, float], now: float) -> list[_T]:

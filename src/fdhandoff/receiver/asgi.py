@@ -276,6 +276,9 @@ class ASGIAdapter:
         try:
             head = await self._read_head(conn)
             if head is None:
+                # Idle, or the client ended: on TLS its close_notify reads as
+                # EIO, and ours answers it (RFC 8446 §6.1).
+                conn.end_tls()
                 conn.close()
                 return None
             # An HTTP/1.0 request after a 1.1 one is answered in 1.0 and ends

@@ -22,7 +22,7 @@ import contextlib
 import socket
 from typing import TYPE_CHECKING, Any, Final
 
-from .. import aio
+from .. import aio, fdpass
 from .stream import ConnectionClosed
 
 if TYPE_CHECKING:
@@ -43,6 +43,7 @@ class Connection:
         "_idle",
         "_queue",
         "_queued",
+        "_tls_ended",
         "broken",
         "buf",
         "bytes_sent",
@@ -80,6 +81,7 @@ class Connection:
         self.extensions = extensions
         self.bytes_sent = 0
         self.closed = False
+        self._tls_ended = False  # end_tls() sent its close_notify
         #: Set when a write stopped half way (cancelled, timed out, failed):
         #: the byte stream is cut inside a message and must not be continued.
         self.broken = False
@@ -245,8 +247,18 @@ class Connection:
 
     def shutdown_write(self) -> None:
         """Send FIN: the client sees the end of a close-delimited body now."""
+        self.end_tls()
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_WR)
+
+    def end_tls(self) -> None:
+        """On kernel TLS (``HTTPS=on``), end the TLS session with close_notify,
+        once, before the FIN (RFC 8446 §6.1): a client reading to the end then
+        knows the end is real.  Never after a write was cut short: that end
+        is a truncation, and must look like one."""
+        if self.scheme == "https" and not self._tls_ended and not self.broken:
+            self._tls_ended = True
+            fdpass.send_tls_close_notify(self.sock)
 
     async def linger_close(self) -> None:
         """Half-close, read what the client still sends for a moment, then close.

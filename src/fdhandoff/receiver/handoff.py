@@ -25,7 +25,7 @@ import socket
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Final
 
-from .. import aio
+from .. import aio, fdpass
 from ..errors import ProtocolError
 from ..message import HandoffRecord
 from . import http
@@ -235,6 +235,8 @@ class Handoff(HandoffBase):
         """
         sock = self.socket
         try:
+            if self.tls:  # kernel TLS (as handed off): end the session first
+                fdpass.send_tls_close_notify(sock)
             if self._body_consumed() and not _input_pending(sock):
                 return  # the close below sends the FIN
             sock.shutdown(socket.SHUT_WR)

@@ -1,0 +1,144 @@
+"""TLS listeners: the handshake in the front, then kernel TLS, then the same handoff.
+
+A TLS connection can only be handed to another process if the kernel holds its
+record layer (kTLS, the kernel's ``tls`` module): then the receiver reads and
+writes plain bytes on the socket it was given, and the kernel decrypts and
+encrypts, as with nginx ``fd_pass``.  So the front:
+
+1. does the handshake with OpenSSL on the client socket, with
+   ``SSL_OP_ENABLE_KTLS``: once the keys are agreed OpenSSL installs them in
+   the kernel for both directions (``TCP_ULP "tls"``, then ``SOL_TLS``
+   ``TLS_TX`` / ``TLS_RX``);
+2. checks that both directions really are offloaded (``fdpass.tls_offloaded``); a
+   connection the kernel does not carry both ways is refused (``500``, as
+   nginx does), never handed off half-encrypted;
+3. drops OpenSSL's state (no ``close_notify``: the connection lives on) and
+   reads the head exactly as on plain TCP: ``recv(MSG_PEEK)`` and ``recv`` of
+   the head only return decrypted bytes, and a record is consumed only as far
+   as it was read, so the body and any pipelined request stay in the kernel
+   for the receiver.  Nothing is read ahead, and ``CONTENT_LENGTH`` stays 0.
+
+Kernel-side receive offload for TLS 1.3 needs OpenSSL 3.2 or newer; with an
+older OpenSSL the context stops at TLS 1.2 (AES-GCM or ChaCha20-Poly1305 with
+ECDHE, which the kernel offloads both ways).  Renegotiation is refused: a new
+handshake would arrive at the receiver as records the kernel cannot decrypt.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import ssl
+import threading
+from dataclasses import dataclass
+from typing import Final
+
+from ..errors import ConfigError
+from ..fdpass import TCP_ULP, tls_offloaded
+
+__all__ = ["TlsFiles", "probe_offload", "server_context"]
+
+#: SSL_OP_ENABLE_KTLS (OpenSSL 3.0, ssl.h: bit 3).  Python 3.12 names it
+#: ssl.OP_ENABLE_KTLS; 3.11 passes the same bit through to OpenSSL unchanged.
+OP_ENABLE_KTLS: Final = int(getattr(ssl, "OP_ENABLE_KTLS", 1 << 3))
+
+#: OpenSSL 3.2 added kernel receive offload for TLS 1.3.
+_TLS13_RX: Final = ssl.OPENSSL_VERSION_INFO >= (3, 2)
+
+#: TLS 1.2 suites the kernel offloads both ways (linux/tls.h), forward secret.
+_CIPHERS: Final = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+#: How long the start-up self-test may take (a loopback handshake).
+_PROBE_TIMEOUT: Final = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """``[[listen]] tls_certificate`` (the chain, leaf first) and ``tls_key`` (PEM)."""
+
+    certificate: str
+    key: str
+
+
+def server_context(files: TlsFiles) -> ssl.SSLContext:
+    """The context of one TLS listener; ConfigError naming the file and the reason."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(files.certificate, files.key)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"TLS: {exc.filename}: no such file") from None
+    except OSError as exc:
+        raise ConfigError(f"TLS: {exc.filename or files.certificate}: {exc.strerror}") from None
+    except ssl.SSLError as exc:
+        raise ConfigError(
+            f"TLS: certificate {files.certificate} / key {files.key}: "
+            f"{exc.reason or exc} (PEM files, the key matching the certificate)"
+        ) from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if not _TLS13_RX:
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(_CIPHERS)
+    context.options |= OP_ENABLE_KTLS | ssl.OP_NO_RENEGOTIATION
+    # ALPN (RFC 7301): this server speaks HTTP/1.1 only; clients that would
+    # prefer h2 (browsers, curl) settle on http/1.1 in the handshake.
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+def probe_offload(context: ssl.SSLContext) -> str | None:
+    """Do one loopback handshake with ``context``; None if kTLS carried it both ways.
+
+    Run at start-up (and by ``fdhandoff check``): a front on a kernel without
+    the tls module, or on an OpenSSL built without kTLS, would otherwise
+    accept TLS connections it can never hand off.
+    """
+    try:
+        listener = socket.create_server(("127.0.0.1", 0))
+    except OSError as exc:
+        return f"loopback test connection: {exc.strerror}"
+    client = socket.socket()
+    result: list[str | None] = []
+    try:
+        listener.settimeout(_PROBE_TIMEOUT)
+        client.settimeout(_PROBE_TIMEOUT)
+        client.connect(listener.getsockname())
+        server, _ = listener.accept()
+        with server:
+            try:
+                server.setsockopt(socket.IPPROTO_TCP, TCP_ULP, b"tls")
+            except OSError as exc:
+                if exc.errno == errno.ENOENT:
+                    return "this kernel has no TLS offload (kTLS): load its tls module"
+                return f"kernel TLS: {exc.strerror}"
+        # The ULP test used that connection up; the handshake needs a fresh one.
+        client.close()
+        client = socket.socket()
+        client.settimeout(_PROBE_TIMEOUT)
+        client.connect(listener.getsockname())
+        server, _ = listener.accept()
+        server.settimeout(_PROBE_TIMEOUT)
+        thread = threading.Thread(target=_probe_client, args=(client,), daemon=True)
+        thread.start()
+        try:
+            with context.wrap_socket(server, server_side=True) as tls:
+                result.append(tls_offloaded(tls))
+        except (OSError, ssl.SSLError) as exc:
+            result.append(f"test handshake failed: {exc}")
+        thread.join(_PROBE_TIMEOUT)
+    except OSError as exc:
+        return f"loopback test connection: {exc.strerror or exc}"
+    finally:
+        client.close()
+        listener.close()
+    return result[0]
+
+
+def _probe_client(sock: socket.socket) -> None:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # only the server's offload is under test
+    try:
+        with context.wrap_socket(sock) as tls:
+            tls.recv(1)  # until the server closes
+    except (OSError, ssl.SSLError):
+        pass

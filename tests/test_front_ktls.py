@@ -1,0 +1,346 @@
+"""TLS listeners end to end, on real kernel TLS: real clients, real receivers, fd counts.
+
+A TLS connection can only be handed off if the kernel holds its record layer
+(kTLS), which needs the kernel's ``tls`` module.  Where it is missing (as on
+the machines these tests were written on), this module is skipped here and
+``tests/test_front_ktls_vm.py`` runs it inside a User-Mode Linux kernel that
+has the module (``FDHANDOFF_KTLS_VM`` set): there, a missing kTLS fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from websockets.sync.client import connect
+
+from handoff_receiver import (
+    IO_TIMEOUT,
+    FrontProcess,
+    TestReceiver,
+    parse_response,
+    read_to_close,
+    receivers_fixture,  # noqa: F401  (fixture)
+    sockdir_fixture,  # noqa: F401  (fixture)
+)
+from test_front_websocket import ws_echo
+from test_receiver_support import output_of, serve_process
+
+IN_VM = bool(os.environ.get("FDHANDOFF_KTLS_VM"))
+TCP_ULP = 31
+
+
+def kernel_tls() -> bool:
+    """Can this kernel attach its TLS layer to a TCP socket?"""
+    with (
+        socket.create_server(("127.0.0.1", 0)) as listener,
+        socket.create_connection(listener.getsockname()),
+    ):
+        server, _ = listener.accept()
+        with server:
+            try:
+                server.setsockopt(socket.IPPROTO_TCP, TCP_ULP, b"tls")
+            except OSError as exc:
+                if exc.errno == errno.ENOENT and not IN_VM:
+                    return False
+                raise
+    return True
+
+
+pytestmark = [
+    pytest.mark.timeout(120),
+    pytest.mark.skipif(
+        not kernel_tls(), reason="no kernel TLS here: test_front_ktls_vm.py runs these in a VM"
+    ),
+]
+
+
+@pytest.fixture(scope="module", name="certs")
+def certs_fixture(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost / 127.0.0.1 and its key."""
+    openssl = shutil.which("openssl")
+    assert openssl is not None, "openssl is needed to make a test certificate"
+    where = tmp_path_factory.mktemp("tls")
+    cert, key = where / "cert.pem", where / "key.pem"
+    subprocess.run(
+        [
+            openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+            "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2",
+            "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+    return cert, key
+
+
+@pytest.fixture(name="tls_front")
+def tls_front_fixture(
+    certs: tuple[Path, Path], sockdir: Path
+) -> Iterator[Callable[..., FrontProcess]]:
+    made: list[FrontProcess] = []
+
+    def make(routes: str, extra: str = "") -> FrontProcess:
+        cert, key = certs
+        path = sockdir / f"front{len(made)}.toml"
+        path.write_text(
+            f'[[listen]]\naddress = "127.0.0.1:0"\n'
+            f'tls_certificate = "{cert}"\ntls_key = "{key}"\n{routes}{extra}'
+        )
+        front = FrontProcess(["--config", str(path)])
+        made.append(front)
+        return front
+
+    yield make
+    for front in made:
+        front.stop()
+
+
+def client_context(certs: tuple[Path, Path]) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(certs[0]))
+
+
+@contextlib.contextmanager
+def tls_connect(front: FrontProcess, certs: tuple[Path, Path]) -> Iterator[ssl.SSLSocket]:
+    raw = front.connect()
+    with client_context(certs).wrap_socket(raw, server_hostname="localhost") as tls:
+        tls.settimeout(IO_TIMEOUT)
+        yield tls
+
+
+def read_until_close(tls: ssl.SSLSocket) -> bytes:
+    """Everything until the server ends the TLS session; SSLEOFError if it
+    closed the TCP connection without a close_notify first."""
+    data = b""
+    while chunk := tls.recv(65536):
+        data += chunk
+    return data
+
+
+def route(receiver: TestReceiver | str, prefix: str = "/", mode: str = "pass") -> str:
+    path = receiver if isinstance(receiver, str) else receiver.path
+    return f'[[route]]\nprefix = "{prefix}"\nmode = "{mode}"\nbackend = "unix:{path}"\n'
+
+
+def curl(*args: str) -> subprocess.CompletedProcess[bytes]:
+    path = shutil.which("curl")
+    assert path is not None, "curl is needed"
+    return subprocess.run(
+        [path, "-sS", "--max-time", "20", *args], capture_output=True, timeout=60, check=False
+    )
+
+
+# --- handed off ------------------------------------------------------------------------------
+
+
+def test_curl_over_tls_is_handed_off_with_https_in_the_description(
+    certs: tuple[Path, Path],
+    receivers: Callable[..., TestReceiver],
+    tls_front: Callable[..., FrontProcess],
+) -> None:
+    receiver = receivers()
+    front = tls_front(route(receiver, "/fd"))
+    baseline = front.fd_count()
+    _, port = front.host_port
+    result = curl("--cacert", str(certs[0]), f"https://localhost:{port}/fd/x?q=1",
+                  "--resolve", f"localhost:{port}:127.0.0.1")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    headers = json.loads(result.stdout)["headers"]
+    handoff = receiver.next()
+    names = [name for name, _ in handoff.pairs]
+    # nginx fd_pass's order: HTTPS and KTLS_RX right after SCGI.
+    assert names[:5] == [b"CONTENT_LENGTH", b"SCGI", b"HTTPS", b"KTLS_RX", b"REMOTE_ADDR"]
+    assert headers["HTTPS"] == "on"
+    assert headers["KTLS_RX"] == "1"  # the kernel decrypts: nothing is relayed
+    assert headers["CONTENT_LENGTH"] == "0"  # nothing was read past the head
+    assert headers["REQUEST_URI"] == "/fd/x?q=1"
+    assert headers["SERVER_NAME"] == "localhost"
+    front.wait_for(r'"GET /fd/x\?q=1" route=/fd handed-off')
+    assert front.settled_fd_count(baseline) == baseline
+
+
+def test_body_and_pipelined_request_in_the_same_record_reach_the_receiver(
+    certs: tuple[Path, Path],
+    receivers: Callable[..., TestReceiver],
+    tls_front: Callable[..., FrontProcess],
+) -> None:
+    # The head, a 5000-byte body and a second request in ONE write: one TLS
+    # record.  The front reads the head only; the kernel keeps the rest of
+    # the decrypted record for the receiver (nginx loses such bytes).
+    receiver = receivers(extra_bytes=len(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n"))
+    front = tls_front(route(receiver))
+    body = bytes(range(256)) * 19 + b"12345678"
+    request = (
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+        b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n" % (len(body), body)
+    )
+    with tls_connect(front, certs) as tls:
+        tls.sendall(request)
+        status, _, answer = parse_response(read_until_close(tls))
+    assert status == 200
+    described = json.loads(answer)
+    assert described["body"].encode("latin-1") == body
+    assert described["extra"] == "GET /next HTTP/1.1\r\nHost: x\r\n\r\n"
+    assert described["headers"]["CONTENT_LENGTH"] == "0"
+
+
+def test_head_in_several_records_is_read_whole(
+    certs: tuple[Path, Path],
+    receivers: Callable[..., TestReceiver],
+    tls_front: Callable[..., FrontProcess],
+) -> None:
+    receiver = receivers()
+    front = tls_front(route(receiver))
+    with tls_connect(front, certs) as tls:
+        for piece in (b"GET /sp", b"lit HTTP/1.1\r\nHo", b"st: x\r\n", b"\r\n"):
+            tls.sendall(piece)  # each write is a record of its own
+            time.sleep(0.05)
+        status, _, answer = parse_response(read_until_close(tls))
+    assert status == 200
+    assert json.loads(answer)["headers"]["REQUEST_URI"] == "/split"
+
+
+def test_fdhandoff_serve_asgi_keeps_the_tls_connection_alive(
+    certs: tuple[Path, Path], sockdir: Path, tls_front: Callable[..., FrontProcess]
+) -> None:
+    path = sockdir / "serve.sock"
+    served_args = ("--interface", "asgi")
+    with serve_process("test_receiver_support:asgi_echo", [f"unix:{path}"], *served_args) as served:
+        front = tls_front(route(str(path)))
+        with tls_connect(front, certs) as tls:
+            tls.sendall(b"POST /one HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
+            first = b""
+            while not first.endswith(b"abc"):
+                chunk = tls.recv(65536)
+                assert chunk, first
+                first += chunk
+            assert first.startswith(b"HTTP/1.1 200")
+            assert first.endswith(b"https POST /one 3\nabc")  # scheme from HTTPS=on
+            # Keep-alive: the receiver reads the next request off the kTLS socket.
+            tls.sendall(b"GET /two HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            second = read_until_close(tls)
+        assert second.startswith(b"HTTP/1.1 200")
+        assert second.endswith(b"https GET /two 0\n")
+        # The client's close_notify reaches the receiver as a non-data record
+        # (EIO on a kTLS socket): the end of that connection, not an error.
+        with tls_connect(front, certs) as tls:
+            tls.sendall(b"GET /three HTTP/1.1\r\nHost: x\r\n\r\n")
+            third = b""
+            while not third.endswith(b"GET /three 0\n"):
+                chunk = tls.recv(65536)
+                assert chunk, third
+                third += chunk
+            tls.unwrap()  # close_notify while the receiver waits for a next request
+        time.sleep(0.5)
+        log = output_of(served)
+        assert "Traceback" not in log and "ERROR" not in log, log
+
+
+def test_websocket_over_tls(
+    certs: tuple[Path, Path],
+    receivers: Callable[..., TestReceiver],
+    tls_front: Callable[..., FrontProcess],
+) -> None:
+    receiver = receivers(behaviour=ws_echo)
+    front = tls_front(route(receiver, "/ws", "websocket"))
+    baseline = front.fd_count()
+    _, port = front.host_port
+    with connect(
+        f"wss://localhost:{port}/ws/chat",
+        ssl=client_context(certs),
+        proxy=None,
+        compression=None,
+        open_timeout=IO_TIMEOUT,
+        sock=socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT),
+    ) as ws:
+        ws.send("hello")
+        assert ws.recv(timeout=IO_TIMEOUT) == "echo:hello"
+    handoff = receiver.next()
+    assert handoff.headers[b"HTTPS"] == b"on"
+    assert handoff.headers[b"HANDOFF_UPGRADED"] == b"websocket"
+    assert handoff.body == b"hello"
+    front.wait_for(r'"GET /ws/chat" route=/ws 101 handed-off')
+    assert front.settled_fd_count(baseline) == baseline
+
+
+# --- the front's own answers and refusals ---------------------------------------------------
+
+
+def test_error_answer_ends_with_close_notify(
+    certs: tuple[Path, Path],
+    receivers: Callable[..., TestReceiver],
+    tls_front: Callable[..., FrontProcess],
+) -> None:
+    receiver = receivers()
+    front = tls_front(route(receiver, "/only"))
+    baseline = front.fd_count()
+    with tls_connect(front, certs) as tls:
+        tls.sendall(b"GET /elsewhere HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = read_until_close(tls)  # SSLEOFError without a close_notify
+    status, headers, body = parse_response(data)
+    assert status == 404
+    assert headers["connection"] == "close"
+    assert b"no route for /elsewhere" in body
+    front.wait_for(r'"GET /elsewhere" route=- 404')
+    assert front.settled_fd_count(baseline) == baseline
+
+
+def test_plain_http_to_the_tls_port_is_a_readable_400(
+    receivers: Callable[..., TestReceiver], tls_front: Callable[..., FrontProcess]
+) -> None:
+    receiver = receivers()
+    front = tls_front(route(receiver))
+    baseline = front.fd_count()
+    with front.connect() as sock:
+        sock.sendall(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    status, _, body = parse_response(data)
+    assert status == 400
+    assert b"plain HTTP sent to a TLS port" in body
+    front.wait_for(r'"GET /x" route=- 400 "plain HTTP sent to a TLS port')
+    assert front.settled_fd_count(baseline) == baseline
+
+
+def test_failed_and_silent_handshakes_are_closed(
+    certs: tuple[Path, Path],
+    receivers: Callable[..., TestReceiver],
+    tls_front: Callable[..., FrontProcess],
+) -> None:
+    receiver = receivers()
+    front = tls_front(route(receiver), "[timeouts]\nhead = 0.5\n")
+    baseline = front.fd_count()
+    # A record that claims to be a handshake and is not one.
+    with front.connect() as sock:
+        sock.sendall(b"\x16\x03\x01\x00\x05hello")
+        answer = read_to_close(sock, reset_ok=True)
+        assert answer == b"" or answer[:1] == b"\x15", answer  # at most an alert record
+    front.wait_for(r"TLS handshake failed")
+    # A client that starts a handshake record and never finishes it.
+    with front.connect() as sock:
+        sock.sendall(b"\x16\x03\x01")
+        start = time.monotonic()
+        assert read_to_close(sock, reset_ok=True) == b""
+        assert time.monotonic() - start < 3
+    front.wait_for(r"TLS handshake not complete within 0.5 s")
+    # A client that does not trust the certificate (it aborts the handshake).
+    raw = front.connect()
+    with pytest.raises(ssl.SSLCertVerificationError):
+        ssl.create_default_context().wrap_socket(raw, server_hostname="localhost")
+    raw.close()
+    front.wait_for(r"TLS handshake failed")
+    assert front.settled_fd_count(baseline) == baseline
+    # Still serving.
+    with tls_connect(front, certs) as tls:
+        tls.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert parse_response(read_until_close(tls))[0] == 200
