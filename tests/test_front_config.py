@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -329,3 +330,89 @@ def test_channels_limit() -> None:
     for bad in (-1, 65, 1.5):
         text = "\n".join(errors_of({**base, "limits": {"channels": bad}}))
         assert f"limits.channels = {bad}" in text
+
+
+# --- TLS listeners (end to end on kernel TLS: test_front_ktls.py) -----------------------------
+
+
+def make_cert(where: Path, name: str) -> tuple[Path, Path]:
+    cert, key = where / f"{name}.pem", where / f"{name}.key"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+            "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=t",
+        ],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+    return cert, key
+
+
+def tls_config(cert: object, key: object) -> str:
+    return (
+        f'[[listen]]\naddress = "127.0.0.1:0"\ntls_certificate = "{cert}"\ntls_key = "{key}"\n'
+        '[[route]]\nprefix = "/"\nbackend = "unix:/run/r.sock"\n'
+    )
+
+
+def test_tls_keys_come_in_pairs_on_tcp_listeners() -> None:
+    route = [{"prefix": "/", "backend": "unix:/run/r.sock"}]
+    only_cert = errors_of({"listen": [{"address": "127.0.0.1:1", "tls_certificate": "/c"}],
+                           "route": route})  # fmt: skip
+    assert only_cert == ["listen[0].tls_key = (missing): tls_certificate needs tls_key too"]
+    only_key = errors_of({"listen": [{"address": "127.0.0.1:1", "tls_key": "/k"}], "route": route})
+    assert only_key == ["listen[0].tls_certificate = (missing): tls_key needs tls_certificate too"]
+    unix = errors_of(
+        {"listen": [{"address": "unix:/run/f.sock", "tls_certificate": "/c", "tls_key": "/k"}],
+         "route": route}
+    )  # fmt: skip
+    assert unix == ["listen[0].tls_certificate = '/c': TLS needs a TCP address"]
+    config = build_config(
+        {"listen": [{"address": "127.0.0.1:1", "tls_certificate": "/c", "tls_key": "/k"},
+                    {"address": "127.0.0.1:2"}], "route": route}
+    )  # fmt: skip
+    assert [files.certificate if files else None for files in config.tls] == ["/c", None]
+
+
+def test_check_loads_the_certificate_and_key(
+    tmp_path: Path, require_tool: Callable[[str], str]
+) -> None:
+    require_tool("openssl")
+    cert, key = make_cert(tmp_path, "a")
+    other_cert, other_key = make_cert(tmp_path, "b")
+    good = run_check("--config", str(write(tmp_path, tls_config(cert, key))))
+    assert good.returncode == 0, good.stderr
+    missing = run_check("--config", str(write(tmp_path, tls_config(tmp_path / "nope.pem", key))))
+    assert missing.returncode == 2
+    assert f"TLS certificate {tmp_path / 'nope.pem'}: No such file or directory" in missing.stderr
+    mismatched = run_check("--config", str(write(tmp_path, tls_config(cert, other_key))))
+    assert mismatched.returncode == 2
+    assert "KEY_VALUES_MISMATCH" in mismatched.stderr, mismatched.stderr
+    not_pem = tmp_path / "junk.pem"
+    not_pem.write_text("not a certificate\n")
+    junk = run_check("--config", str(write(tmp_path, tls_config(not_pem, key))))
+    assert junk.returncode == 2
+    assert f"certificate {not_pem}" in junk.stderr, junk.stderr
+    del other_cert
+
+
+def test_front_without_kernel_tls_refuses_to_start_and_says_why(
+    tmp_path: Path, require_tool: Callable[[str], str]
+) -> None:
+    require_tool("openssl")
+    cert, key = make_cert(tmp_path, "a")
+    config = write(tmp_path, tls_config(cert, key))
+    check = run_check("--config", str(config))
+    assert check.returncode == 0  # the check may run on another machine: a warning
+    # Read after the check: its probe may have made the kernel load the module.
+    if "tls" in Path("/proc/sys/net/ipv4/tcp_available_ulp").read_text().split():
+        pytest.skip("this kernel has kTLS: test_front_ktls.py covers TLS listeners here")
+    assert "warning: listen 127.0.0.1:0: TLS cannot be handed off here" in check.stderr
+    front = subprocess.run(
+        [sys.executable, "-m", "fdhandoff", "front", "--config", str(config)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert front.returncode == 2, front.stderr
+    assert (
+        "listen 127.0.0.1:0: TLS cannot be handed off: this kernel has no TLS offload (kTLS)"
+        in front.stderr
+    )

@@ -33,6 +33,8 @@ from handoff_receiver import (
     receivers_fixture,  # noqa: F401  (fixture)
     sockdir_fixture,  # noqa: F401  (fixture)
 )
+from test_front_auth import App, auth_config, payload_echo
+from test_front_auth import app as app_fixture  # noqa: F401  (fixture, under this name)
 from test_front_websocket import ws_echo
 from test_receiver_support import output_of, serve_process
 
@@ -245,6 +247,38 @@ def test_fdhandoff_serve_asgi_keeps_the_tls_connection_alive(
         assert "Traceback" not in log and "ERROR" not in log, log
 
 
+@pytest.mark.parametrize(
+    ("target", "path", "ends_with"),
+    [
+        ("test_receiver_support:echo", "/one", b"scgi GET /one 0\n"),
+        ("test_receiver_support:echo", "/sse-3", b"data: tick 2\n\n"),
+        ("test_receiver_support:sync_echo", "/one", b"scgi GET /one 0\n"),
+        ("test_receiver_support:asgi_echo", "/one", b"https GET /one 0\n"),
+    ],
+    ids=["native", "native-sse", "sync", "asgi"],
+)
+def test_every_receiver_flavour_ends_the_tls_session_with_close_notify(
+    certs: tuple[Path, Path],
+    sockdir: Path,
+    tls_front: Callable[..., FrontProcess],
+    target: str,
+    path: str,
+    ends_with: bytes,
+) -> None:
+    socket_path = sockdir / "serve.sock"
+    interface = ("--interface", "asgi") if target.endswith("asgi_echo") else ()
+    with serve_process(target, [f"unix:{socket_path}"], *interface) as served:
+        front = tls_front(route(str(socket_path)))
+        with tls_connect(front, certs) as tls:
+            tls.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+            answer = read_until_close(tls)  # SSLEOFError without close_notify
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+        assert answer.endswith(ends_with) or answer.endswith(b"\r\n0\r\n\r\n"), answer
+        assert ends_with in answer
+        log = output_of(served)
+        assert "Traceback" not in log and "ERROR" not in log, log
+
+
 def test_websocket_over_tls(
     certs: tuple[Path, Path],
     receivers: Callable[..., TestReceiver],
@@ -269,6 +303,41 @@ def test_websocket_over_tls(
     assert handoff.headers[b"HANDOFF_UPGRADED"] == b"websocket"
     assert handoff.body == b"hello"
     front.wait_for(r'"GET /ws/chat" route=/ws 101 handed-off')
+    assert front.settled_fd_count(baseline) == baseline
+
+
+def test_auth_mode_over_tls_relays_and_hands_off(
+    certs: tuple[Path, Path],
+    app_fixture: type[App],  # noqa: F811  (the fixture imported above)
+    sockdir: Path,
+    receivers: Callable[..., TestReceiver],
+    tls_front: Callable[..., FrontProcess],
+) -> None:
+    app = app_fixture
+    daemon = receivers("daemon.sock", sock_type=socket.SOCK_SEQPACKET, behaviour=payload_echo)
+    front = tls_front(auth_config(app, sockdir))
+    # Relayed: the application's answer, then the front's close_notify.
+    with tls_connect(front, certs) as tls:
+        tls.sendall(b"POST /app/other HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\nbody")
+        status, _, body = parse_response(read_until_close(tls))
+    assert status == 201
+    assert body == b"from the app: body"
+    headers = app.seen[-1]["headers"]
+    assert isinstance(headers, dict)
+    assert headers["X-Forwarded-Proto"] == "https"
+    time.sleep(0.3)  # the relayed connection's lingering close ends
+    baseline = front.fd_count()
+    # Handed off (Apache's format) to a daemon, which answers on the kTLS socket.
+    with tls_connect(front, certs) as tls:
+        tls.sendall(b"GET /app/handoff HTTP/1.1\r\nHost: a\r\n\r\n")
+        data = b""
+        while b"user_id" not in data or not data.endswith(b"}"):
+            chunk = tls.recv(65536)
+            assert chunk, data
+            data += chunk
+    assert json.loads(parse_response(data)[2])["payload"] == '{"user_id":12345}'
+    assert daemon.next().record.payload == b'{"user_id":12345}'
+    front.wait_for(r'"GET /app/handoff" route=/app handed-off')
     assert front.settled_fd_count(baseline) == baseline
 
 

@@ -499,6 +499,12 @@ async def echo(handoff: Handoff) -> None:
         stream = await handoff.sse()
         stream.send("ready")
         return
+    if handoff.path == "/sse-3":  # three events, then the server ends the stream
+        stream = await handoff.sse()
+        for i in range(3):
+            await stream.send(f"tick {i}")
+        stream.close()
+        return
     if handoff.path == "/slow-sse":
         stream = await handoff.sse()
         for i in range(50):

@@ -62,18 +62,23 @@ class TlsFiles:
 
 def server_context(files: TlsFiles) -> ssl.SSLContext:
     """The context of one TLS listener; ConfigError naming the file and the reason."""
+    # OpenSSL's errors for a missing or unreadable file do not say which one.
+    for what, path in (("certificate", files.certificate), ("key", files.key)):
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"TLS {what} {path}: {exc.strerror}") from None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
         context.load_cert_chain(files.certificate, files.key)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"TLS: {exc.filename}: no such file") from None
-    except OSError as exc:
-        raise ConfigError(f"TLS: {exc.filename or files.certificate}: {exc.strerror}") from None
-    except ssl.SSLError as exc:
+    except ssl.SSLError as exc:  # an OSError too: first
         raise ConfigError(
             f"TLS: certificate {files.certificate} / key {files.key}: "
             f"{exc.reason or exc} (PEM files, the key matching the certificate)"
         ) from None
+    except OSError as exc:
+        raise ConfigError(f"TLS: {files.certificate}: {exc.strerror or exc}") from None
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if not _TLS13_RX:
         context.maximum_version = ssl.TLSVersion.TLSv1_2

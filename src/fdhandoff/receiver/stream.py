@@ -30,6 +30,7 @@ from collections.abc import Callable, Generator
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Final
 
+from .. import fdpass
 from ..errors import FdHandoffError
 
 if TYPE_CHECKING:
@@ -151,6 +152,7 @@ class Stream:
         "_sock",
         "_started",
         "_state",
+        "_tls_ended",
         "on_close",
     )
 
@@ -163,6 +165,7 @@ class Stream:
         self._log = log_prefix
         self._started = time.monotonic()
         self._sent = 0
+        self._tls_ended = False
         #: Called once with the stream when it has ended.
         self.on_close: Callable[[Any], None] | None = None
         receiver.track(self)
@@ -348,6 +351,7 @@ class Stream:
             loop.remove_reader(fd)
         self._drop_backlog()
         if clean:
+            self._end_tls()
             drain_unread(self._sock)
         with contextlib.suppress(OSError):
             self._sock.close()
@@ -361,6 +365,15 @@ class Stream:
                 callback(self)
             except Exception:
                 log.exception("on_close callback of %r failed", self)
+
+    def _end_tls(self) -> None:
+        """On kernel TLS, a clean end is also the TLS session's: close_notify
+        before the FIN (RFC 8446 §6.1), once.  An aborted stream gets none: its
+        end must read as the truncation it is.  Costs one failed getsockopt
+        on plain TCP (fdpass.send_tls_close_notify checks for kTLS)."""
+        if not self._tls_ended:
+            self._tls_ended = True
+            fdpass.send_tls_close_notify(self._sock)
 
     def _ended(self) -> None:
         """Subclass hook: the connection is closed; release what is held."""

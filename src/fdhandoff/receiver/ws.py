@@ -284,6 +284,7 @@ class WebSocket(Stream):
         and dropped until its FIN or ``linger_timeout``.
         """
         sock = self._sock
+        self._end_tls()
         try:
             sock.shutdown(socket.SHUT_WR)
         except OSError:

@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Final
 
-from ... import websocket
+from ... import fdpass, websocket
 from ...errors import ProtocolError
 from ...message import Format, HandoffRecord
 from .. import http
@@ -194,6 +194,8 @@ class Handoff(HandoffBase):
         sock = self.socket
         deadline = time.monotonic() + self.receiver.options.linger_timeout
         try:
+            if self.tls:  # kernel TLS (as handed off): end the session first
+                fdpass.send_tls_close_notify(sock)
             sock.shutdown(socket.SHUT_WR)
             while (left := deadline - time.monotonic()) > 0:
                 sock.settimeout(left)

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final
 
-from ... import websocket
+from ... import fdpass, websocket
 from ...websocket import CloseCode, WebSocketProtocolError
 from ..sse import encode_comment, encode_event
 from ..stream import ConnectionClosed
@@ -38,6 +38,7 @@ class _SyncStream:
         self._sock = handoff.socket
         self._lock = threading.Lock()
         self._closed = False
+        self._tls_ended = False
         self._channels: set[Channel] = set()
         #: Called once with the stream when it has ended.
         self.on_close: Callable[[Any], None] | None = None
@@ -46,6 +47,12 @@ class _SyncStream:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def _end_tls(self) -> None:
+        """As the asyncio flavour's: close_notify on kernel TLS, once, on a clean end."""
+        if not self._tls_ended:
+            self._tls_ended = True
+            fdpass.send_tls_close_notify(self._sock)
 
     @property
     def bytes_sent(self) -> int:
@@ -73,6 +80,8 @@ class _SyncStream:
             return
         self._closed = True
         handoff = self._handoff
+        if why is None:
+            self._end_tls()
         # As the asyncio flavour: unread client bytes (what followed a bad
         # frame) would turn the close into a reset that can destroy the close
         # frame just sent (RFC 1122 4.2.2.13, RFC 6455 7.1.1).
@@ -252,6 +261,7 @@ class WebSocket(_SyncStream):
         codec is no longer OPEN.
         """
         sock = self._sock
+        self._end_tls()
         try:
             sock.shutdown(socket.SHUT_WR)
             deadline = time.monotonic() + self._handoff.receiver.options.linger_timeout
