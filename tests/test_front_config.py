@@ -381,6 +381,7 @@ def test_check_loads_the_certificate_and_key(
     other_cert, other_key = make_cert(tmp_path, "b")
     good = run_check("--config", str(write(tmp_path, tls_config(cert, key))))
     assert good.returncode == 0, good.stderr
+    assert "ok: 1 listener(s) (127.0.0.1:0 (TLS)), 1 route(s)" in good.stdout
     missing = run_check("--config", str(write(tmp_path, tls_config(tmp_path / "nope.pem", key))))
     assert missing.returncode == 2
     assert f"TLS certificate {tmp_path / 'nope.pem'}: No such file or directory" in missing.stderr

@@ -14,6 +14,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -70,9 +71,12 @@ pytestmark = [
 @pytest.fixture(scope="module", name="certs")
 def certs_fixture(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A self-signed certificate for localhost / 127.0.0.1 and its key."""
+    return make_cert(tmp_path_factory.mktemp("tls"))
+
+
+def make_cert(where: Path) -> tuple[Path, Path]:
     openssl = shutil.which("openssl")
     assert openssl is not None, "openssl is needed to make a test certificate"
-    where = tmp_path_factory.mktemp("tls")
     cert, key = where / "cert.pem", where / "key.pem"
     subprocess.run(
         [
@@ -91,8 +95,8 @@ def tls_front_fixture(
 ) -> Iterator[Callable[..., FrontProcess]]:
     made: list[FrontProcess] = []
 
-    def make(routes: str, extra: str = "") -> FrontProcess:
-        cert, key = certs
+    def make(routes: str, extra: str = "", files: tuple[Path, Path] | None = None) -> FrontProcess:
+        cert, key = files or certs
         path = sockdir / f"front{len(made)}.toml"
         path.write_text(
             f'[[listen]]\naddress = "127.0.0.1:0"\n'
@@ -413,3 +417,38 @@ def test_failed_and_silent_handshakes_are_closed(
     with tls_connect(front, certs) as tls:
         tls.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         assert parse_response(read_until_close(tls))[0] == 200
+
+
+def test_reload_reads_renewed_certificates_and_refuses_broken_ones(
+    certs: tuple[Path, Path],
+    tmp_path: Path,
+    receivers: Callable[..., TestReceiver],
+    tls_front: Callable[..., FrontProcess],
+) -> None:
+    receiver = receivers()
+    live = (tmp_path / "live.pem", tmp_path / "live.key")
+    for source, target in zip(certs, live, strict=True):
+        target.write_bytes(source.read_bytes())
+    front = tls_front(route(receiver), files=live)
+
+    def served_certificate(trusted: tuple[Path, Path]) -> bytes:
+        with tls_connect(front, trusted) as tls:
+            der = tls.getpeercert(binary_form=True)
+            tls.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert parse_response(read_until_close(tls))[0] == 200
+        assert der is not None
+        return der
+
+    first = served_certificate(certs)
+    (tmp_path / "renewed").mkdir()
+    renewed = make_cert(tmp_path / "renewed")
+    for source, target in zip(renewed, live, strict=True):
+        target.write_bytes(source.read_bytes())
+    front.proc.send_signal(signal.SIGHUP)
+    front.wait_for("configuration reloaded")
+    second = served_certificate(renewed)
+    assert second != first
+    live[0].write_text("not a certificate\n")
+    front.proc.send_signal(signal.SIGHUP)
+    front.wait_for(r"reload refused, the running configuration stays: listen 127\.0\.0\.1:0: TLS")
+    assert served_certificate(renewed) == second

@@ -73,7 +73,10 @@ def _run_check(args: argparse.Namespace) -> int:
         return 2
     for line in found:
         print(f"warning: {line}", file=sys.stderr)
-    listen = ", ".join(address.text for address in config.listen)
+    listen = ", ".join(
+        address.text + (" (TLS)" if files else "")
+        for address, files in zip(config.listen, config.tls or (None,) * 99, strict=False)
+    )
     print(f"ok: {len(config.listen)} listener(s) ({listen}), {len(config.routes)} route(s)")
     for route in config.routes:
         where = route.backend or (route.upstream.text if route.upstream else "")
