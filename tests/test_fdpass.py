@@ -768,3 +768,27 @@ def test_timeout_after_the_fd_went_says_so(kit: Kit, no_fd_leak: None) -> None:
     _, fd_sock = fdpass.recv_fd(receiver, timeout=WAIT)
     assert fd_sock is not None  # the peer does hold it
     fd_sock.close()
+
+
+# --- kernel TLS helpers (on real kTLS: tests/test_front_ktls.py) -----------------------------
+
+
+def test_plain_sockets_are_not_tls_and_get_no_close_notify(no_fd_leak: None) -> None:
+    """On a socket whose TLS the kernel does not hold, the close_notify alert
+    would go out as two plain bytes: nothing may be sent."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+        with client, server:
+            assert fdpass.tls_offloaded(server) is not None
+            assert fdpass.send_tls_close_notify(server) is False
+            server.shutdown(socket.SHUT_WR)
+            client.settimeout(WAIT)
+            assert client.recv(16) == b""  # the FIN alone, no stray bytes
+    left, right = socket.socketpair()
+    with left, right:
+        assert "TCP_ULP" in (fdpass.tls_offloaded(left) or "")
+        assert fdpass.send_tls_close_notify(left) is False
+        right.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            right.recv(16)

@@ -616,10 +616,10 @@ class Front:
         except ssl.SSLWantWriteError:
             self._tls_wait(handshake, "write")
             return
-        except (ssl.SSLError, OSError) as exc:
+        except Exception as exc:  # SSLError, OSError; anything else ends only this one
             self._end_handshake(handshake)
             tls.close()
-            reason = getattr(exc, "reason", None) or exc.strerror or str(exc)
+            reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
             self._tls_failed(handshake, f"handshake failed: {reason}", "failed")
             return
         self._end_handshake(handshake)
@@ -635,8 +635,13 @@ class Front:
         # (no close_notify, the connection goes on) and the socket is read
         # like any other.  Blocking again, as every accepted socket is.
         sock = Socket(handshake.listener.family, _STREAM, 0, tls.detach())
-        sock.setblocking(True)
-        self._start(sock, handshake.addr, handshake.listener, handshake.start)
+        try:
+            sock.setblocking(True)
+            self._start(sock, handshake.addr, handshake.listener, handshake.start)
+        except Exception:  # as in _on_accept: one connection never takes the loop down
+            log.exception("internal error on a new TLS connection from %r", handshake.addr)
+            if sock.fileno() >= 0:
+                sock.close()
 
     def _tls_wait(self, handshake: _Handshake, want: str) -> None:
         if handshake.waiting == want:
