@@ -37,6 +37,7 @@ from handoff_receiver import (
 from test_front_auth import App, auth_config, payload_echo
 from test_front_auth import app as app_fixture  # noqa: F401  (fixture, under this name)
 from test_front_websocket import ws_echo
+from test_metrics import _free_port, _scrape
 from test_receiver_support import output_of, serve_process
 
 IN_VM = bool(os.environ.get("FDHANDOFF_KTLS_VM"))
@@ -388,7 +389,10 @@ def test_failed_and_silent_handshakes_are_closed(
     tls_front: Callable[..., FrontProcess],
 ) -> None:
     receiver = receivers()
-    front = tls_front(route(receiver), "[timeouts]\nhead = 0.5\n")
+    port = _free_port()
+    front = tls_front(
+        route(receiver), f'[timeouts]\nhead = 0.5\n[metrics]\naddress = "127.0.0.1:{port}"\n'
+    )
     baseline = front.fd_count()
     # A record that claims to be a handshake and is not one.
     with front.connect() as sock:
@@ -410,6 +414,9 @@ def test_failed_and_silent_handshakes_are_closed(
     raw.close()
     front.wait_for(r"TLS handshake failed")
     assert front.settled_fd_count(baseline) == baseline
+    scraped = _scrape(port)
+    assert 'fdhandoff_front_tls_failures_total{reason="failed"} 2' in scraped, scraped
+    assert 'fdhandoff_front_tls_failures_total{reason="timeout"} 1' in scraped, scraped
     # Still serving.
     with tls_connect(front, certs) as tls:
         tls.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
