@@ -417,3 +417,26 @@ def test_front_without_kernel_tls_refuses_to_start_and_says_why(
         "listen 127.0.0.1:0: TLS cannot be handed off: this kernel has no TLS offload (kTLS)"
         in front.stderr
     )
+
+
+def test_an_encrypted_key_is_refused_without_asking_for_a_pass_phrase(
+    tmp_path: Path, require_tool: Callable[[str], str]
+) -> None:
+    require_tool("openssl")
+    key = tmp_path / "enc.key"
+    cert = tmp_path / "enc.pem"
+    for args in (
+        ["genpkey", "-algorithm", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-aes256",
+         "-pass", "pass:secret", "-out", str(key)],
+        ["req", "-x509", "-key", str(key), "-passin", "pass:secret", "-out", str(cert),
+         "-days", "2", "-subj", "/CN=t"],
+    ):  # fmt: skip
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=30)
+    # A terminal to ask on would make OpenSSL wait there: the check must not.
+    done = subprocess.run(
+        [sys.executable, "-m", "fdhandoff", "check", "--config",
+         str(write(tmp_path, tls_config(cert, key)))],
+        capture_output=True, text=True, timeout=60, check=False, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert f"TLS key {key} is encrypted" in done.stderr, done.stderr

@@ -18,6 +18,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -456,3 +457,203 @@ def test_reload_reads_renewed_certificates_and_refuses_broken_ones(
     front.proc.send_signal(signal.SIGHUP)
     front.wait_for(r"reload refused, the running configuration stays: listen 127\.0\.0\.1:0: TLS")
     assert served_certificate(renewed) == second
+
+
+# --- partial records: no spinning --------------------------------------------------------------
+# Kernels whose kTLS has no poll of its own (Debian 12's 6.1, and the VM's)
+# report a socket readable as soon as part of a record has arrived, while
+# recv() waits for the whole record: a level-triggered reader would spin
+# (aio.PARTIAL_RECORD_PAUSE).  Each test sends a whole record and, in the same
+# write, the start of the next one (so the readiness that delivers the first
+# finds the second's bytes queued), leaves that record unfinished for a while,
+# and measures the CPU time the server process spends meanwhile.
+
+#: CPU seconds a server may use while a client sits on a partial record for
+#: SITTING seconds (a spinning one uses all of them).
+SITTING = 1.5
+CPU_ALLOWED = 0.3
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class RawTls:
+    """A TLS client over memory BIOs: the test decides where its records are cut."""
+
+    def __init__(self, sock: socket.socket, certs: tuple[Path, Path], hold: float = 0.0) -> None:
+        """Handshake; ``hold``: seconds to sit on the second flight (a slow client)."""
+        self.sock = sock
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = client_context(certs).wrap_bio(
+            self.incoming, self.outgoing, server_hostname="localhost"
+        )
+        flights = 0
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                flights += 1
+                if flights == 2:
+                    time.sleep(hold)
+                self.sock.sendall(self.outgoing.read())
+                data = self.sock.recv(65536)
+                assert data, "the server closed during the handshake"
+                self.incoming.write(data)
+        self.sock.sendall(self.outgoing.read())
+
+    def records(self, plain: bytes) -> bytes:
+        self.tls.write(plain)
+        return self.outgoing.read()
+
+    def answer(self) -> bytes:
+        """What the server sends until it closes (the test receiver sends no close_notify)."""
+        data = read_to_close(self.sock, reset_ok=True)
+        self.incoming.write(data)
+        self.incoming.write_eof()
+        plain = b""
+        with contextlib.suppress(ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            while chunk := self.tls.read(65536):
+                plain += chunk
+        return plain
+
+
+def cpu_while_sitting(pid: int, sock: socket.socket, whole: bytes, partial: bytes) -> float:
+    sock.sendall(whole + partial)
+    time.sleep(0.2)
+    before = cpu_seconds(pid)
+    time.sleep(SITTING)
+    return cpu_seconds(pid) - before
+
+
+def test_a_partial_record_costs_the_front_nothing_while_the_head_arrives(
+    certs: tuple[Path, Path],
+    receivers: Callable[..., TestReceiver],
+    tls_front: Callable[..., FrontProcess],
+) -> None:
+    receiver = receivers()
+    front = tls_front(route(receiver))
+    baseline = front.fd_count()
+    with front.connect() as sock:
+        client = RawTls(sock, certs)
+        begun = client.records(b"GET /sat HTTP/1.1\r\n")  # the head has begun
+        rest = client.records(b"Host: x\r\n\r\n")
+        spent = cpu_while_sitting(front.proc.pid, sock, begun, rest[:10])
+        sock.sendall(rest[10:])
+        status, _, body = parse_response(client.answer())
+    assert spent < CPU_ALLOWED, f"the front used {spent:.2f} s of CPU in {SITTING} s"
+    assert status == 200
+    assert json.loads(body)["headers"]["REQUEST_URI"] == "/sat"
+    assert front.settled_fd_count(baseline) == baseline
+
+
+def test_a_partial_record_costs_the_front_nothing_while_it_lingers(
+    certs: tuple[Path, Path],
+    receivers: Callable[..., TestReceiver],
+    tls_front: Callable[..., FrontProcess],
+) -> None:
+    receiver = receivers()
+    front = tls_front(route(receiver, "/only"), "[timeouts]\nlinger = 5\n")
+    baseline = front.fd_count()
+    with front.connect() as sock:
+        client = RawTls(sock, certs)
+        # Answered 404 at once; the front then reads (lingers on) what still comes.
+        request = client.records(b"GET /elsewhere HTTP/1.1\r\nHost: x\r\n\r\n")
+        spent = cpu_while_sitting(front.proc.pid, sock, request, client.records(b"more")[:8])
+        sock.shutdown(socket.SHUT_WR)
+        answer = client.answer()
+    assert spent < CPU_ALLOWED, f"the front used {spent:.2f} s of CPU in {SITTING} s"
+    assert parse_response(answer)[0] == 404
+    assert front.settled_fd_count(baseline) == baseline
+
+
+@pytest.mark.parametrize(
+    ("target", "answer"),
+    [
+        ("test_receiver_support:echo", b"scgi POST /up 5\nhello"),
+        ("test_receiver_support:sync_echo", b"scgi POST /up 5\nhello"),
+        ("test_receiver_support:asgi_echo", b"https POST /up 5\nhello"),
+    ],
+    ids=["native", "sync", "asgi"],
+)
+def test_a_partial_record_costs_the_receiver_nothing_while_the_body_arrives(
+    certs: tuple[Path, Path],
+    sockdir: Path,
+    tls_front: Callable[..., FrontProcess],
+    target: str,
+    answer: bytes,
+) -> None:
+    socket_path = sockdir / "serve.sock"
+    interface = ("--interface", "asgi") if target.endswith("asgi_echo") else ()
+    with serve_process(target, [f"unix:{socket_path}"], *interface) as served:
+        front = tls_front(route(str(socket_path)))
+        with front.connect() as sock:
+            client = RawTls(sock, certs)
+            head = b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\n"
+            head_record = client.records(head)  # records in the order they are sent
+            body = client.records(b"hello")
+            spent = cpu_while_sitting(served.pid, sock, head_record, body[:10])
+            sock.sendall(body[10:])
+            got = client.answer()
+        assert spent < CPU_ALLOWED, f"the receiver used {spent:.2f} s of CPU in {SITTING} s"
+        assert got.startswith(b"HTTP/1.1 200"), got
+        assert got.endswith(answer), got
+
+
+
+# --- reload and deadlines ----------------------------------------------------------------------
+
+
+def test_a_connection_in_tls_stays_https_when_a_reload_makes_its_listener_plain(
+    certs: tuple[Path, Path],
+    sockdir: Path,
+    receivers: Callable[..., TestReceiver],
+    tls_front: Callable[..., FrontProcess],
+) -> None:
+    receiver = receivers()
+    front = tls_front(route(receiver))
+    with tls_connect(front, certs) as tls:
+        tls.sendall(b"GET /mid HTTP/1.1\r\n")  # the head has begun, over TLS
+        time.sleep(0.2)
+        (sockdir / "front0.toml").write_text(
+            '[[listen]]\naddress = "127.0.0.1:0"\n' + route(receiver)
+        )
+        front.proc.send_signal(signal.SIGHUP)
+        front.wait_for("configuration reloaded")
+        tls.sendall(b"Host: x\r\n\r\n")
+        read_until_suffix(tls, b"}")
+    headers = receiver.next().headers
+    assert headers[b"HTTPS"] == b"on"  # what the connection is, not what the listener became
+    assert headers[b"REQUEST_URI"] == b"/mid"
+
+
+def test_a_slow_handshake_leaves_the_head_no_extra_time(
+    certs: tuple[Path, Path],
+    receivers: Callable[..., TestReceiver],
+    tls_front: Callable[..., FrontProcess],
+) -> None:
+    """timeouts.head counts from the accept, handshake included, even when a
+    quicker connection started waiting for its head in between."""
+    receiver = receivers()
+    front = tls_front(route(receiver), "[timeouts]\nhead = 2\n")
+    slow = front.connect()
+    accepted = time.monotonic()
+
+    def slow_client() -> None:
+        client = RawTls(slow, certs, hold=1.2)
+        slow.sendall(client.records(b"GET /slow HTTP/1.1\r\n"))
+
+    thread = threading.Thread(target=slow_client)
+    thread.start()
+    time.sleep(0.6)
+    with front.connect() as quick:
+        client = RawTls(quick, certs)
+        quick.sendall(client.records(b"GET /quick HTTP/1.1\r\n"))  # its deadline: 2.6 s
+        thread.join(10)
+        slow.settimeout(10)
+        read_to_close(slow, reset_ok=True)
+        closed_after = time.monotonic() - accepted
+        slow.close()
+    assert closed_after < 2.45, f"the slow connection had {closed_after:.2f} s, not 2"

@@ -11,11 +11,38 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from typing import Final
 
 from . import fdpass
 from .message import CLOSED, HandoffReader, HandoffRecord
 
-__all__ = ["recv_fd", "recv_handoff", "send_fd", "wait_readable", "wait_writable"]
+__all__ = [
+    "PARTIAL_RECORD_PAUSE",
+    "next_pause",
+    "recv",
+    "recv_fd",
+    "recv_handoff",
+    "send_fd",
+    "wait_readable",
+    "wait_writable",
+]
+
+#: The first and the longest wait after a readiness event that found nothing
+#: to read.  On a kernel-TLS socket, kernels whose kTLS has no poll of its own
+#: (it came in 2023; Debian 12's 6.1 lacks it) report the socket readable as
+#: soon as part of a TLS record has arrived, while recv() returns EAGAIN until
+#: the record is whole: a level-triggered reader would spin at 100 % CPU for
+#: as long as a client leaves a record unfinished.  Waiting instead, doubling
+#: from 1 ms, finds a record that completes in time t after at most about 2t,
+#: and a record that never completes costs four wake-ups a second.  Plain
+#: sockets never take this path: readiness there means bytes, EOF or an error.
+PARTIAL_RECORD_PAUSE: Final = (0.001, 0.25)
+
+
+def next_pause(pause: float) -> float:
+    """The wait after another readiness without data (0.0: none so far)."""
+    first, longest = PARTIAL_RECORD_PAUSE
+    return min(max(pause * 2, first), longest)
 
 
 # fds some task is waiting on, per direction (one waiter each: see _wait).
@@ -58,6 +85,27 @@ async def _wait(sock: socket.socket, *, write: bool) -> None:
 async def wait_readable(sock: socket.socket) -> None:
     """Return once ``sock`` is readable (data, EOF or error pending)."""
     await _wait(sock, write=False)
+
+
+async def recv(sock: socket.socket, size: int, flags: int = 0) -> bytes:
+    """``sock.recv(size, flags)`` once there is something to return (``b""`` at EOF).
+
+    A readiness that finds nothing to read (a partial kTLS record, see
+    :data:`PARTIAL_RECORD_PAUSE`) is followed by a growing pause, not by a
+    spin.  Errors are the socket's own (OSError).
+    """
+    pause = 0.0
+    try:
+        return sock.recv(size, flags)
+    except BlockingIOError:
+        pass
+    while True:
+        await _wait(sock, write=False)
+        try:
+            return sock.recv(size, flags)
+        except BlockingIOError:
+            pause = next_pause(pause)
+            await asyncio.sleep(pause)
 
 
 async def wait_writable(sock: socket.socket) -> None:

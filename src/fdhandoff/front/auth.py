@@ -820,12 +820,7 @@ class _Exchange:
         flags = socket.MSG_PEEK if peek else 0
         try:
             async with asyncio.timeout(self.timeouts.body if wait is None else wait):
-                while True:
-                    try:
-                        data = self.client.recv(size, flags)
-                        break
-                    except BlockingIOError:
-                        await aio.wait_readable(self.client)
+                data = await aio.recv(self.client, size, flags)
         except TimeoutError:
             raise _Answer(
                 408, f"request body not received within {self.timeouts.body:g} s"

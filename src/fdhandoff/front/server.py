@@ -43,7 +43,7 @@ from _socket import socket as Socket  # the C socket type, see _on_accept
 from collections.abc import Callable
 from typing import Final, TypeVar
 
-from .. import websocket
+from .. import aio, websocket
 from ..errors import ConfigError, ProtocolError
 from ..fdpass import send_tls_close_notify, tls_offloaded
 from ..httphead import (
@@ -150,10 +150,12 @@ class Request:
 
     __slots__ = ("addr", "listener", "method", "route", "start", "target", "tls", "upgraded")
 
-    def __init__(self, listener: Listener, addr: object, start: float) -> None:
+    def __init__(self, listener: Listener, addr: object, start: float, tls: bool) -> None:
         self.listener = listener
         #: The client speaks TLS (kernel TLS by now): answers end with close_notify.
-        self.tls = listener.tls is not None
+        #: Known from the connection, not from its listener, which a reload
+        #: may turn from TLS to plain while the head is arriving.
+        self.tls = tls
         self.addr = addr
         self.start = start
         self.method = b""
@@ -169,15 +171,18 @@ class Request:
 class _Pending:
     """A connection whose head has not fully arrived."""
 
-    __slots__ = ("addr", "buf", "fd", "listener", "sock", "start")
+    __slots__ = ("addr", "buf", "fd", "listener", "pause", "sock", "start", "tls")
 
-    def __init__(self, sock: Socket, addr: object, listener: Listener, start: float):
+    def __init__(self, sock: Socket, addr: object, listener: Listener, start: float, tls: bool):
         self.sock = sock
         self.fd = sock.fileno()
         self.addr = addr
         self.listener = listener
         self.buf = bytearray()
         self.start = start
+        self.tls = tls
+        #: aio.next_pause: readable without data (a partial kTLS record).
+        self.pause = 0.0
 
 
 class _Handshake:
@@ -196,12 +201,13 @@ class _Handshake:
 
 
 class _Linger:
-    __slots__ = ("budget", "fd", "sock")
+    __slots__ = ("budget", "fd", "pause", "sock")
 
     def __init__(self, sock: Socket) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.budget = LINGER_MAX_BYTES
+        self.pause = 0.0  # as _Pending.pause
 
 
 def _client_label(listener: Listener, addr: object) -> str:
@@ -396,9 +402,10 @@ class Front:
     def _shorten_deadlines(self, config: FrontConfig) -> None:
         """A lowered head or linger timeout applies to what is waiting now, too.
 
-        Each dict must stay in deadline order (``_expired`` stops at the first
-        live entry): a deadline moved to ``start + new`` (heads) or ``now +
-        new`` (lingering closes) keeps the order, as both are monotone.
+        The handshake and linger dicts must stay in deadline order (``_expired``
+        stops at their first live entry): a deadline moved to ``start + new``
+        (handshakes, in accept order) or ``now + new`` (lingering closes) keeps
+        it, as both are monotone.  Heads are scanned whole.
         """
         head, linger = config.timeouts.head, config.timeouts.linger
         if head < self.timeouts.head:
@@ -589,8 +596,7 @@ class Front:
         # A TLS connection starts with a handshake record (RFC 8446 §5.1,
         # content type 22); a request line starts with a method's letters.
         if first[0] != _HANDSHAKE_RECORD and first[:1].isalpha():
-            req = Request(listener, addr, start)
-            req.tls = False  # the answer goes out in plain text: it is read as such
+            req = Request(listener, addr, start, tls=False)  # answered in plain text
             req.method, req.target = _request_line(first)
             self.reject(sock, req, 400, "plain HTTP sent to a TLS port: use https://")
             return
@@ -637,7 +643,7 @@ class Front:
         sock = Socket(handshake.listener.family, _STREAM, 0, tls.detach())
         try:
             sock.setblocking(True)
-            self._start(sock, handshake.addr, handshake.listener, handshake.start)
+            self._start(sock, handshake.addr, handshake.listener, handshake.start, tls=True)
         except Exception:  # as in _on_accept: one connection never takes the loop down
             log.exception("internal error on a new TLS connection from %r", handshake.addr)
             if sock.fileno() >= 0:
@@ -676,7 +682,9 @@ class Front:
 
     # --- reading the head -----------------------------------------------------------------
 
-    def _start(self, sock: Socket, addr: object, listener: Listener, start: float = 0.0) -> None:
+    def _start(
+        self, sock: Socket, addr: object, listener: Listener, start: float = 0.0, tls: bool = False
+    ) -> None:
         start = start or time.monotonic()  # TLS: since the accept, handshake included
         buf = self._buf
         try:
@@ -703,9 +711,9 @@ class Front:
                 if len(head) != length:  # the peeked bytes are ours: only a reset loses them
                     sock.close()
                     return
-                self._dispatch(sock, head, addr, listener, start)
+                self._dispatch(sock, head, addr, listener, start, tls=tls)
                 return
-        pending = _Pending(sock, addr, listener, start)
+        pending = _Pending(sock, addr, listener, start, tls)
         if n > 0 and not self._absorb(pending, n):
             return
         self.loop.add_reader(pending.fd, self._on_readable, pending)
@@ -721,12 +729,19 @@ class Front:
         try:
             n = pending.sock.recv_into(self._buf, room, _PEEK)
         except BlockingIOError:
+            # Readable, yet nothing to read: a partial kTLS record on a kernel
+            # whose poll reports it (aio.PARTIAL_RECORD_PAUSE).  Listening again
+            # at once would call this in a loop until the record is whole.
+            pending.pause = aio.next_pause(pending.pause)
+            self.loop.remove_reader(pending.fd)
+            self.loop.call_later(pending.pause, self._listen_again, pending)
             return
         except OSError:
             n = 0
+        pending.pause = 0.0
         if n == 0:
             self._drop_pending(pending)
-            req = Request(pending.listener, pending.addr, pending.start)
+            req = Request(pending.listener, pending.addr, pending.start, pending.tls)
             req.method, req.target = _request_line(bytes(pending.buf))
             self.log_request(req, 'closed "client closed inside the request head"')
             pending.sock.close()
@@ -734,6 +749,10 @@ class Front:
         if self._absorb(pending, n):
             return  # still incomplete, still registered
         # done (dispatched or answered): _absorb unregistered it
+
+    def _listen_again(self, pending: _Pending) -> None:
+        if pending in self._pending:  # not answered, timed out or dropped meanwhile
+            self.loop.add_reader(pending.fd, self._on_readable, pending)
 
     def _absorb(self, pending: _Pending, n: int) -> bool:
         """Take ``n`` peeked bytes; True if the head is still incomplete (keep waiting)."""
@@ -755,7 +774,12 @@ class Front:
                 sock.close()
                 return False
             self._dispatch(
-                sock, bytes(combined[:end]), pending.addr, pending.listener, pending.start
+                sock,
+                bytes(combined[:end]),
+                pending.addr,
+                pending.listener,
+                pending.start,
+                tls=pending.tls,
             )
             return False
         try:  # every peeked byte is head: consume it so the socket stops being readable
@@ -776,7 +800,7 @@ class Front:
     def _refuse_pending(self, pending: _Pending, error: ProtocolError) -> None:
         """Answer a head that cannot become a request with ``error``'s status."""
         self._drop_pending(pending)
-        req = Request(pending.listener, pending.addr, pending.start)
+        req = Request(pending.listener, pending.addr, pending.start, pending.tls)
         req.method, req.target = _request_line(bytes(pending.buf))
         self.reject(pending.sock, req, error.status_hint, str(error))
 
@@ -787,9 +811,9 @@ class Front:
     # --- dispatch ---------------------------------------------------------------------------
 
     def _dispatch(
-        self, sock: Socket, raw: bytes, addr: object, listener: Listener, start: float
+        self, sock: Socket, raw: bytes, addr: object, listener: Listener, start: float, *, tls: bool
     ) -> None:
-        req = Request(listener, addr, start)
+        req = Request(listener, addr, start, tls)
         try:
             # HTTP/1.0 too: the receiver learns it from SERVER_PROTOCOL and
             # answers in kind (RFC 9110 §6.2: 1.0 is a minor version of ours).
@@ -995,9 +1019,8 @@ class Front:
         before the FIN, so the client sees a clean end, not a truncation.
         """
         try:
-            if data:
-                sock.send(data, _NOWAIT)
-            if tls:
+            sent = sock.send(data, _NOWAIT) if data else 0
+            if tls and sent == len(data):  # a cut answer must not look complete
                 send_tls_close_notify(sock)
             sock.shutdown(socket.SHUT_WR)
         except OSError:
@@ -1010,13 +1033,21 @@ class Front:
     def _on_linger(self, linger: _Linger) -> None:
         try:
             data = linger.sock.recv(_LINGER_READ, _DONTWAIT)
-        except BlockingIOError:
+        except BlockingIOError:  # a partial kTLS record: as in _on_readable
+            linger.pause = aio.next_pause(linger.pause)
+            self.loop.remove_reader(linger.fd)
+            self.loop.call_later(linger.pause, self._linger_again, linger)
             return
         except OSError:
             data = b""
+        linger.pause = 0.0
         linger.budget -= len(data)
         if not data or linger.budget <= 0:
             self._end_linger(linger)
+
+    def _linger_again(self, linger: _Linger) -> None:
+        if linger in self._lingering:
+            self.loop.add_reader(linger.fd, self._on_linger, linger)
 
     def _end_linger(self, linger: _Linger) -> None:
         if self._lingering.pop(linger, None) is not None:
@@ -1027,10 +1058,10 @@ class Front:
 
     def _tick(self) -> None:
         now = time.monotonic()
-        for pending in _expired(self._pending, now):
+        for pending in _expired(self._pending, now, ordered=False):
             allowed = self._pending[pending] - pending.start  # the timeout it had
             self._drop_pending(pending)
-            req = Request(pending.listener, pending.addr, pending.start)
+            req = Request(pending.listener, pending.addr, pending.start, pending.tls)
             req.method, req.target = _request_line(bytes(pending.buf))
             self.reject(pending.sock, req, 408, f"request head not complete within {allowed:.3g} s")
         for handshake in _expired(self._handshaking, now):
@@ -1170,12 +1201,19 @@ def _tls_contexts(config: FrontConfig) -> list[ssl.SSLContext | None]:
     return contexts
 
 
-def _expired(deadlines: dict[_T, float], now: float) -> list[_T]:
-    """Entries past their deadline.  Every dict holds one timeout, so insertion
-    order is deadline order and the scan stops at the first live entry."""
+def _expired(deadlines: dict[_T, float], now: float, *, ordered: bool = True) -> list[_T]:
+    """Entries past their deadline.
+
+    ``ordered``: the dict holds one timeout counted from insertion, so
+    insertion order is deadline order and the scan stops at the first live
+    entry.  Heads waiting (``_pending``) are not so: a TLS connection's head
+    timeout counts from its accept, before a handshake of any length, so
+    they are all looked at.
+    """
     found = []
     for item, deadline in deadlines.items():
-        if deadline > now:
+        if deadline <= now:
+            found.append(item)
+        elif ordered:
             break
-        found.append(item)
     return found

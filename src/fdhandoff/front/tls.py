@@ -30,6 +30,7 @@ import errno
 import socket
 import ssl
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -71,7 +72,11 @@ def server_context(files: TlsFiles) -> ssl.SSLContext:
             raise ConfigError(f"TLS {what} {path}: {exc.strerror}") from None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
-        context.load_cert_chain(files.certificate, files.key)
+        # Without a password callback OpenSSL would ask for an encrypted key's
+        # pass phrase on the terminal, and wait there (a reload too).
+        context.load_cert_chain(files.certificate, files.key, password=_no_pass_phrase(files))
+    except ConfigError:
+        raise
     except ssl.SSLError as exc:  # an OSError too: first
         raise ConfigError(
             f"TLS: certificate {files.certificate} / key {files.key}: "
@@ -88,6 +93,16 @@ def server_context(files: TlsFiles) -> ssl.SSLContext:
     # prefer h2 (browsers, curl) settle on http/1.1 in the handshake.
     context.set_alpn_protocols(["http/1.1"])
     return context
+
+
+def _no_pass_phrase(files: TlsFiles) -> Callable[[], str]:
+    def refuse() -> str:
+        raise ConfigError(
+            f"TLS key {files.key} is encrypted: give the front an unencrypted key, "
+            "readable by its user only"
+        )
+
+    return refuse
 
 
 def probe_offload(context: ssl.SSLContext) -> str | None:

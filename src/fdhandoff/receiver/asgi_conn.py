@@ -129,15 +129,19 @@ class Connection:
         Raises :class:`TimeoutError` after ``timeout`` seconds without data and
         :class:`ConnectionClosed` if the connection was reset.
         """
-        while True:
-            data = self.recv_nowait()
-            if data is not None:
-                return data
-            if timeout is None:
+        data = self.recv_nowait()
+        if data is not None:
+            return data
+        async with asyncio.timeout(timeout):
+            pause = 0.0
+            while True:
                 await self.readable()
-            else:
-                async with asyncio.timeout(timeout):
-                    await self.readable()
+                data = self.recv_nowait()
+                if data is not None:
+                    return data
+                # Readable without data: a partial kTLS record (aio.PARTIAL_RECORD_PAUSE).
+                pause = aio.next_pause(pause)
+                await asyncio.sleep(pause)
 
     async def recv_idle(self, timeout: float) -> bytes | None:
         """:meth:`recv` between two requests; None once the receiver is stopping.
@@ -147,10 +151,18 @@ class Connection:
         """
         loop = self.loop
         async with asyncio.timeout(timeout):
+            pause = -1.0  # no wait yet
             while not self.receiver.stopping:
                 data = self.recv_nowait()
                 if data is not None:
                     return data
+                if pause >= 0:  # readable without data: a partial kTLS record
+                    pause = aio.next_pause(pause)
+                    await asyncio.sleep(pause)
+                    if self.receiver.stopping:
+                        break
+                else:
+                    pause = 0.0
                 fd = self.sock.fileno()
                 waiter: asyncio.Future[None] = loop.create_future()
                 loop.add_reader(fd, wake, waiter)

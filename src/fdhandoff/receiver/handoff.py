@@ -188,14 +188,11 @@ class Handoff(HandoffBase):
             await self._maybe_continue()
             try:
                 async with asyncio.timeout(timeout):
-                    await aio.wait_readable(sock)
-                    data = sock.recv(BODY_READ_SIZE)
+                    data = await aio.recv(sock, BODY_READ_SIZE)
             except TimeoutError:
                 raise ProtocolError(
                     f"request body stalled for {timeout:.0f} s", status_hint=408
                 ) from None
-            except BlockingIOError:
-                continue
             except OSError as exc:
                 raise ConnectionClosed(f"client connection lost: {exc.strerror}") from exc
             decoder.receive_data(data)
@@ -241,13 +238,8 @@ class Handoff(HandoffBase):
                 return  # the close below sends the FIN
             sock.shutdown(socket.SHUT_WR)
             async with asyncio.timeout(self.receiver.options.linger_timeout):
-                while True:
-                    await aio.wait_readable(sock)
-                    try:
-                        if not sock.recv(BODY_READ_SIZE):
-                            break
-                    except BlockingIOError:
-                        continue
+                while await aio.recv(sock, BODY_READ_SIZE):
+                    pass
         except (OSError, TimeoutError):
             pass
         finally:

@@ -30,7 +30,7 @@ from collections.abc import Callable, Generator
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Final
 
-from .. import fdpass
+from .. import aio, fdpass
 from ..errors import FdHandoffError
 
 if TYPE_CHECKING:
@@ -147,6 +147,7 @@ class Stream:
         "_backlog",
         "_channels",
         "_log",
+        "_pause",
         "_receiver",
         "_sent",
         "_sock",
@@ -165,6 +166,7 @@ class Stream:
         self._log = log_prefix
         self._started = time.monotonic()
         self._sent = 0
+        self._pause = 0.0  # aio.next_pause: readiness without data (partial kTLS record)
         self._tls_ended = False
         #: Called once with the stream when it has ended.
         self.on_close: Callable[[Any], None] | None = None
@@ -285,10 +287,12 @@ class Stream:
         # them produces exactly that event: after one recv of the bytes the
         # reset would never be reported, and the stream, its fd and its
         # handler would stay until the receiver stops.
-        for _ in range(MAX_READS_PER_CALLBACK):
+        for attempt in range(MAX_READS_PER_CALLBACK):
             try:
                 data = self._sock.recv(READ_SIZE)
             except BlockingIOError:
+                if attempt == 0:
+                    self._wait_for_record()
                 return
             except OSError as exc:
                 self._abort(_describe(exc))
@@ -296,12 +300,26 @@ class Stream:
             if not data:
                 self._on_eof()
                 return
+            self._pause = 0.0
             self._on_data(data)
             if not self._reading():
                 return  # closed, or paused for back-pressure (resuming re-arms the reader)
         # More is pending: read it on the next iteration instead of waiting
         # for a readiness event that may not come (see above).
         self._receiver.loop.call_soon(self._read_more)
+
+    def _wait_for_record(self) -> None:
+        """Readable, yet nothing to read: a partial kTLS record on a kernel whose
+        poll reports it (aio.PARTIAL_RECORD_PAUSE).  Stop listening for a
+        growing pause instead of being called again at once, in a loop."""
+        self._pause = aio.next_pause(self._pause)
+        loop = self._receiver.loop
+        loop.remove_reader(self._sock.fileno())
+        loop.call_later(self._pause, self._listen_again)
+
+    def _listen_again(self) -> None:
+        if self._reading():  # not ended meanwhile, nor paused for back-pressure
+            self._receiver.loop.add_reader(self._sock.fileno(), self._on_readable)
 
     def _read_more(self) -> None:
         if self._reading():

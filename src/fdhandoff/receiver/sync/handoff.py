@@ -16,7 +16,7 @@ from ..body import END, NEED_DATA
 from ..http import HeaderInput
 from ..stream import ConnectionClosed
 from ..ws import agreed_subprotocol, choose_subprotocol, header_bytes
-from .streams import SSEStream, WebSocket
+from .streams import SSEStream, WebSocket, recv_within
 
 if TYPE_CHECKING:
     from .engine import Receiver
@@ -163,17 +163,14 @@ class Handoff(HandoffBase):
             if self._wants_continue():
                 self.send_raw(http.CONTINUE)
                 self.bytes_sent -= len(http.CONTINUE)
-            sock.settimeout(timeout)
             try:
-                data = sock.recv(READ_SIZE)
+                data = recv_within(sock, READ_SIZE, timeout)
             except TimeoutError:
                 raise ProtocolError(
                     f"request body stalled for {timeout:.0f} s", status_hint=408
                 ) from None
             except OSError as exc:
                 raise ConnectionClosed(f"client connection lost: {exc.strerror}") from exc
-            finally:
-                sock.settimeout(self.receiver.options.write_timeout)
             decoder.receive_data(data)
 
     def read_body(self, max_size: int | None = None) -> bytes:
@@ -198,8 +195,7 @@ class Handoff(HandoffBase):
                 fdpass.send_tls_close_notify(sock)
             sock.shutdown(socket.SHUT_WR)
             while (left := deadline - time.monotonic()) > 0:
-                sock.settimeout(left)
-                if not sock.recv(READ_SIZE):
+                if not recv_within(sock, READ_SIZE, left):
                     break
         except OSError:
             pass

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import select
-import selectors
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final
 
-from ... import fdpass, websocket
+from ... import aio, fdpass, websocket
 from ...websocket import CloseCode, WebSocketProtocolError
 from ..sse import encode_comment, encode_event
 from ..stream import ConnectionClosed
@@ -266,7 +266,7 @@ class WebSocket(_SyncStream):
             sock.shutdown(socket.SHUT_WR)
             deadline = time.monotonic() + self._handoff.receiver.options.linger_timeout
             while (left := deadline - time.monotonic()) > 0:
-                if _readable(sock, left) and not sock.recv(READ_SIZE):
+                if not recv_within(sock, READ_SIZE, left):
                     return  # the client's FIN
         except (OSError, ValueError):  # gone, or closed by another thread
             return
@@ -286,9 +286,7 @@ class WebSocket(_SyncStream):
                 raise TimeoutError("no WebSocket message in time")
             try:
                 # Waits in slices so that close() from another thread is seen.
-                if not _readable(sock, left):
-                    continue
-                return sock.recv(READ_SIZE)
+                return recv_within(sock, READ_SIZE, 1.0 if left is None else min(left, 1.0))
             except TimeoutError:
                 continue
             except (OSError, ValueError):  # ValueError: closed by another thread
@@ -325,16 +323,38 @@ def _drain_unread(sock: socket.socket) -> None:
         poller = select.poll()  # not select(): fds above 1024 are common here
         poller.register(sock, select.POLLIN)
         for _ in range(_DRAIN_READS):
-            if not poller.poll(0) or not sock.recv(_DRAIN_READ):
+            # os.read: EAGAIN (a partial kTLS record) ends it, see recv_within.
+            if not poller.poll(0) or not os.read(sock.fileno(), _DRAIN_READ):
                 return
     except (OSError, ValueError):  # gone, or closed by another thread
         return
 
 
-def _readable(sock: socket.socket, timeout: float | None) -> bool:
-    with selectors.DefaultSelector() as sel:
-        sel.register(sock, selectors.EVENT_READ)
-        return bool(sel.select(1.0 if timeout is None else min(timeout, 1.0)))
+def recv_within(sock: socket.socket, size: int, timeout: float | None) -> bytes:
+    """Bytes from ``sock`` (``b""`` at EOF); TimeoutError after ``timeout`` seconds.
+
+    Not ``settimeout`` and ``recv``: CPython answers an EAGAIN that follows a
+    readiness by polling again at once, so on a kTLS socket whose poll reports
+    a partial record (aio.PARTIAL_RECORD_PAUSE) this thread would spin until
+    the record is whole.  ``os.read`` returns the EAGAIN (every socket here has
+    a timeout, so its fd is non-blocking), and a growing pause follows instead.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    pause = 0.0
+    fd = sock.fileno()
+    poller = select.poll()  # not select(): fds above 1024 are common here
+    poller.register(fd, select.POLLIN)
+    while True:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            raise TimeoutError("timed out")
+        if not poller.poll(None if left is None else max(1, int(left * 1000))):
+            continue
+        try:
+            return os.read(fd, size)
+        except BlockingIOError:
+            pause = aio.next_pause(pause)
+            time.sleep(pause if left is None else min(pause, left))
 
 
 class Channel:
