@@ -37,7 +37,7 @@ from handoff_receiver import (
 )
 from test_front_auth import App, auth_config, payload_echo
 from test_front_auth import app as app_fixture  # noqa: F401  (fixture, under this name)
-from test_front_websocket import ws_echo
+from test_front_websocket import masked_text_frame, upgrade_request, ws_echo
 from test_metrics import _free_port, _scrape
 from test_receiver_support import output_of, serve_process
 
@@ -508,6 +508,20 @@ class RawTls:
         self.tls.write(plain)
         return self.outgoing.read()
 
+    def read_until(self, marker: bytes) -> bytes:
+        """Plain bytes from the server until ``marker`` has come (the connection stays)."""
+        plain = b""
+        self.sock.settimeout(IO_TIMEOUT)
+        while marker not in plain:
+            with contextlib.suppress(ssl.SSLWantReadError):
+                while chunk := self.tls.read(65536):
+                    plain += chunk
+            if marker not in plain:
+                data = self.sock.recv(65536)
+                assert data, plain
+                self.incoming.write(data)
+        return plain
+
     def answer(self) -> bytes:
         """What the server sends until it closes (the test receiver sends no close_notify)."""
         data = read_to_close(self.sock, reset_ok=True)
@@ -657,3 +671,38 @@ def test_a_slow_handshake_leaves_the_head_no_extra_time(
         closed_after = time.monotonic() - accepted
         slow.close()
     assert closed_after < 2.45, f"the slow connection had {closed_after:.2f} s, not 2"
+
+
+def test_a_partial_record_costs_the_asgi_receiver_nothing_in_a_websocket(
+    certs: tuple[Path, Path], sockdir: Path, tls_front: Callable[..., FrontProcess]
+) -> None:
+    socket_path = sockdir / "serve.sock"
+    target = "test_receiver_support:asgi_echo"
+    with serve_process(target, [f"unix:{socket_path}"], "--interface", "asgi") as served:
+        front = tls_front(route(str(socket_path), "/ws", "websocket"))
+        with front.connect() as sock:
+            client = RawTls(sock, certs)
+            sock.sendall(client.records(upgrade_request(b"/ws")))
+            assert client.read_until(b"\r\n\r\n").startswith(b"HTTP/1.1 101")
+            one = client.records(masked_text_frame(b"one"))
+            two = client.records(masked_text_frame(b"two"))
+            spent = cpu_while_sitting(served.pid, sock, one, two[:10])
+            sock.sendall(two[10:])
+            assert b"echo:one" in client.read_until(b"echo:two")
+    assert spent < CPU_ALLOWED, f"the receiver used {spent:.2f} s of CPU in {SITTING} s"
+
+
+def test_a_partial_record_costs_nothing_while_an_asgi_app_waits_for_disconnect(
+    certs: tuple[Path, Path], sockdir: Path, tls_front: Callable[..., FrontProcess]
+) -> None:
+    socket_path = sockdir / "serve.sock"
+    target = "test_receiver_support:asgi_echo"
+    with serve_process(target, [f"unix:{socket_path}"], "--interface", "asgi") as served:
+        front = tls_front(route(str(socket_path)))
+        with front.connect() as sock:
+            client = RawTls(sock, certs)
+            sock.sendall(client.records(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n"))
+            client.read_until(b"started")
+            following = client.records(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+            spent = cpu_while_sitting(served.pid, sock, b"", following[:10])
+    assert spent < CPU_ALLOWED, f"the receiver used {spent:.2f} s of CPU in {SITTING} s"

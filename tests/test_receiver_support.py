@@ -526,11 +526,28 @@ async def asgi_echo(
     receive: Callable[[], Awaitable[dict[str, Any]]],
     send: Callable[[dict[str, Any]], Awaitable[None]],
 ) -> None:
-    """ASGI twin of :func:`echo`: scheme, method, path, body length, then the body."""
+    """ASGI twin of :func:`echo`: scheme, method, path, body length, then the body.
+
+    A WebSocket echoes text messages; ``/stream`` answers ``started`` and then
+    waits for ``http.disconnect`` (as sse-starlette does).
+    """
     if scope["type"] == "lifespan":
         while (event := await receive())["type"] != "lifespan.shutdown":
             await send({"type": "lifespan.startup.complete"})
         await send({"type": "lifespan.shutdown.complete"})
+        return
+    if scope["type"] == "websocket":
+        await receive()  # websocket.connect
+        await send({"type": "websocket.accept"})
+        while (event := await receive())["type"] == "websocket.receive":
+            await send({"type": "websocket.send", "text": "echo:" + (event.get("text") or "")})
+        return
+    if scope["path"] == "/stream":
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"started\n", "more_body": True})
+        event = await receive()
+        await send({"type": "http.response.body", "body": event["type"].encode()})
         return
     body = b""
     while True:

@@ -19,6 +19,7 @@ from fdhandoff.receiver import Options
 from fdhandoff.receiver.listeners import Bind
 from fdhandoff.receiver.sync import Channel, ConnectionClosed, Handoff, WebSocket
 from fdhandoff.receiver.sync import engine as sync_engine
+from fdhandoff.receiver.sync.streams import recv_within
 from fdhandoff.websocket import Opcode, encode_frame
 from handoff_receiver import read_exactly
 from test_receiver_support import (
@@ -445,3 +446,32 @@ def test_silent_connections_hold_no_thread(
     assert status == 200
     assert served_in < 1.0  # not after the silent ones' 1.5 s
     assert caplog.text.count("sent no complete handoff within 1.5 s") == 2
+
+
+def test_recv_within_stays_on_its_connection_when_another_thread_closes_it() -> None:
+    """A reader waits on one connection; another thread closes that socket and
+    a new connection takes its fd number: the reader must never return the
+    new connection's bytes."""
+    ours, peer = socket.socketpair()
+    ours.settimeout(5)  # as every socket of the sync flavour
+    number = ours.fileno()
+    outcome: list[object] = []
+
+    def reader() -> None:
+        try:
+            outcome.append(recv_within(ours, 100, 1.5))
+        except OSError as exc:  # TimeoutError included
+            outcome.append(exc)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    time.sleep(0.2)
+    ours.close()
+    other, other_peer = socket.socketpair()
+    with other, other_peer, peer:
+        reused = number in (other.fileno(), other_peer.fileno())
+        other_peer.sendall(b"another client's bytes")
+        other.sendall(b"another client's bytes")
+        thread.join(10)
+    assert reused, "the fd number was not reused: the test proves nothing"
+    assert outcome and not isinstance(outcome[0], bytes), outcome

@@ -238,6 +238,10 @@ class Front:
         self.metrics = _front_metrics(self)
         self.listeners: list[Listener] = []
         self._pending: dict[_Pending, float] = {}
+        #: TLS connections among them: their deadlines count from the accept,
+        #: before a handshake of any length, so _pending is then not in
+        #: deadline order and is expired by a full scan.
+        self._tls_heads = 0
         self._handshaking: dict[_Handshake, float] = {}
         self._handoffs: Handoffs | None = None
         self._lingering: dict[_Linger, float] = {}
@@ -402,10 +406,10 @@ class Front:
     def _shorten_deadlines(self, config: FrontConfig) -> None:
         """A lowered head or linger timeout applies to what is waiting now, too.
 
-        The handshake and linger dicts must stay in deadline order (``_expired``
-        stops at their first live entry): a deadline moved to ``start + new``
-        (handshakes, in accept order) or ``now + new`` (lingering closes) keeps
-        it, as both are monotone.  Heads are scanned whole.
+        Each dict must stay in deadline order where ``_expired`` stops at the
+        first live entry: a deadline moved to ``start + new`` (heads and
+        handshakes, in accept order) or ``now + new`` (lingering closes) keeps
+        it, as both are monotone (heads of TLS connections are scanned whole).
         """
         head, linger = config.timeouts.head, config.timeouts.linger
         if head < self.timeouts.head:
@@ -718,6 +722,7 @@ class Front:
             return
         self.loop.add_reader(pending.fd, self._on_readable, pending)
         self._pending[pending] = start + self.timeouts.head
+        self._tls_heads += tls
 
     def _on_readable(self, pending: _Pending) -> None:
         room = self._max_head - len(pending.buf)
@@ -807,6 +812,7 @@ class Front:
     def _drop_pending(self, pending: _Pending) -> None:
         if self._pending.pop(pending, None) is not None:
             self.loop.remove_reader(pending.fd)
+            self._tls_heads -= pending.tls
 
     # --- dispatch ---------------------------------------------------------------------------
 
@@ -1058,7 +1064,7 @@ class Front:
 
     def _tick(self) -> None:
         now = time.monotonic()
-        for pending in _expired(self._pending, now, ordered=False):
+        for pending in _expired(self._pending, now, ordered=not self._tls_heads):
             allowed = self._pending[pending] - pending.start  # the timeout it had
             self._drop_pending(pending)
             req = Request(pending.listener, pending.addr, pending.start, pending.tls)
@@ -1206,9 +1212,8 @@ def _expired(deadlines: dict[_T, float], now: float, *, ordered: bool = True) ->
 
     ``ordered``: the dict holds one timeout counted from insertion, so
     insertion order is deadline order and the scan stops at the first live
-    entry.  Heads waiting (``_pending``) are not so: a TLS connection's head
-    timeout counts from its accept, before a handshake of any length, so
-    they are all looked at.
+    entry.  Heads waiting (``_pending``) are not so while TLS connections are
+    among them (``Front._tls_heads``): they are all looked at then.
     """
     found = []
     for item, deadline in deadlines.items():

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
+from .. import aio
 from ..errors import ProtocolError
 from ..httphead import MAX_HEAD_SIZE
 from . import http
@@ -64,6 +65,7 @@ class HTTPCycle:
         "_head",
         "_length",
         "_no_body",
+        "_pause",
         "_reading",
         "_received",
         "_request_done",
@@ -122,6 +124,7 @@ class HTTPCycle:
         # The receive() calls waiting for the client to leave (rarely more than one).
         self._waiters: asyncio.Future[None] | list[asyncio.Future[None]] | None = None
         self._reading = False
+        self._pause = 0.0  # aio.next_pause: readable without data (a partial kTLS record)
         self.disconnected = False
         self.started = False
         self.complete = False
@@ -383,8 +386,12 @@ class HTTPCycle:
         if self._waiters is None:
             self._stop_reading()
 
-    def _check_client(self) -> bool:
+    def _check_client(self, *, readiness: bool = False) -> bool:
         """Non-blocking reads: True if the client has left (EOF or reset).
+
+        ``readiness``: called because the socket is readable; if nothing at
+        all can be read, that is a partial kTLS record (aio.PARTIAL_RECORD_PAUSE)
+        and reading pauses instead of being called again at once.
 
         Read until EAGAIN, not once: uvloop (libuv) delivers a readiness event
         that carries EPOLLERR once and then stops watching the fd, so a client
@@ -393,15 +400,20 @@ class HTTPCycle:
         (with the connection and its fd) until it writes.
         """
         conn = self.conn
+        first = True
         while True:
             try:
                 data = conn.sock.recv(READ_SIZE)
             except (BlockingIOError, InterruptedError):
+                if first and readiness:
+                    self._wait_for_record()
                 return False
             except OSError:
                 data = b""
             if not data:
                 break
+            first = False
+            self._pause = 0.0
             # A pipelined request: keep it for later, up to one head's worth.
             conn.buf += data
             if len(conn.buf) >= MAX_HEAD_SIZE:
@@ -412,8 +424,25 @@ class HTTPCycle:
         return True
 
     def _on_readable(self) -> None:
-        if self._check_client():
+        if self._check_client(readiness=True):
             self._wake_waiters()
+
+    def _wait_for_record(self) -> None:
+        self._stop_reading()
+        self._pause = aio.next_pause(self._pause)
+        self.conn.loop.call_later(self._pause, self._read_again)
+
+    def _read_again(self) -> None:
+        conn = self.conn
+        if (
+            self._waiters is not None  # somebody still waits for the client to leave
+            and not self._reading
+            and not self.disconnected
+            and not conn.closed
+            and len(conn.buf) < MAX_HEAD_SIZE
+        ):
+            conn.loop.add_reader(conn.sock.fileno(), self._on_readable)
+            self._reading = True
 
     def _stop_reading(self) -> None:
         if self._reading:

@@ -28,7 +28,7 @@ import time
 from enum import Enum
 from typing import Any, Final
 
-from .. import websocket
+from .. import aio, websocket
 from ..websocket import NEED_DATA, Close, CloseCode, Message, WebSocketProtocolError
 from .asgi_conn import Connection, wake
 from .asgi_http import HTTPCycle
@@ -203,6 +203,7 @@ class WebSocketCycle:
         assert ws is not None
         # One loop, no helper coroutines: an idle WebSocket sits in here, and
         # every frame of the chain would be kept for as long as it idles.
+        woken, pause = False, 0.0
         while True:
             try:
                 event = ws.next_event()
@@ -219,7 +220,15 @@ class WebSocketCycle:
                 if data is None:
                     loop, fd = self.conn.loop, self.conn.sock.fileno()
                     waiter: asyncio.Future[None] = loop.create_future()
-                    loop.add_reader(fd, wake, waiter)
+                    # Nothing after a wake-up: a partial kTLS record, which the
+                    # kernel reports readable; listen again only after a pause
+                    # (aio.PARTIAL_RECORD_PAUSE).  A timer, not a sleep: no frame.
+                    pause = aio.next_pause(pause) if woken else 0.0
+                    timer = (
+                        loop.call_later(pause, loop.add_reader, fd, wake, waiter) if pause else None
+                    )
+                    if timer is None:
+                        loop.add_reader(fd, wake, waiter)
                     try:
                         if self.state is _State.CLOSING:
                             # Our close frame is sent: RFC 6455 section 7.1.1
@@ -234,8 +243,12 @@ class WebSocketCycle:
                         self._why = "client did not answer the close frame"
                         return self._closed(CloseCode.ABNORMAL, "")
                     finally:
+                        if timer is not None:
+                            timer.cancel()
                         loop.remove_reader(fd)
+                    woken = True
                 else:
+                    woken = False
                     ws.receive_data(data)
                 continue
             out = ws.data_to_send()  # pongs, our reply to a close frame

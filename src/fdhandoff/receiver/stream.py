@@ -279,7 +279,7 @@ class Stream:
 
     # --- reading -----------------------------------------------------------------
 
-    def _on_readable(self) -> None:
+    def _on_readable(self, readiness: bool = True) -> None:
         # Read until the kernel has nothing more to say (EAGAIN, EOF or an
         # error), not once per callback: uvloop (libuv) delivers a readiness
         # event that carries EPOLLERR once and then stops watching the fd.
@@ -291,7 +291,7 @@ class Stream:
             try:
                 data = self._sock.recv(READ_SIZE)
             except BlockingIOError:
-                if attempt == 0:
+                if attempt == 0 and readiness:  # readable, yet nothing at all
                     self._wait_for_record()
                 return
             except OSError as exc:
@@ -323,7 +323,7 @@ class Stream:
 
     def _read_more(self) -> None:
         if self._reading():
-            self._on_readable()
+            self._on_readable(readiness=False)
 
     def _reading(self) -> bool:
         """True while the reader callback is installed on the socket."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import select
 import socket
@@ -323,7 +324,9 @@ def _drain_unread(sock: socket.socket) -> None:
         poller = select.poll()  # not select(): fds above 1024 are common here
         poller.register(sock, select.POLLIN)
         for _ in range(_DRAIN_READS):
-            # os.read: EAGAIN (a partial kTLS record) ends it, see recv_within.
+            # os.read: EAGAIN (a partial kTLS record) ends it, where recv()
+            # under a timeout would retry (recv_within).  The socket is not
+            # closed yet, so its fd number is still this connection's.
             if not poller.poll(0) or not os.read(sock.fileno(), _DRAIN_READ):
                 return
     except (OSError, ValueError):  # gone, or closed by another thread
@@ -336,25 +339,28 @@ def recv_within(sock: socket.socket, size: int, timeout: float | None) -> bytes:
     Not ``settimeout`` and ``recv``: CPython answers an EAGAIN that follows a
     readiness by polling again at once, so on a kTLS socket whose poll reports
     a partial record (aio.PARTIAL_RECORD_PAUSE) this thread would spin until
-    the record is whole.  ``os.read`` returns the EAGAIN (every socket here has
-    a timeout, so its fd is non-blocking), and a growing pause follows instead.
+    the record is whole.  A duplicate of the socket, without a timeout of its
+    own, reads with MSG_DONTWAIT and gets the EAGAIN back, and a growing
+    pause follows instead.  The duplicate also keeps this call on the
+    connection it began with: another thread may close ``sock`` meanwhile,
+    and its fd number may be a new client's by then.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
     pause = 0.0
-    fd = sock.fileno()
-    poller = select.poll()  # not select(): fds above 1024 are common here
-    poller.register(fd, select.POLLIN)
-    while True:
-        left = None if deadline is None else deadline - time.monotonic()
-        if left is not None and left <= 0:
-            raise TimeoutError("timed out")
-        if not poller.poll(None if left is None else max(1, int(left * 1000))):
-            continue
-        try:
-            return os.read(fd, size)
-        except BlockingIOError:
-            pause = aio.next_pause(pause)
-            time.sleep(pause if left is None else min(pause, left))
+    with socket.socket(fileno=os.dup(sock.fileno())) as own:
+        poller = select.poll()  # not select(): fds above 1024 are common here
+        poller.register(own, select.POLLIN)
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TimeoutError("timed out")
+            if not poller.poll(None if left is None else math.ceil(left * 1000)):
+                continue
+            try:
+                return own.recv(size, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                pause = aio.next_pause(pause)
+                time.sleep(pause if left is None else min(pause, left))
 
 
 class Channel:
