@@ -29,9 +29,9 @@ __all__ = [
 
 #: The first and the longest wait after a readiness event that found nothing
 #: to read.  On a kernel-TLS socket, kernels whose kTLS has no poll of its own
-#: (it came in 2023; Debian 12's 6.1 lacks it) report the socket readable as
-#: soon as part of a TLS record has arrived, while recv() returns EAGAIN until
-#: the record is whole: a level-triggered reader would spin at 100 % CPU for
+#: (Debian 12's 6.1, for one; newer ones wait for a whole record) report the
+#: socket readable as soon as part of a TLS record has arrived, while recv()
+#: returns EAGAIN until the record is whole: a level-triggered reader would spin at 100 % CPU for
 #: as long as a client leaves a record unfinished.  Waiting instead, doubling
 #: from 1 ms, finds a record that completes in time t after at most about 2t,
 #: and a record that never completes costs four wake-ups a second.  Plain
