@@ -39,7 +39,7 @@ from test_front_auth import App, auth_config, payload_echo
 from test_front_auth import app as app_fixture  # noqa: F401  (fixture, under this name)
 from test_front_websocket import masked_text_frame, upgrade_request, ws_echo
 from test_metrics import _free_port, _scrape
-from test_receiver_support import output_of, serve_process
+from test_receiver_support import Served, output_of, serve_process
 
 IN_VM = bool(os.environ.get("FDHANDOFF_KTLS_VM"))
 TCP_ULP = 31
@@ -149,6 +149,21 @@ def route(receiver: TestReceiver | str, prefix: str = "/", mode: str = "pass") -
     return f'[[route]]\nprefix = "{prefix}"\nmode = "{mode}"\nbackend = "unix:{path}"\n'
 
 
+@contextlib.contextmanager
+def served_behind(
+    tls_front: Callable[..., FrontProcess],
+    sockdir: Path,
+    target: str,
+    prefix: str = "/",
+    mode: str = "pass",
+) -> Iterator[tuple[Served, FrontProcess]]:
+    """``fdhandoff serve TARGET`` (as ASGI for the ASGI app) behind a TLS front."""
+    path = sockdir / "serve.sock"
+    interface = ("--interface", "asgi") if target.endswith("asgi_echo") else ()
+    with serve_process(target, [f"unix:{path}"], *interface) as served:
+        yield served, tls_front(route(str(path), prefix, mode))
+
+
 def curl(*args: str) -> subprocess.CompletedProcess[bytes]:
     path = shutil.which("curl")
     assert path is not None, "curl is needed"
@@ -230,10 +245,7 @@ def test_head_in_several_records_is_read_whole(
 def test_fdhandoff_serve_asgi_keeps_the_tls_connection_alive(
     certs: tuple[Path, Path], sockdir: Path, tls_front: Callable[..., FrontProcess]
 ) -> None:
-    path = sockdir / "serve.sock"
-    served_args = ("--interface", "asgi")
-    with serve_process("test_receiver_support:asgi_echo", [f"unix:{path}"], *served_args) as served:
-        front = tls_front(route(str(path)))
+    with served_behind(tls_front, sockdir, "test_receiver_support:asgi_echo") as (served, front):
         with tls_connect(front, certs) as tls:
             tls.sendall(b"POST /one HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
             first = read_until_suffix(tls, b"abc")
@@ -273,10 +285,7 @@ def test_every_receiver_flavour_ends_the_tls_session_with_close_notify(
     path: str,
     ends_with: bytes,
 ) -> None:
-    socket_path = sockdir / "serve.sock"
-    interface = ("--interface", "asgi") if target.endswith("asgi_echo") else ()
-    with serve_process(target, [f"unix:{socket_path}"], *interface) as served:
-        front = tls_front(route(str(socket_path)))
+    with served_behind(tls_front, sockdir, target) as (served, front):
         with tls_connect(front, certs) as tls:
             tls.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
             answer = read_until_close(tls)  # SSLEOFError without close_notify
@@ -599,10 +608,7 @@ def test_a_partial_record_costs_the_receiver_nothing_while_the_body_arrives(
     target: str,
     answer: bytes,
 ) -> None:
-    socket_path = sockdir / "serve.sock"
-    interface = ("--interface", "asgi") if target.endswith("asgi_echo") else ()
-    with serve_process(target, [f"unix:{socket_path}"], *interface) as served:
-        front = tls_front(route(str(socket_path)))
+    with served_behind(tls_front, sockdir, target) as (served, front):
         with front.connect() as sock:
             client = RawTls(sock, certs)
             head = b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\n"
@@ -614,7 +620,6 @@ def test_a_partial_record_costs_the_receiver_nothing_while_the_body_arrives(
         assert spent < CPU_ALLOWED, f"the receiver used {spent:.2f} s of CPU in {SITTING} s"
         assert got.startswith(b"HTTP/1.1 200"), got
         assert got.endswith(answer), got
-
 
 
 # --- reload and deadlines ----------------------------------------------------------------------
@@ -676,33 +681,28 @@ def test_a_slow_handshake_leaves_the_head_no_extra_time(
 def test_a_partial_record_costs_the_asgi_receiver_nothing_in_a_websocket(
     certs: tuple[Path, Path], sockdir: Path, tls_front: Callable[..., FrontProcess]
 ) -> None:
-    socket_path = sockdir / "serve.sock"
     target = "test_receiver_support:asgi_echo"
-    with serve_process(target, [f"unix:{socket_path}"], "--interface", "asgi") as served:
-        front = tls_front(route(str(socket_path), "/ws", "websocket"))
-        with front.connect() as sock:
-            client = RawTls(sock, certs)
-            sock.sendall(client.records(upgrade_request(b"/ws")))
-            assert client.read_until(b"\r\n\r\n").startswith(b"HTTP/1.1 101")
-            one = client.records(masked_text_frame(b"one"))
-            two = client.records(masked_text_frame(b"two"))
-            spent = cpu_while_sitting(served.pid, sock, one, two[:10])
-            sock.sendall(two[10:])
-            assert b"echo:one" in client.read_until(b"echo:two")
+    behind = served_behind(tls_front, sockdir, target, "/ws", "websocket")
+    with behind as (served, front), front.connect() as sock:
+        client = RawTls(sock, certs)
+        sock.sendall(client.records(upgrade_request(b"/ws")))
+        assert client.read_until(b"\r\n\r\n").startswith(b"HTTP/1.1 101")
+        one = client.records(masked_text_frame(b"one"))
+        two = client.records(masked_text_frame(b"two"))
+        spent = cpu_while_sitting(served.pid, sock, one, two[:10])
+        sock.sendall(two[10:])
+        assert b"echo:one" in client.read_until(b"echo:two")
     assert spent < CPU_ALLOWED, f"the receiver used {spent:.2f} s of CPU in {SITTING} s"
 
 
 def test_a_partial_record_costs_nothing_while_an_asgi_app_waits_for_disconnect(
     certs: tuple[Path, Path], sockdir: Path, tls_front: Callable[..., FrontProcess]
 ) -> None:
-    socket_path = sockdir / "serve.sock"
     target = "test_receiver_support:asgi_echo"
-    with serve_process(target, [f"unix:{socket_path}"], "--interface", "asgi") as served:
-        front = tls_front(route(str(socket_path)))
-        with front.connect() as sock:
-            client = RawTls(sock, certs)
-            sock.sendall(client.records(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n"))
-            client.read_until(b"started")
-            following = client.records(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
-            spent = cpu_while_sitting(served.pid, sock, b"", following[:10])
+    with served_behind(tls_front, sockdir, target) as (served, front), front.connect() as sock:
+        client = RawTls(sock, certs)
+        sock.sendall(client.records(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n"))
+        client.read_until(b"started")
+        following = client.records(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+        spent = cpu_while_sitting(served.pid, sock, b"", following[:10])
     assert spent < CPU_ALLOWED, f"the receiver used {spent:.2f} s of CPU in {SITTING} s"
