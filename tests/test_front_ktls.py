@@ -39,7 +39,7 @@ from test_front_auth import App, auth_config, payload_echo
 from test_front_auth import app as app_fixture  # noqa: F401  (fixture, under this name)
 from test_front_websocket import masked_text_frame, upgrade_request, ws_echo
 from test_metrics import _free_port, _scrape
-from test_receiver_support import Served, output_of, serve_process
+from test_receiver_support import Served, output_of, read_until, serve_process
 
 IN_VM = bool(os.environ.get("FDHANDOFF_KTLS_VM"))
 TCP_ULP = 31
@@ -120,27 +120,26 @@ def client_context(certs: tuple[Path, Path]) -> ssl.SSLContext:
 @contextlib.contextmanager
 def tls_connect(front: FrontProcess, certs: tuple[Path, Path]) -> Iterator[ssl.SSLSocket]:
     raw = front.connect()
-    with client_context(certs).wrap_socket(raw, server_hostname="localhost") as tls:
+    # suppress_ragged_eofs=False: a TCP close without close_notify is an
+    # SSLEOFError, not an end, so tests can tell the two apart.
+    context = client_context(certs)
+    with context.wrap_socket(raw, server_hostname="localhost", suppress_ragged_eofs=False) as tls:
         tls.settimeout(IO_TIMEOUT)
         yield tls
 
 
-def read_until_close(tls: ssl.SSLSocket) -> bytes:
+def read_until_close(tls: ssl.SSLSocket, *, close_notify: bool = True) -> bytes:
     """Everything until the server ends the TLS session; SSLEOFError if it
-    closed the TCP connection without a close_notify first."""
+    closed the TCP connection without a close_notify first, unless
+    ``close_notify`` is False (the test receiver, like receivers written for
+    nginx, sends none)."""
     data = b""
-    while chunk := tls.recv(65536):
-        data += chunk
-    return data
-
-
-def read_until_suffix(tls: ssl.SSLSocket, suffix: bytes) -> bytes:
-    """What the server sent until it ends with ``suffix`` (the connection stays open)."""
-    data = b""
-    while not data.endswith(suffix):
-        chunk = tls.recv(65536)
-        assert chunk, data
-        data += chunk
+    try:
+        while chunk := tls.recv(65536):
+            data += chunk
+    except ssl.SSLEOFError:
+        if close_notify:
+            raise
     return data
 
 
@@ -218,7 +217,7 @@ def test_body_and_pipelined_request_in_the_same_record_reach_the_receiver(
     )
     with tls_connect(front, certs) as tls:
         tls.sendall(request)
-        status, _, answer = parse_response(read_until_close(tls))
+        status, _, answer = parse_response(read_until_close(tls, close_notify=False))
     assert status == 200
     described = json.loads(answer)
     assert described["body"].encode("latin-1") == body
@@ -237,7 +236,7 @@ def test_head_in_several_records_is_read_whole(
         for piece in (b"GET /sp", b"lit HTTP/1.1\r\nHo", b"st: x\r\n", b"\r\n"):
             tls.sendall(piece)  # each write is a record of its own
             time.sleep(0.05)
-        status, _, answer = parse_response(read_until_close(tls))
+        status, _, answer = parse_response(read_until_close(tls, close_notify=False))
     assert status == 200
     assert json.loads(answer)["headers"]["REQUEST_URI"] == "/split"
 
@@ -248,7 +247,7 @@ def test_fdhandoff_serve_asgi_keeps_the_tls_connection_alive(
     with served_behind(tls_front, sockdir, "test_receiver_support:asgi_echo") as (served, front):
         with tls_connect(front, certs) as tls:
             tls.sendall(b"POST /one HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
-            first = read_until_suffix(tls, b"abc")
+            first = read_until(tls, b"abc")
             assert first.startswith(b"HTTP/1.1 200")
             assert first.endswith(b"https POST /one 3\nabc")  # scheme from HTTPS=on
             # Keep-alive: the receiver reads the next request off the kTLS socket.
@@ -260,7 +259,7 @@ def test_fdhandoff_serve_asgi_keeps_the_tls_connection_alive(
         # (EIO on a kTLS socket): the end of that connection, not an error.
         with tls_connect(front, certs) as tls:
             tls.sendall(b"GET /three HTTP/1.1\r\nHost: x\r\n\r\n")
-            read_until_suffix(tls, b"GET /three 0\n")
+            assert read_until(tls, b"GET /three 0\n").endswith(b"GET /three 0\n")
             tls.unwrap()  # close_notify while the receiver waits for a next request
         time.sleep(0.5)
         log = output_of(served)
@@ -348,7 +347,7 @@ def test_auth_mode_over_tls_relays_and_hands_off(
     with tls_connect(front, certs) as tls:
         tls.sendall(b"GET /app/handoff HTTP/1.1\r\nHost: a\r\n\r\n")
         # The test receiver closes without close_notify: read up to the end of the JSON.
-        data = read_until_suffix(tls, b'"extra": ""}')
+        data = read_until(tls, b'"extra": ""}')
     assert json.loads(parse_response(data)[2])["payload"] == '{"user_id":12345}'
     assert daemon.next().record.payload == b'{"user_id":12345}'
     front.wait_for(r'"GET /app/handoff" route=/app handed-off')
@@ -430,7 +429,7 @@ def test_failed_and_silent_handshakes_are_closed(
     # Still serving.
     with tls_connect(front, certs) as tls:
         tls.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert parse_response(read_until_close(tls))[0] == 200
+        assert parse_response(read_until_close(tls, close_notify=False))[0] == 200
 
 
 def test_reload_reads_renewed_certificates_and_refuses_broken_ones(
@@ -449,7 +448,7 @@ def test_reload_reads_renewed_certificates_and_refuses_broken_ones(
         with tls_connect(front, trusted) as tls:
             der = tls.getpeercert(binary_form=True)
             tls.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert parse_response(read_until_close(tls))[0] == 200
+            assert parse_response(read_until_close(tls, close_notify=False))[0] == 200
         assert der is not None
         return der
 
@@ -642,7 +641,7 @@ def test_a_connection_in_tls_stays_https_when_a_reload_makes_its_listener_plain(
         front.proc.send_signal(signal.SIGHUP)
         front.wait_for("configuration reloaded")
         tls.sendall(b"Host: x\r\n\r\n")
-        read_until_suffix(tls, b"}")
+        assert read_until(tls, b"}").endswith(b"}")
     headers = receiver.next().headers
     assert headers[b"HTTPS"] == b"on"  # what the connection is, not what the listener became
     assert headers[b"REQUEST_URI"] == b"/mid"
