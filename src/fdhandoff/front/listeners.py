@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from ..errors import ConfigError
+from ..systemd import Inherited
 from .config import Address
 from .describe import Endpoint
 
@@ -46,6 +47,10 @@ class Listener:
     #: TLS listeners: the context every handshake uses (replaced on reload,
     #: so renewed certificates apply to new connections).
     tls: ssl.SSLContext | None = None
+    #: Passed by the service manager (socket activation): systemd keeps
+    #: listening on it, so a reload that drops it gives it back rather than
+    #: closing it, and its UNIX socket file is systemd's to remove.
+    inherited: bool = False
     #: accept4(2) returning (fd, address): the C method under socket.accept().
     accept: Callable[[], tuple[int, Any]] = field(init=False)
     family: int = field(init=False)
@@ -76,8 +81,21 @@ def _remove_stale_unix_socket(path: str) -> None:
     raise ConfigError(f"listen unix:{path}: another process is listening on it")
 
 
-def open_listener(address: Address, backlog: int) -> Listener:
-    """Bind and listen; raises ConfigError (exit 2) with the reason on failure."""
+def _tune_tcp(sock: socket.socket) -> None:
+    # Accepted sockets inherit TCP_NODELAY from the listener on Linux, so
+    # every client socket has it without a setsockopt per connection: the
+    # receiver's small writes (SSE events, WebSocket frames) go out at once.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT_SECONDS)
+
+
+def open_listener(address: Address, backlog: int, inherited: Inherited | None = None) -> Listener:
+    """Bind and listen, or take the socket the service manager bound for
+    ``address`` (``inherited``); raises ConfigError (exit 2) with the reason."""
+    if inherited is not None and inherited.count:
+        adopted = _adopt(address, backlog, inherited)
+        if adopted is not None:
+            return adopted
     if address.is_unix:
         return _open_unix(address, backlog)
     family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
@@ -87,22 +105,46 @@ def open_listener(address: Address, backlog: int) -> Listener:
         if family == socket.AF_INET6:
             # Listen on exactly what was asked; [::] does not also take IPv4.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        # Accepted sockets inherit TCP_NODELAY from the listener on Linux, so
-        # every client socket has it without a setsockopt per connection: the
-        # receiver's small writes (SSE events, WebSocket frames) go out at once.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT_SECONDS)
+        _tune_tcp(sock)
         sock.bind((address.host, address.port))
         sock.listen(backlog)
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
         raise ConfigError(f"listen {address.text}: {exc.strerror or exc}") from None
+    return _tcp_listener(sock, address)
+
+
+def _tcp_listener(sock: socket.socket, address: Address, *, inherited: bool = False) -> Listener:
     host, port = sock.getsockname()[:2]
-    label = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+    label = f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"
     wildcard = host in ("0.0.0.0", "::")
     server = None if wildcard else Endpoint(host.encode("ascii"), b"%d" % port)
-    return Listener(sock, address, label, server, is_unix=False)
+    return Listener(sock, address, label, server, is_unix=False, inherited=inherited)
+
+
+def _adopt(address: Address, backlog: int, inherited: Inherited) -> Listener | None:
+    """The listener on a socket systemd passed for ``address``, or None."""
+    if address.is_unix:
+        sock = inherited.take_unix(address.path, socket.SOCK_STREAM)
+    else:
+        sock = inherited.take_tcp(address.host, address.port)
+    if sock is None:
+        return None
+    try:
+        if not address.is_unix:
+            _tune_tcp(sock)
+        # listen(2) on a listening socket only sets the backlog: the
+        # configured one applies, as on a socket the front binds itself.
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as exc:
+        inherited.give_back(sock)
+        raise ConfigError(f"listen {address.text} (passed by systemd): {exc.strerror}") from None
+    if address.is_unix:
+        server = Endpoint(b"unix:" + os.fsencode(address.path), b"")
+        return Listener(sock, address, address.text, server, is_unix=True, inherited=True)
+    return _tcp_listener(sock, address, inherited=True)
 
 
 def _open_unix(address: Address, backlog: int) -> Listener:

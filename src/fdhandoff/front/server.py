@@ -43,7 +43,7 @@ from _socket import socket as Socket  # the C socket type, see _on_accept
 from collections.abc import Callable
 from typing import Final, TypeVar
 
-from .. import aio, websocket
+from .. import aio, systemd, websocket
 from ..errors import ConfigError, ProtocolError
 from ..fdpass import send_tls_close_notify, tls_offloaded
 from ..httphead import (
@@ -244,6 +244,8 @@ class Front:
         self._tls_heads = 0
         self._handshaking: dict[_Handshake, float] = {}
         self._handoffs: Handoffs | None = None
+        #: Sockets passed by the service manager that no listener uses now.
+        self._inherited = systemd.Inherited()
         self._lingering: dict[_Linger, float] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -272,19 +274,30 @@ class Front:
     # --- life cycle -------------------------------------------------------------------
 
     def open(self) -> None:
-        """Bind every listener (ConfigError on failure, nothing left open)."""
+        """Bind every listener, or take the socket systemd passed for it
+        (ConfigError on failure, nothing left open)."""
+        inherited = self._inherited = systemd.Inherited.from_environ()
         contexts = _tls_contexts(self.config)
         try:
             for address, backlog, context in zip(
                 self.config.listen, self.config.backlog or (1024,) * 99, contexts, strict=False
             ):
-                listener = open_listener(address, backlog)
+                listener = open_listener(address, backlog, inherited)
                 listener.tls = context
                 self.listeners.append(listener)
+            if inherited.unclaimed():
+                # systemd listens on it and would queue clients there that no
+                # one ever accepts: refuse to start rather than let them hang.
+                raise ConfigError(
+                    f"socket activation passed {', '.join(inherited.unclaimed())}, which no "
+                    "[[listen]] address names: add it to the configuration or remove it "
+                    "from the .socket unit"
+                )
         except BaseException:
             for listener in self.listeners:
                 close_listener(listener)
             self.listeners.clear()
+            inherited.close()
             raise
 
     @property
@@ -318,8 +331,9 @@ class Front:
             metrics_server = await serve_metrics(self.metrics, *parse_address(self.config.metrics))
         self._resume_accepting()
         self._tick_handle = self.loop.call_later(TICK, self._tick)
-        labels = ", ".join(listener.label for listener in self.listeners)
+        labels = self._labels()
         log.info("ready, listening on %s", labels)
+        systemd.notify("READY=1", f"STATUS=listening on {labels}")
         try:
             await self._stop_event.wait()
             await self._shutdown()
@@ -338,6 +352,7 @@ class Front:
                 self._tick_handle.cancel()
             self.handoffs.close()
             self.access.close()
+            self._inherited.close()
             if metrics_server is not None:
                 metrics_server.close()
         return 0
@@ -363,6 +378,19 @@ class Front:
         if self._stopping or self._reload_source is None:
             log.info("SIGHUP ignored: %s", "stopping" if self._stopping else "nothing to reload")
             return
+        systemd.reloading()
+        try:
+            self._reload()
+        finally:
+            # Refused or applied, the front serves again: systemd's reload
+            # job ends here (a refusal is in the log, not a failed unit).
+            systemd.notify("READY=1", "STATUS=listening on " + self._labels())
+
+    def _labels(self) -> str:
+        return ", ".join(listener.label for listener in self.listeners)
+
+    def _reload(self) -> None:
+        assert self._reload_source is not None
         try:
             config = self._reload_source()
             if config.metrics != self.config.metrics:
@@ -385,7 +413,16 @@ class Front:
             if not any(listener is still for still, _, _ in kept):
                 if self._accepting:
                     self.loop.remove_reader(listener.sock.fileno())
-                close_listener(listener)
+                if listener.inherited:
+                    log.warning(
+                        "reload: %s is no longer configured, but the service manager still "
+                        "listens on it (socket activation): connections there wait unanswered "
+                        "until it is configured again; remove it from the .socket unit",
+                        listener.label,
+                    )
+                    self._inherited.give_back(listener.sock)
+                else:
+                    close_listener(listener)
         if self._accepting:
             for listener in added:
                 self.loop.add_reader(listener.sock.fileno(), self._on_accept, listener)
@@ -398,7 +435,7 @@ class Front:
         # Logged before the new level applies: a reload to "warning" still says it worked.
         log.info(
             "configuration reloaded: listening on %s, %d route(s)",
-            ", ".join(listener.label for listener in self.listeners),
+            self._labels(),
             len(config.routes),
         )
         logging.getLogger("fdhandoff").setLevel(config.log.level.upper())
@@ -438,14 +475,17 @@ class Front:
             ):
                 listener = running.pop(address, None)
                 if listener is None:
-                    listener = open_listener(address, backlog)
+                    listener = open_listener(address, backlog, self._inherited)
                     listener.tls = context
                     added.append(listener)
                 else:
                     kept.append((listener, backlog, context))
         except BaseException:
             for listener in added:
-                close_listener(listener)
+                if listener.inherited:
+                    self._inherited.give_back(listener.sock)
+                else:
+                    close_listener(listener)
             raise
         return kept, added
 
@@ -461,6 +501,7 @@ class Front:
 
     async def _shutdown(self) -> None:
         self._stopping = True
+        systemd.stopping()
         self._pause_accepting()
         if self._resume_handle is not None:
             self._resume_handle.cancel()

@@ -39,7 +39,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Final, Protocol
 
-from .. import aio, fdpass
+from .. import aio, fdpass, systemd
 from ..errors import FdPassError, ProtocolError
 from ..message import CHANNEL_ACK, NEED_DATA, Format, HandoffReader, HandoffRecord, Signal
 from ..metrics import Metrics, parse_address, serve_metrics
@@ -556,6 +556,7 @@ class Receiver:
 
     async def shutdown(self, grace: float | None = None) -> None:
         """Stop taking handoffs, give live connections ``grace`` seconds, close the rest."""
+        systemd.stopping()
         self.stop_accepting()
         grace = self.options.grace if grace is None else grace
         if self._live or self._tasks:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from ..errors import ConfigError
+from ..systemd import Inherited
 
 __all__ = ["DEFAULT_SOCKET_MODE", "Bind", "Listener", "close_listener", "open_listener"]
 
@@ -48,9 +49,7 @@ class Bind:
     def parse(cls, spec: str) -> Bind:
         scheme, sep, path = spec.partition(":")
         if not sep or scheme not in _KINDS or not path:
-            raise ConfigError(
-                f"--bind {spec!r}: expected unix:PATH or unix-seqpacket:PATH"
-            )
+            raise ConfigError(f"--bind {spec!r}: expected unix:PATH or unix-seqpacket:PATH")
         return cls(path, _KINDS[scheme])
 
     @property
@@ -120,8 +119,25 @@ def open_listener(
     mode: int = DEFAULT_SOCKET_MODE,
     group: str | None = None,
     backlog: int = socket.SOMAXCONN,
+    inherited: Inherited | None = None,
 ) -> Listener:
-    """Bind and listen; the socket is non-blocking and close-on-exec."""
+    """Bind and listen, or take the socket the service manager bound for
+    ``bind`` (``inherited``); the socket is non-blocking and close-on-exec.
+
+    A passed socket keeps the owner and mode its ``.socket`` unit gave it
+    (``SocketMode=``, ``SocketGroup=``), and its file is systemd's: it is
+    never removed here.
+    """
+    if inherited is not None and inherited.count:
+        passed = inherited.take_unix(bind.address, bind.kind)
+        if passed is not None:
+            try:
+                passed.listen(backlog)  # on a listening socket: only sets the backlog
+                passed.setblocking(False)
+            except OSError as exc:
+                passed.close()
+                raise ConfigError(f"cannot listen on {bind} (passed by systemd): {exc}") from exc
+            return Listener(bind, passed, None)
     sock = socket.socket(socket.AF_UNIX, bind.kind | socket.SOCK_CLOEXEC)
     identity: tuple[int, int] | None = None
     try:

@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .. import systemd
 from ..errors import ConfigError
 from ..metrics import parse_address
 from . import engine
@@ -82,14 +83,25 @@ def serve_listeners(
     options: Options,
     loop: str = "auto",
 ) -> int:
-    """Serve on already-bound listeners in this process until stopped."""
+    """Serve on already-bound listeners in this process until stopped.
+
+    The service manager hears ``READY=1`` once handoffs are taken (after an
+    ASGI app's lifespan startup); in a worker of ``--workers`` nothing is
+    sent, the supervisor speaks for all (a worker has no ``NOTIFY_SOCKET``).
+    """
     socks = [listener.sock for listener in listeners]
+    status = "STATUS=taking handoffs on " + ", ".join(str(item.bind) for item in listeners)
+
+    def ready(_: engine.Receiver) -> None:
+        systemd.notify("READY=1", status)
+
     if is_async_handler(handler):
         with asyncio.Runner(loop_factory=lambda: new_event_loop(loop)) as runner:
-            runner.run(engine.serve(handler, socks, options))
+            runner.run(engine.serve(handler, socks, options, ready=ready))
         return 0
     # Threads only when asked for.
     sync = importlib.import_module(f"{__package__}.sync")
+    systemd.notify("READY=1", status)
     sync.serve(handler, socks, options)
     return 0
 
@@ -112,10 +124,20 @@ def run(
         raise ConfigError("give at least one --bind")
     listeners: list[Listener] = []
     previous = _exit_on_sigterm()
+    inherited = systemd.Inherited()
     try:
+        inherited = systemd.Inherited.from_environ()
         for bind in binds:
             spec = bind if isinstance(bind, Bind) else Bind.parse(bind)
-            listeners.append(open_listener(spec, mode=socket_mode, group=socket_group))
+            listeners.append(
+                open_listener(spec, mode=socket_mode, group=socket_group, inherited=inherited)
+            )
+        if inherited.unclaimed():
+            # systemd would queue handoffs there that no worker ever takes.
+            raise ConfigError(
+                f"socket activation passed {', '.join(inherited.unclaimed())}, which no "
+                "--bind names: add a --bind for it or remove it from the .socket unit"
+            )
         log.info(
             "receiver listening on %s (%d worker%s)",
             ", ".join(str(listener.bind) for listener in listeners),
@@ -139,6 +161,7 @@ def run(
     finally:
         for listener in listeners:
             close_listener(listener)
+        inherited.close()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 

@@ -28,6 +28,8 @@ import time
 from collections.abc import Callable
 from typing import Final
 
+from .. import systemd
+
 __all__ = ["KILL_MARGIN", "supervise"]
 
 log = logging.getLogger("fdhandoff.receiver")
@@ -76,6 +78,9 @@ def _spawn(slot: int, worker_main: Callable[[int], int], mask: set[int | signal.
     code = 1
     try:
         _die_with_parent(parent)
+        # The supervisor alone speaks to the service manager (sd_notify(3)):
+        # with NotifyAccess=main it would refuse a worker's messages anyway.
+        os.environ.pop("NOTIFY_SOCKET", None)
         for signum in _SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
@@ -107,6 +112,9 @@ def supervise(
         for slot in range(count):
             workers[_spawn(slot, worker_main, old_mask)] = (slot, time.monotonic())
         log.info("supervising %d workers (pids %s)", count, sorted(workers))
+        # Ready once every worker runs: a handoff arriving before a worker has
+        # finished its own start-up waits in the shared socket's backlog.
+        systemd.notify("READY=1", f"STATUS=supervising {count} workers")
         while workers or (pending and stopping_since is None):
             info = signal.sigtimedwait(_SIGNALS, 0.5)
             now = time.monotonic()
@@ -115,6 +123,7 @@ def supervise(
                 _signal_all(workers, signal.SIGTERM)
                 if stopping_since is None:
                     log.info("stopping %d workers", len(workers))
+                    systemd.stopping()
                     stopping_since = now
                     pending.clear()
                     if on_stop is not None:
@@ -182,9 +191,7 @@ def _reap(workers: dict[int, tuple[int, float]], restart: bool) -> list[tuple[in
         if slot is None:
             continue
         if restart:
-            log.error(
-                "worker %d (pid %d) died: %s; restarting", slot[0], pid, _status(status)
-            )
+            log.error("worker %d (pid %d) died: %s; restarting", slot[0], pid, _status(status))
             dead.append(slot)
     return dead
 

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
-from ... import fdpass
+from ... import fdpass, systemd
 from ...errors import FdPassError, ProtocolError
 from ...message import CHANNEL_ACK, Format, HandoffReader, HandoffRecord
 from .. import http
@@ -320,6 +320,7 @@ class Receiver:
     # --- stopping ------------------------------------------------------------------------------
 
     def _shutdown(self) -> None:
+        systemd.stopping()
         with self._lock:
             persistent = list(self._persistent)
         for conn in persistent:
