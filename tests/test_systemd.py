@@ -479,3 +479,83 @@ def test_receiver_refuses_a_passed_socket_it_has_no_bind_for(
             sock.recv(1)
     assert receiver.proc.wait(TIMEOUT) == 2
     assert f"socket activation passed unix:{extra}, which no --bind names" in receiver.output()
+
+
+def _activated_serve(sock: socket.socket, path: str, notify: str) -> subprocess.Popen[bytes]:
+    """``fdhandoff serve`` given ``sock`` as fd 3, the way systemd starts a service
+    of a ``.socket`` unit: systemd keeps its own copy open across restarts."""
+    # LISTEN_PID must be the pid of the program itself: set after fork, and
+    # exec keeps the pid.
+    launcher = (
+        "import os, sys; os.environ['LISTEN_PID'] = str(os.getpid()); "
+        "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+    )
+    env = dict(
+        os.environ,
+        PYTHONPATH=f"{REPO / 'src'}{os.pathsep}{REPO / 'tests'}",
+        LISTEN_FDS="1",
+        NOTIFY_SOCKET=notify,
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", launcher, "-m", "fdhandoff", "serve",
+         "test_receiver_support:echo", "--interface", "handoff", "--bind", f"unix:{path}",
+         "--no-access-log", "--grace", "1"],
+        env=env, pass_fds=(3,), preexec_fn=lambda: os.dup2(sock.fileno(), 3),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def test_a_receiver_restart_behind_a_held_socket_answers_every_request(
+    tmp_path: Path, notify_socket: tuple[str, socket.socket]
+) -> None:
+    """What socket activation is for: while no receiver runs, the front's
+    handoff waits in the socket systemd holds, and the next receiver takes it."""
+    path = str(tmp_path / "held.sock")
+    held = socket.socket(socket.AF_UNIX)
+    held.bind(path)
+    held.listen()
+    port = _free_port()
+    config = tmp_path / "front.toml"
+    config.write_text(
+        f'[[listen]]\naddress = "127.0.0.1:{port}"\n'
+        f'[[route]]\nprefix = "/"\nbackend = "unix:{path}"\n'
+        "[timeouts]\nhandoff = 15.0\n"
+    )
+    front = subprocess.Popen(
+        [sys.executable, "-m", "fdhandoff", "front", "--config", str(config)],
+        env=dict(os.environ, PYTHONPATH=str(REPO / "src")),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    receivers: list[subprocess.Popen[bytes]] = []
+
+    def client() -> socket.socket:
+        return socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+
+    try:
+        assert front.stderr is not None
+        while "ready, listening" not in front.stderr.readline():
+            assert front.poll() is None, "front did not start"
+        receivers.append(_activated_serve(held, path, notify_socket[0]))
+        assert _messages(notify_socket[1], "READY=1")[-1].startswith("READY=1")
+        assert _get(client).startswith(b"HTTP/1.1 200")
+        receivers[0].send_signal(signal.SIGTERM)
+        assert receivers[0].wait(TIMEOUT) == 0
+        # No receiver runs now: this request's handoff waits in the socket.
+        waiting = client()
+        waiting.sendall(b"GET /during-restart HTTP/1.1\r\nHost: a\r\n\r\n")
+        time.sleep(0.5)
+        receivers.append(_activated_serve(held, path, notify_socket[0]))
+        waiting.settimeout(TIMEOUT)
+        answer = read_all(waiting, TIMEOUT)
+        waiting.close()
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+        assert b"/during-restart" in answer
+        assert _get(client).startswith(b"HTTP/1.1 200")
+    finally:
+        for proc in receivers:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(TIMEOUT)
+        front.send_signal(signal.SIGTERM)
+        front.wait(TIMEOUT)
+        held.close()
