@@ -20,7 +20,7 @@ import pytest
 PACKAGE = "fdhandoff"
 SRC = Path(__file__).resolve().parent.parent / "src"
 
-CORE_NAMES = ("errors", "scgi", "message", "httphead", "routing")
+CORE_NAMES = ("errors", "scgi", "message", "httphead", "routing", "proxyproto")
 IO_IN_CORE = ("socket", "asyncio", "threading", "selectors", "select", "uvloop")
 ABOVE_CORE = tuple(f"{PACKAGE}.{name}" for name in ("fdpass", "aio", "front", "receiver", "cli"))
 ROLES = (f"{PACKAGE}.front", f"{PACKAGE}.receiver")

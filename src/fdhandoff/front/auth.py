@@ -432,7 +432,7 @@ class _Exchange:
             lines.append(name + b": " + value)
         client_addr = self.peer.addr if self.peer.port else b"unix"
         lines.append(b"X-Forwarded-For: " + b", ".join([*forwarded_for, client_addr]))
-        lines.append(b"X-Forwarded-Proto: https" if self.req.tls else b"X-Forwarded-Proto: http")
+        lines.append(b"X-Forwarded-Proto: https" if self.req.https else b"X-Forwarded-Proto: http")
         if head.chunked:
             lines.append(b"Transfer-Encoding: chunked")
         lines.append(b"Connection: close")
@@ -670,7 +670,8 @@ class _Exchange:
                 remote=self.peer,
                 server=self.server,
                 route=self.route.prefix.encode("utf-8"),
-                https=self.req.tls,
+                https=self.req.https,
+                ktls=self.req.tls,
                 handoff_data=data,
                 body_consumed=True,  # it went to the application
             )

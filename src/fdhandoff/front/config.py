@@ -154,6 +154,8 @@ class FrontConfig:
     backlog: tuple[int, ...] = ()
     #: Per listener (same order as ``listen``): its certificate and key, or None.
     tls: tuple[TlsFiles | None, ...] = ()
+    #: Per listener: every connection starts with a PROXY protocol header.
+    proxy_protocol: tuple[bool, ...] = ()
     limits: Limits = field(default_factory=Limits)
     timeouts: Timeouts = field(default_factory=Timeouts)
     log: LogConfig = field(default_factory=LogConfig)
@@ -320,7 +322,7 @@ def _backend_path(text: str) -> str:
 # --- sections ----------------------------------------------------------------------------
 
 _TOP_KEYS: Final = ["limits", "listen", "log", "metrics", "route", "timeouts"]
-_LISTEN_KEYS: Final = ["address", "backlog", "tls_certificate", "tls_key"]
+_LISTEN_KEYS: Final = ["address", "backlog", "proxy_protocol", "tls_certificate", "tls_key"]
 _ROUTE_KEYS: Final = [
     "allowed_origins",
     "allowed_prefix",
@@ -348,6 +350,14 @@ def _tables(raw: Mapping[str, Any], key: str, errors: _Errors) -> list[Mapping[s
     if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
         errors.add(key, value, f"must be an array of tables ([[{key}]])")
         return []
+    return value
+
+
+def _proxy_protocol(table: Mapping[str, Any], path: str, errors: _Errors) -> bool:
+    value = table.get("proxy_protocol", False)
+    if not isinstance(value, bool):
+        errors.add(f"{path}.proxy_protocol", value, "must be true or false")
+        return False
     return value
 
 
@@ -672,16 +682,19 @@ def build_config(
     addresses: list[Address] = []
     backlogs: list[int] = []
     tls: list[TlsFiles | None] = []
+    proxied: list[bool] = []
     listen_tables = (
         [{"address": text} for text in listen] if listen else _tables(raw, "listen", errors)
     )
     for index, table in enumerate(listen_tables):
         label = "--listen" if listen else f"listen[{index}]"
         address, backlog, files = _listen(table, label, errors)
+        proxy = _proxy_protocol(table, label, errors)
         if address is not None:
             addresses.append(address)
             backlogs.append(backlog)
             tls.append(files)
+            proxied.append(proxy)
     route_configs: list[RouteConfig] = []
     route_tables = [(f"route[{i}]", t) for i, t in enumerate(_tables(raw, "route", errors))]
     for text in routes or []:
@@ -715,6 +728,7 @@ def build_config(
         tuple(route_configs),
         tuple(backlogs),
         tuple(tls),
+        tuple(proxied),
         _limits(_table(raw, "limits", errors), errors),
         _timeouts(_table(raw, "timeouts", errors), errors),
         _log(_table(raw, "log", errors), errors),

@@ -100,6 +100,10 @@ def _header_pairs(head: RequestHead, body_consumed: bool) -> tuple[list[bytes], 
     return parts, dropped
 
 
+_HTTPS: Final = (b"HTTPS", b"on")
+_KTLS: Final = (*_HTTPS, b"KTLS_RX", b"1")
+
+
 def describe(
     head: RequestHead,
     *,
@@ -107,6 +111,7 @@ def describe(
     server: Endpoint,
     route: bytes,
     https: bool = False,
+    ktls: bool = False,
     upgraded: bytes | None = None,
     subprotocol: bytes | None = None,
     handoff_data: bytes | None = None,
@@ -116,8 +121,10 @@ def describe(
 ) -> tuple[bytes, list[bytes]]:
     """The SCGI message (netstring + ``already_read``) and the header names dropped.
 
-    ``body_consumed``: the front read the request body itself, so its framing
-    headers are left out.
+    ``https``: the client used TLS, to the front (``ktls``: the socket is on
+    kernel TLS) or to a balancer that terminated it (PROXY protocol v2
+    ``PP2_TYPE_SSL``).  ``body_consumed``: the front read the request body
+    itself, so its framing headers are left out.
     """
     parts = [
         b"CONTENT_LENGTH",
@@ -126,7 +133,7 @@ def describe(
         b"1+fd_pass",
         # As nginx on a fully offloaded connection: KTLS_RX=1 says the
         # kernel decrypts what the client sends, nothing is relayed.
-        *((b"HTTPS", b"on", b"KTLS_RX", b"1") if https else ()),
+        *(_KTLS if ktls else _HTTPS if https else ()),
         b"REMOTE_ADDR",
         remote[0],
         b"REMOTE_PORT",

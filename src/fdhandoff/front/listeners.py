@@ -12,14 +12,14 @@ import ssl
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from ..errors import ConfigError
 from ..systemd import Inherited
 from .config import Address
 from .describe import Endpoint
 
-__all__ = ["Listener", "close_listener", "open_listener"]
+__all__ = ["Listener", "Proxied", "close_listener", "open_listener"]
 
 log = logging.getLogger("fdhandoff.front")
 
@@ -51,6 +51,8 @@ class Listener:
     #: listening on it, so a reload that drops it gives it back rather than
     #: closing it, and its UNIX socket file is systemd's to remove.
     inherited: bool = False
+    #: Every connection starts with a PROXY protocol header (proxy_protocol).
+    proxy: bool = False
     #: accept4(2) returning (fd, address): the C method under socket.accept().
     accept: Callable[[], tuple[int, Any]] = field(init=False)
     family: int = field(init=False)
@@ -175,11 +177,20 @@ def close_listener(listener: Listener) -> None:
             os.unlink(listener.address.path)
 
 
+class Proxied(NamedTuple):
+    """The client's address as a PROXY protocol header gave it; stands in for
+    accept()'s ``(host, port)`` from then on (logs, REMOTE_ADDR, X-Forwarded-For)."""
+
+    host: str
+    port: int
+    #: The client spoke TLS to the balancer that sent the header (PP2_TYPE_SSL).
+    https: bool
+
+
 def peer_endpoint(listener: Listener, addr: object) -> Endpoint:
-    """REMOTE_ADDR / REMOTE_PORT from accept()'s address."""
-    if listener.is_unix:
+    """REMOTE_ADDR / REMOTE_PORT from accept()'s address, or the PROXY header's."""
+    if not isinstance(addr, tuple):  # a UNIX listener's client has no address
         return Endpoint(b"unix:", b"")
-    assert isinstance(addr, tuple)
     return Endpoint(addr[0].encode("ascii"), b"%d" % addr[1])
 
 

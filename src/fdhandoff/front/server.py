@@ -43,7 +43,7 @@ from _socket import socket as Socket  # the C socket type, see _on_accept
 from collections.abc import Callable
 from typing import Final, TypeVar
 
-from .. import aio, systemd, websocket
+from .. import aio, proxyproto, systemd, websocket
 from ..errors import ConfigError, ProtocolError
 from ..fdpass import send_tls_close_notify, tls_offloaded
 from ..httphead import (
@@ -63,6 +63,7 @@ from .describe import Endpoint, describe
 from .handoff import Handoffs, InFlight, Link, open_backend
 from .listeners import (
     Listener,
+    Proxied,
     close_listener,
     open_listener,
     peer_endpoint,
@@ -167,6 +168,11 @@ class Request:
     def client(self) -> str:
         return _client_label(self.listener, self.addr)
 
+    @property
+    def https(self) -> bool:
+        """The client used TLS: to the front, or to a balancer (PROXY protocol)."""
+        return self.tls or (type(self.addr) is Proxied and self.addr.https)
+
 
 class _Pending:
     """A connection whose head has not fully arrived."""
@@ -200,6 +206,21 @@ class _Handshake:
         self.waiting = ""
 
 
+class _ProxyWait:
+    """A connection whose PROXY protocol header has not fully arrived."""
+
+    __slots__ = ("addr", "buf", "fd", "listener", "sock", "start")
+
+    def __init__(self, sock: Socket, addr: object, listener: Listener, start: float):
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.addr = addr
+        self.listener = listener
+        self.start = start
+        #: The header's bytes read so far (all of them header: nothing follows yet).
+        self.buf = b""
+
+
 class _Linger:
     __slots__ = ("budget", "fd", "pause", "sock")
 
@@ -211,9 +232,9 @@ class _Linger:
 
 
 def _client_label(listener: Listener, addr: object) -> str:
-    if listener.is_unix:
+    # A UNIX listener's client has no address, unless a PROXY header gave one.
+    if not isinstance(addr, tuple):
         return "unix"
-    assert isinstance(addr, tuple)
     host, port = addr[0], addr[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -243,6 +264,9 @@ class Front:
         #: deadline order and is expired by a full scan.
         self._tls_heads = 0
         self._handshaking: dict[_Handshake, float] = {}
+        #: proxy_protocol listeners: connections whose PROXY header is arriving.
+        self._proxy_waiting: dict[_ProxyWait, float] = {}
+        self._proxy_buf = bytearray(proxyproto.MAX_HEADER_SIZE)
         self._handoffs: Handoffs | None = None
         #: Sockets passed by the service manager that no listener uses now.
         self._inherited = systemd.Inherited()
@@ -279,11 +303,16 @@ class Front:
         inherited = self._inherited = systemd.Inherited.from_environ()
         contexts = _tls_contexts(self.config)
         try:
-            for address, backlog, context in zip(
-                self.config.listen, self.config.backlog or (1024,) * 99, contexts, strict=False
+            for address, backlog, context, proxy in zip(
+                self.config.listen,
+                self.config.backlog or (1024,) * 99,
+                contexts,
+                self.config.proxy_protocol or (False,) * len(self.config.listen),
+                strict=False,
             ):
                 listener = open_listener(address, backlog, inherited)
                 listener.tls = context
+                listener.proxy = proxy
                 self.listeners.append(listener)
             if inherited.unclaimed():
                 # systemd listens on it and would queue clients there that no
@@ -406,11 +435,13 @@ class Front:
             access.close()
             log.error("reload refused, the running configuration stays: %s", _one_line(exc))
             return
-        for listener, backlog, context in kept:
+        for listener, backlog, context, proxy in kept:
             listener.sock.listen(backlog)  # listen(2) again only sets the backlog
             listener.tls = context  # certificates read again: renewals apply now
+            # Connections accepted already keep what they were accepted with.
+            listener.proxy = proxy
         for listener in self.listeners:
-            if not any(listener is still for still, _, _ in kept):
+            if not any(listener is still for still, _, _, _ in kept):
                 if self._accepting:
                     self.loop.remove_reader(listener.sock.fileno())
                 if listener.inherited:
@@ -426,7 +457,7 @@ class Front:
         if self._accepting:
             for listener in added:
                 self.loop.add_reader(listener.sock.fileno(), self._on_accept, listener)
-        self.listeners = [listener for listener, _, _ in kept] + added
+        self.listeners = [listener for listener, _, _, _ in kept] + added
         self._shorten_deadlines(config)
         self._apply(config)
         self.handoffs.reconfigure(config.timeouts.handoff, config.limits.channels)
@@ -458,28 +489,30 @@ class Front:
 
     def _listeners_for(
         self, config: FrontConfig
-    ) -> tuple[list[tuple[Listener, int, ssl.SSLContext | None]], list[Listener]]:
+    ) -> tuple[list[tuple[Listener, int, ssl.SSLContext | None, bool]], list[Listener]]:
         """The running listeners ``config`` keeps, with their new backlog and TLS
         context (set by the caller once nothing can fail), and those it adds,
         bound now; ConfigError or OSError, with the added ones closed, if one fails."""
         contexts = _tls_contexts(config)
         running = {listener.address: listener for listener in self.listeners}
-        kept: list[tuple[Listener, int, ssl.SSLContext | None]] = []
+        kept: list[tuple[Listener, int, ssl.SSLContext | None, bool]] = []
         added: list[Listener] = []
         try:
-            for address, backlog, context in zip(
+            for address, backlog, context, proxy in zip(
                 config.listen,
                 config.backlog or (1024,) * len(config.listen),
                 contexts,
+                config.proxy_protocol or (False,) * len(config.listen),
                 strict=False,
             ):
                 listener = running.pop(address, None)
                 if listener is None:
                     listener = open_listener(address, backlog, self._inherited)
                     listener.tls = context
+                    listener.proxy = proxy
                     added.append(listener)
                 else:
-                    kept.append((listener, backlog, context))
+                    kept.append((listener, backlog, context, proxy))
         except BaseException:
             for listener in added:
                 if listener.inherited:
@@ -493,6 +526,7 @@ class Front:
         handoffs = len(self._handoffs) if self._handoffs is not None else 0
         return (
             len(self._pending)
+            + len(self._proxy_waiting)
             + len(self._handshaking)
             + handoffs
             + len(self._lingering)
@@ -527,6 +561,9 @@ class Front:
         for handshake in list(self._handshaking):
             self._end_handshake(handshake)
             handshake.tls.close()
+        for waiting in list(self._proxy_waiting):
+            self._end_proxy_wait(waiting)
+            waiting.sock.close()
         self.handoffs.settle_all()
         for linger in list(self._lingering):
             self._end_linger(linger)
@@ -566,6 +603,7 @@ class Front:
         accept = listener.accept
         family = listener.family
         tls = listener.tls
+        proxy = listener.proxy
         for _ in range(ACCEPT_BATCH):
             try:
                 fd, addr = accept()
@@ -578,7 +616,9 @@ class Front:
                 self._fds_back()
             sock = Socket(family, _STREAM, 0, fd)
             try:
-                if tls is None:
+                if proxy:
+                    self._begin_proxy(sock, addr, listener, tls)
+                elif tls is None:
                     self._start(sock, addr, listener)
                 else:
                     self._begin_tls(sock, addr, listener, tls)
@@ -623,12 +663,97 @@ class Front:
         )
         self._short_since = None
 
+    # --- PROXY protocol header (proxy_protocol listeners, fdhandoff.proxyproto) -------------
+
+    def _begin_proxy(
+        self, sock: Socket, addr: object, listener: Listener, tls: ssl.SSLContext | None
+    ) -> None:
+        waiting = _ProxyWait(sock, addr, listener, time.monotonic())
+        if self._proxy_step(waiting, tls):
+            self.loop.add_reader(waiting.fd, self._on_proxy_readable, waiting, tls)
+            self._proxy_waiting[waiting] = waiting.start + self.timeouts.head
+
+    def _on_proxy_readable(self, waiting: _ProxyWait, tls: ssl.SSLContext | None) -> None:
+        if not self._proxy_step(waiting, tls):
+            self._end_proxy_wait(waiting)
+
+    def _end_proxy_wait(self, waiting: _ProxyWait) -> None:
+        if self._proxy_waiting.pop(waiting, None) is not None:
+            self.loop.remove_reader(waiting.fd)
+
+    def _proxy_step(self, waiting: _ProxyWait, tls: ssl.SSLContext | None) -> bool:
+        """Read the header as far as it has arrived; True while it is incomplete.
+
+        Peek, parse, then read exactly the header: the request (or the TLS
+        ClientHello) behind it stays in the socket.  Bytes of an incomplete
+        header are all header, so they are read too (a level-triggered
+        reader would otherwise fire again at once for bytes already seen).
+        The TLS context is the listener's at accept time, as for a plain
+        TLS connection.
+        """
+        sock, have = waiting.sock, waiting.buf
+        buf = self._proxy_buf
+        try:
+            n = sock.recv_into(buf, proxyproto.MAX_HEADER_SIZE - len(have), _PEEK)
+        except BlockingIOError:
+            return True
+        except OSError:
+            n = 0
+        if n == 0:
+            sock.close()
+            if have:
+                self._proxy_failed(waiting, "connection closed inside the header", "invalid")
+            return False
+        data = have + buf[:n]
+        try:
+            header = proxyproto.parse(data)
+        except ProtocolError as exc:
+            sock.close()
+            self._proxy_failed(waiting, str(exc), "invalid")
+            return False
+        want = n if header is None else header.length - len(have)
+        try:
+            taken = sock.recv(want, _DONTWAIT)
+        except OSError:
+            taken = b""
+        if len(taken) != want:  # the peeked bytes are ours: only a reset loses them
+            sock.close()
+            return False
+        if header is None:
+            waiting.buf = data
+            return True
+        addr = waiting.addr
+        if header.source is not None:
+            addr = Proxied(header.source[0], header.source[1], header.ssl)
+        elif header.ssl and isinstance(addr, tuple):
+            addr = Proxied(addr[0], addr[1], True)
+        if tls is None:
+            self._start(sock, addr, waiting.listener, waiting.start)
+        else:
+            self._begin_tls(sock, addr, waiting.listener, tls, waiting.start)
+        return False
+
+    def _proxy_failed(self, waiting: _ProxyWait, why: str, reason: str) -> None:
+        """A connection dropped before its request: the PROXY protocol allows no
+        answer to a bad header.  A log line naming the balancer, and a count."""
+        self.metrics.inc("proxy_protocol_failures_total", reason=reason)
+        log.warning(
+            "%s: PROXY protocol header: %s; connection closed",
+            _client_label(waiting.listener, waiting.addr),
+            why,
+        )
+
     # --- TLS handshake (TLS listeners, fdhandoff.front.tls) ------------------------------
 
     def _begin_tls(
-        self, sock: Socket, addr: object, listener: Listener, context: ssl.SSLContext
+        self,
+        sock: Socket,
+        addr: object,
+        listener: Listener,
+        context: ssl.SSLContext,
+        start: float = 0.0,
     ) -> None:
-        start = time.monotonic()
+        start = start or time.monotonic()  # after a PROXY header: since the accept
         try:
             first = sock.recv(_TLS_SNIFF, _PEEK)
         except BlockingIOError:
@@ -912,7 +1037,8 @@ class Front:
             remote=peer,
             server=server,
             route=self._prefix_bytes[route.prefix],
-            https=req.tls,
+            https=req.https,
+            ktls=req.tls,
             channel=self._channels,
         )
         if dropped:
@@ -946,7 +1072,8 @@ class Front:
             remote=peer,
             server=server,
             route=self._prefix_bytes[route.prefix],
-            https=req.tls,
+            https=req.https,
+            ktls=req.tls,
             upgraded=b"websocket",
             subprotocol=subprotocol,
             channel=self._channels,
@@ -1111,6 +1238,11 @@ class Front:
             req = Request(pending.listener, pending.addr, pending.start, pending.tls)
             req.method, req.target = _request_line(bytes(pending.buf))
             self.reject(pending.sock, req, 408, f"request head not complete within {allowed:.3g} s")
+        for waiting in _expired(self._proxy_waiting, now):
+            allowed = self._proxy_waiting[waiting] - waiting.start
+            self._end_proxy_wait(waiting)
+            waiting.sock.close()
+            self._proxy_failed(waiting, f"no complete header within {allowed:.3g} s", "timeout")
         for handshake in _expired(self._handshaking, now):
             allowed = self._handshaking[handshake] - handshake.start
             self._end_handshake(handshake)
@@ -1204,6 +1336,11 @@ def _front_metrics(front: Front) -> Metrics:
         "tls_failures_total",
         "TLS connections that never became a request: handshake failed, timed out, "
         "or not offloaded to the kernel (offload).",
+    )
+    metrics.counter(
+        "proxy_protocol_failures_total",
+        "Connections of proxy_protocol listeners closed before a request: an invalid "
+        "PROXY header (invalid) or none complete within timeouts.head (timeout).",
     )
     metrics.gauge("in_flight", "Connections being read, handed off or answered.", front.in_flight)
     metrics.gauge(
