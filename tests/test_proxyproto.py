@@ -127,6 +127,7 @@ INVALID: list[tuple[bytes, str]] = [
     (b"proxy TCP4 1.2.3.4 1.2.3.4 1 2\r\n", "no PROXY protocol header"),
     (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\n", "bare LF"),
     (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\rX", "bare LF or CR"),
+    (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\nGET / HTTP/1.1\r\n", "bare LF or CR"),
     (b"PROXY " + b"A" * 120, "without CRLF in its first 107 bytes"),
     (b"PROXY UDP4 1.2.3.4 5.6.7.8 1 2\r\n", "unknown protocol"),
     (b"PROXY \r\n", "unknown protocol"),

@@ -113,8 +113,11 @@ def _parse_v1(data: bytes) -> ProxyHeader | None:
         if b"\n" in data or (b"\r" in data[:-1]):
             raise ProtocolError("PROXY v1 header ends with a bare LF or CR")
         return None
+    line = data[len(V1_PREFIX) : end]
+    if b"\n" in line or b"\r" in line:
+        raise ProtocolError("PROXY v1 header ends with a bare LF or CR")
     length = end + 2
-    fields = data[len(V1_PREFIX) : end].split(b" ")
+    fields = line.split(b" ")
     family = fields[0]
     if family == b"UNKNOWN":
         # Section 2.1: the rest of the line is ignored, the real addresses apply.

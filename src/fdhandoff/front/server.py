@@ -674,8 +674,7 @@ class Front:
             self._proxy_waiting[waiting] = waiting.start + self.timeouts.head
 
     def _on_proxy_readable(self, waiting: _ProxyWait, tls: ssl.SSLContext | None) -> None:
-        if not self._proxy_step(waiting, tls):
-            self._end_proxy_wait(waiting)
+        self._proxy_step(waiting, tls)
 
     def _end_proxy_wait(self, waiting: _ProxyWait) -> None:
         if self._proxy_waiting.pop(waiting, None) is not None:
@@ -689,7 +688,8 @@ class Front:
         header are all header, so they are read too (a level-triggered
         reader would otherwise fire again at once for bytes already seen).
         The TLS context is the listener's at accept time, as for a plain
-        TLS connection.
+        TLS connection.  Once it returns False the connection is no longer
+        waiting here (reader removed before the next step adds its own).
         """
         sock, have = waiting.sock, waiting.buf
         buf = self._proxy_buf
@@ -700,14 +700,18 @@ class Front:
         except OSError:
             n = 0
         if n == 0:
+            self._end_proxy_wait(waiting)
             sock.close()
             if have:
-                self._proxy_failed(waiting, "connection closed inside the header", "invalid")
+                self._proxy_failed(
+                    waiting, "client closed inside the PROXY protocol header", "invalid"
+                )
             return False
         data = have + buf[:n]
         try:
             header = proxyproto.parse(data)
         except ProtocolError as exc:
+            self._end_proxy_wait(waiting)
             sock.close()
             self._proxy_failed(waiting, str(exc), "invalid")
             return False
@@ -717,11 +721,13 @@ class Front:
         except OSError:
             taken = b""
         if len(taken) != want:  # the peeked bytes are ours: only a reset loses them
+            self._end_proxy_wait(waiting)
             sock.close()
             return False
         if header is None:
             waiting.buf = data
             return True
+        self._end_proxy_wait(waiting)
         addr = waiting.addr
         if header.source is not None:
             addr = Proxied(header.source[0], header.source[1], header.ssl)
@@ -737,11 +743,7 @@ class Front:
         """A connection dropped before its request: the PROXY protocol allows no
         answer to a bad header.  A log line naming the balancer, and a count."""
         self.metrics.inc("proxy_protocol_failures_total", reason=reason)
-        log.warning(
-            "%s: PROXY protocol header: %s; connection closed",
-            _client_label(waiting.listener, waiting.addr),
-            why,
-        )
+        log.warning("%s: %s; connection closed", _client_label(waiting.listener, waiting.addr), why)
 
     # --- TLS handshake (TLS listeners, fdhandoff.front.tls) ------------------------------
 
@@ -1242,7 +1244,9 @@ class Front:
             allowed = self._proxy_waiting[waiting] - waiting.start
             self._end_proxy_wait(waiting)
             waiting.sock.close()
-            self._proxy_failed(waiting, f"no complete header within {allowed:.3g} s", "timeout")
+            self._proxy_failed(
+                waiting, f"no complete PROXY protocol header within {allowed:.3g} s", "timeout"
+            )
         for handshake in _expired(self._handshaking, now):
             allowed = self._handshaking[handshake] - handshake.start
             self._end_handshake(handshake)
