@@ -200,6 +200,31 @@ def test_curl_over_tls_is_handed_off_with_https_in_the_description(
     assert front.settled_fd_count(baseline) == baseline
 
 
+def test_a_proxy_protocol_header_comes_before_the_handshake(
+    certs: tuple[Path, Path],
+    receivers: Callable[..., TestReceiver],
+    tls_front: Callable[..., FrontProcess],
+) -> None:
+    """A TCP balancer's header, in clear, then the client's TLS session: the
+    front reads exactly the header, then does the handshake."""
+    receiver = receivers()
+    front = tls_front("proxy_protocol = true\n" + route(receiver))
+    baseline = front.fd_count()
+    raw = front.connect()
+    raw.sendall(b"PROXY TCP4 192.0.2.44 192.0.2.1 4444 443\r\n")
+    context = client_context(certs)
+    with context.wrap_socket(raw, server_hostname="localhost", suppress_ragged_eofs=False) as tls:
+        tls.settimeout(IO_TIMEOUT)
+        tls.sendall(b"GET /p HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        data = read_until_close(tls, close_notify=False)
+    assert parse_response(data)[0] == 200, data
+    seen = receiver.next().headers
+    assert (seen[b"REMOTE_ADDR"], seen[b"REMOTE_PORT"]) == (b"192.0.2.44", b"4444")
+    assert (seen[b"HTTPS"], seen[b"KTLS_RX"]) == (b"on", b"1")
+    front.wait_for(r'192\.0\.2\.44:4444 "GET /p" route=/ handed-off')
+    assert front.settled_fd_count(baseline) == baseline
+
+
 def test_body_and_pipelined_request_in_the_same_record_reach_the_receiver(
     certs: tuple[Path, Path],
     receivers: Callable[..., TestReceiver],
