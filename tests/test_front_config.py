@@ -332,6 +332,28 @@ def test_channels_limit() -> None:
         assert f"limits.channels = {bad}" in text
 
 
+def test_proxy_protocol_per_listener(tmp_path: Path) -> None:
+    """listen[].proxy_protocol: false by default, a boolean, kept per listener."""
+    base: dict[str, object] = {
+        "listen": [
+            {"address": "127.0.0.1:1", "proxy_protocol": True},
+            {"address": "127.0.0.1:2"},
+        ],
+        "route": [{"prefix": "/", "backend": "unix:/run/r.sock"}],
+    }
+    assert build_config(base).proxy_protocol == (True, False)
+    for bad in ("yes", 1, "true"):
+        listen = [{"address": "127.0.0.1:1", "proxy_protocol": bad}]
+        text = "\n".join(errors_of({**base, "listen": listen}))
+        assert f"listen[0].proxy_protocol = {bad!r}: must be true or false" in text
+    config = (
+        '[[listen]]\naddress = "127.0.0.1:0"\nproxy_protocol = true\n'
+        '[[route]]\nprefix = "/"\nbackend = "unix:/run/r.sock"\n'
+    )
+    good = run_check("--config", str(write(tmp_path, config)))
+    assert "ok: 1 listener(s) (127.0.0.1:0 (PROXY protocol)), 1 route(s)" in good.stdout
+
+
 # --- TLS listeners (end to end on kernel TLS: test_front_ktls.py) -----------------------------
 
 

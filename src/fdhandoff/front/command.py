@@ -73,9 +73,15 @@ def _run_check(args: argparse.Namespace) -> int:
         return 2
     for line in found:
         print(f"warning: {line}", file=sys.stderr)
+    count = len(config.listen)
     listen = ", ".join(
-        address.text + (" (TLS)" if files else "")
-        for address, files in zip(config.listen, config.tls or (None,) * 99, strict=False)
+        address.text + (" (TLS)" if files else "") + (" (PROXY protocol)" if proxy else "")
+        for address, files, proxy in zip(
+            config.listen,
+            config.tls or (None,) * count,
+            config.proxy_protocol or (False,) * count,
+            strict=False,
+        )
     )
     print(f"ok: {len(config.listen)} listener(s) ({listen}), {len(config.routes)} route(s)")
     for route in config.routes:
