@@ -29,6 +29,8 @@ from handoff_receiver import (
     receivers_fixture,  # noqa: F401  (fixture)
     sockdir_fixture,  # noqa: F401  (fixture)
 )
+from test_front_auth import App, auth_config
+from test_front_auth import app as app_fixture  # noqa: F401  (fixture, under this name)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -212,6 +214,33 @@ def test_a_client_closing_inside_the_header(
         time.sleep(0.1)
     front.wait_for("client closed inside the PROXY protocol header; connection closed")
     assert front.fd_count_within(baseline) <= baseline
+
+
+def test_auth_mode_forwards_the_proxied_client(
+    sockdir: Path,
+    app_fixture: type[App],  # noqa: F811  (the fixture imported above)
+) -> None:
+    """X-Forwarded-For names the client the header gave, and X-Forwarded-Proto
+    the scheme it used to the balancer (v2 PP2_TYPE_SSL)."""
+    config = sockdir / "front.toml"
+    config.write_text(
+        '[[listen]]\naddress = "127.0.0.1:0"\nproxy_protocol = true\n'
+        + auth_config(app_fixture, sockdir)
+    )
+    front = FrontProcess(["--config", str(config)])
+    try:
+        addresses = bytes([192, 0, 2, 50, 192, 0, 2, 1]) + b"\x13\x88\x01\xbb"
+        block = addresses + b"\x20\x00\x05\x01\x00\x00\x00\x00"
+        header = V2_SIGNATURE + b"\x21\x11" + len(block).to_bytes(2, "big") + block
+        request = b"GET /app/plain HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 10.9.9.9\r\n\r\n"
+        status, _, body = parse_response(_exchange(front, header + request))
+        assert (status, body) == (201, b"from the app: ")
+        seen = app_fixture.seen[-1]["headers"]
+        assert isinstance(seen, dict)
+        assert seen["X-Forwarded-For"] == "10.9.9.9, 192.0.2.50"
+        assert seen["X-Forwarded-Proto"] == "https"
+    finally:
+        front.stop()
 
 
 def test_proxy_protocol_is_read_again_on_reload(
