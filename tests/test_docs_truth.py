@@ -66,6 +66,8 @@ def _front_keys() -> dict[str, str | None]:
             keys[f"listen[].{name}"] = _shown(front_config.DEFAULT_BACKLOG)
         elif name.startswith("tls_"):
             keys[f"listen[].{name}"] = "none"  # optional: plain HTTP without
+        elif name == "sni":
+            keys[f"listen[].{name}"] = "`[]`"  # no certificates chosen by name
         elif name == "proxy_protocol":
             keys[f"listen[].{name}"] = "`false`"  # the TOML spelling
         else:

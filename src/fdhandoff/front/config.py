@@ -24,7 +24,7 @@ from typing import Any, Final, TypeVar
 from ..errors import ConfigError
 from ..httphead import MAX_HEAD_SIZE, MAX_HEADERS, MAX_URI_LENGTH, HeadLimits, is_token
 from ..metrics import parse_address as parse_metrics_address
-from .tls import TlsFiles
+from .tls import NamedCertificate, TlsFiles
 
 __all__ = [
     "Address",
@@ -322,7 +322,20 @@ def _backend_path(text: str) -> str:
 # --- sections ----------------------------------------------------------------------------
 
 _TOP_KEYS: Final = ["limits", "listen", "log", "metrics", "route", "timeouts"]
-_LISTEN_KEYS: Final = ["address", "backlog", "proxy_protocol", "tls_certificate", "tls_key"]
+_LISTEN_KEYS: Final = [
+    "address",
+    "backlog",
+    "proxy_protocol",
+    "sni",
+    "tls_certificate",
+    "tls_key",
+]
+_SNI_KEYS: Final = ["server_names", "tls_certificate", "tls_key"]
+#: A host name as a client sends it in SNI (RFC 6066 §3: the A-label form,
+#: no trailing dot), or a wildcard for its first label (RFC 6125 §6.4.3).
+_SERVER_NAME: Final = re.compile(
+    r"(\*\.)?[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*"
+)
 _ROUTE_KEYS: Final = [
     "allowed_origins",
     "allowed_prefix",
@@ -395,9 +408,67 @@ def _tls_files(table: Mapping[str, Any], path: str, errors: _Errors) -> TlsFiles
     ):
         if value is not None and other not in table:
             errors.add(f"{path}.{other}", _MISSING, f"{name} needs {other} too")
+    named = _named_certificates(table, path, errors)
     if certificate is None or key is None:
+        if "sni" in table and "tls_certificate" not in table:
+            errors.add(
+                f"{path}.sni",
+                table["sni"],
+                "needs tls_certificate and tls_key on the listener: the certificate for "
+                "clients that name no listed host",
+            )
         return None
-    return TlsFiles(certificate, key)
+    return TlsFiles(certificate, key, named)
+
+
+def _named_certificates(
+    table: Mapping[str, Any], path: str, errors: _Errors
+) -> tuple[NamedCertificate, ...]:
+    """``[[listen.sni]]``: certificates chosen by the server name a client sends."""
+    raw = table.get("sni", [])
+    if not isinstance(raw, list) or not all(isinstance(item, dict) for item in raw):
+        errors.add(f"{path}.sni", raw, "must be an array of tables ([[listen.sni]])")
+        return ()
+    seen: dict[str, str] = {}
+    named: list[NamedCertificate] = []
+    for index, item in enumerate(raw):
+        where = f"{path}.sni[{index}]"
+        _check_keys(item, _SNI_KEYS, where, errors)
+        names: list[str] = []
+        listed = item.get("server_names", _MISSING)
+        if (
+            not isinstance(listed, list)
+            or not listed
+            or not all(isinstance(n, str) for n in listed)
+        ):
+            errors.add(
+                f"{where}.server_names",
+                listed,
+                'a non-empty list of host names, e.g. ["a.example"]',
+            )
+        else:
+            for name in listed:
+                lowered = name.lower().removesuffix(".")
+                if not _SERVER_NAME.fullmatch(lowered) or len(lowered) > 253:
+                    errors.add(
+                        f"{where}.server_names",
+                        name,
+                        "not a host name (internationalized names in their xn-- form; a "
+                        "wildcard is '*.' before a name)",
+                    )
+                elif lowered in seen:
+                    errors.add(f"{where}.server_names", name, f"already listed in {seen[lowered]}")
+                else:
+                    seen[lowered] = where
+                    names.append(lowered)
+        certificate = _string(item, "tls_certificate", where, errors)
+        key = _string(item, "tls_key", where, errors)
+        for name_key in ("tls_certificate", "tls_key"):
+            if name_key not in item:
+                errors.add(f"{where}.{name_key}", _MISSING, "every [[listen.sni]] needs one")
+        if names and certificate is not None and key is not None:
+            named.append(NamedCertificate(tuple(names), certificate, key))
+    return tuple(named)
 
 
 def _route(table: Mapping[str, Any], path: str, errors: _Errors) -> RouteConfig | None:

@@ -37,7 +37,7 @@ from typing import Final
 from ..errors import ConfigError
 from ..fdpass import TCP_ULP, tls_offloaded
 
-__all__ = ["TlsFiles", "probe_offload", "server_context"]
+__all__ = ["NamedCertificate", "TlsFiles", "probe_offload", "server_context"]
 
 #: SSL_OP_ENABLE_KTLS (OpenSSL 3.0, ssl.h: bit 3).  Python 3.12 names it
 #: ssl.OP_ENABLE_KTLS; 3.11 passes the same bit through to OpenSSL unchanged.
@@ -54,15 +54,69 @@ _PROBE_TIMEOUT: Final = 5.0
 
 
 @dataclass(frozen=True, slots=True)
-class TlsFiles:
-    """``[[listen]] tls_certificate`` (the chain, leaf first) and ``tls_key`` (PEM)."""
+class NamedCertificate:
+    """``[[listen.sni]]``: a certificate for the host names a client may ask for."""
 
+    #: Lower-case host names; ``*.example.com`` stands for exactly one label.
+    names: tuple[str, ...]
     certificate: str
     key: str
 
 
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """``[[listen]] tls_certificate`` (the chain, leaf first) and ``tls_key`` (PEM),
+    and the certificates chosen by server name (``[[listen.sni]]``)."""
+
+    certificate: str
+    key: str
+    named: tuple[NamedCertificate, ...] = ()
+
+
 def server_context(files: TlsFiles) -> ssl.SSLContext:
-    """The context of one TLS listener; ConfigError naming the file and the reason."""
+    """The context of one TLS listener; ConfigError naming the file and the reason.
+
+    With ``named`` certificates the listener picks one per connection from the
+    server name the client sends (SNI, RFC 6066 §3): an exact name first, then
+    a wildcard for its first label (RFC 6125 §6.4.3: ``*.example.com`` is
+    ``a.example.com``, not ``example.com`` nor ``a.b.example.com``).  A client
+    that sends no name, or one no certificate lists, gets the listener's own
+    certificate, as nginx's default server does.
+    """
+    context = _context(TlsFiles(files.certificate, files.key))
+    if files.named:
+        exact: dict[str, ssl.SSLContext] = {}
+        wildcard: dict[str, ssl.SSLContext] = {}
+        for named in files.named:
+            chosen = _context(TlsFiles(named.certificate, named.key))
+            for name in named.names:
+                if name.startswith("*."):
+                    wildcard[name[2:]] = chosen
+                else:
+                    exact[name] = chosen
+        context.sni_callback = _chooser(exact, wildcard)
+    return context
+
+
+def _chooser(
+    exact: dict[str, ssl.SSLContext], wildcard: dict[str, ssl.SSLContext]
+) -> Callable[[ssl.SSLObject, str | None, ssl.SSLContext], None]:
+    def choose(tls: ssl.SSLObject, name: str | None, _: ssl.SSLContext) -> None:
+        if not name:
+            return
+        name = name.lower().rstrip(".")  # a trailing dot names the same host
+        chosen = exact.get(name)
+        if chosen is None:
+            parent = name.partition(".")[2]
+            chosen = wildcard.get(parent) if parent else None
+        if chosen is not None:
+            tls.context = chosen
+
+    return choose
+
+
+def _context(files: TlsFiles) -> ssl.SSLContext:
+    """One certificate's context, with everything kernel TLS needs."""
     # OpenSSL's errors for a missing or unreadable file do not say which one.
     for what, path in (("certificate", files.certificate), ("key", files.key)):
         try:
