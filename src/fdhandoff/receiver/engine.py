@@ -429,6 +429,7 @@ class Receiver:
 
     async def _run(self, handoff: Handoff) -> None:
         why: str | None = None
+        cancelled = False
         try:
             if handoff.ktls_rx_relay:
                 await self._refuse_relay(handoff)
@@ -442,6 +443,7 @@ class Receiver:
             await _answer_error(handoff, exc.status_hint)
         except asyncio.CancelledError:
             why = "cancelled at shutdown"
+            cancelled = True
             raise
         except Exception:
             why = "handler error"
@@ -449,7 +451,7 @@ class Receiver:
             await _answer_error(handoff, 500)
         finally:
             self.untrack(handoff)
-            await self._complete(handoff, why)
+            await self._complete(handoff, why, cancelled=cancelled)
 
     async def _refuse_relay(self, handoff: Handoff) -> None:
         # nginx fd_pass with kTLS TX only relays decrypted client bytes over
@@ -464,7 +466,11 @@ class Receiver:
         )
         await handoff.respond(502, [("Content-Type", "text/plain")], b"TLS relay not supported\n")
 
-    async def _complete(self, handoff: Handoff, why: str | None) -> None:
+    async def _complete(
+        self, handoff: Handoff, why: str | None, *, cancelled: bool = False
+    ) -> None:
+        """Finish the connection; ``cancelled``: the shutdown cut the handler
+        short and the socket closes at once, without lingering."""
         phase = handoff.phase
         if phase is Phase.HANDED_OVER:
             return
@@ -485,7 +491,13 @@ class Receiver:
                 time.monotonic() - handoff.started,
                 why,
             )
-        if handoff.phase is Phase.DONE and why is None:
+        if handoff.phase is Phase.DONE and not cancelled:
+            # A complete answer, even an error one (413 for a body too large,
+            # 426 for a WebSocket version we do not speak), ends with the
+            # lingering close: the client may still be sending, and closing
+            # with its bytes unread makes the kernel send a RST that can
+            # destroy the answer in flight (RFC 9112 section 9.6, RFC 1122
+            # section 4.2.2.13).
             await handoff.linger_close()
         else:
             handoff.socket.close()

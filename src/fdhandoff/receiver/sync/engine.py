@@ -312,7 +312,11 @@ class Receiver:
             time.monotonic() - handoff.started,
             why,
         )
-        if handoff.phase is Phase.DONE and why is None:
+        if handoff.phase is Phase.DONE:
+            # A complete answer, even an error one (413, 426 after a refused
+            # WebSocket upgrade), ends with the lingering close: closing with
+            # client bytes unread sends a RST that can destroy the answer in
+            # flight (RFC 9112 section 9.6, RFC 1122 section 4.2.2.13).
             handoff.linger_close()
         else:
             handoff.socket.close()
