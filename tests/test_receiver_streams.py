@@ -136,6 +136,56 @@ def test_head_request_gets_no_body(tmp_path: Path, no_fd_leak: None) -> None:
     assert (status, headers["content-length"], body) == (200, "5", b"")
 
 
+async def stream_without_content(handoff: Handoff) -> None:
+    """start_response() with the status in the path; writes a body regardless."""
+    status = int(handoff.path.strip("/"))
+    length = 4 if handoff.query_string == b"cl" else None
+    writer = await handoff.start_response(status, [("X-A", "1")], content_length=length)
+    await writer.write(b"body")
+    await writer.end()
+
+
+@pytest.mark.parametrize("target", ["/204", "/304", "/204?cl", "/304?cl"])
+def test_streamed_204_and_304_have_no_framing_and_no_content(
+    tmp_path: Path, target: str, no_fd_leak: None
+) -> None:
+    # RFC 9112 section 6.1: no Transfer-Encoding in a 204; RFC 9110 sections
+    # 6.4.1, 15.3.5, 15.4.5: no content in a 204 or 304.
+    path = str(tmp_path / "r.sock")
+    with ReceiverThread(stream_without_content, [Bind(path)]):
+        client, server_side = tcp_pair()
+        send_scgi(path, front_headers("GET", target), server_side)
+        data = read_all(client)
+        client.close()
+    status, headers, body = split_response(data)
+    assert status == int(target[1:4])
+    assert headers["x-a"] == "1"
+    assert "transfer-encoding" not in headers
+    assert "content-length" not in headers
+    assert body == b""
+
+
+def test_streamed_informational_status_is_refused(tmp_path: Path, no_fd_leak: None) -> None:
+    errors: list[str] = []
+
+    async def handler(handoff: Handoff) -> None:
+        try:
+            await handoff.start_response(103, [("Link", "</a.css>; rel=preload")])
+        except ValueError as exc:
+            errors.append(str(exc))
+            raise
+
+    path = str(tmp_path / "r.sock")
+    with ReceiverThread(handler, [Bind(path)]):
+        client, server_side = tcp_pair()
+        send_scgi(path, front_headers("GET", "/"), server_side)
+        status, headers, _ = split_response(read_all(client))
+        client.close()
+    assert status == 500  # the handler's error, nothing of the 103 went out
+    assert "link" not in headers
+    assert errors == ["start_response() needs a final status, not the informational 103"]
+
+
 @pytest.mark.parametrize(
     "framing",
     [("Content-Length", "5"), (b"transfer-encoding", b"chunked"), ("CONTENT-LENGTH", "9")],

@@ -95,6 +95,36 @@ def test_big_response_to_a_slow_reader(tmp_path: Path, no_fd_leak: None) -> None
     assert split_response(bytes(got))[2] == body
 
 
+def sync_stream_without_content(handoff: Handoff) -> None:
+    if handoff.path == "/103":
+        handoff.start_response(103)  # raises ValueError: the engine answers 500
+    status = int(handoff.path.strip("/"))
+    length = 4 if handoff.query_string == b"cl" else None
+    writer = handoff.start_response(status, [("X-A", "1")], content_length=length)
+    writer.write(b"body")
+    writer.end()
+
+
+@pytest.mark.parametrize("target", ["/204", "/304", "/204?cl", "/304?cl", "/103"])
+def test_streamed_204_304_have_no_content_and_1xx_is_refused(
+    tmp_path: Path, target: str, no_fd_leak: None
+) -> None:
+    path = str(tmp_path / "r.sock")
+    with SyncReceiverThread(sync_stream_without_content, [Bind(path)]):
+        client, server_side = tcp_pair()
+        send_scgi(path, front_headers("GET", target), server_side)
+        status, headers, body = split_response(read_all(client))
+        client.close()
+    if target == "/103":
+        assert status == 500
+        return
+    assert status == int(target[1:4])
+    assert headers["x-a"] == "1"
+    assert "transfer-encoding" not in headers
+    assert "content-length" not in headers
+    assert body == b""
+
+
 class SyncHub:
     def __init__(self) -> None:
         self.channel = Channel()

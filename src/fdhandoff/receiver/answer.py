@@ -142,12 +142,26 @@ class HandoffBase(HandoffInfo):
 
     def _streamed_head(
         self, status: int, headers: HeaderInput, content_length: int | None
-    ) -> tuple[bytes, bool]:
-        """Head of a streamed response and whether its body is chunked.
+    ) -> tuple[bytes, bool, bool]:
+        """Head of a streamed response, whether its body is chunked, and
+        whether what is written is dropped (no content goes out).
 
         Without a length the body is chunked on HTTP/1.1, close-delimited for
         HTTP/1.0, SCGI clients and heads sent by Apache (RFC 9112 section 6.3).
+        A 204 or 304 has no content (RFC 9110 sections 15.3.5, 15.4.5) and
+        hence no framing either (RFC 9112 section 6.1: no Transfer-Encoding
+        in a 204): what is written is dropped, as for ``HEAD``.
         """
+        if 100 <= status < 200:
+            # An interim response is no answer: the final one must follow,
+            # and this connection ends after one response.
+            raise ValueError(
+                f"start_response() needs a final status, not the informational {status}"
+            )
+        if status in _NO_BODY_STATUSES:
+            head = self._head(status, headers, None, False)
+            self._started(status)
+            return head, False, True
         chunked = (
             content_length is None
             and self.http_version == "1.1"
@@ -156,7 +170,7 @@ class HandoffBase(HandoffInfo):
         )
         head = self._head(status, headers, content_length, chunked)
         self._started(status)
-        return head, chunked
+        return head, chunked, self.method == "HEAD"
 
     def _sse_head(self, headers: HeaderInput, status: int, retry: int | None) -> bytes:
         given = list(headers)

@@ -115,10 +115,13 @@ class Handoff(HandoffBase):
         """Send the head of a streamed response; write the body with the writer.
 
         Without ``content_length`` the body is chunked (HTTP/1.1) or ends when
-        the connection closes (HTTP/1.0, plain SCGI, head sent by Apache).
+        the connection closes (HTTP/1.0, plain SCGI, head sent by Apache).  A
+        ``204`` or ``304`` has no content: no framing header goes out and what
+        is written is dropped, as for ``HEAD``.  An informational status
+        (``1xx``) raises ``ValueError``.
         """
-        head, chunked = self._streamed_head(status, headers, content_length)
-        writer = ResponseWriter(self, chunked, content_length, self.method == "HEAD")
+        head, chunked, head_only = self._streamed_head(status, headers, content_length)
+        writer = ResponseWriter(self, chunked, content_length, head_only)
         if head:
             await self.send_raw(head)
         return writer

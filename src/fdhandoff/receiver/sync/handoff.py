@@ -68,9 +68,13 @@ class Handoff(HandoffBase):
         *,
         content_length: int | None = None,
     ) -> ResponseWriter:
-        """Send the head of a streamed response; write the body with the writer."""
-        head, chunked = self._streamed_head(status, headers, content_length)
-        writer = ResponseWriter(self, chunked, content_length, self.method == "HEAD")
+        """Send the head of a streamed response; write the body with the writer.
+
+        As the asyncio flavour's: a ``204`` or ``304`` gets no framing header
+        and what is written is dropped; an informational status raises ``ValueError``.
+        """
+        head, chunked, head_only = self._streamed_head(status, headers, content_length)
+        writer = ResponseWriter(self, chunked, content_length, head_only)
         if head:
             self.send_raw(head)
         return writer
@@ -240,5 +244,3 @@ class ResponseWriter:
     @property
     def complete(self) -> bool:
         return self._handoff.phase is Phase.DONE
-
-
