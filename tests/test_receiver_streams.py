@@ -21,6 +21,7 @@ from test_receiver_support import (
     echo,
     front_headers,
     read_all,
+    read_to_fin,
     read_until,
     send_payload,
     send_scgi,
@@ -290,6 +291,34 @@ def _wait(predicate: object, timeout: float = 10.0) -> None:
     while not predicate() and time.monotonic() < deadline:  # type: ignore[operator]
         time.sleep(0.02)
     assert predicate(), "condition not met in time"  # type: ignore[operator]
+
+
+def test_sse_answers_head_with_the_head_only(tmp_path: Path, no_fd_leak: None) -> None:
+    # RFC 9110 section 9.3.2: no content in the answer to HEAD, not even the
+    # retry field; the stream ends once its head is written.
+    channel = Channel()
+    seen: list[object] = []
+
+    async def handler(handoff: Handoff) -> None:
+        stream = await handoff.sse(retry=500)
+        channel.add(stream)
+        seen.append(stream.closed)
+        stream.send("one")  # fire and forget: goes nowhere
+        try:
+            await stream.send("two")
+        except ConnectionClosed as exc:
+            seen.append(type(exc))
+
+    path = str(tmp_path / "r.sock")
+    with ReceiverThread(handler, [Bind(path)]) as runner:
+        client, server_side = tcp_pair()
+        send_scgi(path, front_headers("HEAD", "/sse"), server_side)
+        data = read_to_fin(client, timeout=5)  # FIN, not an open stream nor a reset
+        client.close()
+        assert runner.call(lambda: len(channel)) == 0
+    status, headers, body = split_response(data)
+    assert (status, headers["content-type"], body) == (200, "text/event-stream", b"")
+    assert seen == [True, ConnectionClosed]
 
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])

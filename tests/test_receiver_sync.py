@@ -164,6 +164,28 @@ def test_sse_channel_from_another_thread(tmp_path: Path, no_fd_leak: None) -> No
             c.close()
 
 
+def test_sse_answers_head_with_the_head_only(tmp_path: Path, no_fd_leak: None) -> None:
+    seen: list[object] = []
+
+    def handler(handoff: Handoff) -> None:
+        stream = handoff.sse(retry=500)
+        seen.append(stream.closed)
+        try:
+            stream.send("one")
+        except ConnectionClosed as exc:
+            seen.append(type(exc))
+
+    path = str(tmp_path / "r.sock")
+    with SyncReceiverThread(handler, [Bind(path)]):
+        client, server_side = tcp_pair()
+        send_scgi(path, front_headers("HEAD", "/sse"), server_side)
+        data = read_to_fin(client, timeout=5)  # FIN, not an open stream nor a reset
+        client.close()
+    status, headers, body = split_response(data)
+    assert (status, headers["content-type"], body) == (200, "text/event-stream", b"")
+    assert seen == [True, ConnectionClosed]
+
+
 def ws_echo(handoff: Handoff) -> None:
     ws = handoff.websocket()
     for message in ws:

@@ -182,7 +182,8 @@ class HandoffBase(HandoffInfo):
             # nginx buffers SCGI responses unless told not to.
             given.append((b"X-Accel-Buffering", b"no"))
         head = self._head(status, given, None, False)
-        if retry is not None:
+        # The retry field is content, and HEAD gets none (RFC 9110 section 9.3.2).
+        if retry is not None and self.method != "HEAD":
             head += encode_event(retry=retry)
         self._started(status)
         return head

@@ -133,12 +133,18 @@ class Handoff(HandoffBase):
 
         The handler may return right after (``channel.add(stream)``): the
         stream lives on without a task.  The body is close-delimited, so every
-        stream gets the same bytes for one event.
+        stream gets the same bytes for one event.  A ``HEAD`` request gets the
+        head only (no ``retry`` either): the stream returned is already closed.
         """
         head = self._sse_head(headers, status, retry)
         stream = SSEStream(self.socket, self.receiver, self.log_prefix(status))
         self.phase = Phase.HANDED_OVER
         await stream._write(head)
+        if self.method == "HEAD":
+            # A HEAD request gets the head and no event (RFC 9110 section
+            # 9.3.2): the stream ends once the head is written, and what is
+            # sent to it goes nowhere, as to a client that left.
+            stream.close()
         return stream
 
     async def websocket(

@@ -82,11 +82,18 @@ class Handoff(HandoffBase):
     def sse(
         self, headers: HeaderInput = (), *, retry: int | None = None, status: int = 200
     ) -> SSEStream:
-        """Answer with an event stream (close-delimited) and return it."""
+        """Answer with an event stream (close-delimited) and return it.
+
+        A ``HEAD`` request gets the head only: the stream returned is already
+        closed, and ``send()`` raises :class:`ConnectionClosed` as it does once a
+        client left.
+        """
         head = self._sse_head(headers, status, retry)
         stream = SSEStream(self)
         self.phase = Phase.HANDED_OVER
         stream._write(head)
+        if self.method == "HEAD":
+            stream.close()  # no content for HEAD (RFC 9110 section 9.3.2)
         return stream
 
     def websocket(
