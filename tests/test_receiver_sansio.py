@@ -324,6 +324,21 @@ def test_response_heads() -> None:
     assert http.response_head(299, [], version="1.0").startswith(b"HTTP/1.0 299 \r\n")
 
 
+def test_a_given_date_is_the_only_one() -> None:
+    # RFC 9110 section 6.6.1: one Date; the caller's wins, as in the ASGI adapter.
+    old = "Thu, 01 Jan 1970 00:00:00 GMT"
+    for supplied in ([("Date", old)], ((b"DATE", old.encode()),)):  # a list, a tuple
+        head = http.response_head(200, supplied)
+        assert head.count(b"Date: ") + head.count(b"DATE: ") == 1
+        assert old.encode() in head
+    assert http.response_head(200, iter([("X-A", "1")])).count(b"Date: ") == 1
+
+
+def test_connection_fields_are_dropped() -> None:
+    given = [("Connection", "keep-alive"), (b"keep-alive", b"timeout=5"), ("X-A", "1")]
+    assert http.without_connection_fields(given) == [("X-A", "1")]
+
+
 @pytest.mark.parametrize(
     "header",
     [("X-A", "1\r\nInjected: yes"), ("X A", "1"), ("", "1"), ("X-A", "nul\x00"), ("X:A", "1")],

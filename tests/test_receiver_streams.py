@@ -218,6 +218,53 @@ def test_framing_set_by_the_handler_is_refused(
     assert errors == ["Content-Length and Transfer-Encoding are set by the receiver"] * 2
 
 
+_OLD_DATE = "Thu, 01 Jan 1970 00:00:00 GMT"
+_CONNECTION_AND_DATE = [
+    ("Connection", "keep-alive"),
+    ("Keep-Alive", "timeout=5"),
+    ("Date", _OLD_DATE),
+    ("X-A", "1"),
+]
+
+
+async def connection_and_date(handoff: Handoff) -> None:
+    if handoff.path == "/stream":
+        writer = await handoff.start_response(200, _CONNECTION_AND_DATE)
+        await writer.write(b"ok")
+        await writer.end()
+    elif handoff.path == "/sse":
+        stream = await handoff.sse(_CONNECTION_AND_DATE)
+        stream.close()
+    else:
+        await handoff.respond(200, _CONNECTION_AND_DATE, b"ok")
+
+
+def _header_lines(data: bytes) -> list[str]:
+    head = data.partition(b"\r\n\r\n")[0].decode("latin-1")
+    return [line.partition(":")[0].lower() for line in head.split("\r\n")[1:]]
+
+
+@pytest.mark.parametrize("target", ["/", "/stream", "/sse"])
+def test_handler_date_wins_and_connection_fields_are_the_receivers(
+    tmp_path: Path, target: str, no_fd_leak: None
+) -> None:
+    # RFC 9110 section 6.6.1: one Date (the handler's, as the ASGI adapter
+    # keeps the app's); section 7.6.1: Connection and Keep-Alive are about
+    # the connection, which ends after this answer.
+    path = str(tmp_path / "r.sock")
+    with ReceiverThread(connection_and_date, [Bind(path)]):
+        client, server_side = tcp_pair()
+        send_scgi(path, front_headers("GET", target), server_side)
+        data = read_all(client)
+        client.close()
+    lines = _header_lines(data)
+    assert lines.count("date") == 1
+    assert lines.count("connection") == 1
+    assert "keep-alive" not in lines
+    _, headers, _ = split_response(data)
+    assert (headers["date"], headers["connection"], headers["x-a"]) == (_OLD_DATE, "close", "1")
+
+
 def test_client_that_never_reads_is_dropped_after_write_timeout(
     tmp_path: Path, no_fd_leak: None
 ) -> None:

@@ -186,6 +186,28 @@ def test_sse_answers_head_with_the_head_only(tmp_path: Path, no_fd_leak: None) -
     assert seen == [True, ConnectionClosed]
 
 
+def test_handler_date_wins_and_connection_fields_are_the_receivers(
+    tmp_path: Path, no_fd_leak: None
+) -> None:
+    old = "Thu, 01 Jan 1970 00:00:00 GMT"
+    given = [("Connection", "keep-alive"), ("Keep-Alive", "timeout=5"), ("Date", old)]
+
+    def handler(handoff: Handoff) -> None:
+        handoff.respond(200, given, b"ok")
+
+    path = str(tmp_path / "r.sock")
+    with SyncReceiverThread(handler, [Bind(path)]):
+        client, server_side = tcp_pair()
+        send_scgi(path, front_headers("GET", "/"), server_side)
+        data = read_all(client)
+        client.close()
+    head = data.partition(b"\r\n\r\n")[0].decode("latin-1")
+    names = [line.partition(":")[0].lower() for line in head.split("\r\n")[1:]]
+    assert (names.count("date"), names.count("connection"), "keep-alive" in names) == (1, 1, False)
+    _, headers, body = split_response(data)
+    assert (headers["date"], headers["connection"], body) == (old, "close", b"ok")
+
+
 def ws_echo(handoff: Handoff) -> None:
     ws = handoff.websocket()
     for message in ws:

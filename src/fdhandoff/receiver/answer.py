@@ -113,7 +113,8 @@ class HandoffBase(HandoffInfo):
         fmt = self.format
         if fmt is Format.BYTE and self.marker == MARKER_HEAD_SENT:
             return b""  # Apache sent it; only the body is ours
-        given = list(headers)
+        # The connection's fields are ours: it ends after this answer.
+        given = http.without_connection_fields(headers)
         if http.has_framing(given):
             raise ValueError("Content-Length and Transfer-Encoding are set by the receiver")
         if length is not None:

@@ -25,6 +25,7 @@ __all__ = [
     "http_date",
     "reason",
     "response_head",
+    "without_connection_fields",
 ]
 
 HeaderInput = Iterable[tuple[str | bytes, str | bytes]]
@@ -112,6 +113,20 @@ def has_framing(headers: Iterable[tuple[str | bytes, str | bytes]]) -> bool:
     return any(_lower(n) in _FRAMING for n, _ in headers)
 
 
+#: Fields about the connection itself, which the receiver alone decides:
+#: hop-by-hop (RFC 9110 section 7.6.1), and every answer here ends its
+#: connection, so a handler's ``Connection: keep-alive`` would contradict the
+#: ``Connection: close`` sent with it (the ASGI adapter drops them too).
+_CONNECTION_FIELDS: Final = frozenset({b"connection", b"keep-alive"})
+
+
+def without_connection_fields(
+    headers: HeaderInput,
+) -> list[tuple[str | bytes, str | bytes]]:
+    """``headers`` without ``Connection`` and ``Keep-Alive``."""
+    return [(n, v) for n, v in headers if _lower(n) not in _CONNECTION_FIELDS]
+
+
 def response_head(
     status: int,
     headers: HeaderInput = (),
@@ -123,13 +138,17 @@ def response_head(
 
     ``cgi=True`` writes a CGI-style ``Status:`` header instead of a status line:
     what SCGI clients (nginx ``scgi_pass``, Apache ``mod_proxy_scgi``) parse.
+    A ``Date`` is added unless ``headers`` has one.
     """
     first = _FIRST_LINES.get((status, version, cgi))
     if first is None:
         first = _first_line(status, version, cgi)
-    if not cgi:
+    given = headers if isinstance(headers, list) else list(headers)
+    # Date is a single field (RFC 9110 section 6.6.1): the caller's wins, as
+    # the app's does in the ASGI adapter; ours only when there is none.
+    if not cgi and not has_header(given, b"date"):
         first += b"Date: " + http_date() + b"\r\n"
-    return first + encode_headers(headers) + b"\r\n"
+    return first + encode_headers(given) + b"\r\n"
 
 
 #: Status lines by (status, version, cgi): a few dozen at most.
