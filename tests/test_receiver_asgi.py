@@ -113,6 +113,10 @@ async def bad_header(request: Request) -> Response:
     return PlainTextResponse("x", headers={"X-Split": "a\r\nInjected: yes"})
 
 
+async def control_header(request: Request) -> Response:
+    return PlainTextResponse("x", headers={"X-A": "a\x01b\x7f"})
+
+
 def starlette_app() -> Starlette:
     return Starlette(
         routes=[
@@ -124,6 +128,7 @@ def starlette_app() -> Starlette:
             Route("/boom", boom),
             Route("/late-boom", late_boom),
             Route("/bad-header", bad_header),
+            Route("/control-header", control_header),
         ]
     )
 
@@ -274,6 +279,7 @@ def test_sse_with_a_streaming_response(sock_path: str) -> None:
 
 def test_sse_starlette_event_source(sock_path: str) -> None:
     import sse_starlette  # noqa: PLC0415 - a test extra, imported where it is used
+
     ended = threading.Event()
 
     async def events(request: Request) -> Response:
@@ -610,6 +616,17 @@ def test_header_injection_from_the_app_is_refused(sock_path: str, no_fd_leak: No
         client.close()
     assert data.startswith(b"HTTP/1.1 500 ")
     assert b"Injected" not in data
+
+
+def test_control_characters_from_the_app_are_refused(sock_path: str, no_fd_leak: None) -> None:
+    # RFC 9110 section 5.5: a field value is VCHAR, obs-text, SP and HTAB.
+    with ASGIReceiver(starlette_app(), sock_path):
+        client = hand_over(sock_path, "GET", "/control-header")
+        data = read_all(client)
+        client.close()
+    assert data.startswith(b"HTTP/1.1 500 ")
+    assert b"\x01" not in data
+    assert b"\x7f" not in data
 
 
 def test_app_returning_without_a_response_gives_500(sock_path: str, no_fd_leak: None) -> None:

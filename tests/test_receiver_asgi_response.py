@@ -68,7 +68,11 @@ def test_cgi_head_and_head_sent_by_apache() -> None:
         (start(100), "invalid response status"),
         (start(1000), "invalid response status"),
         ({"type": "http.response.start", "status": "200"}, "invalid response status"),
-        (start(200, [(b"x-split", b"a\r\nInjected: 1")]), "CR, LF or NUL"),
+        (start(200, [(b"x-split", b"a\r\nInjected: 1")]), "control character"),
+        # RFC 9110 section 5.5: VCHAR, obs-text, SP and HTAB only.
+        (start(200, [(b"x-a", b"a\x01b\x7f")]), "control character"),
+        (start(200, [(b"x-a", b"a\x1b[31m")]), "control character"),
+        (start(200, [(b"x-a", "a\x7f")]), "control character"),
         (start(200, [(b"bad name", b"v")]), "invalid response header name"),
         (start(200, [(b"content-length", b"-1")]), "invalid Content-Length"),
         (start(200, [(b"content-length", b"1"), (b"content-length", b"2")]), "conflicting"),
@@ -117,3 +121,8 @@ def test_no_content_length_in_a_204() -> None:
     assert head.length is None
     head = app_head(start(304, [(b"Content-Length", b"5")]), cgi=False, head_sent=False)
     assert b"Content-Length: 5\r\n" in head.head
+
+
+def test_tab_space_and_obs_text_are_valid_in_values() -> None:
+    head = app_head(start(200, [(b"x-a", b"a\tb c\xe9\xff")]), cgi=False, head_sent=False)
+    assert b"x-a: a\tb c\xe9\xff\r\n" in head.head

@@ -341,9 +341,18 @@ def test_connection_fields_are_dropped() -> None:
 
 @pytest.mark.parametrize(
     "header",
-    [("X-A", "1\r\nInjected: yes"), ("X A", "1"), ("", "1"), ("X-A", "nul\x00"), ("X:A", "1")],
+    [
+        ("X-A", "1\r\nInjected: yes"),
+        ("X A", "1"),
+        ("", "1"),
+        ("X-A", "nul\x00"),
+        ("X:A", "1"),
+        ("X-A", "a\x01b\x7f"),  # RFC 9110 section 5.5: no control characters
+        (b"X-A", b"esc\x1b[0m"),
+        ("X-A", "del\x7f"),
+    ],
 )
-def test_response_header_injection_is_refused(header: tuple[str, str]) -> None:
+def test_response_header_injection_is_refused(header: tuple[str | bytes, str | bytes]) -> None:
     with pytest.raises(ValueError):
         http.response_head(200, [header])
 

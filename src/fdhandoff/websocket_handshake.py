@@ -58,9 +58,9 @@ _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 # HTTP-version "HTTP/" DIGIT "." DIGIT (RFC 9112 §2.3); parsers such as
 # httptools hand over just "1.1", so the prefix is optional here.
 _HTTP_VERSION = re.compile(rb"(?:HTTP/)?([0-9])\.([0-9])\Z")
-# Field values must not carry CR, LF or NUL (RFC 9110 §5.5): they would split
-# the response we write.
-_BAD_VALUE_CHARS = re.compile(rb"[\r\n\x00]")
+# Field values are VCHAR, obs-text, SP and HTAB only (RFC 9110 §5.5): CR, LF
+# or NUL would split the response we write, other controls are invalid too.
+_BAD_VALUE_CHARS = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _OWS: Final = b" \t"
 
 # Headers handshake_response() writes itself; an extra header with one of these
@@ -204,7 +204,7 @@ def _check_header(name: bytes, value: bytes) -> None:
     if not is_token(name):
         raise ValueError(f"header name {name!r} is not a token")
     if _BAD_VALUE_CHARS.search(value):
-        raise ValueError(f"header {name!r} value contains CR, LF or NUL")
+        raise ValueError(f"header {name!r} value contains a control character (CR, LF, NUL, ...)")
 
 
 def handshake_response(

@@ -6,7 +6,8 @@ decides itself: the body's framing (``Content-Length`` it computes,
 ``Keep-Alive``), RFC 9112 sections 6 and 9.6.  The head is finished
 (:func:`finish_head`) once the first body message shows how the body ends.
 Header names and values are checked: CR, LF or NUL from the app would let it
-forge headers or a second response.
+forge headers or a second response, and no control character is valid in a
+field value (RFC 9110 section 5.5).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 The receiver writes the whole response itself (the senders send nothing, not
 even ``100 Continue``), so this module is the one place that produces response
 framing (RFC 9112).  Header names and values are checked here: a CR, LF or NUL
-from application data would let it forge headers or a second response.
+from application data would let it forge headers or a second response, and no
+other control character is valid in a field value either (RFC 9110 section 5.5).
 """
 
 from __future__ import annotations
@@ -38,8 +39,10 @@ LAST_CHUNK: Final = b"0\r\n\r\n"
 
 # token = 1*tchar (RFC 9110 section 5.6.2).
 _TOKEN: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-# field-value: no CR, LF or NUL (RFC 9110 section 5.5).
-_BAD_VALUE: Final = re.compile(rb"[\r\n\x00]")
+# field-value: VCHAR, obs-text, SP and HTAB only (RFC 9110 section 5.5).  CR,
+# LF and NUL would forge headers or a second response; the other controls
+# (and DEL) are invalid too, and recipients treat them in different ways.
+_BAD_VALUE: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 def reason(status: int) -> str:
@@ -64,7 +67,9 @@ def _header_line(raw_name: str | bytes, raw_value: str | bytes) -> bytes:
     if not _TOKEN.match(name):
         raise ValueError(f"invalid response header name {name!r}")
     if _BAD_VALUE.search(value):
-        raise ValueError(f"response header {name!r} contains CR, LF or NUL")
+        raise ValueError(
+            f"response header {name!r} contains a control character (CR, LF, NUL, ...)"
+        )
     line = name + b": " + value.strip(b" \t") + b"\r\n"
     if len(_LINES) < MAX_CACHED_LINES:
         _LINES[(raw_name, raw_value)] = line
