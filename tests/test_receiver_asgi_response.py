@@ -75,7 +75,10 @@ def test_cgi_head_and_head_sent_by_apache() -> None:
         (start(200, [(b"x-a", "a\x7f")]), "control character"),
         (start(200, [(b"bad name", b"v")]), "invalid response header name"),
         (start(200, [(b"content-length", b"-1")]), "invalid Content-Length"),
-        (start(200, [(b"content-length", b"1"), (b"content-length", b"2")]), "conflicting"),
+        (start(200, [(b"content-length", b"1"), (b"content-length", b"2")]), "more than one"),
+        (start(200, [(b"content-length", b"2"), (b"Content-Length", b"2")]), "more than one"),
+        (start(304, [(b"content-length", b"2"), (b"content-length", b"2")]), "more than one"),
+        (start(200, [(b"content-length", b"2, 2")]), "invalid Content-Length"),
     ],
 )
 def test_bad_start_messages(message: dict[str, Any], error: str) -> None:

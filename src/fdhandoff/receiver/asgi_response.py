@@ -134,10 +134,12 @@ def error_response(
 
 
 def _content_length(value: bytes, previous: int | None) -> int:
+    if previous is not None:
+        # One field line, one decimal (RFC 9110 section 8.6): "2, 2" in one
+        # line is refused below, and the same in two lines is no better; a
+        # recipient may reject either as a framing error (RFC 9112 section 6.3).
+        raise ValueError("the app's response has more than one Content-Length header")
     text = value.strip()
     if not text.isdigit() or not text.isascii() or len(text) > 18:
         raise ValueError(f"invalid Content-Length {value[:32]!r} in the app's response")
-    length = int(text)
-    if previous is not None and previous != length:
-        raise ValueError("the app's response has conflicting Content-Length headers")
-    return length
+    return int(text)
