@@ -476,3 +476,31 @@ def test_many_clients_pipelining_mixed_requests(sock_path: str, loop: str) -> No
             thread.join(60)
     assert errors == []
     assert front.handed == 30
+
+
+def test_a_205_sends_no_content_and_the_connection_goes_on(
+    sock_path: str, no_fd_leak: None
+) -> None:
+    # RFC 9110 section 15.3.6: the app's body is not sent; Content-Length: 0
+    # tells the client where the 205 ends, and the next request follows.
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await receive()
+        if scope["path"] == "/reset":
+            headers = [(b"content-length", b"5")]
+            await send({"type": "http.response.start", "status": 205, "headers": headers})
+            await send({"type": "http.response.body", "body": b"reset"})
+        else:
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"next"})
+
+    with ASGIReceiver(app, sock_path):
+        client = hand_over(sock_path, "GET", "/reset")
+        reader = ResponseReader(client)
+        first = reader.read()
+        client.sendall(b"GET /next HTTP/1.1\r\nHost: test.local\r\n\r\n")
+        second = reader.read()
+        client.close()
+    assert (first.status, first.header("content-length"), first.body) == (205, "0", b"")
+    assert (second.status, second.body) == (200, b"next")

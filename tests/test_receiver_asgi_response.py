@@ -6,7 +6,12 @@ from typing import Any
 
 import pytest
 
-from fdhandoff.receiver.asgi_response import app_head, error_response, finish_head
+from fdhandoff.receiver.asgi_response import (
+    NO_BODY_STATUSES,
+    app_head,
+    error_response,
+    finish_head,
+)
 
 
 def start(status: int = 200, headers: list[tuple[Any, Any]] | None = None) -> dict[str, Any]:
@@ -129,3 +134,18 @@ def test_no_content_length_in_a_204() -> None:
 def test_tab_space_and_obs_text_are_valid_in_values() -> None:
     head = app_head(start(200, [(b"x-a", b"a\tb c\xe9\xff")]), cgi=False, head_sent=False)
     assert b"x-a: a\tb c\xe9\xff\r\n" in head.head
+
+
+def test_205_has_no_content_and_a_zero_length() -> None:
+    # RFC 9110 section 15.3.6: no content in a 205; RFC 9112 section 6.3 does
+    # not exempt it from framing, so the length is said: 0.
+    head = app_head(
+        start(205, [(b"Content-Length", b"5"), (b"X-A", b"1")]), cgi=False, head_sent=False
+    )
+    assert head.head.lower().count(b"content-length") == 1
+    assert b"Content-Length: 0\r\n" in head.head
+    assert b"X-A: 1\r\n" in head.head
+    assert head.length == 0
+    assert 205 in NO_BODY_STATUSES  # the adapter drops the app's body
+    cgi = app_head(start(205), cgi=True, head_sent=False)
+    assert cgi.head == b"Status: 205 Reset Content\r\nContent-Length: 0\r\n"

@@ -146,8 +146,8 @@ async def stream_without_content(handoff: Handoff) -> None:
     await writer.end()
 
 
-@pytest.mark.parametrize("target", ["/204", "/304", "/204?cl", "/304?cl"])
-def test_streamed_204_and_304_have_no_framing_and_no_content(
+@pytest.mark.parametrize("target", ["/204", "/304", "/204?cl", "/304?cl", "/205", "/205?cl"])
+def test_streamed_204_205_304_have_no_content(
     tmp_path: Path, target: str, no_fd_leak: None
 ) -> None:
     # RFC 9112 section 6.1: no Transfer-Encoding in a 204; RFC 9110 sections
@@ -162,8 +162,37 @@ def test_streamed_204_and_304_have_no_framing_and_no_content(
     assert status == int(target[1:4])
     assert headers["x-a"] == "1"
     assert "transfer-encoding" not in headers
-    assert "content-length" not in headers
+    # RFC 9110 section 15.3.6: no content in a 205 either, but RFC 9112
+    # section 6.3 does not exempt it from framing: a zero length.
+    assert headers.get("content-length") == ("0" if status == 205 else None)
     assert body == b""
+
+
+def test_respond_refuses_content_in_a_205(tmp_path: Path, no_fd_leak: None) -> None:
+    errors: list[str] = []
+
+    async def handler(handoff: Handoff) -> None:
+        if handoff.path == "/empty":
+            await handoff.respond(205)
+            return
+        try:
+            await handoff.respond(205, [], b"reset")
+        except ValueError as exc:
+            errors.append(str(exc))
+            raise
+
+    path = str(tmp_path / "r.sock")
+    with ReceiverThread(handler, [Bind(path)]):
+        answers = []
+        for target in ("/empty", "/body"):
+            client, server_side = tcp_pair()
+            send_scgi(path, front_headers("GET", target), server_side)
+            answers.append(split_response(read_all(client)))
+            client.close()
+    (status, headers, body), (refused, _, _) = answers
+    assert (status, headers["content-length"], body) == (205, "0", b"")
+    assert refused == 500
+    assert errors == ["a 205 response has no body"]
 
 
 def test_streamed_informational_status_is_refused(tmp_path: Path, no_fd_leak: None) -> None:

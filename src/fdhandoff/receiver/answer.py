@@ -35,6 +35,10 @@ _CLOSE: Final = (b"Connection", b"close")
 #: Statuses whose responses never have a body (RFC 9110 sections 15.3.5, 15.4.5).
 _NO_BODY_STATUSES: Final = frozenset({204, 304})
 
+#: Reset Content: no content either (RFC 9110 section 15.3.6), but framed:
+#: RFC 9112 section 6.3 does not exempt it, so it says ``Content-Length: 0``.
+_RESET_CONTENT: Final = 205
+
 
 class Phase(Enum):
     """Where the answer stands; the engine finishes the connection accordingly."""
@@ -135,7 +139,7 @@ class HandoffBase(HandoffInfo):
     ) -> tuple[bytes, bytes]:
         """Head and the body to send for :meth:`respond` (HEAD gets no body)."""
         no_body = status in _NO_BODY_STATUSES or 100 <= status < 200
-        if no_body and body:
+        if body and (no_body or status == _RESET_CONTENT):
             raise ValueError(f"a {status} response has no body")
         head = self._head(status, headers, None if no_body else len(body), False)
         self._started(status)
@@ -151,7 +155,8 @@ class HandoffBase(HandoffInfo):
         HTTP/1.0, SCGI clients and heads sent by Apache (RFC 9112 section 6.3).
         A 204 or 304 has no content (RFC 9110 sections 15.3.5, 15.4.5) and
         hence no framing either (RFC 9112 section 6.1: no Transfer-Encoding
-        in a 204): what is written is dropped, as for ``HEAD``.
+        in a 204): what is written is dropped, as for ``HEAD``.  So for a 205
+        (RFC 9110 section 15.3.6), which says ``Content-Length: 0``.
         """
         if 100 <= status < 200:
             # An interim response is no answer: the final one must follow,
@@ -159,8 +164,9 @@ class HandoffBase(HandoffInfo):
             raise ValueError(
                 f"start_response() needs a final status, not the informational {status}"
             )
-        if status in _NO_BODY_STATUSES:
-            head = self._head(status, headers, None, False)
+        if status in _NO_BODY_STATUSES or status == _RESET_CONTENT:
+            length = 0 if status == _RESET_CONTENT else None
+            head = self._head(status, headers, length, False)
             self._started(status)
             return head, False, True
         chunked = (

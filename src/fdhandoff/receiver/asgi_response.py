@@ -20,8 +20,10 @@ from . import http
 
 __all__ = ["NO_BODY_STATUSES", "AppHead", "app_head", "error_response", "finish_head"]
 
-#: Statuses whose responses never have a body (RFC 9110 section 6.4.1).
-NO_BODY_STATUSES: Final = frozenset({204, 304})
+#: Statuses whose responses never have content (RFC 9110 sections 6.4.1,
+#: 15.3.6): what the app sends as a body is dropped.  A 205 is still framed,
+#: ``Content-Length: 0`` (see app_head).
+NO_BODY_STATUSES: Final = frozenset({204, 205, 304})
 
 _HOP_BY_HOP: Final = frozenset({b"transfer-encoding", b"connection", b"keep-alive"})
 
@@ -67,14 +69,21 @@ def app_head(message: dict[str, Any], *, cgi: bool, head_sent: bool) -> AppHead:
             close = close or (lower == b"connection" and b"close" in value.lower())
             continue
         if lower == b"content-length":
-            if status == 204:
+            if status in (204, 205):
                 # RFC 9110 section 8.6: a server MUST NOT send Content-Length
-                # in a 204 (its body is dropped anyway, NO_BODY_STATUSES).
+                # in a 204 (its body is dropped anyway, NO_BODY_STATUSES); a
+                # 205 gets ours, below.
                 continue
             length = _content_length(value, length)
         elif lower == b"date":
             has_date = True
         kept.append((name, value))
+    if status == 205:
+        # RFC 9110 section 15.3.6: no content in a 205; and RFC 9112 section
+        # 6.3 does not exempt it from framing, so a kept-alive client needs
+        # the zero length to know the response ended.
+        kept.append((b"Content-Length", b"0"))
+        length = 0
     if head_sent:
         return AppHead(status, b"", length, close)
     phrase = http.reason(status).encode()

@@ -117,8 +117,9 @@ class Handoff(HandoffBase):
         Without ``content_length`` the body is chunked (HTTP/1.1) or ends when
         the connection closes (HTTP/1.0, plain SCGI, head sent by Apache).  A
         ``204`` or ``304`` has no content: no framing header goes out and what
-        is written is dropped, as for ``HEAD``.  An informational status
-        (``1xx``) raises ``ValueError``.
+        is written is dropped, as for ``HEAD``; a ``205`` neither has content
+        but says ``Content-Length: 0``.  An informational status (``1xx``)
+        raises ``ValueError``.
         """
         head, chunked, head_only = self._streamed_head(status, headers, content_length)
         writer = ResponseWriter(self, chunked, content_length, head_only)

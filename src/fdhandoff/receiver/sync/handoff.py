@@ -71,7 +71,8 @@ class Handoff(HandoffBase):
         """Send the head of a streamed response; write the body with the writer.
 
         As the asyncio flavour's: a ``204`` or ``304`` gets no framing header
-        and what is written is dropped; an informational status raises ``ValueError``.
+        (a ``205`` ``Content-Length: 0``) and what is written is dropped; an
+        informational status raises ``ValueError``.
         """
         head, chunked, head_only = self._streamed_head(status, headers, content_length)
         writer = ResponseWriter(self, chunked, content_length, head_only)
