@@ -72,6 +72,9 @@ def test_cgi_head_and_head_sent_by_apache() -> None:
     [
         (start(100), "invalid response status"),
         (start(1000), "invalid response status"),
+        (start(600), "invalid response status"),  # RFC 9110 section 15: 100 to 599
+        (start(999), "invalid response status"),
+        (start(199), "invalid response status"),
         ({"type": "http.response.start", "status": "200"}, "invalid response status"),
         (start(200, [(b"x-split", b"a\r\nInjected: 1")]), "control character"),
         # RFC 9110 section 5.5: VCHAR, obs-text, SP and HTAB only.
@@ -149,3 +152,7 @@ def test_205_has_no_content_and_a_zero_length() -> None:
     assert 205 in NO_BODY_STATUSES  # the adapter drops the app's body
     cgi = app_head(start(205), cgi=True, head_sent=False)
     assert cgi.head == b"Status: 205 Reset Content\r\nContent-Length: 0\r\n"
+
+
+def test_every_status_up_to_599_is_accepted() -> None:
+    assert app_head(start(599), cgi=False, head_sent=False).head.startswith(b"HTTP/1.1 599 ")

@@ -381,6 +381,10 @@ def test_framing_headers_are_recognised_in_any_case(
 def test_status_range() -> None:
     with pytest.raises(ValueError):
         http.response_head(42)
+    for status in (600, 999, 1000):  # RFC 9110 section 15: 100 to 599
+        with pytest.raises(ValueError):
+            http.response_head(status)
+    assert http.response_head(599, []).startswith(b"HTTP/1.1 599 \r\n")
     with pytest.raises(ValueError):  # refused every time, not cached once
         http.response_head(42)
     # Status lines are cached per (status, version, cgi): no mix-ups between them.

@@ -57,8 +57,10 @@ def app_head(message: dict[str, Any], *, cgi: bool, head_sent: bool) -> AppHead:
     wrote the head already, so nothing of it is kept.  Raises ``ValueError``.
     """
     status = message["status"]
-    if not isinstance(status, int) or not 200 <= status <= 999:
-        raise ValueError(f"invalid response status {status!r} (informational ones included)")
+    # RFC 9110 section 15: final statuses are 200 to 599; an informational
+    # one cannot be the response, and 600 and above are not HTTP at all.
+    if not isinstance(status, int) or not 200 <= status <= 599:
+        raise ValueError(f"invalid response status {status!r} (200 to 599)")
     kept: list[tuple[bytes, bytes]] = []
     length: int | None = None
     close = has_date = False

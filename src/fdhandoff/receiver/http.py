@@ -161,8 +161,10 @@ _FIRST_LINES: dict[tuple[int, str, bool], bytes] = {}
 
 
 def _first_line(status: int, version: str, cgi: bool) -> bytes:
-    if not 100 <= status <= 999:
-        raise ValueError(f"invalid HTTP status {status}")
+    # RFC 9110 section 15: status codes are 100 to 599; a client may take
+    # anything else for a broken response.
+    if not 100 <= status <= 599:
+        raise ValueError(f"invalid HTTP status {status} (100 to 599)")
     phrase = reason_phrase(status)
     if cgi:
         first = b"Status: %d %s\r\n" % (status, phrase)
