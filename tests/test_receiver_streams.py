@@ -195,12 +195,13 @@ def test_respond_refuses_content_in_a_205(tmp_path: Path, no_fd_leak: None) -> N
     assert errors == ["a 205 response has no body"]
 
 
-def test_streamed_informational_status_is_refused(tmp_path: Path, no_fd_leak: None) -> None:
+@pytest.mark.parametrize("call", ["start_response", "respond"])
+def test_informational_status_is_refused(tmp_path: Path, no_fd_leak: None, call: str) -> None:
     errors: list[str] = []
 
     async def handler(handoff: Handoff) -> None:
         try:
-            await handoff.start_response(103, [("Link", "</a.css>; rel=preload")])
+            await getattr(handoff, call)(103, [("Link", "</a.css>; rel=preload")])
         except ValueError as exc:
             errors.append(str(exc))
             raise
@@ -213,7 +214,8 @@ def test_streamed_informational_status_is_refused(tmp_path: Path, no_fd_leak: No
         client.close()
     assert status == 500  # the handler's error, nothing of the 103 went out
     assert "link" not in headers
-    assert errors == ["start_response() needs a final status, not the informational 103"]
+    assert len(errors) == 1
+    assert errors[0].startswith(f"{call}() needs a final status, not the informational 103")
 
 
 @pytest.mark.parametrize(

@@ -138,7 +138,14 @@ class HandoffBase(HandoffInfo):
         self, status: int, headers: HeaderInput, body: bytes
     ) -> tuple[bytes, bytes]:
         """Head and the body to send for :meth:`respond` (HEAD gets no body)."""
-        no_body = status in _NO_BODY_STATUSES or 100 <= status < 200
+        if 100 <= status < 200:
+            # The connection ends after this one response (Connection: close),
+            # so an interim one would leave the client without its answer.
+            raise ValueError(
+                f"respond() needs a final status, not the informational {status} "
+                "(a WebSocket upgrade is websocket(); a protocol of your own, detach())"
+            )
+        no_body = status in _NO_BODY_STATUSES
         if body and (no_body or status == _RESET_CONTENT):
             raise ValueError(f"a {status} response has no body")
         head = self._head(status, headers, None if no_body else len(body), False)
