@@ -225,6 +225,44 @@ def test_a_proxy_protocol_header_comes_before_the_handshake(
     assert front.settled_fd_count(baseline) == baseline
 
 
+def test_the_certificate_is_chosen_by_server_name(
+    certs: tuple[Path, Path],
+    sockdir: Path,
+    receivers: Callable[..., TestReceiver],
+    tls_front: Callable[..., FrontProcess],
+) -> None:
+    """[[listen.sni]] on kernel TLS: each client verifies the certificate of the
+    name it asked for, and the connection is handed off as any other."""
+    openssl = shutil.which("openssl")
+    assert openssl is not None
+    cert, key = sockdir / "api.pem", sockdir / "api.key"
+    subprocess.run(
+        [
+            openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+            "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2",
+            "-subj", "/CN=api.example.org", "-addext", "subjectAltName=DNS:api.example.org",
+        ],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+    receiver = receivers()
+    sni = (
+        f'[[listen.sni]]\nserver_names = ["api.example.org"]\n'
+        f'tls_certificate = "{cert}"\ntls_key = "{key}"\n'
+    )
+    front = tls_front(sni + route(receiver))
+    baseline = front.fd_count()
+    for name, ca in (("api.example.org", cert), ("localhost", certs[0])):
+        context = ssl.create_default_context(cafile=str(ca))  # verifies name and chain
+        with context.wrap_socket(front.connect(), server_hostname=name) as tls:
+            tls.settimeout(IO_TIMEOUT)
+            tls.sendall(b"GET /sni HTTP/1.1\r\nHost: %s\r\n\r\n" % name.encode())
+            data = read_until_close(tls, close_notify=False)
+        assert parse_response(data)[0] == 200, data
+        seen = receiver.next().headers
+        assert (seen[b"SERVER_NAME"], seen[b"KTLS_RX"]) == (name.encode(), b"1")
+    assert front.settled_fd_count(baseline) == baseline
+
+
 def test_body_and_pipelined_request_in_the_same_record_reach_the_receiver(
     certs: tuple[Path, Path],
     receivers: Callable[..., TestReceiver],
