@@ -28,6 +28,10 @@ from handoff_receiver import (
 
 pytestmark = pytest.mark.timeout(120)
 
+#: The start of a TLS ClientHello (RFC 8446 §5.1): what a client configured
+#: for https:// sends to a plain port; no CR or LF in it.
+CLIENT_HELLO = b"\x16\x03\x01\x00\x2a\x01\x00\x00\x26\x03\x03" + bytes(range(0x40, 0x60))
+
 
 def curl(*args: str) -> subprocess.CompletedProcess[bytes]:
     path = shutil.which("curl")
@@ -309,6 +313,12 @@ def write(directory: Path, text: str) -> Path:
         ),
         (b"BREW /fd HTTP/1.1\r\nHost: a\r\n\r\n", 501, "not implemented"),
         (b"GET /fd HTTP/1.1\nHost: a\n\n", 400, "bare LF"),
+        # Heads that can never become valid: 400 at once, not 408 after
+        # timeouts.head (RFC 9112 §2.2 and §3), as nginx answers.
+        (b"GET /fd HTTP/1.1\r\nHost: a\r\n\r\r\n", 400, "CR not followed by LF"),
+        (b"GET /fd HTTP/1.1\r\nHost: a\r\n\r\rabc", 400, "CR not followed by LF"),
+        (CLIENT_HELLO, 400, "TLS sent to a plain HTTP port: use http://"),
+        (b"\x00\x01\x02", 400, "method is not a token"),
         (
             b"POST /fd HTTP/1.1\r\nHost: a\r\nContent-Length: 1" + b"0" * 18 + b"\r\n\r\n",
             400,

@@ -424,6 +424,74 @@ def test_bare_cr_or_lf_before_the_request_line_is_refused(data: bytes) -> None:
     assert set(judged_in_pieces(data)) == {400}
 
 
+#: The start of a TLS 1.3 ClientHello: a handshake record (22), version 3.1,
+#: length 42, ClientHello (1)... (RFC 8446 §4.1.2, §5.1); no CR or LF in it.
+CLIENT_HELLO = (
+    b"\x16\x03\x01\x00\x2a\x01\x00\x00\x26\x03\x03"
+    + bytes(range(0x40, 0x60))
+    + b"\x00\x00\x02\x13\x01\x01\x00"
+)
+
+
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        (CLIENT_HELLO, "TLS sent to a plain HTTP port"),
+        (b"\r\n" + CLIENT_HELLO, "TLS sent to a plain HTTP port"),
+        (b"\x00\x01binary", "method is not a token"),
+        (b" GET /a HTTP/1.1\r\n", "method is not a token"),
+        (b"G{T /a HTTP/1.1\r\n", "method is not a token"),
+        (b"GET\r", "method is not a token"),
+        # RFC 9112 §2.2: a bare CR is invalid wherever it is.
+        (b"GET /x HTTP/1.1\r\nHost: a\r\n\r\r\n", "CR not followed by LF"),
+        (b"GET /x HTTP/1.1\r\nHost: a\r\n\r\rabc", "CR not followed by LF"),
+        (b"GET /x HTTP/1.1\r\nHost: a\rX: b", "CR not followed by LF"),
+        (b"\r\rGET /x HTTP/1.1\r\n", "CR not followed by LF"),
+    ],
+)
+def test_heads_that_cannot_become_valid_are_refused_before_they_end(data: bytes, why: str) -> None:
+    """400 as soon as the bytes prove it, not 408 at the head timeout."""
+    error = incomplete_head_error(data)
+    assert error is not None and error.status_hint == 400
+    assert why in str(error)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"G",
+        b"GET",
+        b"GET ",
+        b"\r",
+        b"\r\n",
+        b"\r\n\r",
+        b"GET /x HTTP/1.1\r",
+        b"GET / HTTP/1.1\r\nA: b\r\n\r",
+    ],
+)
+def test_prefixes_of_valid_heads_wait(data: bytes) -> None:
+    # A lone CR at the end may be the first half of a CRLF (an empty line
+    # before the request line included, RFC 9112 §2.2).
+    assert incomplete_head_error(data) is None
+
+
+def test_client_hello_is_refused_whole_or_in_pieces() -> None:
+    assert set(judged_in_pieces(CLIENT_HELLO)) == {400}
+    with pytest.raises(ProtocolError, match="TLS sent to a plain HTTP port"):
+        parse_head(CLIENT_HELLO + b"\r\n\r\n")  # even with a head end in it
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"GET /x HTTP/1.1\r\nHost: a\r\n\r\rabc\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: a\r\nX: 1\r\n\r\r\n\r\n",
+    ],
+)
+def test_bare_cr_after_the_fields_is_refused_whole_or_in_pieces(data: bytes) -> None:
+    assert set(judged_in_pieces(data)) == {400}
+
+
 @pytest.mark.parametrize(
     ("line", "status"),
     [

@@ -383,6 +383,11 @@ def test_background_task_does_not_hold_the_next_request(sock_path: str) -> None:
         ),
         (b"GET /" + b"a" * 8200 + b"\r\n", 414),
         (b"GET /\r\n", 400),  # HTTP/0.9: refused when its line ends
+        # Never valid, so answered at once rather than 408 after HEAD_TIMEOUT
+        # (RFC 9112 sections 2.2 and 3): a bare CR, a TLS ClientHello.
+        (b"GET /x HTTP/1.1\r\nHost: x\r\n\r\r\n", 400),
+        (b"GET /x HTTP/1.1\r\nHost: x\r\n\r\rabc", 400),
+        (b"\x16\x03\x01\x00\x2a\x01\x00\x00\x26\x03\x03" + bytes(range(0x40, 0x60)), 400),
     ],
 )
 def test_bad_next_request_is_answered_and_closed(

@@ -175,6 +175,14 @@ _CHUNK_LINE: Final = re.compile(
 #: obs-text only.  A line starting with whitespace (obs-fold) cannot match.
 _TRAILER_FIELD: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*")
 
+#: The longest run of tchar (RFC 9110 §5.6.2) at a position: a method, or its start.
+_TOKEN_PREFIX: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]*")
+
+#: How a TLS record of the handshake opens (RFC 8446 §5.1): ContentType 22,
+#: then the major version 3 (the second byte may not have arrived yet).
+_TLS_HANDSHAKE: Final = b"\x16"
+_TLS_MAJOR: Final = (b"", b"\x03")
+
 _TOKEN_CHARS: Final = frozenset(
     b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 )
@@ -289,17 +297,31 @@ def incomplete_head_error(
 ) -> ProtocolError | None:
     """The error for a head that has not ended yet, or None if it may still end well.
 
-    Catches early what can already be judged: a bare LF (400), a request line
-    already longer than the URI limit (414), a request line that has ended
-    without the form of one (400: ``GET /`` of HTTP/0.9 waits for nothing
-    more), and a head that has reached the size limit without ending (414 if
-    its request line did not end either, else 431).  Empty lines before the
-    request line are not the request line.
+    Catches early what can already be judged: a method that is not a token
+    (400 at the first wrong byte: a TLS ClientHello on a plain port, binary
+    noise), a bare LF or a bare CR (400), a request line already longer than
+    the URI limit (414), a request line that has ended without the form of
+    one (400: ``GET /`` of HTTP/0.9 waits for nothing more), and a head that
+    has reached the size limit without ending (414 if its request line did
+    not end either, else 431).  Empty lines before the request line are not
+    the request line.  Waiting on any of these would only turn a 400 the
+    bytes already prove into a 408 at the head timeout.
     """
     start = empty_lines_end(buf) if buf[:1] == b"\r" else 0
     line_end = buf.find(b"\r\n", start)
-    if buf.count(b"\n") != buf.count(b"\r\n"):
+    if buf[start : start + 1] == _TLS_HANDSHAKE and buf[start + 1 : start + 2] in _TLS_MAJOR:
+        # RFC 8446 §5.1: a TLS connection opens with a handshake record
+        # (content type 22, then version 3.x), never with a method's letters.
+        return ProtocolError("TLS sent to a plain HTTP port: use http://")
+    crlfs = buf.count(b"\r\n")
+    if buf.count(b"\n") != crlfs:
         return ProtocolError("line ends with a bare LF, not CRLF (RFC 9112 §2.2)")
+    # A CR is only ever the first half of a CRLF (RFC 9112 §2.2: a bare CR is
+    # invalid); the last byte may be a CR whose LF is still on its way.
+    if buf.count(b"\r") != crlfs + (buf[-1:] == b"\r"):
+        return ProtocolError("CR not followed by LF (RFC 9112 §2.2)")
+    if not _method_may_follow(buf, start):
+        return ProtocolError("malformed request line: the method is not a token (RFC 9112 §3)")
     if _line_too_long(start, line_end, len(buf), limits):
         return ProtocolError(
             f"request line longer than {limits.max_uri_length} bytes", status_hint=414
@@ -315,6 +337,24 @@ def incomplete_head_error(
             f"request head larger than {limits.max_head_size} bytes", status_hint=431
         )
     return None
+
+
+def _method_may_follow(buf: bytes | bytearray, start: int) -> bool:
+    """Whether the bytes from ``start`` may still begin ``method SP``.
+
+    RFC 9112 §3: the request line starts with the method, a token (RFC 9110
+    §5.6.2, tchar), then a single SP.  A lone CR at the very end may still be
+    the first half of an empty line (RFC 9112 §2.2); the caller has refused
+    every other bare CR already.
+    """
+    match = _TOKEN_PREFIX.match(buf, start)
+    assert match is not None  # [...]* matches the empty string
+    end = match.end()
+    if end == len(buf):
+        return True
+    if end > start:
+        return buf[end] == 0x20
+    return end == len(buf) - 1 and buf[end] == 0x0D
 
 
 def _line_too_long(start: int, line_end: int, size: int, limits: HeadLimits) -> bool:
@@ -419,6 +459,8 @@ def parse_head(
     except httptools.HttpParserInvalidMethodError:
         space = head.find(b" ", start, line_end)
         method = head[start:space] if space >= 0 else b""
+        if head[start : start + 1] == _TLS_HANDSHAKE:
+            raise ProtocolError("TLS sent to a plain HTTP port: use http://") from None
         if is_token(method):
             # RFC 9110 §9.1: an unrecognised method is answered with 501.
             raise ProtocolError(
