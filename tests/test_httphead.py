@@ -14,6 +14,7 @@ from fdhandoff.httphead import (
     empty_lines_end,
     find_head_end,
     incomplete_head_error,
+    is_cgi_header_name,
     parse_head,
     parse_response_head,
     split_host,
@@ -735,3 +736,11 @@ def test_invalid_host_is_400_with_an_absolute_target_too(value: bytes) -> None:
     """RFC 9112 section 3.2: an invalid Host is 400 even where the target's
     authority replaces it."""
     assert status_of(b"GET http://h/a HTTP/1.1\r\nHost: " + value + b"\r\n\r\n") == 400
+
+
+def test_cgi_header_names() -> None:
+    # One rule for the front's first request and the receiver's later ones.
+    for name in (b"Host", b"X-Forwarded-For", b"x-a", b"A1"):
+        assert is_cgi_header_name(name)
+    for name in (b"X_A", b"X.B", b"X~C", b"X!", b"\xe9"):
+        assert not is_cgi_header_name(name)

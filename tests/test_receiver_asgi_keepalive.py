@@ -509,3 +509,30 @@ def test_a_205_sends_no_content_and_the_connection_goes_on(
         client.close()
     assert (first.status, first.header("content-length"), first.body) == (205, "0", b"")
     assert (second.status, second.body) == (200, b"next")
+
+
+def test_header_names_the_front_drops_are_dropped_from_later_requests(
+    sock_path: str, caplog: pytest.LogCaptureFixture, no_fd_leak: None
+) -> None:
+    """``X_A`` would reach a CGI-minded app as ``HTTP_X_A``, the name of ``X-A``:
+    the front drops such names from the first request (nginx's defaults), and
+    later requests, read here, lose them too, with the same log line."""
+    seen: list[list[bytes]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        seen.append([name for name, _ in scope["headers"]])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    caplog.set_level("INFO", logger="fdhandoff.receiver.asgi")
+    with ASGIReceiver(app, sock_path), hand_over(sock_path, "GET", "/first") as client:
+        reader = ResponseReader(client)
+        assert reader.read().status == 200
+        client.sendall(
+            b"GET /second HTTP/1.1\r\nHost: x\r\nX_A: spoofed\r\nX.B: 1\r\nX-A: real\r\n\r\n"
+        )
+        assert reader.read().status == 200
+    assert seen[1] == [b"host", b"x-a"]
+    assert "dropped header(s) whose name is not letters, digits and '-': X_A, X.B" in caplog.text

@@ -66,6 +66,7 @@ __all__ = [
     "find_head_end",
     "http_date",
     "incomplete_head_error",
+    "is_cgi_header_name",
     "is_token",
     "parse_head",
     "parse_response_head",
@@ -259,6 +260,27 @@ class ResponseHead:
 def is_token(value: bytes) -> bool:
     """True if ``value`` is an RFC 9110 §5.6.2 token."""
     return bool(value) and all(byte in _TOKEN_CHARS for byte in value)
+
+
+#: What a header name may be made of to be passed on: letters, digits, "-".
+_CGI_NAME_CHARS: Final = frozenset(
+    b"-0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+)
+
+
+def is_cgi_header_name(name: bytes) -> bool:
+    """Whether a request header named ``name`` is passed on to applications.
+
+    The one rule for every request, whichever role read it: the front for
+    the first request of a connection, the receiver for the next ones.  RFC
+    9110 §5.1 allows any token, but a CGI name (``HTTP_X_A``, RFC 3875
+    §4.1.18) turns "-" into "_", so ``X_A`` and ``X-A`` would meet under one
+    name and a client could slip one past a check on the other; ``X.A`` has
+    no CGI spelling at all.  Names with anything but letters, digits and "-"
+    are dropped, as nginx does by default (``underscores_in_headers off``,
+    ``ignore_invalid_headers on``).
+    """
+    return _CGI_NAME_CHARS.issuperset(name)
 
 
 # --- finding the end ----------------------------------------------------------------

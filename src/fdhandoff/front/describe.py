@@ -24,7 +24,9 @@ layout), so a receiver written for nginx works unchanged:
     ``-`` are dropped (nginx's defaults, ``underscores_in_headers off`` and
     ``ignore_invalid_headers on``): ``X_A`` and ``X-A`` would both become
     ``HTTP_X_A``, and a client could smuggle one past a check on the other;
-    ``X.A`` has no CGI spelling at all.  When the front has consumed the body
+    ``X.A`` has no CGI spelling at all (:func:`fdhandoff.httphead.is_cgi_header_name`,
+    the rule the receiver applies to later requests of a kept-alive
+    connection too).  When the front has consumed the body
     (auth mode: it went to the application), ``Content-Length``,
     ``Transfer-Encoding`` and ``Expect`` are left out: they describe bytes the
     receiver will never see.
@@ -37,7 +39,7 @@ from __future__ import annotations
 
 from typing import Final, NamedTuple
 
-from ..httphead import RequestHead
+from ..httphead import RequestHead, is_cgi_header_name
 from ..message import CHANNEL_HEADER
 
 __all__ = ["Endpoint", "describe"]
@@ -63,9 +65,6 @@ class Endpoint(NamedTuple):
 _NAMES: dict[bytes, bytes | None] = {}
 MAX_CACHED_NAMES: Final = 2048
 
-#: What a CGI name may be made of once "-" became "_" (nginx: letters, digits, "-").
-_VALID: Final = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
-
 #: Framing of a body the front consumed itself (auth mode).
 _BODY_FRAMING: Final = frozenset(
     (b"HTTP_CONTENT_LENGTH", b"HTTP_TRANSFER_ENCODING", b"HTTP_EXPECT")
@@ -73,8 +72,7 @@ _BODY_FRAMING: Final = frozenset(
 
 
 def _scgi_name(name: bytes) -> bytes | None:
-    upper = name.upper()
-    scgi_name = b"HTTP_" + upper.replace(b"-", b"_") if _VALID.issuperset(upper) else None
+    scgi_name = b"HTTP_" + name.upper().replace(b"-", b"_") if is_cgi_header_name(name) else None
     if len(_NAMES) < MAX_CACHED_NAMES:
         _NAMES[name] = scgi_name
     return scgi_name

@@ -289,7 +289,9 @@ class ASGIAdapter:
             # it; a later request on this connection never passes the front,
             # so the same judgement is made here (RFC 3986 sections 2.1, 5.2.4).
             normalize_path(parsed.path)
-            request = request_from_head(parsed)
+            request, dropped = request_from_head(parsed)
+            if dropped:
+                _log_dropped(conn, dropped)
             return request, framing(request.headers)
         except ProtocolError as exc:
             await self._refuse(conn, exc)
@@ -423,3 +425,10 @@ class ASGIAdapter:
             f'{client} "{request.describe()}" {exc.status_hint}', conn.bytes_sent, 0.0, str(exc)
         )
         await conn.linger_close()
+
+
+def _log_dropped(conn: Connection, dropped: list[bytes]) -> None:
+    """The line the front logs for the same names in a first request."""
+    client = f"{conn.client[0]}:{conn.client[1]}" if conn.client else "-"
+    names = ", ".join(name.decode("ascii", "replace") for name in dropped)
+    log.info("%s: dropped header(s) whose name is not letters, digits and '-': %s", client, names)

@@ -19,7 +19,7 @@ from typing import Any, Final
 from urllib.parse import unquote_to_bytes
 
 from .. import websocket
-from ..httphead import RequestHead
+from ..httphead import RequestHead, is_cgi_header_name
 from ..message import Format
 from .request import MARKER_HEAD_SENT, MARKER_UPGRADED, HandoffInfo, RawHeaders, split_target
 
@@ -128,13 +128,28 @@ def request_from_handoff(info: HandoffInfo) -> Request:
     )
 
 
-def request_from_head(head: RequestHead) -> Request:
-    """A request read from the connection itself (keep-alive, pipelining)."""
+def request_from_head(head: RequestHead) -> tuple[Request, list[bytes]]:
+    """A request read from the connection itself (keep-alive, pipelining),
+    and the header names dropped from it.
+
+    The front drops names that are not letters, digits and "-" from the
+    first request (:func:`~fdhandoff.httphead.is_cgi_header_name`); later
+    requests never pass the front, so the same names are dropped here, or an
+    app mapping ``x_a`` to ``HTTP_X_A`` could be fooled on the second request
+    of a connection where the first was safe.
+    """
     raw_path, query = split_target(head.target)
-    headers = [(name.lower(), value) for name, value in head.headers]
-    return Request(
+    headers: RawHeaders = []
+    dropped: list[bytes] = []
+    for name, value in head.headers:
+        if is_cgi_header_name(name):
+            headers.append((name.lower(), value))
+        else:
+            dropped.append(name)
+    request = Request(
         head.method.decode("latin-1"), raw_path, query, headers, http_version=head.version.decode()
     )
+    return request, dropped
 
 
 def extension_for(info: HandoffInfo) -> dict[str, Any]:
