@@ -536,3 +536,50 @@ def test_header_names_the_front_drops_are_dropped_from_later_requests(
         assert reader.read().status == 200
     assert seen[1] == [b"host", b"x-a"]
     assert "dropped header(s) whose name is not letters, digits and '-': X_A, X.B" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"HEAD /x HTTP/1.1\r\n\r\n", 400),  # no Host
+        (b"HEAD /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+        (b"HEAD /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501),
+        (b"HEAD /x HTTP/2.0\r\nHost: x\r\n\r\n", 505),
+    ],
+)
+def test_bad_next_head_request_is_answered_without_a_body(
+    sock_path: str, request_bytes: bytes, status: int, no_fd_leak: None
+) -> None:
+    """RFC 9110 section 9.3.2: the answer to HEAD is the head a GET would get,
+    Content-Length included, and no content (as the front's own answers)."""
+    with answered_once(sock_path, Counter()) as (client, reader):
+        client.sendall(request_bytes)
+        answer = reader.read(head_request=True)
+        assert answer.status == status
+        assert int(answer.header("content-length") or 0) > 0
+        assert answer.body == b""
+        assert reader.closed()  # and nothing after the head
+        assert reader.buf == b""
+        client.close()
+
+
+def test_bad_next_request_answer_names_the_problem_and_the_request(
+    sock_path: str, caplog: pytest.LogCaptureFixture, no_fd_leak: None
+) -> None:
+    caplog.set_level("INFO", logger="fdhandoff.access")
+    with answered_once(sock_path, Counter()) as (client, reader):
+        client.sendall(b"GET /missing-host HTTP/1.1\r\n\r\n")
+        answer = reader.read()
+        assert answer.status == 400
+        assert answer.body == b"missing Host header\n"
+        assert int(answer.header("content-length") or 0) == len(answer.body)
+        assert answer.header("date") is not None
+        assert reader.closed()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        lines = [r.getMessage() for r in caplog.records if r.name == "fdhandoff.access"]
+        if any('"GET /missing-host" 400' in line for line in lines):
+            break
+        time.sleep(0.02)
+    else:
+        pytest.fail(f"no access line for the refused request: {lines}")

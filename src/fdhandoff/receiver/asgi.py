@@ -43,10 +43,10 @@ from ..httphead import (
 )
 from ..message import Format
 from ..routing import normalize_path
+from . import http
 from .asgi_conn import Connection
 from .asgi_http import HTTPCycle
 from .asgi_lifespan import Lifespan
-from .asgi_response import error_response
 from .asgi_scope import (
     Request,
     connection_tokens,
@@ -273,6 +273,7 @@ class ASGIAdapter:
             else:
                 conn.close()
             return None
+        head: bytes | None = None
         try:
             head = await self._read_head(conn)
             if head is None:
@@ -294,7 +295,7 @@ class ASGIAdapter:
                 _log_dropped(conn, dropped)
             return request, framing(request.headers)
         except ProtocolError as exc:
-            await self._refuse(conn, exc)
+            await self._refuse(conn, exc, head if head is not None else conn.take_buffer())
             return None
 
     async def _read_head(self, conn: Connection) -> bytes | None:
@@ -323,6 +324,7 @@ class ASGIAdapter:
             if skipped and (skipped + end > limit if end > 0 else skipped + len(buf) >= limit):
                 # As the front counts them (parse_head, incomplete_head_error):
                 # endless empty lines are a head too large, not a free ride.
+                conn.buf = buf  # the refusal's log line names the request from it
                 raise ProtocolError(
                     f"request head larger than {self.head_limits.max_head_size} bytes",
                     status_hint=431,
@@ -332,6 +334,7 @@ class ASGIAdapter:
                 return buf[:end]
             error = incomplete_head_error(buf, self.head_limits)
             if error is not None:
+                conn.buf = buf
                 raise error
             searched = len(buf)
             timeout = self.keepalive_timeout if deadline is None else deadline - conn.loop.time()
@@ -349,6 +352,7 @@ class ASGIAdapter:
                     data = await conn.recv(timeout)
             except TimeoutError:
                 if deadline is not None:
+                    conn.buf = buf
                     raise ProtocolError(
                         f"request head incomplete after {HEAD_TIMEOUT:.0f} s", status_hint=408
                     ) from None
@@ -363,17 +367,26 @@ class ASGIAdapter:
                 deadline = conn.loop.time() + HEAD_TIMEOUT
             buf += data
 
-    async def _refuse(self, conn: Connection, exc: ProtocolError) -> None:
-        """Answer a bad next request (400, 408, 414, 431, 501, 505) and close."""
+    async def _refuse(self, conn: Connection, exc: ProtocolError, head: bytes) -> None:
+        """Answer a bad next request (400, 408, 414, 431, 501, 505) and close.
+
+        ``head`` is what arrived of it.  As the front's answers: the body
+        names the problem, an answer to HEAD has none (RFC 9110 section
+        9.3.2), and the log line names the request as far as it is known.
+        """
         client = f"{conn.client[0]}:{conn.client[1]}" if conn.client else "-"
-        log.info("%s: bad request on a kept-alive connection: %s", client, exc)
+        method, target = _request_line(head)
+        request = f"{_printable(method)} {_printable(target)}" if method else "-"
+        log.info('%s "%s": bad request on a kept-alive connection: %s', client, request, exc)
         conn.bytes_sent = 0
         try:
-            await conn.write(error_response(exc.status_hint))
+            await conn.write(_refusal(exc, head_only=method == b"HEAD"))
         except ConnectionClosed:
             conn.close()
             return
-        conn.receiver.access_log(f'{client} "-" {exc.status_hint}', conn.bytes_sent, 0.0, str(exc))
+        conn.receiver.access_log(
+            f'{client} "{request}" {exc.status_hint}', conn.bytes_sent, 0.0, str(exc)
+        )
         await conn.linger_close()
 
     # --- WebSocket -------------------------------------------------------------------------
@@ -432,3 +445,41 @@ def _log_dropped(conn: Connection, dropped: list[bytes]) -> None:
     client = f"{conn.client[0]}:{conn.client[1]}" if conn.client else "-"
     names = ", ".join(name.decode("ascii", "replace") for name in dropped)
     log.info("%s: dropped header(s) whose name is not letters, digits and '-': %s", client, names)
+
+
+#: Most bytes of a refused request's method and target put in a log line.
+_MAX_LOGGED: Final = 256
+
+
+def _request_line(head: bytes) -> tuple[bytes, bytes]:
+    """Method and target of a head that did not parse, best effort, for the log."""
+    line = head.lstrip(b"\r\n").split(b"\r\n", 1)[0]
+    parts = line.split(b" ", 2)
+    return parts[0][:32], (parts[1] if len(parts) > 1 else b"")
+
+
+def _printable(value: bytes) -> str:
+    """``value`` for a log line: control bytes, quotes and non-ASCII escaped, so a
+    client cannot forge a line or a field (as the front's access log does)."""
+    clipped = value[:_MAX_LOGGED]
+    text = "".join(
+        chr(byte) if 0x20 < byte < 0x7F and byte not in b'"\\' else f"\\x{byte:02x}"
+        for byte in clipped
+    )
+    return text + ("..." if len(value) > _MAX_LOGGED else "")
+
+
+def _refusal(exc: ProtocolError, *, head_only: bool) -> bytes:
+    """The answer to a bad next request: its status, the problem as the body
+    (as the front's answers name it), ``Connection: close``; without the body
+    for HEAD (RFC 9110 section 9.3.2: the same head a GET would get)."""
+    body = str(exc)[:512].encode("utf-8", "backslashreplace") + b"\n"
+    head = http.response_head(
+        exc.status_hint,
+        [
+            (b"Content-Type", b"text/plain; charset=utf-8"),
+            (b"Content-Length", b"%d" % len(body)),
+            (b"Connection", b"close"),
+        ],
+    )
+    return head if head_only else head + body
