@@ -437,17 +437,43 @@ def test_unix_upstream_and_missing_daemon(
         listener.close()
 
 
+@pytest.mark.parametrize("handoff_format", ["apache", "scgi"])
+def test_largest_apache_payload_is_handed_off_with_the_default_limits(
+    no_fd_leak: None,
+    app: type[App],
+    sockdir: Path,
+    receivers: Callable[..., TestReceiver],
+    fronts: Callable[..., FrontProcess],
+    handoff_format: str,
+) -> None:
+    # Apache's limit (212960 bytes), as documented, with no [limits] at all:
+    # the response head carrying it must fit max_response_head_size.
+    apache = handoff_format == "apache"
+    sock_type = socket.SOCK_SEQPACKET if apache else socket.SOCK_STREAM
+    daemon = receivers("daemon.sock", sock_type=sock_type, behaviour=payload_echo)
+    app.big_payload = b"p" * 212960
+    front = fronts(config=auth_config(app, sockdir, handoff_format=handoff_format))
+    status, _, body = http_exchange(front, b"GET /app/bigdata HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert status == 200, body
+    handoff = daemon.next()
+    if apache:
+        assert handoff.record.payload == app.big_payload
+    else:
+        assert handoff.headers[b"HANDOFF_DATA"] == app.big_payload
+
+
+@pytest.mark.parametrize("size", [212961, 213000])
 def test_oversize_payload_is_500(
     no_fd_leak: None,
     app: type[App],
     sockdir: Path,
     receivers: Callable[..., TestReceiver],
     fronts: Callable[..., FrontProcess],
+    size: int,
 ) -> None:
     receivers("daemon.sock", sock_type=socket.SOCK_SEQPACKET, behaviour=payload_echo)
-    app.big_payload = b"p" * 213000  # Apache's limit is 212960
-    config = auth_config(app, sockdir) + "[limits]\nmax_response_head_size = 262144\n"
-    front = fronts(config=config)
+    app.big_payload = b"p" * size  # Apache's limit is 212960
+    front = fronts(config=auth_config(app, sockdir))  # the default limits
     baseline = warm_fd_count(front)
     status, _, body = http_exchange(front, b"GET /app/bigdata HTTP/1.1\r\nHost: a\r\n\r\n")
     assert status == 500

@@ -48,7 +48,12 @@ DEFAULT_BACKLOG: Final = 1024
 #: Auth mode: largest request body forwarded to the application (413 above).
 MAX_BODY_SIZE: Final = 10 * 1024 * 1024
 #: Auth mode: largest response head accepted from the application (502 above).
-MAX_RESPONSE_HEAD_SIZE: Final = 32 * 1024
+#: 256 KiB: an ``X-Handoff-Data`` of Apache's largest payload
+#: (message.MAX_PAYLOAD_SIZE, 212960 bytes) plus a head as large as a request
+#: head may be (32 KiB), so a payload is judged by Apache's limit (500 above
+#: it) and not cut short by this one.  The buffer grows only as the head
+#: arrives: an application sending small heads costs no more than before.
+MAX_RESPONSE_HEAD_SIZE: Final = 256 * 1024
 #: Auth mode: at most this much of a dropped application response body is read
 #: and discarded before the upstream connection is closed.
 MAX_DISCARD_SIZE: Final = 1024 * 1024
