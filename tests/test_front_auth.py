@@ -462,6 +462,31 @@ def test_largest_apache_payload_is_handed_off_with_the_default_limits(
         assert handoff.headers[b"HANDOFF_DATA"] == app.big_payload
 
 
+@pytest.mark.parametrize("handoff_format", ["apache", "scgi"])
+def test_payload_whitespace_around_the_value_is_not_part_of_it(
+    no_fd_leak: None,
+    app: type[App],
+    sockdir: Path,
+    receivers: Callable[..., TestReceiver],
+    fronts: Callable[..., FrontProcess],
+    handoff_format: str,
+) -> None:
+    # RFC 9110 §5.5: a field value excludes leading and trailing whitespace;
+    # whitespace inside it is kept.
+    apache = handoff_format == "apache"
+    sock_type = socket.SOCK_SEQPACKET if apache else socket.SOCK_STREAM
+    daemon = receivers("daemon.sock", sock_type=sock_type, behaviour=payload_echo)
+    app.big_payload = b" \t a b \t "
+    front = fronts(config=auth_config(app, sockdir, handoff_format=handoff_format))
+    status, _, body = http_exchange(front, b"GET /app/bigdata HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert status == 200, body
+    handoff = daemon.next()
+    if apache:
+        assert handoff.record.payload == b"a b"
+    else:
+        assert handoff.headers[b"HANDOFF_DATA"] == b"a b"
+
+
 @pytest.mark.parametrize("size", [212961, 213000])
 def test_oversize_payload_is_500(
     no_fd_leak: None,

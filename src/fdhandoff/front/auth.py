@@ -654,7 +654,9 @@ class _Exchange:
             # Which one the application meant is unknowable (Apache's module
             # takes the first silently); the daemon must not get a guess.
             raise _Answer(502, "the application sent X-Handoff-Data more than once")
-        data = data_values[0] if data_values else None
+        # RFC 9110 §5.5: a field value excludes leading and trailing
+        # whitespace; llhttp drops the leading, not the trailing.
+        data = data_values[0].rstrip(b" \t") if data_values else None
         if self.route.handoff_format is HandoffFormat.APACHE:
             sock_type = socket.SOCK_SEQPACKET
             try:
