@@ -346,6 +346,7 @@ def test_apache_payload_handshake_with_the_key_from_the_payload(
     tmp_path: Path, no_fd_leak: None
 ) -> None:
     """mod_socket_handoff passes no request head: the application puts the key in its payload."""
+
     async def handler(handoff: Handoff) -> None:
         key = json.loads(handoff.payload)["key"]
         ws = await handoff.websocket(key=key)
@@ -362,6 +363,44 @@ def test_apache_payload_handshake_with_the_key_from_the_payload(
         client.sendall(encode_frame(Opcode.TEXT, b"via apache", mask=b"abcd"))
         assert read_until(client, b"via apache").endswith(encode_frame(Opcode.TEXT, b"via apache"))
         client.close()
+
+
+@pytest.mark.parametrize(
+    "key", ["bogus", "", "dGhlIHNhbXBsZSBub25jZQ", "AAAAAAAAAAAAAAAAAAAAAAAAAA=="]
+)
+def test_apache_payload_key_that_is_not_base64_of_16_bytes_is_400(
+    tmp_path: Path, key: str, no_fd_leak: None
+) -> None:
+    """RFC 6455 section 4.2.1 item 5: the key= path is held to the header's rule."""
+
+    async def handler(handoff: Handoff) -> None:
+        await handoff.websocket(key=key)
+
+    path = str(tmp_path / "a.sock")
+    with ReceiverThread(handler, [Bind(path, socket.SOCK_SEQPACKET)]):
+        client, server_side = tcp_pair()
+        send_payload(path, b"{}", server_side)
+        status, _, body = split_response(read_all(client))
+        client.close()
+    assert status == 400
+    assert b"is not base64 of 16 bytes" in body
+
+
+def test_apache_payload_key_with_surrounding_whitespace_is_trimmed(
+    tmp_path: Path, no_fd_leak: None
+) -> None:
+    async def handler(handoff: Handoff) -> None:
+        ws = await handoff.websocket(key=" dGhlIHNhbXBsZSBub25jZQ== \t")
+        ws.close()
+
+    path = str(tmp_path / "a.sock")
+    with ReceiverThread(handler, [Bind(path, socket.SOCK_SEQPACKET)]):
+        client, server_side = tcp_pair()
+        send_payload(path, b"{}", server_side)
+        head = read_until(client, b"\r\n\r\n")
+        client.close()
+    # RFC 6455 section 1.3's example: the accept of the key without its OWS.
+    assert b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n" in head
 
 
 def test_a_client_that_resets_ends_with_1006(tmp_path: Path, no_fd_leak: None) -> None:

@@ -20,6 +20,7 @@ from fdhandoff.errors import ProtocolError
 from fdhandoff.websocket import (
     GUID,
     accept_key,
+    check_key,
     check_upgrade,
     error_headers,
     error_response,
@@ -343,3 +344,12 @@ def test_websockets_client_sees_426() -> None:
     assert isinstance(client.handshake_exc, InvalidStatus)
     assert client.handshake_exc.response.status_code == 426
     assert client.handshake_exc.response.headers["Sec-WebSocket-Version"] == "13"
+
+
+def test_check_key_trims_ows_and_refuses_what_is_not_base64_of_16_bytes() -> None:
+    # RFC 6455 §4.2.1 item 5, for a key that came without a header (Apache payload).
+    assert check_key(b" dGhlIHNhbXBsZSBub25jZQ== \t") == b"dGhlIHNhbXBsZSBub25jZQ=="
+    for bad in (b"bogus", b"", b"   ", b"dGhlIHNhbXBsZSBub25jZQ", b"dGhlIHNhbXBsZSBub25jZQ=!"):
+        with pytest.raises(ProtocolError, match="not base64 of 16 bytes") as info:
+            check_key(bad)
+        assert info.value.status_hint == 400

@@ -31,6 +31,7 @@ __all__ = [
     "GUID",
     "SUPPORTED_VERSION",
     "accept_key",
+    "check_key",
     "check_upgrade",
     "error_headers",
     "error_response",
@@ -147,7 +148,17 @@ def _check_key(headers: list[tuple[bytes, bytes]]) -> bytes:
         raise ProtocolError("missing Sec-WebSocket-Key header")
     if len(keys) > 1:
         raise ProtocolError("more than one Sec-WebSocket-Key header")
-    key = keys[0]
+    return check_key(keys[0])
+
+
+def check_key(key: bytes) -> bytes:
+    """``key`` without surrounding whitespace if it is a valid ``Sec-WebSocket-Key``.
+
+    For a key that did not come in a header (an Apache handoff payload names
+    it): the same rule as :func:`check_upgrade`'s, RFC 6455 §4.2.1 item 5, a
+    base64-encoded 16-byte value, else :class:`ProtocolError` (400).
+    """
+    key = key.strip(_OWS)
     try:
         # validate=True: characters outside the base64 alphabet are an error,
         # not silently skipped.

@@ -294,9 +294,7 @@ class WebSocket(Stream):
         if inbox is not None and inbox.paused:  # back-pressure: the reader was removed
             inbox.paused = False
             loop.add_reader(sock.fileno(), self._on_readable)
-        self._close_timer = loop.call_later(
-            self._receiver.options.linger_timeout, self._linger_end
-        )
+        self._close_timer = loop.call_later(self._receiver.options.linger_timeout, self._linger_end)
         return True
 
     def _linger_end(self) -> None:
@@ -432,28 +430,28 @@ async def _handshake(
 
     if handoff.format is Format.PLAIN_SCGI:
         raise ProtocolError("WebSocket is not possible over plain SCGI (no upgrade through it)")
-    if key is not None:
-        raw_key = key.encode("latin-1")
-    elif not handoff.has_request:
+    if key is None and not handoff.has_request:
         raise ProtocolError(
             f"a {handoff.format.value} handoff carries no request head: pass the client's "
             "Sec-WebSocket-Key as key="
         )
-    else:
-        assert handoff.method is not None
-        try:
+    try:
+        if key is not None:
+            # A key from elsewhere (an Apache payload) is held to the header's
+            # rule, RFC 6455 §4.2.1 item 5: base64 of 16 bytes, OWS trimmed.
+            raw_key = websocket.check_key(_key_bytes(key))
+        else:
+            assert handoff.method is not None
             raw_key = websocket.check_upgrade(
                 handoff.method.encode("latin-1"),
                 handoff.http_version.encode(),
                 handoff.raw_headers,
             )
-        except ProtocolError as exc:
-            handoff.status = exc.status_hint
-            await handoff.send_raw(
-                websocket.error_response(exc, head_only=handoff.method == "HEAD")
-            )
-            handoff.phase = Phase.DONE
-            raise
+    except ProtocolError as exc:
+        handoff.status = exc.status_hint
+        await handoff.send_raw(websocket.error_response(exc, head_only=handoff.method == "HEAD"))
+        handoff.phase = Phase.DONE
+        raise
     response = websocket.handshake_response(
         raw_key,
         subprotocol=choose_subprotocol(handoff, subprotocol),
@@ -461,6 +459,13 @@ async def _handshake(
     )
     handoff.status = 101
     await handoff.send_raw(response)
+
+
+def _key_bytes(key: str) -> bytes:
+    try:
+        return key.encode("ascii")
+    except UnicodeEncodeError:
+        raise ProtocolError(f"Sec-WebSocket-Key {key[:32]!r} is not base64 of 16 bytes") from None
 
 
 async def accept(
