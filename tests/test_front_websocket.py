@@ -304,6 +304,34 @@ def test_frames_sent_with_the_upgrade_request_reach_the_receiver(
     assert receiver.next().body == b"early"
 
 
+def test_expect_100_continue_gets_100_before_the_101(
+    receivers: Callable[..., TestReceiver], fronts: Callable[..., FrontProcess]
+) -> None:
+    """RFC 9110 §7.8: a server receiving Upgrade and Expect: 100-continue MUST
+    send 100 (Continue) before the 101."""
+    receiver = receivers(behaviour=ws_echo)
+    front = fronts(
+        config=f'[[route]]\nprefix = "/ws"\nmode = "websocket"\nbackend = "unix:{receiver.path}"\n'
+    )
+    request = upgrade_request().replace(b"\r\n\r\n", b"\r\nExpect: 100-continue\r\n\r\n")
+    with front.connect() as sock:
+        sock.sendall(request)
+        sock.settimeout(IO_TIMEOUT)
+        data = b""
+        while b"Sec-WebSocket-Accept" not in data:
+            chunk = sock.recv(65536)
+            assert chunk, f"closed early: {data!r}"
+            data += chunk
+        assert data.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 101 Switching Protocols\r\n")
+        sock.sendall(masked_text_frame(b"after"))
+        while b"echo:after" not in data:
+            chunk = sock.recv(65536)
+            assert chunk, f"closed early: {data!r}"
+            data += chunk
+        sock.sendall(bytes((0x88, 0x82)) + b"\x00\x00\x00\x00" + struct.pack("!H", 1000))
+    assert receiver.next().body == b"after"
+
+
 @pytest.mark.parametrize(
     ("request_bytes", "status", "why"),
     [

@@ -434,6 +434,27 @@ def test_frames_sent_with_the_upgrade_request_are_kept(sock_path: str, no_fd_lea
     assert app.messages[-1] == {"type": "websocket.disconnect", "code": 1005, "reason": ""}
 
 
+def test_expect_100_continue_gets_100_before_the_101(sock_path: str, no_fd_leak: None) -> None:
+    """RFC 9110 section 7.8: a server receiving Upgrade and Expect: 100-continue
+    MUST send 100 (Continue) before the 101."""
+    app = EchoRecorder()
+    with ASGIReceiver(app, sock_path):
+        client = hand_over(sock_path, "GET", "/", [*UPGRADE, ("Expect", "100-continue")])
+        reader = ResponseReader(client)
+        interim = reader.read(head_request=True)
+        assert interim.status == 100
+        assert reader.read(head_request=True).status == 101
+        codec = websocket.WebSocket(client=True)
+        client.sendall(client_frame(Opcode.TEXT, b"hi"))
+        if reader.buf:
+            codec.receive_data(reader.buf)
+        while (event := codec.next_event()) is websocket.NEED_DATA:
+            codec.receive_data(client.recv(65536))
+        assert event == websocket.Message("hi")
+        client.close()
+        assert app.done.wait(IO_TIMEOUT)
+
+
 def test_client_vanishing_gives_1006(sock_path: str, no_fd_leak: None) -> None:
     app = EchoRecorder()
     with ASGIReceiver(app, sock_path):

@@ -403,6 +403,28 @@ def test_apache_payload_key_with_surrounding_whitespace_is_trimmed(
     assert b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n" in head
 
 
+@pytest.mark.parametrize("expect", ["100-continue", "100-Continue"])
+def test_expect_100_continue_gets_100_before_the_101(
+    tmp_path: Path, expect: str, no_fd_leak: None
+) -> None:
+    """RFC 9110 section 7.8: Upgrade with Expect: 100-continue, a 100 (Continue) first."""
+    path = str(tmp_path / "r.sock")
+    headers = [
+        ("Host", "x"),
+        ("Upgrade", "websocket"),
+        ("Connection", "Upgrade"),
+        ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ("Sec-WebSocket-Version", "13"),
+        ("Expect", expect),
+    ]
+    with ReceiverThread(echo, [Bind(path)]):
+        client, server_side = tcp_pair()
+        send_scgi(path, front_headers("GET", "/ws", headers), server_side)
+        data = read_until(client, b"Sec-WebSocket-Accept")
+        client.close()
+    assert data.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 101 Switching Protocols\r\n")
+
+
 def test_a_client_that_resets_ends_with_1006(tmp_path: Path, no_fd_leak: None) -> None:
     """RFC 6455 §7.1.5: no close frame (here a TCP reset) means close code 1006."""
     ended: list[int | None] = []

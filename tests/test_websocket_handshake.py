@@ -24,6 +24,7 @@ from fdhandoff.websocket import (
     check_upgrade,
     error_headers,
     error_response,
+    expects_continue,
     handshake_response,
     parse_subprotocols,
     wants_websocket,
@@ -353,3 +354,26 @@ def test_check_key_trims_ows_and_refuses_what_is_not_base64_of_16_bytes() -> Non
         with pytest.raises(ProtocolError, match="not base64 of 16 bytes") as info:
             check_key(bad)
         assert info.value.status_hint == 400
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ([], False),
+        ([b"100-continue"], True),
+        ([b"100-Continue"], True),
+        ([b" 100-continue "], True),
+        ([b"foo, 100-continue"], True),
+        ([b"100-continues"], False),
+    ],
+)
+def test_expects_continue(values: list[bytes], expected: bool) -> None:
+    headers = [(b"Host", b"a"), *((b"Expect", value) for value in values)]
+    assert expects_continue(headers) is expected
+
+
+def test_handshake_response_can_put_a_100_before_the_101() -> None:
+    # RFC 9110 §7.8: Upgrade with Expect: 100-continue, 100 (Continue) first.
+    plain = handshake_response(b"dGhlIHNhbXBsZSBub25jZQ==")
+    both = handshake_response(b"dGhlIHNhbXBsZSBub25jZQ==", continue_first=True)
+    assert both == b"HTTP/1.1 100 Continue\r\n\r\n" + plain

@@ -38,6 +38,7 @@ from .websocket_frames import (
     is_valid_close_code,
 )
 from .websocket_handshake import (
+    CONTINUE,
     GUID,
     SUPPORTED_VERSION,
     accept_key,
@@ -45,6 +46,7 @@ from .websocket_handshake import (
     check_upgrade,
     error_headers,
     error_response,
+    expects_continue,
     handshake_response,
     is_token,
     parse_subprotocols,
@@ -52,6 +54,7 @@ from .websocket_handshake import (
 )
 
 __all__ = [
+    "CONTINUE",
     "GUID",
     "MAX_CONTROL_PAYLOAD",
     "MAX_MESSAGE_SIZE",
@@ -76,6 +79,7 @@ __all__ = [
     "encode_frame",
     "error_headers",
     "error_response",
+    "expects_continue",
     "handshake_response",
     "is_token",
     "is_valid_close_code",

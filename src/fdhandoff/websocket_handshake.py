@@ -28,6 +28,7 @@ from .errors import ProtocolError
 from .httphead import http_date, reason_phrase
 
 __all__ = [
+    "CONTINUE",
     "GUID",
     "SUPPORTED_VERSION",
     "accept_key",
@@ -35,6 +36,7 @@ __all__ = [
     "check_upgrade",
     "error_headers",
     "error_response",
+    "expects_continue",
     "handshake_response",
     "is_token",
     "parse_subprotocols",
@@ -48,6 +50,10 @@ GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 #: The only protocol version RFC 6455 defines (§4.1 item 9; drafts used 8 and lower).
 SUPPORTED_VERSION: Final = b"13"
+
+#: The interim response a client that sent ``Expect: 100-continue`` waits for
+#: (RFC 9110 §15.2.1); RFC 9110 §7.8 puts it before a 101.
+CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 #: A Sec-WebSocket-Key is base64 of 16 random bytes (§4.1 item 7): always 24
 #: characters with two '=' of padding.
@@ -198,6 +204,16 @@ def check_upgrade(method: bytes, http_version: bytes, headers: HeaderPairs) -> b
     return _check_key(pairs)
 
 
+def expects_continue(headers: HeaderPairs) -> bool:
+    """True if the request carries ``Expect: 100-continue`` (RFC 9110 §10.1.1).
+
+    RFC 9110 §7.8: a server that receives it together with ``Upgrade`` MUST
+    send ``100 (Continue)`` before the ``101``; pass the result to
+    :func:`handshake_response` as ``continue_first``.
+    """
+    return _has_token(_values(list(headers), b"expect"), b"100-continue")
+
+
 def parse_subprotocols(headers: HeaderPairs) -> list[bytes]:
     """The ``Sec-WebSocket-Protocol`` tokens the client offers, in its order of preference.
 
@@ -223,12 +239,16 @@ def handshake_response(
     *,
     subprotocol: bytes | None = None,
     extra_headers: HeaderPairs = (),
+    continue_first: bool = False,
 ) -> bytes:
     """The complete ``101 Switching Protocols`` response for ``key`` (RFC 6455 §4.2.2).
 
     ``subprotocol`` must be one of the client's offers (see
     :func:`parse_subprotocols`); ``extra_headers`` are appended as given
-    (e.g. ``Set-Cookie``).  Raises ``ValueError`` for a subprotocol that is not
+    (e.g. ``Set-Cookie``).  ``continue_first``: the request expected
+    ``100-continue`` (:func:`expects_continue`), and RFC 9110 §7.8 wants the
+    ``100 (Continue)`` before the ``101``: both go in the bytes returned, to
+    be sent in one write.  Raises ``ValueError`` for a subprotocol that is not
     a token, an extra header that is malformed, or one that would contradict
     the handshake headers written here.
     """
@@ -248,7 +268,8 @@ def handshake_response(
             raise ValueError(f"header {name!r} is set by the handshake itself")
         lines.append(name + b": " + value)
     lines += (b"", b"")
-    return b"\r\n".join(lines)
+    response = b"\r\n".join(lines)
+    return CONTINUE + response if continue_first else response
 
 
 def error_headers(status: int) -> list[tuple[bytes, bytes]]:

@@ -1087,7 +1087,12 @@ class Front:
         link = self._link(route.backend, sock, req)
         if link is None:
             return
-        response = websocket.handshake_response(key, subprotocol=subprotocol)
+        # RFC 9110 §7.8: with Expect: 100-continue, a 100 goes before the 101.
+        response = websocket.handshake_response(
+            key,
+            subprotocol=subprotocol,
+            continue_first=websocket.expects_continue(head.headers),
+        )
         try:
             sent = sock.send(response, _NOWAIT)
         except OSError:

@@ -333,6 +333,8 @@ class WebSocketCycle:
                 self.key,
                 subprotocol=subprotocol.encode() if subprotocol is not None else None,
                 extra_headers=[(bytes(n), bytes(v)) for n, v in headers],
+                # RFC 9110 §7.8: Expect: 100-continue with Upgrade, a 100 before the 101.
+                continue_first=websocket.expects_continue(self.request.headers),
             )
             await self._write(response)
         self.status = _SWITCHED

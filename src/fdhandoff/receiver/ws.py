@@ -452,13 +452,19 @@ async def _handshake(
         await handoff.send_raw(websocket.error_response(exc, head_only=handoff.method == "HEAD"))
         handoff.phase = Phase.DONE
         raise
+    # RFC 9110 §7.8: a client that sent Expect: 100-continue with its Upgrade
+    # gets a 100 (Continue) before the 101 (not counted as response bytes).
+    continue_first = websocket.expects_continue(handoff.raw_headers)
     response = websocket.handshake_response(
         raw_key,
         subprotocol=choose_subprotocol(handoff, subprotocol),
         extra_headers=list(header_bytes(headers)),
+        continue_first=continue_first,
     )
     handoff.status = 101
     await handoff.send_raw(response)
+    if continue_first:
+        handoff.bytes_sent -= len(websocket.CONTINUE)
 
 
 def _key_bytes(key: str) -> bytes:
