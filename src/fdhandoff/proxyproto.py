@@ -136,12 +136,20 @@ def _parse_v1(data: bytes) -> ProxyHeader | None:
 
 def _v1_address(text: bytes, version: int) -> str:
     try:
-        address = ipaddress.ip_address(text.decode("ascii"))
+        decoded = text.decode("ascii")
+        if version == 4:
+            # IPv4Address takes the dotted quad only, without leading zeros:
+            # the text is then already the address's one spelling.
+            ipaddress.IPv4Address(decoded)
+            return decoded
+        return str(ipaddress.IPv6Address(decoded))
+    except (UnicodeDecodeError, ValueError):
+        pass
+    try:
+        other = ipaddress.ip_address(text.decode("ascii"))
     except (UnicodeDecodeError, ValueError):
         raise ProtocolError(f"PROXY v1 header: invalid address {text[:46]!r}") from None
-    if address.version != version:
-        raise ProtocolError(f"PROXY v1 header: {text[:46]!r} is not an IPv{version} address")
-    return str(address)
+    raise ProtocolError(f"PROXY v1 header: {text[:46]!r} is an IPv{other.version} address")
 
 
 def _v1_port(text: bytes) -> int:
@@ -191,8 +199,8 @@ def _parse_v2(data: bytes) -> ProxyHeader | None:
         )
     ssl = _client_ssl(block[address_size:]) if family else False
     if family == _INET:
-        source = str(ipaddress.IPv4Address(block[0:4])), int.from_bytes(block[8:10], "big")
-        dest = str(ipaddress.IPv4Address(block[4:8])), int.from_bytes(block[10:12], "big")
+        source = ".".join(map(str, block[0:4])), int.from_bytes(block[8:10], "big")
+        dest = ".".join(map(str, block[4:8])), int.from_bytes(block[10:12], "big")
         return ProxyHeader(length, source, dest, ssl, 2)
     if family == _INET6:
         source = _ipv6(block[0:16]), int.from_bytes(block[32:34], "big")
