@@ -216,6 +216,33 @@ def test_a_client_closing_inside_the_header(
     assert front.fd_count_within(baseline) <= baseline
 
 
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (b"PROXY TCP4 192.0.2.1 192.0.2.2 1 80\r\n", 501),  # an unknown method, PROXY
+        (V2_SIGNATURE + b"\x21\x11\x00\x0c" + bytes(12), 400),
+    ],
+)
+def test_a_header_on_a_plain_listener_is_a_bad_request(
+    sockdir: Path, receivers: Callable[..., TestReceiver], header: bytes, expected: int
+) -> None:
+    """A balancer sending headers to a listener that does not expect them is
+    noticed at once: 400, never a request routed under the balancer's address."""
+    receiver = receivers()
+    config = sockdir / "front.toml"
+    config.write_text(
+        '[[listen]]\naddress = "127.0.0.1:0"\n'
+        f'[[route]]\nprefix = "/"\nbackend = "unix:{receiver.path}"\n'
+    )
+    front = FrontProcess(["--config", str(config)])
+    try:
+        status, _, _ = parse_response(_exchange(front, header + REQUEST))
+        assert status == expected
+        assert receiver.handoffs.empty()
+    finally:
+        front.stop()
+
+
 def test_auth_mode_forwards_the_proxied_client(
     sockdir: Path,
     app_fixture: type[App],  # noqa: F811  (the fixture imported above)
