@@ -31,17 +31,11 @@ from handoff_receiver import (
 )
 from test_front_auth import App, auth_config
 from test_front_auth import app as app_fixture  # noqa: F401  (fixture, under this name)
+from test_metrics import _free_port
 
 pytestmark = pytest.mark.timeout(120)
 
 REQUEST = b"GET /who?x=1 HTTP/1.1\r\nHost: example.com\r\n\r\n"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture
@@ -373,34 +367,26 @@ def _through(address: tuple[str, int], *, tls: bool = False) -> tuple[bytes, tup
     return data, local
 
 
-def test_haproxy_send_proxy_v1(
-    haproxy: dict[str, int], proxied_front: tuple[FrontProcess, TestReceiver]
+@pytest.mark.parametrize(
+    ("name", "host", "https"),
+    [("v1", "127.0.0.1", False), ("v2", "::1", False), ("tls", "127.0.0.1", True)],
+)
+def test_haproxy_names_the_client(
+    haproxy: dict[str, int],
+    proxied_front: tuple[FrontProcess, TestReceiver],
+    name: str,
+    host: str,
+    https: bool,
 ) -> None:
-    _, receiver = proxied_front
-    answer, local = _through(("127.0.0.1", haproxy["v1"]))
-    assert parse_response(answer)[0] == 200
-    seen = _description(receiver)
-    assert (seen[b"REMOTE_ADDR"], seen[b"REMOTE_PORT"]) == (b"127.0.0.1", b"%d" % local[1])
-
-
-def test_haproxy_send_proxy_v2_from_ipv6(
-    haproxy: dict[str, int], proxied_front: tuple[FrontProcess, TestReceiver]
-) -> None:
+    """send-proxy (v1), send-proxy-v2 from an IPv6 client, and TLS terminated
+    by HAProxy then send-proxy-v2-ssl: the client's own address and port, and
+    HTTPS=on (without KTLS_RX: the front's socket is plain) for the last."""
     front, receiver = proxied_front
-    answer, local = _through(("::1", haproxy["v2"]))
+    answer, local = _through((host, haproxy[name]), tls=https)
     assert parse_response(answer)[0] == 200
     seen = _description(receiver)
-    assert (seen[b"REMOTE_ADDR"], seen[b"REMOTE_PORT"]) == (b"::1", b"%d" % local[1])
-    front.wait_for(re.escape(f'[::1]:{local[1]} "GET /who?x=1"'))
-
-
-def test_haproxy_terminating_tls_sends_https(
-    haproxy: dict[str, int], proxied_front: tuple[FrontProcess, TestReceiver]
-) -> None:
-    _, receiver = proxied_front
-    answer, local = _through(("127.0.0.1", haproxy["tls"]), tls=True)
-    assert parse_response(answer)[0] == 200
-    seen = _description(receiver)
-    assert seen[b"REMOTE_PORT"] == b"%d" % local[1]
-    assert seen[b"HTTPS"] == b"on"
+    assert (seen[b"REMOTE_ADDR"], seen[b"REMOTE_PORT"]) == (host.encode(), b"%d" % local[1])
+    assert seen.get(b"HTTPS") == (b"on" if https else None)
     assert b"KTLS_RX" not in seen
+    client = f"[{host}]" if ":" in host else host
+    front.wait_for(re.escape(f'{client}:{local[1]} "GET /who?x=1"'))

@@ -32,16 +32,10 @@ from handoff_receiver import (
     running_front,
     sockdir_fixture,  # noqa: F401  (fixture)
 )
+from test_metrics import _free_port
 from test_receiver_asgi_e2e import ReceiverProcess, serve
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _config(ports: list[int], backend: str, extra: str = "") -> str:

@@ -24,19 +24,13 @@ import pytest
 
 from fdhandoff import systemd
 from fdhandoff.errors import ConfigError
+from test_metrics import _free_port
 from test_receiver_support import read_all
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT = 20.0
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 # --- parsing LISTEN_FDS -------------------------------------------------------------------
