@@ -76,15 +76,18 @@ def certs_fixture(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]
     return make_cert(tmp_path_factory.mktemp("tls"))
 
 
-def make_cert(where: Path) -> tuple[Path, Path]:
+def make_cert(where: Path, name: str = "localhost") -> tuple[Path, Path]:
+    """A self-signed certificate for ``name`` (and 127.0.0.1 for localhost) and its key."""
     openssl = shutil.which("openssl")
     assert openssl is not None, "openssl is needed to make a test certificate"
-    cert, key = where / "cert.pem", where / "key.pem"
+    stem = "cert" if name == "localhost" else name
+    cert, key = where / f"{stem}.pem", where / f"{stem}.key"
+    alt = "DNS:localhost,IP:127.0.0.1" if name == "localhost" else f"DNS:{name}"
     subprocess.run(
         [
             openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
             "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2",
-            "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-subj", f"/CN={name}", "-addext", f"subjectAltName={alt}",
         ],
         check=True, capture_output=True, timeout=30,
     )  # fmt: skip
@@ -233,17 +236,7 @@ def test_the_certificate_is_chosen_by_server_name(
 ) -> None:
     """[[listen.sni]] on kernel TLS: each client verifies the certificate of the
     name it asked for, and the connection is handed off as any other."""
-    openssl = shutil.which("openssl")
-    assert openssl is not None
-    cert, key = sockdir / "api.pem", sockdir / "api.key"
-    subprocess.run(
-        [
-            openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-            "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2",
-            "-subj", "/CN=api.example.org", "-addext", "subjectAltName=DNS:api.example.org",
-        ],
-        check=True, capture_output=True, timeout=30,
-    )  # fmt: skip
+    cert, key = make_cert(sockdir, "api.example.org")
     receiver = receivers()
     sni = (
         f'[[listen.sni]]\nserver_names = ["api.example.org"]\n'
