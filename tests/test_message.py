@@ -445,6 +445,30 @@ def test_nginx_duplicates_accepted_for_both_fd_and_plain() -> None:
         assert reader.next_record() == HandoffRecord(fmt, headers=DUPLICATE_HEADERS)
 
 
+@pytest.mark.parametrize("nfds", [1, 0])
+@pytest.mark.parametrize("name", [b"REQUEST_METHOD", b"REMOTE_ADDR", b"HANDOFF_DATA"])
+def test_only_http_names_may_repeat(nfds: int, name: bytes) -> None:
+    """One HTTP_* pair per header line is how nginx sends repeated headers; a
+    repeated CGI variable is two answers to one question (SCGI: names are
+    unique), refused whole and at every split, with an fd or without."""
+    pairs = [
+        (b"CONTENT_LENGTH", b"0"),
+        (b"SCGI", b"1+fd_pass"),
+        (b"REQUEST_METHOD", b"GET"),
+        (b"REQUEST_URI", b"/"),
+        (b"REMOTE_ADDR", b"127.0.0.1"),
+        (b"HANDOFF_DATA", b"x"),
+        (name, b"other"),
+    ]
+    block = b"".join(n + b"\0" + v + b"\0" for n, v in pairs)
+    for chunks in splits(ns(block)):
+        reader = HandoffReader(STREAM)
+        with pytest.raises(ProtocolError, match=f"duplicate SCGI header names \\[{name!r}\\]"):
+            for index, chunk in enumerate(chunks):
+                reader.receive(chunk, nfds if index == 0 else 0)
+                reader.next_record()
+
+
 def test_failed_reader_stays_failed() -> None:
     reader = HandoffReader(STREAM)
     with pytest.raises(ProtocolError):

@@ -407,6 +407,7 @@ class HandoffReader:
                 if self._format is Format.PLAIN_SCGI:
                     # nginx scgi_pass before 1.23 (Debian 12 ships 1.22) sends
                     # one HTTP_* pair per header line: repeats are kept, in order.
+                    _check_duplicates(event.headers, http_repeats=True)
                     self._headers = event.headers
                     continue
                 _check_duplicates(event.headers)
@@ -482,12 +483,19 @@ class HandoffReader:
         return CLOSED if self._closed else NEED_DATA
 
 
-def _check_duplicates(headers: scgi.HeaderList) -> None:
-    if scgi.header_value(headers, b"SCGI") == b"1+fd_pass":
-        return
+def _check_duplicates(headers: scgi.HeaderList, *, http_repeats: bool = False) -> None:
+    """Refuse repeated names, but for the ``HTTP_*`` repeats of the senders that
+    send one pair per header line (nginx ``fd_pass``, ``http_repeats``: nginx
+    ``scgi_pass`` before 1.23).  A repeated CGI variable (two ``REQUEST_METHOD``
+    or ``REMOTE_ADDR``) has no such excuse: whichever one a reader takes, another
+    component may take the other (the SCGI specification: names are unique)."""
     names = [name for name, _ in headers]
-    if len(set(names)) != len(names):
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        raise ProtocolError(
-            f"duplicate SCGI header names {dupes!r} (only nginx fd_pass may repeat)"
-        )
+    if len(set(names)) == len(names):
+        return
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if http_repeats or scgi.header_value(headers, b"SCGI") == b"1+fd_pass":
+        dupes = [name for name in dupes if not name.startswith(b"HTTP_")]
+        if not dupes:
+            return
+        raise ProtocolError(f"duplicate SCGI header names {dupes!r} (only HTTP_* may repeat)")
+    raise ProtocolError(f"duplicate SCGI header names {dupes!r} (only nginx fd_pass may repeat)")
