@@ -439,9 +439,13 @@ def check_fd_rules(record: HandoffRecord, nfds: int, fds_seen: list[int]) -> Non
 
 
 def acceptable_handoff(headers: scgi.HeaderList) -> bool:
-    """Repeated names are tolerated from nginx fd_pass only."""
+    """Repeated names are tolerated from nginx fd_pass only, and only HTTP_* ones."""
     names = [name for name, _ in headers]
-    return len(set(names)) == len(names) or (scgi.header_value(headers, b"SCGI") == b"1+fd_pass")
+    repeated = {name for name in names if names.count(name) > 1}
+    if not repeated:
+        return True
+    fd_pass = scgi.header_value(headers, b"SCGI") == b"1+fd_pass"
+    return fd_pass and all(name.startswith(b"HTTP_") for name in repeated)
 
 
 @FUZZ
