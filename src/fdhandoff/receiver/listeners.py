@@ -160,12 +160,14 @@ def open_listener(
             os.chmod(bind.path, mode)
         sock.listen(backlog)
         sock.setblocking(False)
-    except (ConfigError, OSError) as exc:
+    except BaseException as exc:
+        # Also for a SIGTERM while starting (runner._Terminated): the file
+        # bound a moment ago is ours to remove.
         sock.close()
         if identity is not None:
             with contextlib.suppress(OSError):
                 os.unlink(bind.path)
-        if isinstance(exc, ConfigError):
+        if not isinstance(exc, OSError):  # ConfigError, a signal, a bug: as it is
             raise
         raise ConfigError(f"cannot listen on {bind}: {exc.strerror or exc}") from exc
     return Listener(bind, sock, identity)

@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Final
 
 from .. import systemd
 from ..errors import ConfigError
@@ -159,11 +159,21 @@ def run(
         log.info("SIGTERM before the receiver was serving: stopped")
         return 0
     finally:
-        for listener in listeners:
-            close_listener(listener)
-        inherited.close()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        # A second SIGTERM or a SIGINT now would interrupt the removal half-way
+        # and leave socket files behind: held until the files are gone, then
+        # it acts as it would have (signal(7): a blocked signal stays pending).
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            for listener in listeners:
+                close_listener(listener)
+            inherited.close()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+_STOP_SIGNALS: Final = {signal.SIGTERM, signal.SIGINT}
 
 
 class _Terminated(KeyboardInterrupt):
