@@ -437,6 +437,27 @@ def test_unix_upstream_and_missing_daemon(
         listener.close()
 
 
+def _payload_handed_off(
+    app: type[App],
+    sockdir: Path,
+    receivers: Callable[..., TestReceiver],
+    fronts: Callable[..., FrontProcess],
+    handoff_format: str,
+    payload: bytes,
+) -> bytes:
+    """What the daemon gets when the application answers X-Handoff-Data: ``payload``
+    (the Apache record's payload, or HANDOFF_DATA), with the default limits."""
+    apache = handoff_format == "apache"
+    sock_type = socket.SOCK_SEQPACKET if apache else socket.SOCK_STREAM
+    daemon = receivers("daemon.sock", sock_type=sock_type, behaviour=payload_echo)
+    app.big_payload = payload
+    front = fronts(config=auth_config(app, sockdir, handoff_format=handoff_format))
+    status, _, body = http_exchange(front, b"GET /app/bigdata HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert status == 200, body
+    handoff = daemon.next()
+    return handoff.record.payload if apache else handoff.headers[b"HANDOFF_DATA"]
+
+
 @pytest.mark.parametrize("handoff_format", ["apache", "scgi"])
 def test_largest_apache_payload_is_handed_off_with_the_default_limits(
     no_fd_leak: None,
@@ -448,18 +469,9 @@ def test_largest_apache_payload_is_handed_off_with_the_default_limits(
 ) -> None:
     # Apache's limit (212960 bytes), as documented, with no [limits] at all:
     # the response head carrying it must fit max_response_head_size.
-    apache = handoff_format == "apache"
-    sock_type = socket.SOCK_SEQPACKET if apache else socket.SOCK_STREAM
-    daemon = receivers("daemon.sock", sock_type=sock_type, behaviour=payload_echo)
-    app.big_payload = b"p" * 212960
-    front = fronts(config=auth_config(app, sockdir, handoff_format=handoff_format))
-    status, _, body = http_exchange(front, b"GET /app/bigdata HTTP/1.1\r\nHost: a\r\n\r\n")
-    assert status == 200, body
-    handoff = daemon.next()
-    if apache:
-        assert handoff.record.payload == app.big_payload
-    else:
-        assert handoff.headers[b"HANDOFF_DATA"] == app.big_payload
+    payload = b"p" * 212960
+    got = _payload_handed_off(app, sockdir, receivers, fronts, handoff_format, payload)
+    assert got == payload
 
 
 @pytest.mark.parametrize("handoff_format", ["apache", "scgi"])
@@ -473,18 +485,8 @@ def test_payload_whitespace_around_the_value_is_not_part_of_it(
 ) -> None:
     # RFC 9110 §5.5: a field value excludes leading and trailing whitespace;
     # whitespace inside it is kept.
-    apache = handoff_format == "apache"
-    sock_type = socket.SOCK_SEQPACKET if apache else socket.SOCK_STREAM
-    daemon = receivers("daemon.sock", sock_type=sock_type, behaviour=payload_echo)
-    app.big_payload = b" \t a b \t "
-    front = fronts(config=auth_config(app, sockdir, handoff_format=handoff_format))
-    status, _, body = http_exchange(front, b"GET /app/bigdata HTTP/1.1\r\nHost: a\r\n\r\n")
-    assert status == 200, body
-    handoff = daemon.next()
-    if apache:
-        assert handoff.record.payload == b"a b"
-    else:
-        assert handoff.headers[b"HANDOFF_DATA"] == b"a b"
+    got = _payload_handed_off(app, sockdir, receivers, fronts, handoff_format, b" \t a b \t ")
+    assert got == b"a b"
 
 
 @pytest.mark.parametrize("size", [212961, 213000])

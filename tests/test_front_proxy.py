@@ -15,6 +15,7 @@ import ssl
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -38,24 +39,34 @@ pytestmark = pytest.mark.timeout(120)
 REQUEST = b"GET /who?x=1 HTTP/1.1\r\nHost: example.com\r\n\r\n"
 
 
+@contextmanager
+def running(sockdir: Path, rest: str, *, proxy: bool = True) -> Iterator[FrontProcess]:
+    """A front on 127.0.0.1:0, its listener requiring the PROXY header unless
+    ``proxy`` is False; ``rest`` is the configuration's routes and tables."""
+    config = sockdir / "front.toml"
+    config.write_text(
+        f'[[listen]]\naddress = "127.0.0.1:0"\nproxy_protocol = {str(proxy).lower()}\n{rest}'
+    )
+    front = FrontProcess(["--config", str(config)])
+    try:
+        yield front
+    finally:
+        front.stop()
+
+
+def route_to(receiver: TestReceiver) -> str:
+    return f'[[route]]\nprefix = "/"\nbackend = "unix:{receiver.path}"\n'
+
+
 @pytest.fixture
 def proxied_front(
     sockdir: Path, receivers: Callable[..., TestReceiver]
 ) -> Iterator[tuple[FrontProcess, TestReceiver]]:
     """A front whose only listener requires the PROXY header, routing to a test receiver."""
     receiver = receivers()
-    config = sockdir / "front.toml"
-    config.write_text(
-        '[[listen]]\naddress = "127.0.0.1:0"\nproxy_protocol = true\n'
-        f'[[route]]\nprefix = "/"\nbackend = "unix:{receiver.path}"\n'
-        "[timeouts]\nhead = 1.0\n"
-        '[metrics]\naddress = "127.0.0.1:0"\n'
-    )
-    front = FrontProcess(["--config", str(config)])
-    try:
+    timeouts = '[timeouts]\nhead = 1.0\n[metrics]\naddress = "127.0.0.1:0"\n'
+    with running(sockdir, route_to(receiver) + timeouts) as front:
         yield front, receiver
-    finally:
-        front.stop()
 
 
 def _exchange(front: FrontProcess, data: bytes, source: str = "127.0.0.1") -> bytes:
@@ -126,13 +137,7 @@ def test_bytes_after_the_header_stay_for_the_receiver(
     """Header, request, body and a pipelined request in one segment: the front
     reads exactly the header and the head, the rest stays in the socket."""
     receiver = receivers(extra_bytes=len(REQUEST))
-    config = sockdir / "front.toml"
-    config.write_text(
-        '[[listen]]\naddress = "127.0.0.1:0"\nproxy_protocol = true\n'
-        f'[[route]]\nprefix = "/"\nbackend = "unix:{receiver.path}"\n'
-    )
-    front = FrontProcess(["--config", str(config)])
-    try:
+    with running(sockdir, route_to(receiver)) as front:
         body = b"x" * 5000
         post = b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % len(body)
         data = b"PROXY TCP4 192.0.2.1 192.0.2.2 1000 80\r\n" + post + body + REQUEST
@@ -141,8 +146,6 @@ def test_bytes_after_the_header_stay_for_the_receiver(
         assert seen.body == body
         assert seen.extra == REQUEST
         assert seen.headers[b"CONTENT_LENGTH"] == b"0"
-    finally:
-        front.stop()
 
 
 def test_a_header_arriving_byte_by_byte(proxied_front: tuple[FrontProcess, TestReceiver]) -> None:
@@ -223,18 +226,10 @@ def test_a_header_on_a_plain_listener_is_a_bad_request(
     """A balancer sending headers to a listener that does not expect them is
     noticed at once: 400, never a request routed under the balancer's address."""
     receiver = receivers()
-    config = sockdir / "front.toml"
-    config.write_text(
-        '[[listen]]\naddress = "127.0.0.1:0"\n'
-        f'[[route]]\nprefix = "/"\nbackend = "unix:{receiver.path}"\n'
-    )
-    front = FrontProcess(["--config", str(config)])
-    try:
+    with running(sockdir, route_to(receiver), proxy=False) as front:
         status, _, _ = parse_response(_exchange(front, header + REQUEST))
-        assert status == expected
-        assert receiver.handoffs.empty()
-    finally:
-        front.stop()
+    assert status == expected
+    assert receiver.handoffs.empty()
 
 
 def test_auth_mode_forwards_the_proxied_client(
@@ -243,13 +238,7 @@ def test_auth_mode_forwards_the_proxied_client(
 ) -> None:
     """X-Forwarded-For names the client the header gave, and X-Forwarded-Proto
     the scheme it used to the balancer (v2 PP2_TYPE_SSL)."""
-    config = sockdir / "front.toml"
-    config.write_text(
-        '[[listen]]\naddress = "127.0.0.1:0"\nproxy_protocol = true\n'
-        + auth_config(app_fixture, sockdir)
-    )
-    front = FrontProcess(["--config", str(config)])
-    try:
+    with running(sockdir, auth_config(app_fixture, sockdir)) as front:
         addresses = bytes([192, 0, 2, 50, 192, 0, 2, 1]) + b"\x13\x88\x01\xbb"
         block = addresses + b"\x20\x00\x05\x01\x00\x00\x00\x00"
         header = V2_SIGNATURE + b"\x21\x11" + len(block).to_bytes(2, "big") + block
@@ -260,8 +249,6 @@ def test_auth_mode_forwards_the_proxied_client(
         assert isinstance(seen, dict)
         assert seen["X-Forwarded-For"] == "10.9.9.9, 192.0.2.50"
         assert seen["X-Forwarded-Proto"] == "https"
-    finally:
-        front.stop()
 
 
 def test_proxy_protocol_is_read_again_on_reload(
