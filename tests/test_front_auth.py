@@ -437,16 +437,29 @@ def test_unix_upstream_and_missing_daemon(
         listener.close()
 
 
-def _payload_handed_off(
+@pytest.mark.parametrize("handoff_format", ["apache", "scgi"])
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        # Apache's limit (212960 bytes), as documented, with no [limits] at
+        # all: the response head carrying it must fit max_response_head_size.
+        (b"p" * 212960, b"p" * 212960),
+        # RFC 9110 §5.5: a field value excludes leading and trailing
+        # whitespace; whitespace inside it is kept.
+        (b" \t a b \t ", b"a b"),
+    ],
+    ids=["largest", "whitespace"],
+)
+def test_payload_reaches_the_daemon_as_apache_passes_it(
+    no_fd_leak: None,
     app: type[App],
     sockdir: Path,
     receivers: Callable[..., TestReceiver],
     fronts: Callable[..., FrontProcess],
     handoff_format: str,
     payload: bytes,
-) -> bytes:
-    """What the daemon gets when the application answers X-Handoff-Data: ``payload``
-    (the Apache record's payload, or HANDOFF_DATA), with the default limits."""
+    expected: bytes,
+) -> None:
     apache = handoff_format == "apache"
     sock_type = socket.SOCK_SEQPACKET if apache else socket.SOCK_STREAM
     daemon = receivers("daemon.sock", sock_type=sock_type, behaviour=payload_echo)
@@ -455,38 +468,7 @@ def _payload_handed_off(
     status, _, body = http_exchange(front, b"GET /app/bigdata HTTP/1.1\r\nHost: a\r\n\r\n")
     assert status == 200, body
     handoff = daemon.next()
-    return handoff.record.payload if apache else handoff.headers[b"HANDOFF_DATA"]
-
-
-@pytest.mark.parametrize("handoff_format", ["apache", "scgi"])
-def test_largest_apache_payload_is_handed_off_with_the_default_limits(
-    no_fd_leak: None,
-    app: type[App],
-    sockdir: Path,
-    receivers: Callable[..., TestReceiver],
-    fronts: Callable[..., FrontProcess],
-    handoff_format: str,
-) -> None:
-    # Apache's limit (212960 bytes), as documented, with no [limits] at all:
-    # the response head carrying it must fit max_response_head_size.
-    payload = b"p" * 212960
-    got = _payload_handed_off(app, sockdir, receivers, fronts, handoff_format, payload)
-    assert got == payload
-
-
-@pytest.mark.parametrize("handoff_format", ["apache", "scgi"])
-def test_payload_whitespace_around_the_value_is_not_part_of_it(
-    no_fd_leak: None,
-    app: type[App],
-    sockdir: Path,
-    receivers: Callable[..., TestReceiver],
-    fronts: Callable[..., FrontProcess],
-    handoff_format: str,
-) -> None:
-    # RFC 9110 §5.5: a field value excludes leading and trailing whitespace;
-    # whitespace inside it is kept.
-    got = _payload_handed_off(app, sockdir, receivers, fronts, handoff_format, b" \t a b \t ")
-    assert got == b"a b"
+    assert (handoff.record.payload if apache else handoff.headers[b"HANDOFF_DATA"]) == expected
 
 
 @pytest.mark.parametrize("size", [212961, 213000])
