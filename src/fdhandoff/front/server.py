@@ -58,7 +58,7 @@ from ..metrics import Metrics, parse_address, serve_metrics
 from ..routing import Router, normalize_path
 from .accesslog import AccessLog
 from .auth import serve_auth
-from .config import FrontConfig, Mode, RouteConfig
+from .config import DEFAULT_BACKLOG, Address, FrontConfig, Mode, RouteConfig
 from .describe import Endpoint, describe
 from .handoff import Handoffs, InFlight, Link, open_backend
 from .listeners import (
@@ -301,15 +301,8 @@ class Front:
         """Bind every listener, or take the socket systemd passed for it
         (ConfigError on failure, nothing left open)."""
         inherited = self._inherited = systemd.Inherited.from_environ()
-        contexts = _tls_contexts(self.config)
         try:
-            for address, backlog, context, proxy in zip(
-                self.config.listen,
-                self.config.backlog or (1024,) * 99,
-                contexts,
-                self.config.proxy_protocol or (False,) * len(self.config.listen),
-                strict=False,
-            ):
+            for address, backlog, context, proxy in _listen_settings(self.config):
                 listener = open_listener(address, backlog, inherited)
                 listener.tls = context
                 listener.proxy = proxy
@@ -451,9 +444,7 @@ class Front:
                         "until it is configured again; remove it from the .socket unit",
                         listener.label,
                     )
-                    self._inherited.give_back(listener.sock)
-                else:
-                    close_listener(listener)
+                self._release(listener)
         if self._accepting:
             for listener in added:
                 self.loop.add_reader(listener.sock.fileno(), self._on_accept, listener)
@@ -493,18 +484,11 @@ class Front:
         """The running listeners ``config`` keeps, with their new backlog and TLS
         context (set by the caller once nothing can fail), and those it adds,
         bound now; ConfigError or OSError, with the added ones closed, if one fails."""
-        contexts = _tls_contexts(config)
         running = {listener.address: listener for listener in self.listeners}
         kept: list[tuple[Listener, int, ssl.SSLContext | None, bool]] = []
         added: list[Listener] = []
         try:
-            for address, backlog, context, proxy in zip(
-                config.listen,
-                config.backlog or (1024,) * len(config.listen),
-                contexts,
-                config.proxy_protocol or (False,) * len(config.listen),
-                strict=False,
-            ):
+            for address, backlog, context, proxy in _listen_settings(config):
                 listener = running.pop(address, None)
                 if listener is None:
                     listener = open_listener(address, backlog, self._inherited)
@@ -515,12 +499,17 @@ class Front:
                     kept.append((listener, backlog, context, proxy))
         except BaseException:
             for listener in added:
-                if listener.inherited:
-                    self._inherited.give_back(listener.sock)
-                else:
-                    close_listener(listener)
+                self._release(listener)
             raise
         return kept, added
+
+    def _release(self, listener: Listener) -> None:
+        """Close a listener a reload drops; one systemd passed is kept for later:
+        it keeps listening there whatever this process does."""
+        if listener.inherited:
+            self._inherited.give_back(listener.sock)
+        else:
+            close_listener(listener)
 
     def in_flight(self) -> int:
         handoffs = len(self._handoffs) if self._handoffs is not None else 0
@@ -1367,6 +1356,23 @@ def _front_metrics(front: Front) -> Metrics:
 def _cipher(tls: ssl.SSLSocket) -> str:
     cipher = tls.cipher()
     return cipher[0] if cipher else "no cipher"
+
+
+def _listen_settings(
+    config: FrontConfig,
+) -> list[tuple[Address, int, ssl.SSLContext | None, bool]]:
+    """Per ``[[listen]]``: address, backlog, TLS context and PROXY protocol flag
+    (ConfigError if a certificate cannot be loaded: see :func:`_tls_contexts`)."""
+    count = len(config.listen)
+    return list(
+        zip(
+            config.listen,
+            config.backlog or (DEFAULT_BACKLOG,) * count,
+            _tls_contexts(config),
+            config.proxy_protocol or (False,) * count,
+            strict=False,
+        )
+    )
 
 
 def _tls_contexts(config: FrontConfig) -> list[ssl.SSLContext | None]:
