@@ -76,7 +76,7 @@ SCRIPT = textwrap.dedent(
     """
     import os, signal, sys, time
     from pathlib import Path
-    from fdhandoff.receiver import supervisor
+    from fdhandoff import supervisor
 
     out = Path(sys.argv[1])
     supervisor.KILL_MARGIN = 0.5

@@ -25,7 +25,7 @@ from ..metrics import parse_address
 from . import engine
 from .listeners import DEFAULT_SOCKET_MODE, Bind, Listener, close_listener, open_listener
 from .options import Options
-from .supervisor import supervise
+from ..supervisor import supervise
 
 __all__ = ["load_target", "new_event_loop", "run"]
 
