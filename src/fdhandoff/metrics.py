@@ -21,7 +21,7 @@ from typing import Final
 
 from .httphead import http_date
 
-__all__ = ["Metrics", "parse_address", "serve_metrics"]
+__all__ = ["Metrics", "parse_address", "serve_metrics", "worker_address"]
 
 log = logging.getLogger("fdhandoff.metrics")
 
@@ -115,6 +115,15 @@ def parse_address(text: str) -> tuple[str, int]:
     return host, number
 
 
+def worker_address(text: str, slot: int) -> str:
+    """Worker ``slot``'s metrics address: ``PORT + slot`` (each worker process
+    counts its own connections); port 0 stays 0, a port of the kernel's choosing."""
+    host, port = parse_address(text)
+    if port:
+        port += slot
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 _OK: Final = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
 _NOT_FOUND: Final = (
     b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: 21\r\n"
@@ -122,8 +131,15 @@ _NOT_FOUND: Final = (
 )
 
 
-async def serve_metrics(metrics: Metrics, host: str, port: int) -> asyncio.Server:
-    """Serve ``GET /metrics`` on ``host:port`` until the returned server is closed."""
+async def serve_metrics(
+    metrics: Metrics, host: str, port: int, *, reuse_port: bool = False
+) -> asyncio.Server:
+    """Serve ``GET /metrics`` on ``host:port`` until the returned server is closed.
+
+    ``reuse_port`` (``SO_REUSEPORT``): a process replacing another one that
+    still serves the address while it stops (the front's workers at a reload)
+    binds it too, rather than fail.
+    """
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -156,7 +172,9 @@ async def serve_metrics(metrics: Metrics, host: str, port: int) -> asyncio.Serve
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
 
-    server = await asyncio.start_server(handle, host, port, limit=MAX_SCRAPE_HEAD)
+    server = await asyncio.start_server(
+        handle, host, port, limit=MAX_SCRAPE_HEAD, reuse_port=reuse_port or None
+    )
     # The bound port, not the one asked for: with port 0 the kernel chose it.
     bound = server.sockets[0].getsockname()[1] if server.sockets else port
     shown = f"[{host}]" if ":" in host else host

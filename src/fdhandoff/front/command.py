@@ -8,11 +8,14 @@ import logging
 import signal
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
 from .config import FrontConfig, load_config, warnings
 from .tls import probe_offload, server_context
+
+if TYPE_CHECKING:
+    from .server import Front
 
 __all__ = ["register"]
 
@@ -33,6 +36,12 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
         action="append",
         metavar="PREFIX=unix:PATH",
         help="pass-mode route, added to the file's [[route]] tables (repeatable)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="worker processes accepting on the listeners (replaces the file's workers)",
     )
 
 
@@ -58,7 +67,7 @@ def register(subparsers: Any) -> None:
 def _load(args: argparse.Namespace) -> FrontConfig:
     if args.config is None and not (args.listen and args.route):
         raise ConfigError("give --config FILE.toml, or both --listen and --route")
-    return load_config(args.config, listen=args.listen, routes=args.route)
+    return load_config(args.config, listen=args.listen, routes=args.route, workers=args.workers)
 
 
 def _run_check(args: argparse.Namespace) -> int:
@@ -83,7 +92,10 @@ def _run_check(args: argparse.Namespace) -> int:
             strict=False,
         )
     )
-    print(f"ok: {len(config.listen)} listener(s) ({listen}), {len(config.routes)} route(s)")
+    workers = f", {config.workers} workers" if config.workers > 1 else ""
+    print(
+        f"ok: {len(config.listen)} listener(s) ({listen}), {len(config.routes)} route(s)" + workers
+    )
     for route in config.routes:
         where = route.backend or (route.upstream.text if route.upstream else "")
         host = f" host={route.host}" if route.host else ""
@@ -121,10 +133,50 @@ def _run_front(args: argparse.Namespace) -> int:
     logging.getLogger("fdhandoff").setLevel(config.log.level.upper())
     from .server import Front  # noqa: PLC0415  (``check`` needs none of the engine)
 
-    front = Front(config, reload=lambda: _load(args))
+    workers = config.workers > 1
+    front = Front(config, reload=lambda: _load(args), worker=workers)
     # Until the loop handles it (and after): a reload or log-rotation
     # SIGHUP sent while starting must not kill the front (default action).
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     front.open()  # bind before the loop starts: a busy port is exit 2 at once
+    if workers:
+        return _supervise(front)
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         return runner.run(front.serve())
+
+
+def _supervise(front: Front) -> int:
+    """``workers = N``: N processes serve ``front``'s listeners, this one supervises.
+
+    The listeners are bound here, once, so every worker accepts on the same
+    sockets, and a worker restarted after a crash finds its backlog intact.
+    A reload (SIGHUP) is applied to ``front`` here, all or nothing as in one
+    process; the new workers are forked from it, then the old ones finish
+    what they were doing (``timeouts.shutdown``).
+    """
+    from ..supervisor import Generation, supervise  # noqa: PLC0415
+
+    def worker(slot: int) -> int:
+        front.as_worker(slot)
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            return runner.run(front.serve())
+
+    def reload() -> Generation | None:
+        return (front.config.workers, worker) if front.reload_config() else None
+
+    def stop_listening() -> None:
+        front.close_listeners()
+
+    try:
+        return supervise(
+            front.config.workers,
+            worker,
+            front.config.timeouts.shutdown,
+            stop_listening,
+            reload=reload,
+            logger=log,
+        )
+    finally:
+        # Every worker is gone: the socket files and passed sockets go too.
+        front.close_listeners()
+        front.access.close()

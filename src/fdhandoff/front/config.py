@@ -166,6 +166,8 @@ class FrontConfig:
     log: LogConfig = field(default_factory=LogConfig)
     #: ``HOST:PORT`` serving ``GET /metrics`` (Prometheus text), or None.
     metrics: str | None = None
+    #: Processes accepting on the listeners (``workers``); 1: no supervisor.
+    workers: int = 1
 
 
 # --- validation helpers ---------------------------------------------------------------
@@ -326,7 +328,39 @@ def _backend_path(text: str) -> str:
 
 # --- sections ----------------------------------------------------------------------------
 
-_TOP_KEYS: Final = ["limits", "listen", "log", "metrics", "route", "timeouts"]
+_TOP_KEYS: Final = ["limits", "listen", "log", "metrics", "route", "timeouts", "workers"]
+
+#: Most worker processes a front may run (``workers``).
+MAX_WORKERS: Final = 256
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (``workers = "auto"``): its affinity mask,
+    which ``CPUAffinity=`` or ``taskset`` narrows, not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - Linux has it
+        return os.cpu_count() or 1
+
+
+def _workers(raw: Mapping[str, Any], override: int | None, errors: _Errors) -> int:
+    if override is not None:
+        if not 1 <= override <= MAX_WORKERS:
+            errors.add("--workers", override, f"must be between 1 and {MAX_WORKERS}")
+            return 1
+        return override
+    value = raw.get("workers", 1)
+    if value == "auto":
+        return min(usable_cpus(), MAX_WORKERS)
+    if isinstance(value, bool) or not isinstance(value, int):
+        errors.add("workers", value, 'must be an integer or "auto"')
+        return 1
+    if not 1 <= value <= MAX_WORKERS:
+        errors.add("workers", value, f"must be between 1 and {MAX_WORKERS}")
+        return 1
+    return value
+
+
 _LISTEN_KEYS: Final = [
     "address",
     "backlog",
@@ -747,11 +781,13 @@ def build_config(
     *,
     listen: list[str] | None = None,
     routes: list[str] | None = None,
+    workers: int | None = None,
 ) -> FrontConfig:
     """Validate a parsed TOML document plus the command-line quick flags.
 
     ``listen`` (``--listen``) replaces the file's listeners when given;
-    ``routes`` (``--route PREFIX=unix:PATH``, pass mode) are added to its routes.
+    ``routes`` (``--route PREFIX=unix:PATH``, pass mode) are added to its
+    routes; ``workers`` (``--workers``) replaces the file's ``workers``.
     """
     errors = _Errors()
     _check_keys(raw, _TOP_KEYS, "", errors)
@@ -809,6 +845,7 @@ def build_config(
         _timeouts(_table(raw, "timeouts", errors), errors),
         _log(_table(raw, "log", errors), errors),
         _metrics(_table(raw, "metrics", errors), errors),
+        _workers(raw, workers, errors),
     )
     errors.raise_if_any()
     return config
@@ -819,6 +856,7 @@ def load_config(
     *,
     listen: list[str] | None = None,
     routes: list[str] | None = None,
+    workers: int | None = None,
 ) -> FrontConfig:
     """Read and validate a TOML file (optional when flags give listen and routes)."""
     raw: dict[str, Any] = {}
@@ -832,7 +870,7 @@ def load_config(
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
         except UnicodeDecodeError as exc:  # TOML is UTF-8 (a stray Latin-1 byte)
             raise ConfigError(f"{path}: not valid TOML: not UTF-8 at byte {exc.start}") from None
-    return build_config(raw, listen=listen, routes=routes)
+    return build_config(raw, listen=listen, routes=routes, workers=workers)
 
 
 def warnings(config: FrontConfig) -> list[str]:

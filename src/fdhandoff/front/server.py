@@ -35,6 +35,7 @@ import contextlib
 import dataclasses
 import errno
 import logging
+import os
 import signal
 import socket
 import ssl
@@ -54,7 +55,7 @@ from ..httphead import (
     parse_head,
     reason_phrase,
 )
-from ..metrics import Metrics, parse_address, serve_metrics
+from ..metrics import Metrics, parse_address, serve_metrics, worker_address
 from ..routing import Router, normalize_path
 from .accesslog import AccessLog
 from .auth import serve_auth
@@ -250,10 +251,17 @@ class Front:
     """One front server: its listeners, routes, and the connections in flight."""
 
     def __init__(
-        self, config: FrontConfig, reload: Callable[[], FrontConfig] | None = None
+        self,
+        config: FrontConfig,
+        reload: Callable[[], FrontConfig] | None = None,
+        *,
+        worker: bool = False,
     ) -> None:
         #: Reads the configuration again (SIGHUP); ConfigError if it is invalid.
         self._reload_source = reload
+        #: One of several worker processes (``workers``): the listeners, and
+        #: their socket files, are the supervisor's; so is SIGHUP.
+        self.worker = worker
         self._apply(config)
         self.access = AccessLog(config.log.access)
         self.metrics = _front_metrics(self)
@@ -322,6 +330,14 @@ class Front:
             inherited.close()
             raise
 
+    def close_listeners(self) -> None:
+        """Close every listener and remove its socket file; give back the sockets
+        the service manager passed (a supervisor of ``workers``, at the end)."""
+        for listener in self.listeners:
+            close_listener(listener)
+        self.listeners.clear()
+        self._inherited.close()
+
     @property
     def handoffs(self) -> Handoffs:
         assert self._handoffs is not None, "the front is not running"
@@ -350,7 +366,9 @@ class Front:
         )
         metrics_server = None
         if self.config.metrics:
-            metrics_server = await serve_metrics(self.metrics, *parse_address(self.config.metrics))
+            metrics_server = await serve_metrics(
+                self.metrics, *parse_address(self.config.metrics), reuse_port=self.worker
+            )
         self._resume_accepting()
         self._tick_handle = self.loop.call_later(TICK, self._tick)
         labels = self._labels()
@@ -398,11 +416,14 @@ class Front:
         The metrics address is only read at start.
         """
         if self._stopping or self._reload_source is None:
-            log.info("SIGHUP ignored: %s", "stopping" if self._stopping else "nothing to reload")
+            why = "stopping" if self._stopping else "nothing to reload"
+            if self.worker:
+                why = f"a worker; send it to the supervisor (pid {os.getppid()})"
+            log.info("SIGHUP ignored: %s", why)
             return
         systemd.reloading()
         try:
-            self._reload()
+            self.reload_config()
         finally:
             # Refused or applied, the front serves again: systemd's reload
             # job ends here (a refusal is in the log, not a failed unit).
@@ -411,23 +432,32 @@ class Front:
     def _labels(self) -> str:
         return ", ".join(listener.label for listener in self.listeners)
 
-    def _reload(self) -> None:
+    def reload_config(self) -> bool:
+        """Read the configuration again and apply it: True, or False (logged) if refused.
+
+        Also what the supervisor of ``workers`` does to its own, never
+        serving, Front at SIGHUP: the new workers are forked from it.
+        """
         assert self._reload_source is not None
         try:
             config = self._reload_source()
             if config.metrics != self.config.metrics:
                 log.warning("reload: a new metrics address takes effect at the next restart")
                 config = dataclasses.replace(config, metrics=self.config.metrics)
+            if (config.workers > 1) != (self.config.workers > 1):
+                # One process or a supervisor: decided at start.
+                log.warning("reload: workers = %d takes effect at the next restart", config.workers)
+                config = dataclasses.replace(config, workers=self.config.workers)
             access = AccessLog(config.log.access)
         except (ConfigError, OSError) as exc:
             log.error("reload refused, the running configuration stays: %s", _one_line(exc))
-            return
+            return False
         try:
             kept, added = self._listeners_for(config)
         except (ConfigError, OSError) as exc:
             access.close()
             log.error("reload refused, the running configuration stays: %s", _one_line(exc))
-            return
+            return False
         for listener, backlog, context, proxy in kept:
             listener.sock.listen(backlog)  # listen(2) again only sets the backlog
             listener.tls = context  # certificates read again: renewals apply now
@@ -451,7 +481,8 @@ class Front:
         self.listeners = [listener for listener, _, _, _ in kept] + added
         self._shorten_deadlines(config)
         self._apply(config)
-        self.handoffs.reconfigure(config.timeouts.handoff, config.limits.channels)
+        if self._handoffs is not None:  # None in a supervisor: it hands nothing off
+            self._handoffs.reconfigure(config.timeouts.handoff, config.limits.channels)
         self.access.close()
         self.access = access
         # Logged before the new level applies: a reload to "warning" still says it worked.
@@ -461,6 +492,13 @@ class Front:
             len(config.routes),
         )
         logging.getLogger("fdhandoff").setLevel(config.log.level.upper())
+        return True
+
+    def as_worker(self, slot: int) -> None:
+        """In worker process ``slot`` (``workers``): its own metrics port, PORT + slot."""
+        if self.config.metrics:
+            metrics = worker_address(self.config.metrics, slot)
+            self.config = dataclasses.replace(self.config, metrics=metrics)
 
     def _shorten_deadlines(self, config: FrontConfig) -> None:
         """A lowered head or linger timeout applies to what is waiting now, too.
@@ -529,7 +567,12 @@ class Front:
         if self._resume_handle is not None:
             self._resume_handle.cancel()
         for listener in self.listeners:
-            close_listener(listener)
+            if self.worker:
+                # Only this process's copy: the supervisor, or the next
+                # generation of workers, still accepts there.
+                listener.sock.close()
+            else:
+                close_listener(listener)
         self.listeners.clear()
         log.info(
             "shutting down: listeners closed, finishing %d connection(s) in flight",

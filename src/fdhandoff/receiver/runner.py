@@ -21,11 +21,11 @@ from typing import Any, Final
 
 from .. import systemd
 from ..errors import ConfigError
-from ..metrics import parse_address
+from ..metrics import worker_address
+from ..supervisor import supervise
 from . import engine
 from .listeners import DEFAULT_SOCKET_MODE, Bind, Listener, close_listener, open_listener
 from .options import Options
-from ..supervisor import supervise
 
 __all__ = ["load_target", "new_event_loop", "run"]
 
@@ -207,8 +207,4 @@ def _for_worker(options: Options, slot: int) -> Options:
     options = options.replace(channels=False)
     if not options.metrics:
         return options
-    host, port = parse_address(options.metrics)
-    if port:  # port 0 stays 0: each worker then gets a port of the kernel's choosing
-        port += slot
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return options.replace(metrics=address)
+    return options.replace(metrics=worker_address(options.metrics, slot))
