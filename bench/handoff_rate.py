@@ -26,6 +26,9 @@ Throughput: ``--conns`` concurrent connections per load process for
 ``--latency-seconds``.  CPU per request: utime + stime of the server
 processes (/proc/PID/stat) over the throughput run, divided by requests.
 
+``--front-workers N`` adds a row: the front with ``workers = N`` to the same
+minimal receiver (its supervisor and workers counted for CPU).
+
 ``--pin CPUS`` runs every server process, of every stack alike, on the given
 CPUs (the load client is not pinned): with ``--pin 0`` on two cores the
 client has a core to itself and the front and its receiver share the other,
@@ -97,9 +100,10 @@ http {{
 """
 
 
-def front_config(tmp: Path, port: int, receiver: str, access: str) -> Path:
+def front_config(tmp: Path, port: int, receiver: str, access: str, workers: int = 1) -> Path:
     path = tmp / f"front-{port}.toml"
     path.write_text(
+        f"workers = {workers}\n"
         f'[[listen]]\naddress = "127.0.0.1:{port}"\nbacklog = 4096\n'
         f'[[route]]\nprefix = "/"\nbackend = "unix:{receiver}"\n'
         f'[log]\naccess = "{access}"\n'
@@ -181,6 +185,21 @@ def start_all(stack: ExitStack, tmp: Path, args: argparse.Namespace) -> list[Tar
         )  # fmt: skip
         c.wait_port(port)
         targets.append(Target(name, port, [served_front.pid, serve.pid]))
+    if args.front_workers > 1:
+        port = c.free_port()
+        pool = stack.enter_context(
+            c.started(
+                [
+                    sys.executable, "-m", "fdhandoff", "front", "--config",
+                    str(front_config(tmp, port, receiver_path, "off", args.front_workers)),
+                ],
+                **quiet,
+            )
+        )  # fmt: skip
+        c.wait_port(port)
+        time.sleep(0.5)  # every worker started
+        name = f"fdhandoff-w{args.front_workers}"
+        targets.append(Target(name, port, [pool.pid, *c.children(pool.pid), receiver.pid]))
     if args.front_access_log:
         port = c.free_port()
         logged = stack.enter_context(
@@ -350,6 +369,13 @@ def main() -> int:
     parser.add_argument("--procs", type=int, default=1, help="load client processes")
     parser.add_argument("--conns", type=int, default=8, help="connections per load process")
     parser.add_argument("--front-access-log", action="store_true")
+    parser.add_argument(
+        "--front-workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="add a row: the front with workers = N, to the minimal receiver",
+    )
     parser.add_argument("--no-nginx", action="store_true")
     parser.add_argument(
         "--pin",

@@ -91,6 +91,8 @@ def _front_keys() -> dict[str, str | None]:
         for field in dataclasses.fields(instance):
             keys[f"{section}.{field.name}"] = _shown(getattr(instance, field.name))
     keys["metrics.address"] = "none"
+    workers = next(f for f in dataclasses.fields(front_config.FrontConfig) if f.name == "workers")
+    keys["workers"] = _shown(workers.default)
     return keys
 
 

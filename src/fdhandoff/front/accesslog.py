@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import sys
 import time
 from typing import Final, TextIO
@@ -25,6 +26,9 @@ __all__ = ["AccessLog"]
 #: Longest request target written to the log (the rest is elided): a 8 KiB
 #: URI per line would let a client fill the disk eight times faster.
 MAX_LOGGED_TARGET: Final = 256
+
+#: Largest atomic write to a pipe (pipe(7)); POSIX guarantees 512, Linux 4096.
+PIPE_BUF: Final = select.PIPE_BUF
 
 #: Buffered lines are flushed when this many are pending, besides the tick.
 FLUSH_LINES: Final = 512
@@ -43,6 +47,25 @@ def _clip(value: bytes) -> str:
     if _UNSAFE.search(clipped) is not None:
         clipped = _UNSAFE.sub(_escape, clipped)
     return clipped.decode("ascii") + ("..." if len(value) > MAX_LOGGED_TARGET else "")
+
+
+def _batches(lines: list[str]) -> list[str]:
+    """Whole lines joined into writes of at most ``PIPE_BUF`` bytes where they fit.
+
+    Workers (``workers = N``) share stderr or the file: a write(2) of up to
+    PIPE_BUF bytes to a pipe is atomic (pipe(7)), so no worker's line is ever
+    cut by another's; appends to a file are whole writes anyway (O_APPEND).
+    """
+    batches: list[str] = []
+    size = 0
+    start = 0
+    for index, line in enumerate(lines):
+        if size + len(line) > PIPE_BUF and index > start:
+            batches.append("".join(lines[start:index]))
+            start, size = index, 0
+        size += len(line.encode("utf-8", "replace"))
+    batches.append("".join(lines[start:]))
+    return batches
 
 
 class AccessLog:
@@ -93,10 +116,11 @@ class AccessLog:
     def flush(self) -> None:
         if not self._lines or self._stream is None:
             return
-        data, self._lines = "".join(self._lines), []
+        lines, self._lines = self._lines, []
         try:
-            self._stream.write(data)
-            self._stream.flush()
+            for data in _batches(lines):
+                self._stream.write(data)
+                self._stream.flush()
         except OSError:
             pass  # a full disk must not stop the front; lines are dropped
 

@@ -415,9 +415,9 @@ class Front:
         handoffs open new ones.  The access log file is reopened (log rotation).
         The metrics address is only read at start.
         """
-        if self._stopping or self._reload_source is None:
+        if self._stopping or self._reload_source is None or self.worker:
             why = "stopping" if self._stopping else "nothing to reload"
-            if self.worker:
+            if self.worker:  # the supervisor reloads, then replaces its workers
                 why = f"a worker; send it to the supervisor (pid {os.getppid()})"
             log.info("SIGHUP ignored: %s", why)
             return
