@@ -348,6 +348,45 @@ def test_front_serves_the_connection_that_started_it(
     assert os.path.exists(unix)
 
 
+def test_front_workers_share_the_passed_socket_and_the_supervisor_alone_notifies(
+    activate: Callable[..., Activated],
+    tmp_path: Path,
+    notify_socket: tuple[str, socket.socket],
+) -> None:
+    """``workers = 2`` under systemd: the supervisor takes the passed socket,
+    both workers accept on it, and only the supervisor (the main process)
+    reports READY, RELOADING around a new generation, and STOPPING."""
+    port = _free_port()
+    with _receiver(tmp_path) as backend:
+        config = tmp_path / "front.toml"
+        config.write_text(
+            f'workers = 2\n[[listen]]\naddress = "127.0.0.1:{port}"\n'
+            f'[[route]]\nprefix = "/"\nbackend = "unix:{backend}"\n'
+        )
+        front = activate([f"127.0.0.1:{port}"], ["front", "--config", str(config)],
+                         notify=notify_socket[0])  # fmt: skip
+        first = _get(lambda: socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT))
+        assert first.startswith(b"HTTP/1.1 200"), first
+        ready = _messages(notify_socket[1], "READY=1")
+        assert ready == ["READY=1\nSTATUS=supervising 2 workers"], ready
+        for _ in range(10):
+            got = _get(lambda: socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT))
+            assert got.startswith(b"HTTP/1.1 200")
+        front.proc.send_signal(signal.SIGHUP)
+        reload = _messages(notify_socket[1], "READY=1")
+        assert reload[0].startswith("RELOADING=1\nMONOTONIC_USEC="), reload
+        assert reload[-1] == "READY=1\nSTATUS=supervising 2 workers"
+        front.wait_for("new generation of 2 workers")
+        got = _get(lambda: socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT))
+        assert got.startswith(b"HTTP/1.1 200")
+        assert front.stop() == 0
+        assert _messages(notify_socket[1], "STOPPING=1") == ["STOPPING=1"]
+        # Nothing from the workers, before or after.
+        notify_socket[1].settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            notify_socket[1].recv(4096)
+
+
 def test_front_refuses_a_passed_socket_it_has_no_listen_for(
     activate: Callable[..., Activated],
 ) -> None:
