@@ -10,6 +10,8 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -288,3 +290,21 @@ def test_access_log_writes_whole_lines_of_at_most_pipe_buf(tmp_path: Path) -> No
     access.close()
     written = path.read_text().splitlines()
     assert [line.split(" ")[1] for line in written] == [f"127.0.0.1:{i}" for i in range(1500)]
+
+
+def test_check_names_the_workers(sockdir: Path) -> None:
+    path = sockdir / "front.toml"
+    path.write_text("workers = 3\n" + _config([8080], sockdir / "r.sock"))
+    done = subprocess.run(
+        [sys.executable, "-m", "fdhandoff", "check", "--config", str(path)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "1 route(s), 3 workers" in done.stdout
+    path.write_text("workers = 0\n" + _config([8080], sockdir / "r.sock"))
+    done = subprocess.run(
+        [sys.executable, "-m", "fdhandoff", "check", "--config", str(path)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert f"workers = 0: must be between 1 and {MAX_WORKERS}" in done.stderr
