@@ -721,6 +721,24 @@ def test_a_line_that_is_no_request_line_is_400_once_it_ends(line: bytes) -> None
 
 
 @pytest.mark.parametrize(
+    "data",
+    [
+        b"GET /\r\n\r\n",  # HTTP/0.9's simple request, blank line and all
+        b"\r\nGET /\r\n\r\n",
+        b"GET /a\r\nHost: a\r\n\r\n",
+    ],
+)
+def test_a_line_without_a_version_is_400_whole_or_in_pieces(data: bytes) -> None:
+    """llhttp reads ``GET /`` as HTTP/0.9; RFC 9112 §3 has no such request line.
+    Arriving in pieces it is 400 as soon as it ends: whole, it must be 400 too,
+    not 505, or the answer would depend on how the client's writes were cut."""
+    assert status_of(data) == 400
+    assert set(judged_in_pieces(data)) == {400}
+    # A line that names HTTP/0.9 is a version we do not support.
+    assert set(judged_in_pieces(b"GET / HTTP/0.9\r\nHost: a\r\n\r\n")) == {505}
+
+
+@pytest.mark.parametrize(
     "value", [b"..", b"..:80", b"h..x", b"a...", b".a", b"a.b..", b"..example.com"]
 )
 def test_host_with_an_empty_label_is_refused(value: bytes) -> None:

@@ -500,6 +500,15 @@ def parse_head(
         raise ProtocolError(f"more than {limits.max_headers} header lines", status_hint=431)
     version = parser.get_http_version()
     if version != "1.1" and (version != "1.0" or not http10):
+        if not _VERSIONED_LINE.fullmatch(head, start, line_end):
+            # llhttp reads a line without a version ("GET /", HTTP/0.9's
+            # simple request) as version 0.9.  It is no request line of RFC
+            # 9112 §3 (400), and incomplete_head_error says so as soon as
+            # the line ends: the same bytes must get the same answer whether
+            # the blank line came with them or after them.
+            raise ProtocolError(
+                "malformed request line: not METHOD SP target SP HTTP/x.y (RFC 9112 §3)"
+            )
         # HTTP/0.9 has no head to hand off and HTTP/2 is another protocol
         # (RFC 9110 §15.6.6: 505 for a major version we do not support).
         # HTTP/1.0 is refused only for callers that cannot answer it.
