@@ -788,6 +788,39 @@ def test_client_taking_nothing_of_a_relayed_body_is_logged_plainly(
         app.join(timeout=10)
 
 
+@pytest.mark.parametrize(
+    "codings",
+    [
+        b"Transfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n",
+        b"Transfer-Encoding: xchunked\r\n",
+    ],
+)
+def test_response_whose_final_coding_is_not_chunked_is_relayed_to_the_close(
+    no_fd_leak: None, sockdir: Path, fronts: Callable[..., FrontProcess], codings: bytes
+) -> None:
+    """RFC 9112 section 6.3: chunked that is not the final coding, over two
+    lines or as the end of another coding's name, leaves the body to end at
+    the close, and the client reads it so: the front must not cut it as
+    chunked (it would fail on the first line and cut the answer short)."""
+    body = b"not a chunk-size line\r\nwhatever the coding made of it"
+
+    def close_delimited(conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\n" + codings + b"\r\n" + body)
+
+    with _app_listener("unix", sockdir) as (listener, config):
+        app = _raw_app(listener, close_delimited)
+        front = fronts(config=config)
+        with front.connect() as client:
+            client.settimeout(10)
+            client.sendall(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+            answer = read_to_close(client)
+        app.join(timeout=10)
+    head, _, relayed = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert relayed == body
+    front.wait_for(r'"GET /x" route=/ relayed 200')
+
+
 @pytest.mark.parametrize("piecewise", [False, True])
 def test_handoff_fields_in_relayed_trailers_never_reach_the_client(
     no_fd_leak: None, sockdir: Path, fronts: Callable[..., FrontProcess], piecewise: bool

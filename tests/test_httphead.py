@@ -191,6 +191,28 @@ def test_response_head() -> None:
     assert info.value.status_hint == 502
 
 
+@pytest.mark.parametrize(
+    ("fields", "chunked"),
+    [
+        (b"Transfer-Encoding: chunked\r\n", True),
+        (b"Transfer-Encoding: gzip, chunked\r\n", True),
+        (b"Transfer-Encoding: gzip\r\nTransfer-Encoding: Chunked\r\n", True),
+        (b"Transfer-Encoding: chunked,\r\n", True),  # RFC 9110 §5.6.1: empty elements
+        # RFC 9112 §6.3: chunked not last (over several lines too), or a
+        # coding that merely ends in "chunked": the body ends at the close.
+        (b"Transfer-Encoding: xchunked\r\n", False),
+        (b"Transfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n", False),
+        (b"Transfer-Encoding: chunked, gzip\r\n", False),
+        (b"Transfer-Encoding: identity\r\n", False),
+    ],
+)
+def test_response_is_chunked_only_when_chunked_is_the_final_coding(
+    fields: bytes, chunked: bool
+) -> None:
+    head = parse_response_head(b"HTTP/1.1 200 OK\r\n" + fields + b"\r\n")
+    assert (head.chunked, head.content_length) == (chunked, None)
+
+
 # --- chunked bodies ----------------------------------------------------------------------
 
 CHUNKED = b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nTrailer: x\r\n\r\n"

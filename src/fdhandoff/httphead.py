@@ -755,13 +755,20 @@ def parse_response_head(head: bytes, *, max_headers: int = MAX_HEADERS) -> Respo
     if len(collector.headers) > max_headers:
         raise ProtocolError(f"more than {max_headers} response header lines", status_hint=502)
     content_length: int | None = None
-    chunked = False
+    codings: list[bytes] = []
     for name, value in collector.headers:
         lower = name.lower()
         if lower == b"content-length":
             content_length = int(value)
-        elif lower == b"transfer-encoding" and value.lower().rstrip().endswith(b"chunked"):
-            chunked = True
+        elif lower == b"transfer-encoding":
+            codings += value.split(b",")
+    # RFC 9112 §6.3: a response body is chunked only when chunked is the
+    # final coding of the whole list, every Transfer-Encoding line taken
+    # together (RFC 9110 §5.3), and compared as a token, not a suffix
+    # ("xchunked" is another coding); otherwise it ends at the close.  The
+    # front must cut the body where the client will, which reads the same list.
+    final = [coding.strip(b" \t") for coding in codings if coding.strip(b" \t")]
+    chunked = bool(final) and final[-1].lower() == b"chunked"
     return ResponseHead(
         parser.get_status_code(),
         collector.reason,
