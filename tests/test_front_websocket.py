@@ -339,6 +339,19 @@ def test_expect_100_continue_gets_100_before_the_101(
         (upgrade_request(key=b"short"), 400, "Sec-WebSocket-Key"),
         (b"GET /ws HTTP/1.1\r\nHost: a\r\n\r\n", 400, "Upgrade header does not list"),
         (upgrade_request().replace(b"GET", b"POST"), 400, "must use GET"),
+        # RFC 9110 §7.8, §9.3.1: content would be read as the first frames.
+        (
+            upgrade_request().replace(b"\r\n\r\n", b"\r\nContent-Length: 5\r\n\r\nhello"),
+            400,
+            "upgrade request with content",
+        ),
+        (
+            upgrade_request().replace(
+                b"\r\n\r\n", b"\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+            ),
+            400,
+            "upgrade request with content",
+        ),
     ],
 )
 def test_invalid_upgrades(

@@ -533,6 +533,56 @@ def test_bad_handshake_is_refused_before_the_app(
     assert app.messages == []
 
 
+@pytest.mark.parametrize("kept_alive", [False, True])
+@pytest.mark.parametrize(
+    ("framing", "content"),
+    [
+        (("Content-Length", "5"), b"hello"),
+        (("Transfer-Encoding", "chunked"), b"5\r\nhello\r\n0\r\n\r\n"),
+    ],
+)
+def test_upgrade_request_with_content_is_400(
+    sock_path: str,
+    no_fd_leak: None,
+    kept_alive: bool,
+    framing: tuple[str, str],
+    content: bytes,
+) -> None:
+    """RFC 9110 §7.8, §9.3.1: the client's content is HTTP, not the first
+    WebSocket frames (as it was read once the 101 had gone): the upgrade is
+    refused, on a handed-off request and on a later one alike."""
+    scopes: list[str] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            return  # none: the adapter goes on without it
+        scopes.append(scope["type"])
+        if scope["type"] == "http":
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body"})
+        elif scope["type"] == "websocket":
+            await receive()
+            await send({"type": "websocket.accept"})
+
+    with ASGIReceiver(app, sock_path, lifespan=False):
+        if kept_alive:
+            client = hand_over(sock_path, "GET", "/page")
+            reader = ResponseReader(client)
+            assert reader.read().status == 204
+            head = "".join(f"{name}: {value}\r\n" for name, value in [*UPGRADE, framing])
+            client.sendall(b"GET /live HTTP/1.1\r\nHost: x\r\n" + head.encode() + b"\r\n")
+        else:
+            client = hand_over(sock_path, "GET", "/live", [*UPGRADE, framing])
+            reader = ResponseReader(client)
+        client.sendall(content)
+        response = reader.read()
+        assert reader.closed()
+        client.close()
+    assert response.status == 400
+    assert b"upgrade request with content" in response.body
+    assert scopes == (["http"] if kept_alive else [])
+
+
 def test_wss_scheme_and_upgrade_after_a_kept_alive_request(sock_path: str) -> None:
     scopes: list[dict[str, Any]] = []
 

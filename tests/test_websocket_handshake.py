@@ -116,6 +116,11 @@ def test_token_lists_over_several_lines(upgrade: list[bytes], connection: list[b
     assert check_upgrade(b"GET", b"1.1", headers) == RFC_KEY
 
 
+@pytest.mark.parametrize("length", [b"0", b"00", b" 0 "])
+def test_an_empty_content_length_is_no_content(length: bytes) -> None:
+    assert check_upgrade(b"GET", b"1.1", [*VALID, (b"Content-Length", length)]) == RFC_KEY
+
+
 def test_any_16_byte_key_is_accepted() -> None:
     for raw in (bytes(16), b"\xff" * 16, bytes(range(16))):
         key = base64.b64encode(raw)
@@ -156,6 +161,10 @@ def test_any_16_byte_key_is_accepted() -> None:
         (b"GET", b"1.1", replace(b"Sec-WebSocket-Key", b"dGhlIHNhbXBsZSBub25jZQ"), "16 bytes"),
         (b"GET", b"1.1", replace(b"Sec-WebSocket-Key", b"dGhlIHNhbXB sZSBub25jZQ="), "16 bytes"),
         (b"GET", b"1.1", [*VALID, (b"Sec-WebSocket-Version", b"13")], "more than one Sec-W"),
+        # RFC 9110 §7.8, §9.3.1: its content would be read as WebSocket frames.
+        (b"GET", b"1.1", [*VALID, (b"Content-Length", b"5")], "upgrade request with content"),
+        (b"GET", b"1.1", [*VALID, (b"content-length", b"01")], "upgrade request with content"),
+        (b"GET", b"1.1", [*VALID, (b"Transfer-Encoding", b"chunked")], "request with content"),
     ],
 )
 def test_rejected_with_400(

@@ -184,7 +184,9 @@ def check_upgrade(method: bytes, http_version: bytes, headers: HeaderPairs) -> b
     ``http_version`` is ``b"1.1"`` or ``b"HTTP/1.1"``.  ``headers`` are the
     request's (name, value) pairs.  Raises :class:`ProtocolError` with
     ``status_hint=400`` and a message naming the problem, or ``status_hint=426``
-    when ``Sec-WebSocket-Version`` is missing or not 13.  The version is
+    when ``Sec-WebSocket-Version`` is missing or not 13.  A request that
+    announces content (``Content-Length`` other than 0, ``Transfer-Encoding``)
+    is 400: its body would otherwise be read as WebSocket frames.  The version is
     checked before the key so that a client speaking an older draft (which has
     no ``Sec-WebSocket-Key``) learns which version to use.
     """
@@ -200,8 +202,24 @@ def check_upgrade(method: bytes, http_version: bytes, headers: HeaderPairs) -> b
         raise ProtocolError("Upgrade header does not list 'websocket'")
     if not _has_token(_values(pairs, b"connection"), b"upgrade"):
         raise ProtocolError("Connection header does not list 'upgrade'")
+    if _has_content(pairs):
+        # RFC 9110 §7.8: the new protocol starts after the whole request,
+        # content included; RFC 9110 §9.3.1: content in a GET has no meaning
+        # and may be refused as a smuggling attempt.  Whoever answers the
+        # 101 here (the front, a receiver) reads no request content: the
+        # client's body bytes would be taken for its first WebSocket frames,
+        # where the client and any intermediary see HTTP content.
+        raise ProtocolError("WebSocket upgrade request with content (RFC 9110 §9.3.1)")
     _check_version(pairs)
     return _check_key(pairs)
+
+
+def _has_content(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether a request announces content: any ``Transfer-Encoding``, or a
+    ``Content-Length`` other than zero (RFC 9112 §6.3)."""
+    if _values(headers, b"transfer-encoding"):
+        return True
+    return any(value.strip(b"0") for value in _values(headers, b"content-length"))
 
 
 def expects_continue(headers: HeaderPairs) -> bool:
