@@ -684,6 +684,32 @@ def test_client_connection_option_cannot_strip_framing_or_host(
     assert front.settled_fd_count(baseline) == baseline
 
 
+def test_header_names_a_cgi_server_would_confuse_are_not_forwarded(
+    no_fd_leak: None, app: type[App], sockdir: Path, fronts: Callable[..., FrontProcess]
+) -> None:
+    """The rule of pass mode (and nginx's proxy defaults): names with anything
+    but letters, digits and "-" stay behind.  An application behind a
+    CGI-style server would read X_Forwarded_Proto as HTTP_X_FORWARDED_PROTO,
+    beside the X-Forwarded-Proto the front sets."""
+    front = fronts(config=auth_config(app, sockdir))
+    status, _, _ = http_exchange(
+        front,
+        b"GET /app/plain HTTP/1.1\r\nHost: a\r\nX_Forwarded_Proto: https\r\n"
+        b"X.Forwarded.For: 203.0.113.9\r\nX-Kept: 1\r\n\r\n",
+    )
+    assert status == 201
+    headers = app.seen[-1]["headers"]
+    assert isinstance(headers, dict)
+    assert (headers["X-Forwarded-Proto"], headers["X-Kept"]) == ("http", "1")
+    assert "X_Forwarded_Proto" not in headers
+    assert "X.Forwarded.For" not in headers
+    assert headers["X-Forwarded-For"] == "127.0.0.1"
+    front.wait_for(
+        "dropped header\\(s\\) whose name is not letters, digits and '-': "
+        "X_Forwarded_Proto, X.Forwarded.For"
+    )
+
+
 def _auth_route(upstream: str, sockdir: Path, extra: str = "") -> str:
     """An auth route for everything, to the application at ``upstream``."""
     return (

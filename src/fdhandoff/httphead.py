@@ -272,7 +272,8 @@ def is_cgi_header_name(name: bytes) -> bool:
     """Whether a request header named ``name`` is passed on to applications.
 
     The one rule for every request, whichever role read it: the front for
-    the first request of a connection, the receiver for the next ones.  RFC
+    the first request of a connection (to a receiver, or to the application
+    of an auth route), the receiver for the next ones.  RFC
     9110 §5.1 allows any token, but a CGI name (``HTTP_X_A``, RFC 3875
     §4.1.18) turns "-" into "_", so ``X_A`` and ``X-A`` would meet under one
     name and a client could slip one past a check on the other; ``X.A`` has

@@ -40,7 +40,14 @@ from typing import TYPE_CHECKING, Any, Final
 
 from .. import aio
 from ..errors import ProtocolError
-from ..httphead import ChunkedReader, RequestHead, ResponseHead, http_date, parse_response_head
+from ..httphead import (
+    ChunkedReader,
+    RequestHead,
+    ResponseHead,
+    http_date,
+    is_cgi_header_name,
+    parse_response_head,
+)
 from ..message import MAX_PAYLOAD_SIZE, encode_payload
 from .config import Address, HandoffFormat, RouteConfig
 from .describe import Endpoint, describe
@@ -422,14 +429,24 @@ class _Exchange:
             for token in value.split(b",")
         } - _KEPT_REQUEST
         forwarded_for: list[bytes] = []
+        dropped: list[bytes] = []
         for name, value in head.headers:
             lower = name.lower()
             if lower in _DROP_REQUEST or lower in connection_named:
+                continue
+            if not is_cgi_header_name(name):
+                # The rule of pass mode and of nginx's proxy defaults: an
+                # application behind a CGI-style server reads "X_Forwarded_Proto"
+                # as HTTP_X_FORWARDED_PROTO, beside (or instead of) the
+                # X-Forwarded-Proto the front sets below.
+                dropped.append(name)
                 continue
             if lower == b"x-forwarded-for":
                 forwarded_for.append(value)
                 continue
             lines.append(name + b": " + value)
+        if dropped:
+            self.front.log_dropped(self.req, dropped)
         client_addr = self.peer.addr if self.peer.port else b"unix"
         lines.append(b"X-Forwarded-For: " + b", ".join([*forwarded_for, client_addr]))
         lines.append(b"X-Forwarded-Proto: https" if self.req.https else b"X-Forwarded-Proto: http")

@@ -1076,7 +1076,7 @@ class Front:
             channel=self._channels,
         )
         if dropped:
-            self._log_dropped(req, dropped)
+            self.log_dropped(req, dropped)
         self._send(route.backend, sock, message, req)
 
     def _websocket(
@@ -1113,7 +1113,7 @@ class Front:
             channel=self._channels,
         )
         if dropped:
-            self._log_dropped(req, dropped)
+            self.log_dropped(req, dropped)
         # Connect first: while the backend can still refuse, the client can
         # still get a plain 503 instead of a 101 followed by a close.
         link = self._link(route.backend, sock, req)
@@ -1304,7 +1304,8 @@ class Front:
                 start=req.start,
             )  # fmt: skip
 
-    def _log_dropped(self, req: Request, dropped: list[bytes]) -> None:
+    def log_dropped(self, req: Request, dropped: list[bytes]) -> None:
+        """Log the header names not passed on (httphead.is_cgi_header_name), in every mode."""
         names = ", ".join(name.decode("ascii", "replace") for name in dropped)
         log.info(
             "%s: dropped header(s) whose name is not letters, digits and '-': %s",
