@@ -77,9 +77,9 @@ def _die_with_parent(parent: int) -> None:
 
 WorkerMain = Callable[[int], int]
 
-#: What a reload returns: how many workers the new generation has, and what
-#: each runs (given its slot number); None when the reload is refused.
-Generation = tuple[int, WorkerMain]
+#: What a reload returns: how many workers the new generation has, what each
+#: runs (given its slot number) and its grace period; None when refused.
+Generation = tuple[int, WorkerMain, float]
 
 
 def _spawn(
@@ -134,7 +134,7 @@ def supervise(
     signals = set(_SIGNALS) | ({signal.SIGHUP} if reload is not None else set())
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     workers: dict[int, tuple[int, float]] = {}  # pid -> (slot, started)
-    retiring: dict[int, float] = {}  # pid of an earlier generation -> when told to stop
+    retiring: dict[int, float] = {}  # pid of an earlier generation -> when to kill it
     pending: list[tuple[float, int]] = []  # (restart time, slot)
     stopping_since: float | None = None
 
@@ -171,10 +171,11 @@ def supervise(
                 else:
                     generation = _next_generation(reload, log)
                     if generation is not None:
-                        count, worker_main = generation
                         # The old generation goes once the new one runs: the
-                        # sockets are never without a worker accepting.
-                        retiring.update(dict.fromkeys(workers, now))
+                        # sockets are never without a worker accepting.  It
+                        # stops within its own grace period, not the new one's.
+                        retiring.update(dict.fromkeys(workers, now + grace + KILL_MARGIN))
+                        count, worker_main, grace = generation
                         workers.clear()
                         pending.clear()
                         for slot in range(count):
@@ -199,21 +200,20 @@ def supervise(
                 if due <= now and stopping_since is None:
                     pending.remove((due, slot_no))
                     log.info("worker %d restarted as pid %d", slot_no, spawn(slot_no))
-            limit = grace + KILL_MARGIN
-            late = [pid for pid, since in retiring.items() if now - since > limit]
+            late = [pid for pid, deadline in retiring.items() if now > deadline]
             if late:
                 log.warning("killing %d workers of an earlier generation still running", len(late))
                 for pid in late:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
-                    retiring[pid] = now  # wait for them to be reaped
-            if stopping_since is not None and now - stopping_since > limit:
+                    retiring[pid] = now + KILL_MARGIN  # wait for them to be reaped
+            if stopping_since is not None and now - stopping_since > grace + KILL_MARGIN:
                 log.warning("killing %d workers still running", len(workers))
                 _signal_all(workers, signal.SIGKILL)
                 stopping_since = now  # wait for them to be reaped
         return 0
     finally:
-        workers.update({pid: (-1, since) for pid, since in retiring.items()})
+        workers.update({pid: (-1, 0.0) for pid in retiring})
         if workers:
             # Leaving through an error: stop the workers as a signal would
             # have, rather than leave them running without a supervisor.

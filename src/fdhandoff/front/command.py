@@ -162,7 +162,9 @@ def _supervise(front: Front) -> int:
             return runner.run(front.serve())
 
     def reload() -> Generation | None:
-        return (front.config.workers, worker) if front.reload_config() else None
+        if not front.reload_config():
+            return None
+        return front.config.workers, worker, front.config.timeouts.shutdown
 
     def stop_listening() -> None:
         front.close_listeners()

@@ -1,4 +1,5 @@
-"""``--workers``: no worker outlives its supervisor, whatever ends the supervisor."""
+"""Worker processes (the receiver's ``--workers``, the front's ``workers``): no worker
+outlives its supervisor, whatever ends it; a SIGHUP starts a new generation."""
 
 from __future__ import annotations
 
@@ -137,3 +138,82 @@ def test_workers_ignoring_sigterm_are_killed_after_grace_and_margin(tmp_path: Pa
     assert status == 0
     assert terminated == workers
     assert time.monotonic() - started < 15
+
+
+GENERATIONS = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    from pathlib import Path
+    from fdhandoff import supervisor
+
+    out = Path(sys.argv[1])
+    supervisor.KILL_MARGIN = 0.5
+
+    def worker_of(generation: int):
+        def worker(slot: int) -> int:
+            # The first generation ignores SIGTERM: only SIGKILL ends it.
+            if generation == 1:
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            (out / f"gen{generation}-{os.getpid()}").touch()
+            while True:
+                time.sleep(1)
+        return worker
+
+    reloads = iter([None, (3, worker_of(2), 0.5)])  # refused, then a new generation
+
+    def reload():
+        (out / "reload").touch()
+        return next(reloads)
+
+    sys.exit(supervisor.supervise(2, worker_of(1), 0.5, reload=reload))
+    """
+)
+
+
+def test_sighup_starts_a_new_generation_and_kills_an_old_one_past_its_grace(
+    tmp_path: Path,
+) -> None:
+    """A refused reload keeps the workers; an accepted one forks the new
+    generation, then retires the old one, killed once past grace + margin
+    when it ignores SIGTERM; a dead worker of the new generation is still
+    replaced, and SIGTERM stops the lot."""
+    script = tmp_path / "generations.py"
+    script.write_text(GENERATIONS)
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    seen: set[int] = set()
+
+    def pids(generation: int, count: int) -> set[int]:
+        deadline = time.monotonic() + 20
+        while True:
+            found = {int(p.name.split("-")[1]) for p in tmp_path.glob(f"gen{generation}-*")}
+            seen.update(found)
+            if len(found) >= count or time.monotonic() > deadline:
+                return found
+            time.sleep(0.05)
+
+    with _killing_leftovers(seen):
+        proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=env)
+        try:
+            first = pids(1, 2)
+            assert len(first) == 2
+            proc.send_signal(signal.SIGHUP)  # refused: nothing changes
+            deadline = time.monotonic() + 20
+            while not (tmp_path / "reload").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.3)
+            assert _children(proc.pid) == first
+            proc.send_signal(signal.SIGHUP)
+            second = pids(2, 3)
+            assert len(second) == 3
+            assert not _wait_gone(first, 10), "the old generation was not killed"
+            assert _children(proc.pid) == second
+            victim = min(second)
+            os.kill(victim, signal.SIGKILL)
+            assert len(pids(2, 4)) == 4, "a dead worker of the new generation is replaced"
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(20) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert not _wait_gone(seen, 5)
