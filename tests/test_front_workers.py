@@ -6,6 +6,7 @@ real sockets; the configuration file is rewritten between signals.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -179,13 +180,22 @@ def test_reload_replaces_the_workers_and_refuses_no_connection(
     assert _gone(new)
 
 
-def test_a_dead_worker_is_replaced(sockdir: Path, receiver: TestReceiver) -> None:
+@contextlib.contextmanager
+def _two_workers(
+    sockdir: Path, receiver: TestReceiver
+) -> Iterator[tuple[FrontProcess, int, set[int]]]:
+    """A front with ``workers = 2``, every worker ready: (front, port, worker pids)."""
     port = _free_port()
     path = sockdir / "front.toml"
     path.write_text("workers = 2\n" + _config([port], receiver.path))
     with running_front(["--config", str(path)]) as front:
         workers = _pids(front.wait_for(_SUPERVISING))
         _wait_ready(front, 2)
+        yield front, port, workers
+
+
+def test_a_dead_worker_is_replaced(sockdir: Path, receiver: TestReceiver) -> None:
+    with _two_workers(sockdir, receiver) as (front, port, workers):
         victim = min(workers)
         os.kill(victim, signal.SIGKILL)
         front.wait_for(rf"worker \d \(pid {victim}\) died: killed by signal 9; restarting")
@@ -201,12 +211,7 @@ def test_a_dead_worker_is_replaced(sockdir: Path, receiver: TestReceiver) -> Non
 def test_a_worker_ignores_sighup_and_names_the_supervisor(
     sockdir: Path, receiver: TestReceiver
 ) -> None:
-    port = _free_port()
-    path = sockdir / "front.toml"
-    path.write_text("workers = 2\n" + _config([port], receiver.path))
-    with running_front(["--config", str(path)]) as front:
-        workers = _pids(front.wait_for(_SUPERVISING))
-        _wait_ready(front, 2)
+    with _two_workers(sockdir, receiver) as (front, port, workers):
         os.kill(min(workers), signal.SIGHUP)
         front.wait_for(
             rf"SIGHUP ignored: a worker; send it to the supervisor \(pid {front.proc.pid}\)"
