@@ -203,6 +203,40 @@ def test_curl_over_tls_is_handed_off_with_https_in_the_description(
     assert front.settled_fd_count(baseline) == baseline
 
 
+def test_workers_hand_off_tls_connections_before_and_after_a_reload(
+    certs: tuple[Path, Path], receivers: Callable[..., TestReceiver], sockdir: Path
+) -> None:
+    """``workers = 2``: the TLS context made by the supervisor serves in every
+    forked worker, on kernel TLS, and in the generation a SIGHUP forks."""
+    receiver = receivers()
+    cert, key = certs
+    path = sockdir / "workers.toml"
+    path.write_text(
+        f'workers = 2\n[[listen]]\naddress = "127.0.0.1:0"\n'
+        f'tls_certificate = "{cert}"\ntls_key = "{key}"\n{route(receiver)}'
+    )
+    front = FrontProcess(["--config", str(path)])
+    try:
+        front.wait_for(r"supervising 2 workers")
+
+        def fetch_all(count: int) -> None:
+            for index in range(count):
+                with tls_connect(front, certs) as tls:
+                    tls.sendall(b"GET /w%d HTTP/1.1\r\nHost: localhost\r\n\r\n" % index)
+                    data = read_until_close(tls, close_notify=False)
+                assert data.startswith(b"HTTP/1.1 200"), data[:200]
+                handoff = receiver.next()
+                assert handoff.headers[b"HTTPS"] == b"on"
+                assert handoff.headers[b"KTLS_RX"] == b"1"
+
+        fetch_all(8)
+        front.proc.send_signal(signal.SIGHUP)
+        front.wait_for(r"new generation of 2 workers")
+        fetch_all(8)
+    finally:
+        assert front.stop() == 0
+
+
 def test_a_proxy_protocol_header_comes_before_the_handshake(
     certs: tuple[Path, Path],
     receivers: Callable[..., TestReceiver],
