@@ -166,15 +166,12 @@ def _supervise(front: Front) -> int:
             return None
         return front.config.workers, worker, front.config.timeouts.shutdown
 
-    def stop_listening() -> None:
-        front.close_listeners()
-
     try:
         return supervise(
             front.config.workers,
             worker,
             front.config.timeouts.shutdown,
-            stop_listening,
+            front.close_listeners,
             reload=reload,
             logger=log,
         )

@@ -344,19 +344,15 @@ def usable_cpus() -> int:
 
 
 def _workers(raw: Mapping[str, Any], override: int | None, errors: _Errors) -> int:
-    if override is not None:
-        if not 1 <= override <= MAX_WORKERS:
-            errors.add("--workers", override, f"must be between 1 and {MAX_WORKERS}")
-            return 1
-        return override
-    value = raw.get("workers", 1)
+    where = "workers" if override is None else "--workers"
+    value = raw.get("workers", 1) if override is None else override
     if value == "auto":
         return min(usable_cpus(), MAX_WORKERS)
     if isinstance(value, bool) or not isinstance(value, int):
-        errors.add("workers", value, 'must be an integer or "auto"')
+        errors.add(where, value, 'must be an integer or "auto"')
         return 1
     if not 1 <= value <= MAX_WORKERS:
-        errors.add("workers", value, f"must be between 1 and {MAX_WORKERS}")
+        errors.add(where, value, f"must be between 1 and {MAX_WORKERS}")
         return 1
     return value
 
