@@ -752,3 +752,43 @@ def unread_by(conn: socket.socket) -> int:
     count = array.array("i", [0])
     fcntl.ioctl(conn.fileno(), termios.TIOCOUTQ, count)
     return count[0]
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
+def test_handoffs_finished_by_a_channels_first_read_all_start_at_once(
+    tmp_path: Path, loop: str, split: bool, no_fd_leak: None
+) -> None:
+    """A channel's first description sent in two parts (a partial sendmsg,
+    the fd with the first part) lets one read finish it and bring the whole
+    next handoff, fd included (unix(7)).  Both are answered and acknowledged
+    at once, with nothing more arriving on the channel to wake the reader."""
+    from fdhandoff import fdpass, scgi  # noqa: PLC0415
+    from fdhandoff.message import CHANNEL_ACK  # noqa: PLC0415
+
+    path = str(tmp_path / "r.sock")
+    first = scgi.encode(front_headers("GET", "/one", HANDOFF_CHANNEL="1"))
+    second = scgi.encode(front_headers("GET", "/two", HANDOFF_CHANNEL="1"))
+    one, one_server = tcp_pair()
+    two, two_server = tcp_pair()
+    with ReceiverThread(echo, [Bind(path)], loop=loop), socket.socket(socket.AF_UNIX) as conn:
+        conn.connect(path)
+        if split:
+            fdpass.send_fd(conn, first[:10], one_server.fileno())
+            conn.sendall(first[10:])
+        else:
+            fdpass.send_fd(conn, first, one_server.fileno())
+        fdpass.send_fd(conn, second, two_server.fileno())
+        one_server.close()
+        two_server.close()
+        assert read_all(one, timeout=3).endswith(b"GET /one 0\n")
+        assert read_all(two, timeout=3).endswith(b"GET /two 0\n")
+        conn.settimeout(3)
+        acks = b""
+        while len(acks) < 2:
+            more = conn.recv(2)
+            assert more, "channel closed"
+            acks += more
+        assert acks == CHANNEL_ACK * 2
+    one.close()
+    two.close()

@@ -41,7 +41,7 @@ from typing import Any, Final, Protocol
 
 from .. import aio, fdpass, systemd
 from ..errors import FdPassError, ProtocolError
-from ..message import CHANNEL_ACK, NEED_DATA, Format, HandoffReader, HandoffRecord, Signal
+from ..message import CHANNEL_ACK, CLOSED, NEED_DATA, Format, HandoffReader, HandoffRecord, Signal
 from ..metrics import Metrics, parse_address, serve_metrics
 from . import http
 from .answer import error_close_frame
@@ -109,7 +109,6 @@ class Receiver:
         #: Channels with a writer registered: their sender stopped reading
         #: its acknowledgements, the rest go out when it reads again.
         self._ack_blocked: set[socket.socket] = set()
-        self._ack_flush: asyncio.Handle | None = None
         self._reserve = FdReserve()
         #: New UNIX connections whose handoff is still being read.
         self._taking = 0
@@ -252,7 +251,10 @@ class Receiver:
                 keep = True  # the Persistent reader owns conn from here on
                 persistent = Persistent(self, conn, reader)
                 self._persistent.add(persistent)
-                self._start_one(conn, record, client)
+                # The read that finished this handoff may have finished the
+                # next ones too (a description split over two sends): they
+                # start now, not when the sender next writes.
+                persistent.deliver(got)
                 persistent.resume()
                 return
             if record.format is Format.PLAIN_SCGI:
@@ -278,28 +280,25 @@ class Receiver:
             self.loop.remove_writer(conn.fileno())
         conn.close()
 
-    def _start_one(self, conn: socket.socket, record: HandoffRecord, client: socket.socket) -> None:
-        """Run one handoff of a persistent connection in its own task; on a
-        channel, acknowledge it."""
-        handoff = self._open(record, client)
-        if handoff is not None:
-            self.spawn(self._run(handoff), eager=True)
-        if record.channel:
-            self._ack(conn)
+    def _start(self, conn: socket.socket, taken: list[tuple[HandoffRecord, socket.socket]]) -> None:
+        """Acknowledge the channel handoffs of one read, then run each in its own task.
 
-    def _ack(self, conn: socket.socket) -> None:
-        """Acknowledge one channel handoff, after the handlers scheduled so far
-        have had their first turn: call_soon callbacks run in order."""
-        self._acks[conn] = self._acks.get(conn, 0) + 1
-        if self._ack_flush is None:
-            self._ack_flush = self.loop.call_soon(self._flush_all_acks)
-
-    def _flush_all_acks(self) -> None:
-        self._ack_flush = None
-        blocked = self._ack_blocked
-        for conn in list(self._acks):
-            if conn not in blocked:  # else its writer flushes it
+        Acknowledged first, with one write for the lot: the fds are ours from
+        the read on, and the sender, woken now, closes its copies while the
+        handlers run (on another core) instead of after them, when it would
+        compete with its next client's request.
+        """
+        acks = 0
+        for record, _ in taken:
+            acks += record.channel
+        if acks:
+            self._acks[conn] = self._acks.get(conn, 0) + acks
+            if conn not in self._ack_blocked:  # else its writer flushes them
                 self._flush_acks(conn)
+        for record, client in taken:
+            handoff = self._open(record, client)
+            if handoff is not None:
+                self.spawn(self._run(handoff), eager=True)
 
     def _flush_acks(self, conn: socket.socket) -> None:
         count = self._acks.pop(conn, 0)
@@ -641,16 +640,13 @@ class Persistent:
             return
         try:
             got = receiver._read_once(self.conn, self.assembly)
-            # One read can finish several handoffs (a burst on a channel).
-            while isinstance(got, tuple):
-                receiver._start_one(self.conn, *got)
-                if self.fd < 0:
-                    return  # closed by a handler that ran eagerly (stop_accepting)
-                got = self.assembly.next()
         except (FdPassError, ProtocolError, OSError) as exc:
             receiver._read_failed(exc)
             self.close()
             return
+        got = self.deliver(got)
+        if self.fd < 0:
+            return  # closed: a broken handoff, or a handler that ran eagerly (stop_accepting)
         if got is not NEED_DATA:  # CLOSED: the sender is done with it
             self.close()
         elif self._reset_pending():
@@ -662,6 +658,26 @@ class Persistent:
             # the end of the connection.
             self._pause()
             self.resume()
+
+    def deliver(self, got: tuple[HandoffRecord, socket.socket] | Signal) -> Signal:
+        """Start ``got`` and every later handoff the reads so far have finished
+        (one read can finish several: a burst on a channel); the signal after them.
+
+        A broken handoff behind good ones closes the connection once the good
+        ones are started: their clients are owed their answers.
+        """
+        taken = []
+        try:
+            while isinstance(got, tuple):
+                taken.append(got)
+                got = self.assembly.next()
+        except (FdPassError, ProtocolError, OSError) as exc:
+            self.receiver._start(self.conn, taken)
+            self.receiver._read_failed(exc)
+            self.close()
+            return CLOSED
+        self.receiver._start(self.conn, taken)
+        return got
 
     def _reset_pending(self) -> bool:
         """True (and the error cleared) when the socket holds an error (SO_ERROR)."""
