@@ -156,6 +156,15 @@ def test_bad_bind_is_a_config_error(tmp_path: Path) -> None:
         (["--handoff-timeout", "nan"], "--handoff-timeout must be positive"),
         (["--write-timeout", "0"], "--write-timeout must be positive"),
         (["--workers", "0"], "--workers must be at least 1"),
+        (["--keepalive-timeout", "-1"], "--keepalive-timeout must not be negative"),
+        (["--keepalive-timeout", "nan"], "--keepalive-timeout must not be negative"),
+        (["--max-head-size", "512"], "--max-head-size must be between 1024 and 1048576"),
+        (["--max-uri-length", "10"], "--max-uri-length must be between 64 and 1048576"),
+        (["--max-headers", "0"], "--max-headers must be between 1 and 10000"),
+        (
+            ["--max-head-size", "2048", "--max-uri-length", "4096"],
+            "--max-uri-length is larger than max_head_size (2048)",
+        ),
     ],
 )
 def test_out_of_range_options_are_config_errors(
@@ -422,3 +431,49 @@ def test_error_paths_leave_no_fd_in_the_receiver(tmp_path: Path) -> None:
         assert _get(path)[0] == 200
         time.sleep(0.5)
         assert fd_count(proc.pid) == baseline
+
+
+def test_asgi_keepalive_flags_bound_the_requests_the_receiver_reads_itself(
+    tmp_path: Path,
+) -> None:
+    """--keepalive-timeout and the head limits apply to the requests a
+    kept-alive ASGI connection brings after the handed-off one: those never
+    pass the front, so the receiver enforces its own flags on them."""
+    path = str(tmp_path / "r.sock")
+    with serve_process(
+        "test_receiver_support:asgi_echo",
+        [f"unix:{path}"],
+        "--interface", "asgi",
+        "--keepalive-timeout", "0.5",
+        "--max-head-size", "2048",
+        "--max-uri-length", "1024",
+        "--max-headers", "4",
+    ):  # fmt: skip
+        for next_head, status in (
+            (b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n", 200),
+            (b"GET /" + b"u" * 1100 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+            (b"GET /a HTTP/1.1\r\nHost: x\r\nX-Big: " + b"v" * 2100 + b"\r\n\r\n", 431),
+            (
+                b"GET /a HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(5)) + b"\r\n",
+                431,
+            ),
+        ):
+            client, server_side = tcp_pair()
+            send_scgi(path, front_headers("GET", "/first"), server_side)
+            client.settimeout(10)
+            first = read_until(client, b"/first")
+            assert first.startswith(b"HTTP/1.1 200 ")
+            assert b"connection: close" not in first.lower()
+            client.sendall(next_head)
+            answer = read_all(client)
+            assert answer.startswith(b"HTTP/1.1 %d " % status), (status, answer[:80])
+            client.close()
+        # Idle after a response: closed after the 0.5 s, not uvicorn's 5 s.
+        client, server_side = tcp_pair()
+        send_scgi(path, front_headers("GET", "/first"), server_side)
+        client.settimeout(10)
+        assert read_until(client, b"/first").startswith(b"HTTP/1.1 200 ")
+        started = time.monotonic()
+        assert read_all(client, timeout=10) == b""
+        assert time.monotonic() - started < 3
+        client.close()

@@ -50,6 +50,7 @@ from .errors import ProtocolError
 __all__ = [
     "DEFAULT_LIMITS",
     "HEAD_END",
+    "HEAD_LIMIT_RANGES",
     "MAX_CHUNK_SIZE_DIGITS",
     "MAX_CONTENT_LENGTH_DIGITS",
     "MAX_HEADERS",
@@ -196,6 +197,34 @@ class HeadLimits:
     max_head_size: int = MAX_HEAD_SIZE
     max_uri_length: int = MAX_URI_LENGTH
     max_headers: int = MAX_HEADERS
+
+    def problems(self) -> list[tuple[str, int, str]]:
+        """``(field, value, what is wrong)`` for every limit outside
+        :data:`HEAD_LIMIT_RANGES`, and for a URI limit above the head limit."""
+        found = []
+        for name, (low, high) in HEAD_LIMIT_RANGES.items():
+            value = getattr(self, name)
+            if not low <= value <= high:
+                found.append((name, value, f"must be between {low} and {high}"))
+        if self.max_uri_length > self.max_head_size:
+            found.append(
+                (
+                    "max_uri_length",
+                    self.max_uri_length,
+                    f"is larger than max_head_size ({self.max_head_size})",
+                )
+            )
+        return found
+
+
+#: What each head limit may be set to, in the front's ``[limits]`` and on the
+#: receiver's command line alike: below, ordinary requests would fail (a
+#: browser's head is 0.5-2 KiB); above, the limit would bound nothing.
+HEAD_LIMIT_RANGES: Final = {
+    "max_head_size": (1024, 1 << 20),
+    "max_uri_length": (64, 1 << 20),
+    "max_headers": (1, 10000),
+}
 
 
 DEFAULT_LIMITS: Final = HeadLimits()

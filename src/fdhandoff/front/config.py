@@ -22,7 +22,14 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from ..errors import ConfigError
-from ..httphead import MAX_HEAD_SIZE, MAX_HEADERS, MAX_URI_LENGTH, HeadLimits, is_token
+from ..httphead import (
+    HEAD_LIMIT_RANGES,
+    MAX_HEAD_SIZE,
+    MAX_HEADERS,
+    MAX_URI_LENGTH,
+    HeadLimits,
+    is_token,
+)
 from ..metrics import parse_address as parse_metrics_address
 from .tls import NamedCertificate, TlsFiles
 
@@ -651,38 +658,14 @@ def _subprotocols(table: Mapping[str, Any], path: str, errors: _Errors) -> tuple
 def _limits(table: Mapping[str, Any], errors: _Errors) -> Limits:
     _check_keys(table, list(Limits.__dataclass_fields__), "limits", errors)
     d = Limits()
-    head = _number(
-        table,
-        "max_head_size",
-        "limits",
-        errors,
-        default=d.max_head_size,
-        kind=int,
-        low=1024,
-        high=1 << 20,
-    )
+    head = {
+        name: _number(
+            table, name, "limits", errors, default=getattr(d, name), kind=int, low=low, high=high
+        )
+        for name, (low, high) in HEAD_LIMIT_RANGES.items()
+    }
     limits = Limits(
-        max_head_size=head,
-        max_uri_length=_number(
-            table,
-            "max_uri_length",
-            "limits",
-            errors,
-            default=d.max_uri_length,
-            kind=int,
-            low=64,
-            high=1 << 20,
-        ),
-        max_headers=_number(
-            table,
-            "max_headers",
-            "limits",
-            errors,
-            default=d.max_headers,
-            kind=int,
-            low=1,
-            high=10000,
-        ),
+        **head,
         max_body_size=_number(
             table,
             "max_body_size",
@@ -717,12 +700,8 @@ def _limits(table: Mapping[str, Any], errors: _Errors) -> Limits:
             table, "channels", "limits", errors, default=d.channels, kind=int, low=0, high=64
         ),
     )
-    if limits.max_uri_length > limits.max_head_size:
-        errors.add(
-            "limits.max_uri_length",
-            limits.max_uri_length,
-            f"larger than limits.max_head_size ({limits.max_head_size})",
-        )
+    for name, value, problem in limits.head.problems():  # out of range: reported above
+        errors.add(f"limits.{name}", value, problem)
     return limits
 
 

@@ -34,7 +34,6 @@ from typing import Any, Final
 from .. import websocket
 from ..errors import ConfigError, ProtocolError
 from ..httphead import (
-    DEFAULT_LIMITS,
     HeadLimits,
     empty_lines_end,
     find_head_end,
@@ -59,17 +58,12 @@ from .asgi_scope import (
 from .asgi_ws import WebSocketCycle
 from .body import BodyDecoder, framing
 from .handoff import Handoff
-from .options import Options
+from .options import KEEPALIVE_TIMEOUT, Options
 from .stream import ConnectionClosed
 
 __all__ = ["HEAD_TIMEOUT", "KEEPALIVE_TIMEOUT", "ASGIAdapter", "make_asgi_handler"]
 
 log = logging.getLogger("fdhandoff.receiver.asgi")
-
-#: Longest wait for the next request on a kept-alive connection; then it is
-#: closed quietly.  uvicorn's and Apache's default (nginx: 75 s).  Idle
-#: connections cost a task each, so the wait is short.
-KEEPALIVE_TIMEOUT: Final = 5.0
 
 #: Longest time from the first byte of a next request to the end of its head
 #: (408 after it): a client trickling a head must not hold a connection.
@@ -95,18 +89,20 @@ class ASGIAdapter:
         app: Any,
         options: Options | None = None,
         *,
-        keepalive_timeout: float = KEEPALIVE_TIMEOUT,
-        head_limits: HeadLimits = DEFAULT_LIMITS,
+        keepalive_timeout: float | None = None,
+        head_limits: HeadLimits | None = None,
     ) -> None:
         if not callable(app):
             raise ConfigError(f"--interface asgi: {app!r} is not an ASGI application (callable)")
-        if keepalive_timeout < 0:
+        self.options = options if options is not None else Options()
+        if keepalive_timeout is None:
+            keepalive_timeout = self.options.keepalive_timeout
+        if not keepalive_timeout >= 0:  # also NaN
             raise ConfigError("the keep-alive timeout must not be negative")
         self.app = app
-        self.options = options if options is not None else Options()
         #: 0 turns keep-alive off: one request per handoff.
         self.keepalive_timeout = keepalive_timeout
-        self.head_limits = head_limits
+        self.head_limits = self.options.head_limits if head_limits is None else head_limits
         self.lifespan = Lifespan(app)
         self._starting: asyncio.Task[None] | None = None
         self._on_move = self._move  # one bound method for every cycle

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from ..errors import ConfigError
+from ..httphead import MAX_HEAD_SIZE, MAX_HEADERS, MAX_URI_LENGTH, HeadLimits
 from ..metrics import parse_address
 from . import options as limits
 from .listeners import DEFAULT_SOCKET_MODE, Bind
@@ -101,6 +102,16 @@ def register(subparsers: Any) -> None:
     _limit(group, "--max-stream-buffer", int, limits.MAX_STREAM_BUFFER, "bytes queued per stream")
     _limit(group, "--max-ws-message-size", int, limits.MAX_WS_MESSAGE_SIZE, "bytes per message")
     _limit(group, "--max-connections", int, 0, "live connections per process, 0 = no limit")
+    _limit(
+        group,
+        "--keepalive-timeout",
+        float,
+        limits.KEEPALIVE_TIMEOUT,
+        "ASGI: seconds to wait for a next request on a connection, 0 = one request",
+    )
+    _limit(group, "--max-head-size", int, MAX_HEAD_SIZE, "ASGI: bytes of a next request's head")
+    _limit(group, "--max-uri-length", int, MAX_URI_LENGTH, "ASGI: bytes of its request line")
+    _limit(group, "--max-headers", int, MAX_HEADERS, "ASGI: header lines in its head")
     parser.set_defaults(handler=_run)
 
 
@@ -153,8 +164,14 @@ _POSITIVE: Final = (
     "max_stream_buffer",
     "max_ws_message_size",
 )
-#: Options where 0 means something (close at once, no body, no limit).
-_NOT_NEGATIVE: Final = ("grace", "linger_timeout", "max_body_size", "max_connections")
+#: Options where 0 means something (close at once, no body, no limit, no keep-alive).
+_NOT_NEGATIVE: Final = (
+    "grace",
+    "linger_timeout",
+    "max_body_size",
+    "max_connections",
+    "keepalive_timeout",
+)
 
 
 def build_options(args: argparse.Namespace) -> Options:
@@ -165,6 +182,11 @@ def build_options(args: argparse.Namespace) -> Options:
     for name in _NOT_NEGATIVE:
         if not getattr(args, name) >= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must not be negative")
+    head = HeadLimits(args.max_head_size, args.max_uri_length, args.max_headers)
+    problems = head.problems()
+    if problems:
+        name, _, problem = problems[0]
+        raise ConfigError(f"--{name.replace('_', '-')} {problem}")
     return Options(
         handoff_timeout=args.handoff_timeout,
         body_timeout=args.body_timeout,
@@ -179,6 +201,10 @@ def build_options(args: argparse.Namespace) -> Options:
         allow_gids=frozenset(args.allow_gid),
         access_log=not args.no_access_log,
         metrics=args.metrics,
+        keepalive_timeout=args.keepalive_timeout,
+        max_head_size=head.max_head_size,
+        max_uri_length=head.max_uri_length,
+        max_headers=head.max_headers,
     )
 
 

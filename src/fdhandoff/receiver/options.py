@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from ..fdpass import peer_credentials
+from ..httphead import MAX_HEAD_SIZE, MAX_HEADERS, MAX_URI_LENGTH, HeadLimits
 
 log = logging.getLogger("fdhandoff.receiver")
 
@@ -20,6 +21,7 @@ __all__ = [
     "BODY_TIMEOUT",
     "DEFAULT_GRACE",
     "HANDOFF_TIMEOUT",
+    "KEEPALIVE_TIMEOUT",
     "LINGER_TIMEOUT",
     "MAX_BODY_SIZE",
     "MAX_STREAM_BUFFER",
@@ -72,6 +74,11 @@ LINGER_TIMEOUT: Final = 2.0
 #: Default time live streams get to finish after SIGTERM before they are closed.
 DEFAULT_GRACE: Final = 10.0
 
+#: Longest wait for the next request on a kept-alive ASGI connection; then it
+#: is closed quietly.  uvicorn's and Apache's default (nginx: 75 s).  Idle
+#: connections cost a task each, so the wait is short.
+KEEPALIVE_TIMEOUT: Final = 5.0
+
 
 @dataclass(frozen=True, slots=True)
 class Options:
@@ -101,6 +108,19 @@ class Options:
     #: accepted it, so channels would pin a front's handoffs to a few
     #: workers; a new connection per handoff lets the kernel spread them.
     channels: bool = True
+    #: Kept-alive ASGI connections: the wait for a next request (0: one
+    #: request per handoff), and the limits on its head.  Those requests
+    #: never pass the front, so the receiver applies the front's head limits
+    #: (same defaults, same ranges) itself.
+    keepalive_timeout: float = KEEPALIVE_TIMEOUT
+    max_head_size: int = MAX_HEAD_SIZE
+    max_uri_length: int = MAX_URI_LENGTH
+    max_headers: int = MAX_HEADERS
+
+    @property
+    def head_limits(self) -> HeadLimits:
+        """The limits on a request head the receiver reads itself."""
+        return HeadLimits(self.max_head_size, self.max_uri_length, self.max_headers)
 
     def replace(self, **changes: object) -> Options:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
