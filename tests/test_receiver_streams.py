@@ -218,6 +218,35 @@ def test_informational_status_is_refused(tmp_path: Path, no_fd_leak: None, call:
     assert errors[0].startswith(f"{call}() needs a final status, not the informational 103")
 
 
+@pytest.mark.parametrize("status", [101, 204, 205, 304])
+def test_an_event_stream_needs_a_status_with_content(
+    tmp_path: Path, no_fd_leak: None, status: int
+) -> None:
+    """After a 204/205/304 head a client reads no content, and a 1xx is no
+    answer: sse() with one raises before anything goes out."""
+    errors: list[str] = []
+
+    async def handler(handoff: Handoff) -> None:
+        try:
+            await handoff.sse(status=status)
+        except ValueError as exc:
+            errors.append(str(exc))
+            raise
+
+    path = str(tmp_path / "r.sock")
+    with ReceiverThread(handler, [Bind(path)]):
+        client, server_side = tcp_pair()
+        send_scgi(path, front_headers("GET", "/events"), server_side)
+        answer, headers, _ = split_response(read_all(client))
+        client.close()
+    assert answer == 500
+    assert "text/event-stream" not in headers.get("content-type", "")
+    assert errors == [
+        f"sse() needs a status with content, not {status}; "
+        "to tell an EventSource to stop reconnecting, respond(204)"
+    ]
+
+
 @pytest.mark.parametrize(
     "framing",
     [("Content-Length", "5"), (b"transfer-encoding", b"chunked"), ("CONTENT-LENGTH", "9")],

@@ -187,6 +187,15 @@ class HandoffBase(HandoffInfo):
         return head, chunked, self.method == "HEAD"
 
     def _sse_head(self, headers: HeaderInput, status: int, retry: int | None) -> bytes:
+        if 100 <= status < 200 or status in _NO_BODY_STATUSES or status == _RESET_CONTENT:
+            # A stream is content: after a 204, 205 or 304 head the client
+            # reads none (RFC 9110 sections 15.3.5, 15.3.6, 15.4.5), and an
+            # interim response is no answer at all.  EventSource treats a 204
+            # as "stop reconnecting" (HTML, server-sent events): respond(204).
+            raise ValueError(
+                f"sse() needs a status with content, not {status}; "
+                "to tell an EventSource to stop reconnecting, respond(204)"
+            )
         given = list(headers)
         if not http.has_header(given, b"content-type"):
             given.append((b"Content-Type", SSE_CONTENT_TYPE))
