@@ -8,6 +8,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -195,13 +196,35 @@ def test_respond_refuses_content_in_a_205(tmp_path: Path, no_fd_leak: None) -> N
     assert errors == ["a 205 response has no body"]
 
 
-@pytest.mark.parametrize("call", ["start_response", "respond"])
-def test_informational_status_is_refused(tmp_path: Path, no_fd_leak: None, call: str) -> None:
+_LINK = [("Link", "</a.css>; rel=preload")]
+#: Each way to start an answer, with a given status.
+_ANSWERS: dict[str, Callable[[Handoff, int], Awaitable[object]]] = {
+    "respond": lambda handoff, status: handoff.respond(status, _LINK),
+    "start_response": lambda handoff, status: handoff.start_response(status, _LINK),
+    "sse": lambda handoff, status: handoff.sse(_LINK, status=status),
+}
+
+
+@pytest.mark.parametrize(
+    ("call", "status", "message"),
+    [
+        ("respond", 103, "respond() needs a final status, not the informational 103"),
+        ("start_response", 103, "start_response() needs a final status, not the informational 103"),
+        # After a 204/205/304 head a client reads no content: no event stream.
+        *(
+            ("sse", status, f"sse() needs a status with content, not {status}; to tell")
+            for status in (101, 204, 205, 304)
+        ),
+    ],
+)
+def test_a_status_that_cannot_carry_the_answer_is_refused(
+    tmp_path: Path, no_fd_leak: None, call: str, status: int, message: str
+) -> None:
     errors: list[str] = []
 
     async def handler(handoff: Handoff) -> None:
         try:
-            await getattr(handoff, call)(103, [("Link", "</a.css>; rel=preload")])
+            await _ANSWERS[call](handoff, status)
         except ValueError as exc:
             errors.append(str(exc))
             raise
@@ -210,41 +233,12 @@ def test_informational_status_is_refused(tmp_path: Path, no_fd_leak: None, call:
     with ReceiverThread(handler, [Bind(path)]):
         client, server_side = tcp_pair()
         send_scgi(path, front_headers("GET", "/"), server_side)
-        status, headers, _ = split_response(read_all(client))
-        client.close()
-    assert status == 500  # the handler's error, nothing of the 103 went out
-    assert "link" not in headers
-    assert len(errors) == 1
-    assert errors[0].startswith(f"{call}() needs a final status, not the informational 103")
-
-
-@pytest.mark.parametrize("status", [101, 204, 205, 304])
-def test_an_event_stream_needs_a_status_with_content(
-    tmp_path: Path, no_fd_leak: None, status: int
-) -> None:
-    """After a 204/205/304 head a client reads no content, and a 1xx is no
-    answer: sse() with one raises before anything goes out."""
-    errors: list[str] = []
-
-    async def handler(handoff: Handoff) -> None:
-        try:
-            await handoff.sse(status=status)
-        except ValueError as exc:
-            errors.append(str(exc))
-            raise
-
-    path = str(tmp_path / "r.sock")
-    with ReceiverThread(handler, [Bind(path)]):
-        client, server_side = tcp_pair()
-        send_scgi(path, front_headers("GET", "/events"), server_side)
         answer, headers, _ = split_response(read_all(client))
         client.close()
-    assert answer == 500
-    assert "text/event-stream" not in headers.get("content-type", "")
-    assert errors == [
-        f"sse() needs a status with content, not {status}; "
-        "to tell an EventSource to stop reconnecting, respond(204)"
-    ]
+    assert answer == 500  # the handler's error: nothing of the refused answer went out
+    assert "link" not in headers
+    assert len(errors) == 1
+    assert errors[0].startswith(message)
 
 
 @pytest.mark.parametrize(

@@ -202,9 +202,7 @@ def build_options(args: argparse.Namespace) -> Options:
         access_log=not args.no_access_log,
         metrics=args.metrics,
         keepalive_timeout=args.keepalive_timeout,
-        max_head_size=head.max_head_size,
-        max_uri_length=head.max_uri_length,
-        max_headers=head.max_headers,
+        head_limits=head,
     )
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from ..fdpass import peer_credentials
-from ..httphead import MAX_HEAD_SIZE, MAX_HEADERS, MAX_URI_LENGTH, HeadLimits
+from ..httphead import DEFAULT_LIMITS, HeadLimits
 
 log = logging.getLogger("fdhandoff.receiver")
 
@@ -113,14 +113,7 @@ class Options:
     #: never pass the front, so the receiver applies the front's head limits
     #: (same defaults, same ranges) itself.
     keepalive_timeout: float = KEEPALIVE_TIMEOUT
-    max_head_size: int = MAX_HEAD_SIZE
-    max_uri_length: int = MAX_URI_LENGTH
-    max_headers: int = MAX_HEADERS
-
-    @property
-    def head_limits(self) -> HeadLimits:
-        """The limits on a request head the receiver reads itself."""
-        return HeadLimits(self.max_head_size, self.max_uri_length, self.max_headers)
+    head_limits: HeadLimits = DEFAULT_LIMITS
 
     def replace(self, **changes: object) -> Options:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
