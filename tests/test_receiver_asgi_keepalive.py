@@ -20,6 +20,8 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 import fdhandoff.receiver.asgi as asgi_module
+from fdhandoff.httphead import HeadLimits
+from fdhandoff.receiver import Options
 from test_receiver_asgi_support import ASGIReceiver, MiniFront, ResponseReader, hand_over
 
 LOOPS = ["asyncio", "uvloop"]
@@ -286,11 +288,30 @@ def test_idle_keepalive_connection_is_closed_after_the_timeout(
         client.close()
 
 
-def test_keepalive_off(sock_path: str, no_fd_leak: None) -> None:
-    with ASGIReceiver(Counter().app(), sock_path, keepalive_timeout=0):
+@pytest.mark.parametrize("where", ["adapter", "receiver options"])
+def test_keepalive_off(sock_path: str, no_fd_leak: None, where: str) -> None:
+    """Off by the adapter's own argument, or by the receiver's options
+    (``--keepalive-timeout 0``) when the adapter leaves it to them."""
+    if where == "adapter":
+        receiver = ASGIReceiver(Counter().app(), sock_path, keepalive_timeout=0)
+    else:
+        receiver = ASGIReceiver(Counter().app(), sock_path, Options(keepalive_timeout=0))
+    with receiver:
         client = hand_over(sock_path, "GET", "/a")
         reader = ResponseReader(client)
         assert reader.read().header("connection") == "close"
+        assert reader.closed()
+        client.close()
+
+
+def test_the_receivers_head_limits_bound_a_next_request(sock_path: str, no_fd_leak: None) -> None:
+    limits = HeadLimits(max_head_size=2048, max_uri_length=256, max_headers=4)
+    with ASGIReceiver(Counter().app(), sock_path, Options(head_limits=limits)):
+        client = hand_over(sock_path, "GET", "/a")
+        reader = ResponseReader(client)
+        assert reader.read().status == 200
+        client.sendall(b"GET /" + b"x" * 300 + b" HTTP/1.1\r\nHost: test.local\r\n\r\n")
+        assert reader.read().status == 414
         assert reader.closed()
         client.close()
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from fdhandoff.httphead import find_head_end, parse_head
 from fdhandoff.receiver import Options
-from fdhandoff.receiver.asgi import KEEPALIVE_TIMEOUT, ASGIAdapter
+from fdhandoff.receiver.asgi import ASGIAdapter
 from fdhandoff.receiver.listeners import Bind
 from fdhandoff.websocket import check_upgrade, handshake_response, wants_websocket
 from test_receiver_support import MarkerSender, ReceiverThread, front_headers, send_scgi, tcp_pair
@@ -43,7 +43,7 @@ class ASGIReceiver(ReceiverThread):
         options: Options | None = None,
         *,
         loop: str = "asyncio",
-        keepalive_timeout: float = KEEPALIVE_TIMEOUT,
+        keepalive_timeout: float | None = None,
         lifespan: bool = True,
     ) -> None:
         self.adapter = ASGIAdapter(app, options, keepalive_timeout=keepalive_timeout)

@@ -163,7 +163,7 @@ def test_bad_bind_is_a_config_error(tmp_path: Path) -> None:
         (["--max-headers", "0"], "--max-headers must be between 1 and 10000"),
         (
             ["--max-head-size", "2048", "--max-uri-length", "4096"],
-            "--max-uri-length is larger than max_head_size (2048)",
+            "--max-uri-length is larger than the head size limit (2048)",
         ),
     ],
 )

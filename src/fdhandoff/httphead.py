@@ -211,7 +211,7 @@ class HeadLimits:
                 (
                     "max_uri_length",
                     self.max_uri_length,
-                    f"is larger than max_head_size ({self.max_head_size})",
+                    f"is larger than the head size limit ({self.max_head_size})",
                 )
             )
         return found

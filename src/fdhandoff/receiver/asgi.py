@@ -95,14 +95,14 @@ class ASGIAdapter:
         if not callable(app):
             raise ConfigError(f"--interface asgi: {app!r} is not an ASGI application (callable)")
         self.options = options if options is not None else Options()
-        if keepalive_timeout is None:
-            keepalive_timeout = self.options.keepalive_timeout
-        if not keepalive_timeout >= 0:  # also NaN
+        if keepalive_timeout is not None and not keepalive_timeout >= 0:  # also NaN
             raise ConfigError("the keep-alive timeout must not be negative")
         self.app = app
-        #: 0 turns keep-alive off: one request per handoff.
+        #: Overrides of the receiver's ``keepalive_timeout`` and
+        #: ``head_limits`` (its Options: ``--keepalive-timeout``, the head
+        #: flags), None to use them.  A timeout of 0 turns keep-alive off.
         self.keepalive_timeout = keepalive_timeout
-        self.head_limits = self.options.head_limits if head_limits is None else head_limits
+        self.head_limits = head_limits
         self.lifespan = Lifespan(app)
         self._starting: asyncio.Task[None] | None = None
         self._on_move = self._move  # one bound method for every cycle
@@ -172,11 +172,22 @@ class ASGIAdapter:
             extensions={"fdhandoff": extension_for(handoff)},
         )
         # Only an SCGI handoff leaves the client's next request to us.
-        persistent = handoff.format is Format.SCGI and not decided and self.keepalive_timeout > 0
+        persistent = (
+            handoff.format is Format.SCGI
+            and not decided
+            and self._keepalive_timeout(handoff.receiver.options) > 0
+        )
         # In this task, not a new one: a task and a loop iteration less per
         # request.  _serve handles its own errors; the handoff is detached, so
         # the engine only waits for this coroutine to end.
         await self._serve(conn, request, body, persistent, cgi)
+
+    def _keepalive_timeout(self, options: Options) -> float:
+        given = self.keepalive_timeout
+        return options.keepalive_timeout if given is None else given
+
+    def _head_limits(self, options: Options) -> HeadLimits:
+        return options.head_limits if self.head_limits is None else self.head_limits
 
     # --- serving a connection -------------------------------------------------------------
 
@@ -280,7 +291,7 @@ class ASGIAdapter:
                 return None
             # An HTTP/1.0 request after a 1.1 one is answered in 1.0 and ends
             # the connection (RFC 9112 section 9.3), as the first one would.
-            parsed = parse_head(head, self.head_limits, http10=True)
+            parsed = parse_head(head, self._head_limits(conn.options), http10=True)
             # The front refuses a path with malformed percent-encoding, an
             # encoded NUL or dot segments above the root (400) before routing
             # it; a later request on this connection never passes the front,
@@ -304,6 +315,8 @@ class ASGIAdapter:
         buf = conn.take_buffer()
         searched = 0
         skipped = 0  # empty lines dropped: they count towards the head's size
+        limits = self._head_limits(conn.options)
+        idle_timeout = self._keepalive_timeout(conn.options)
         deadline = conn.loop.time() + HEAD_TIMEOUT if buf else None
         while True:
             # RFC 9112 section 2.2: empty lines (CRLF) before a request line are
@@ -316,24 +329,24 @@ class ASGIAdapter:
                     searched = 0
                     skipped += skip
             end = find_head_end(buf, max(0, searched - 3))
-            limit = self.head_limits.max_head_size
+            limit = limits.max_head_size
             if skipped and (skipped + end > limit if end > 0 else skipped + len(buf) >= limit):
                 # As the front counts them (parse_head, incomplete_head_error):
                 # endless empty lines are a head too large, not a free ride.
                 conn.buf = buf  # the refusal's log line names the request from it
                 raise ProtocolError(
-                    f"request head larger than {self.head_limits.max_head_size} bytes",
+                    f"request head larger than {limit} bytes",
                     status_hint=431,
                 )
             if end > 0:
                 conn.buf = buf[end:]
                 return buf[:end]
-            error = incomplete_head_error(buf, self.head_limits)
+            error = incomplete_head_error(buf, limits)
             if error is not None:
                 conn.buf = buf
                 raise error
             searched = len(buf)
-            timeout = self.keepalive_timeout if deadline is None else deadline - conn.loop.time()
+            timeout = idle_timeout if deadline is None else deadline - conn.loop.time()
             try:
                 if deadline is None:
                     # Nothing of a next request yet: idle, closed at once when

@@ -13,8 +13,9 @@ sender expects:
   as "taken" and answers 503 itself when it does not come;
 * SCGI on a channel (``HANDOFF_CHANNEL=1``, the fdhandoff front): a
   persistent connection carrying many handoffs; each one taken is
-  acknowledged with one ``CHANNEL_ACK`` byte, written once the handler has
-  had its first turn (so a quick answer leaves before the sender is woken);
+  acknowledged with one ``CHANNEL_ACK`` byte, written right after the read
+  that finished it, before its handler runs (so the sender's work on it
+  overlaps the handler's instead of delaying its next client);
 * BYTE markers (``mod_proxy_fdpass``, OpenResty, fd-pass): a persistent
   connection carrying many handoffs, read until the sender closes it;
 * plain SCGI (no fd: nginx ``scgi_pass``, Apache ``mod_proxy_scgi``): the
