@@ -20,6 +20,7 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 import fdhandoff.receiver.asgi as asgi_module
+from fdhandoff.errors import ConfigError
 from fdhandoff.httphead import HeadLimits
 from fdhandoff.receiver import Options
 from test_receiver_asgi_support import ASGIReceiver, MiniFront, ResponseReader, hand_over
@@ -604,3 +605,12 @@ def test_bad_next_request_answer_names_the_problem_and_the_request(
         time.sleep(0.02)
     else:
         pytest.fail(f"no access line for the refused request: {lines}")
+
+
+@pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf"), 86400.5])
+def test_a_keepalive_timeout_out_of_range_is_refused(value: float) -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:  # never called
+        raise AssertionError
+
+    with pytest.raises(ConfigError, match="between 0 and 86400 seconds"):
+        asgi_module.ASGIAdapter(app, keepalive_timeout=value)

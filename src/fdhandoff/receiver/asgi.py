@@ -58,7 +58,7 @@ from .asgi_scope import (
 from .asgi_ws import WebSocketCycle
 from .body import BodyDecoder, framing
 from .handoff import Handoff
-from .options import KEEPALIVE_TIMEOUT, Options
+from .options import KEEPALIVE_TIMEOUT, MAX_SECONDS, Options
 from .stream import ConnectionClosed
 
 __all__ = ["HEAD_TIMEOUT", "KEEPALIVE_TIMEOUT", "ASGIAdapter", "make_asgi_handler"]
@@ -95,8 +95,10 @@ class ASGIAdapter:
         if not callable(app):
             raise ConfigError(f"--interface asgi: {app!r} is not an ASGI application (callable)")
         self.options = options if options is not None else Options()
-        if keepalive_timeout is not None and not keepalive_timeout >= 0:  # also NaN
-            raise ConfigError("the keep-alive timeout must not be negative")
+        if keepalive_timeout is not None and not 0 <= keepalive_timeout <= MAX_SECONDS:
+            raise ConfigError(
+                f"the keep-alive timeout must be between 0 and {MAX_SECONDS:g} seconds"
+            )
         self.app = app
         #: Overrides of the receiver's ``keepalive_timeout`` and
         #: ``head_limits`` (its Options: ``--keepalive-timeout``, the head

@@ -14,7 +14,7 @@ from ..httphead import MAX_HEAD_SIZE, MAX_HEADERS, MAX_URI_LENGTH, HeadLimits
 from ..metrics import parse_address
 from . import options as limits
 from .listeners import DEFAULT_SOCKET_MODE, Bind
-from .options import Options
+from .options import MAX_SECONDS, Options
 from .runner import LOOPS, load_target, run
 
 __all__ = ["register"]
@@ -155,38 +155,42 @@ def _gid(text: str) -> int:
         raise argparse.ArgumentTypeError(f"no such group {text!r}") from None
 
 
-#: Options that must be above 0: a zero timeout would fail every read, a
-#: zero stream buffer or message size would refuse every message.
-_POSITIVE: Final = (
-    "handoff_timeout",
-    "body_timeout",
-    "write_timeout",
-    "max_stream_buffer",
-    "max_ws_message_size",
-)
-#: Options where 0 means something (close at once, no body, no limit, no keep-alive).
-_NOT_NEGATIVE: Final = (
-    "grace",
-    "linger_timeout",
-    "max_body_size",
-    "max_connections",
-    "keepalive_timeout",
-)
+#: Timeouts, in seconds, as the front's ``[timeouts]``: at least a
+#: millisecond (0 would fail every read) and at most a day (``inf`` and NaN,
+#: which float() accepts, are refused rather than read as "never").
+_SECONDS: Final = ("handoff_timeout", "body_timeout", "write_timeout")
+#: Seconds where 0 means something: close at once, no keep-alive.
+_SECONDS_OR_ZERO: Final = ("grace", "linger_timeout", "keepalive_timeout")
+#: Sizes that must be above 0: a zero stream buffer or message size would
+#: refuse every message.
+_POSITIVE: Final = ("max_stream_buffer", "max_ws_message_size")
+#: Counts where 0 means something: no body, no limit.
+_NOT_NEGATIVE: Final = ("max_body_size", "max_connections")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def build_options(args: argparse.Namespace) -> Options:
     """The receiver's options from the command line; a clear error for a value out of range."""
+    for names, low in ((_SECONDS, 0.001), (_SECONDS_OR_ZERO, 0.0)):
+        for name in names:
+            if not low <= getattr(args, name) <= MAX_SECONDS:  # also NaN
+                raise ConfigError(
+                    f"{_flag(name)} must be between {low:g} and {MAX_SECONDS:g} seconds"
+                )
     for name in _POSITIVE:
-        if not getattr(args, name) > 0:  # also NaN
-            raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+        if not getattr(args, name) > 0:
+            raise ConfigError(f"{_flag(name)} must be positive")
     for name in _NOT_NEGATIVE:
         if not getattr(args, name) >= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must not be negative")
+            raise ConfigError(f"{_flag(name)} must not be negative")
     head = HeadLimits(args.max_head_size, args.max_uri_length, args.max_headers)
     problems = head.problems()
     if problems:
         name, _, problem = problems[0]
-        raise ConfigError(f"--{name.replace('_', '-')} {problem}")
+        raise ConfigError(f"{_flag(name)} {problem}")
     return Options(
         handoff_timeout=args.handoff_timeout,
         body_timeout=args.body_timeout,

@@ -24,6 +24,7 @@ __all__ = [
     "KEEPALIVE_TIMEOUT",
     "LINGER_TIMEOUT",
     "MAX_BODY_SIZE",
+    "MAX_SECONDS",
     "MAX_STREAM_BUFFER",
     "MAX_WS_MESSAGE_SIZE",
     "WRITE_TIMEOUT",
@@ -78,6 +79,10 @@ DEFAULT_GRACE: Final = 10.0
 #: is closed quietly.  uvicorn's and Apache's default (nginx: 75 s).  Idle
 #: connections cost a task each, so the wait is short.
 KEEPALIVE_TIMEOUT: Final = 5.0
+
+#: Longest any timeout may be set to: a day, as the front's ``[timeouts]``.
+#: Larger, ``inf`` and NaN are refused rather than read as "never".
+MAX_SECONDS: Final = 86400.0
 
 
 @dataclass(frozen=True, slots=True)
