@@ -67,7 +67,13 @@ def handoff(
         pairs.append((CHANNEL_HEADER, channel))
     data = message.encode_scgi(pairs, body)
     headers = [(b"CONTENT_LENGTH", b"%d" % len(body)), *pairs]
-    record = HandoffRecord(Format.SCGI, headers=headers, body=body, channel=channel == b"1")
+    record = HandoffRecord(
+        Format.SCGI,
+        headers=headers,
+        body=body,
+        channel=channel == b"1",
+        waits=channel is not None,
+    )
     return data, record
 
 
@@ -411,7 +417,8 @@ def channel_streams(draw: st.DrawFn) -> Stream:
         body = draw(st.binary(max_size=40))
         data = message.encode_scgi(headers, body)
         full = [(b"CONTENT_LENGTH", b"%d" % len(body)), *headers]
-        handoffs.append((data, HandoffRecord(Format.SCGI, full, body=body, channel=not last)))
+        record = HandoffRecord(Format.SCGI, full, body=body, channel=not last, waits=not last)
+        handoffs.append((data, record))
     tail = draw(st.binary(max_size=20)) if ends_channel else b""
     return Stream.of(*handoffs, tail=tail)
 
@@ -837,3 +844,76 @@ def test_aio_recv_handoff_cancelled_inside_a_channel_handoff_closes_its_fd(
 
     run_on(loop, take())
     assert_closed_everywhere(clients, 1)
+
+
+# --- handoffs read after the sender closed ---------------------------------------------------
+
+
+def recv_blocking(receiver: socket.socket, reader: HandoffReader) -> Any:
+    return fdpass.recv_handoff(receiver, reader, timeout=WAIT)
+
+
+def recv_asyncio(receiver: socket.socket, reader: HandoffReader) -> Any:
+    receiver.setblocking(False)
+
+    async def take() -> Any:
+        async with asyncio.timeout(WAIT):
+            return await aio.recv_handoff(receiver, reader)
+
+    return asyncio.run(take())
+
+
+@pytest.mark.parametrize("recv", [recv_blocking, recv_asyncio], ids=["blocking", "asyncio"])
+@pytest.mark.parametrize(
+    ("offer", "abandoned"),
+    [(b"1", True), (b"0", True), (None, False)],
+    ids=["channel", "no-channel", "nginx"],
+)
+def test_a_handoff_read_after_the_sender_closed_comes_out_abandoned(
+    channel: tuple[socket.socket, socket.socket],
+    clients: Clients,
+    recv: Callable[[socket.socket, HandoffReader], Any],
+    offer: bytes | None,
+    abandoned: bool,
+) -> None:
+    """The fdhandoff front (HANDOFF_CHANNEL, either value) closes the connection
+    when it gives up on handoffs left unread, and answers their clients 503
+    itself; the kernel still delivers them.  nginx fd_pass closes right after
+    every sendmsg: its handoffs are never abandoned."""
+    sender, receiver = channel
+    data, expected = handoff(1, channel=offer)
+    fdpass.send_fd(sender, data, clients.handed(0).fileno(), timeout=WAIT)
+    sender.close()
+    got = recv(receiver, HandoffReader(STREAM))
+    assert got is not None
+    record, client = got
+    with client:
+        assert record.waits is (offer is not None)
+        assert record.abandoned is abandoned
+        assert record.headers == expected.headers
+        clients.check(0, client)  # the fd itself comes out either way: the caller closes it
+
+
+def test_a_half_close_is_not_giving_up_and_only_reads_after_the_close_are_abandoned(
+    channel: tuple[socket.socket, socket.socket], clients: Clients
+) -> None:
+    """A sender's shutdown(SHUT_WR) still reads acknowledgements: its handoffs
+    are taken.  Of the handoffs on a channel, those read before the close are
+    not abandoned, those read after it are."""
+    sender, receiver = channel
+    reader = HandoffReader(STREAM)
+    fdpass.send_fd(sender, handoff(1)[0], clients.handed(0).fileno(), timeout=WAIT)
+    got = fdpass.recv_handoff(receiver, reader, timeout=WAIT)
+    assert got is not None and not got[0].abandoned
+    got[1].close()
+    fdpass.send_fd(sender, handoff(2)[0], clients.handed(1).fileno(), timeout=WAIT)
+    fdpass.send_fd(sender, handoff(3)[0], clients.handed(2).fileno(), timeout=WAIT)
+    sender.shutdown(socket.SHUT_WR)
+    got = fdpass.recv_handoff(receiver, reader, timeout=WAIT)
+    assert got is not None and not got[0].abandoned
+    got[1].close()
+    sender.close()
+    got = fdpass.recv_handoff(receiver, reader, timeout=WAIT)
+    assert got is not None and got[0].abandoned
+    got[1].close()
+    assert fdpass.recv_handoff(receiver, reader, timeout=WAIT) is None

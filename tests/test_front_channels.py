@@ -50,7 +50,7 @@ from handoff_receiver import (
     sockdir_fixture,  # noqa: F401  (fixture)
 )
 from test_receiver_asgi_e2e import ReceiverProcess
-from test_receiver_support import serve_process
+from test_receiver_support import output_of, serve_process
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -864,9 +864,9 @@ def test_channels_off_means_no_offer_and_one_connection_per_request(
     for n in range(count):
         answer = fetch_json(front, f"/g/{n}")
         assert answer["conn"] == n
-        assert answer["channel"] is None
+        assert answer["channel"] == "0"  # no offer, but the front waits for the close
     assert rx.accepted == count
-    assert not any(CHANNEL_HEADER in s.headers or s.record.channel for s in rx.seen)
+    assert all(s.headers[CHANNEL_HEADER] == b"0" and not s.record.channel for s in rx.seen)
     # Even a receiver that acknowledges is not kept: the front closes each connection.
     assert rx.wait_open(0) == []
     if behaviour is acking_everything:
@@ -969,3 +969,36 @@ def test_real_receiver_keeps_one_channel_and_its_exit_gives_clean_503s(
         # Nobody listens any more: 503 at once, and the front holds nothing.
         assert fetch(front, "/after")[0] == 503
         assert front.settled_fd_count(baseline) == baseline
+
+
+def test_real_receiver_never_runs_a_request_the_front_answered_503(
+    no_fd_leak: None, fronts: Callable[..., FrontProcess], sockdir: Path
+) -> None:
+    """A handler stalls the receiver's event loop past the front's handoff
+    timeout: the front answers the request queued meanwhile 503 and closes
+    the connection.  When the receiver gets to that handoff it must not run
+    it: the client was told it failed, and may retry it."""
+    path = str(sockdir / "real.sock")
+    ran = sockdir / "ran.txt"
+    ran.touch()
+    with serve_process(
+        "test_receiver_support:record_or_block", [f"unix:{path}"], env={"RECORD_TO": str(ran)}
+    ) as proc:
+        front = fronts(f"/=unix:{path}", config=config(handoff=0.3))
+        assert fetch(front, "/warm")[0] == 200
+        blocked: list[tuple[int, bytes]] = []
+        thread = threading.Thread(target=lambda: blocked.append(fetch(front, "/block")))
+        thread.start()
+        deadline = time.monotonic() + IO_TIMEOUT
+        while "/block" not in ran.read_text():
+            assert time.monotonic() < deadline, "the receiver never ran /block"
+            time.sleep(0.01)
+        status, body = fetch(front, "/item/1")
+        assert status == 503, body
+        thread.join(IO_TIMEOUT)
+        assert blocked == [(200, b"scgi GET /block 0\n")]
+        # The receiver reads on: the next request is served on a new connection.
+        assert fetch(front, "/after") == (200, b"scgi GET /after 0\n")
+        assert ran.read_text().split() == ["/warm", "/block", "/after"]
+        log = output_of(proc)
+        assert "handoff of GET /item/1 read after its sender closed the connection" in log

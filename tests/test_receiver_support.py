@@ -566,6 +566,16 @@ async def asgi_echo(
     await send({"type": "http.response.body", "body": text + body})
 
 
+async def record_or_block(handoff: Handoff) -> None:
+    """:func:`echo` that first appends its path to the file ``$RECORD_TO``;
+    /block then stalls the whole event loop for 1.5 s (a sync call)."""
+    with open(os.environ["RECORD_TO"], "a") as out:
+        out.write(f"{handoff.path}\n")
+    if handoff.path == "/block":
+        time.sleep(1.5)
+    await echo(handoff)
+
+
 def sync_echo(handoff: Any) -> None:
     """The sync flavour's twin of :func:`echo`."""
     body = handoff.read_body()

@@ -162,7 +162,13 @@ async def recv_handoff(
                 return got
             if got is CLOSED:
                 return None
-            got = assembly.feed(*await recv_fd(conn, bufsize, blocking=blocking))
+            after_close = bool(fdpass.poll_now(conn) & fdpass.HANGUP)
+            try:
+                data, fd_sock = fdpass.recv_fd_nowait(conn, bufsize, blocking=blocking)
+            except BlockingIOError:
+                await _wait(conn, write=False)
+                continue
+            got = assembly.feed(data, fd_sock, after_close=after_close)
     except BaseException:
         assembly.close()
         raise

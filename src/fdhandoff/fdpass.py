@@ -29,6 +29,7 @@ import array
 import contextlib
 import errno
 import os
+import select
 import selectors
 import socket
 import struct
@@ -36,17 +37,19 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final
 
 from .errors import FdPassError
 from .message import CLOSED, MAX_PAYLOAD_SIZE, Format, HandoffReader, HandoffRecord, Signal
 
 __all__ = [
+    "HANGUP",
     "MAX_FDS_PER_MESSAGE",
     "RECV_SIZE",
     "PeerCredentials",
     "peer_credentials",
+    "poll_now",
     "recv_fd",
     "recv_fd_nowait",
     "recv_handoff",
@@ -71,6 +74,12 @@ _CMSG_SPACE: Final = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * _FD_SIZE)
 RECV_SIZE: Final = 64 * 1024
 
 _RECV_NOWAIT: Final = int(socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
+
+#: poll(2) event of a UNIX connection whose other end has been closed (both
+#: directions shut): the bytes it sent before are still there to read
+#: (unix(7)), then EOF.  A sender's ``shutdown(SHUT_WR)`` is not one: it still
+#: reads what the receiver writes (POLLRDHUP alone).
+HANGUP: Final = select.POLLHUP
 _CTRUNC: Final = int(socket.MSG_CTRUNC)
 _TRUNC: Final = int(socket.MSG_TRUNC)
 _SO_PEERCRED_FORMAT: Final = "3i"  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
@@ -237,6 +246,20 @@ def _check_received(
     return fds[0] if fds else None
 
 
+def poll_now(sock: socket.socket) -> int:
+    """The poll(2) events of ``sock`` now, without waiting: ``POLLIN``,
+    :data:`HANGUP` once the sender has closed, ``POLLERR`` with an error
+    pending (``SO_ERROR``), 0 for none.
+
+    Taken *before* a read, it tells whether the sender had closed before that
+    read: see :class:`Assembly` (``after_close``).
+    """
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)  # POLLHUP and POLLERR always come
+    ready = poller.poll(0)
+    return ready[0][1] if ready else 0
+
+
 def recv_fd_nowait(
     sock: socket.socket, bufsize: int = RECV_SIZE, *, blocking: bool = True
 ) -> tuple[bytes, socket.socket | None]:
@@ -291,7 +314,9 @@ def recv_handoff(
     continues on it and the response goes back on it.  Pass the
     same ``reader`` again to take several handoffs from one persistent
     connection (BYTE and PAYLOAD formats, SCGI channels).  ``timeout`` bounds the whole
-    handoff.  On any error the received client fd is closed.
+    handoff.  On any error the received client fd is closed.  A record marked
+    ``abandoned`` was given up by its sender, which answered the client: close
+    the socket without a word (see :class:`Assembly`).
     """
     if reader is None:
         reader = HandoffReader(conn.type)
@@ -305,8 +330,13 @@ def recv_handoff(
                 return got
             if got is CLOSED:
                 return None
-            remaining = None if deadline is None else max(0.0, deadline - _now())
-            got = assembly.feed(*recv_fd(conn, bufsize, blocking=blocking, timeout=remaining))
+            after_close = bool(poll_now(conn) & HANGUP)
+            try:
+                data, fd_sock = recv_fd_nowait(conn, bufsize, blocking=blocking)
+            except BlockingIOError:
+                _wait(conn, write=False, deadline=deadline)
+                continue
+            got = assembly.feed(data, fd_sock, after_close=after_close)
     except BaseException:
         assembly.close()
         raise
@@ -322,14 +352,24 @@ class Assembly:
     :class:`~fdhandoff.message.HandoffReader`).  :meth:`close` releases the
     fds still held, on any error or cancellation.  One per connection: get it
     with :meth:`of`, which keeps it with the connection's reader.
+
+    A sender that waits for its handoffs to be taken (``record.waits``: the
+    fdhandoff front) gives up on those it finds unread at its deadline, answers
+    their clients ``503`` and closes the connection; the kernel still delivers
+    what it had sent.  So the records a read finishes come out ``abandoned``
+    when that read began after the close (``after_close``, from
+    :func:`poll_now` before the read): the receiver must not answer them a
+    second time (and run the request the client was told failed).
     """
 
-    __slots__ = ("conn", "fds", "reader", "size")
+    __slots__ = ("after_close", "conn", "fds", "reader", "size")
 
     def __init__(self, conn: socket.socket, reader: HandoffReader) -> None:
         self.conn = conn
         self.reader = reader
         self.fds: deque[socket.socket] = deque()
+        #: The last read began after the sender had closed the connection.
+        self.after_close = False
         #: Bytes to ask of each recvmsg (:func:`recv_size`), found once: the
         #: socket type is an enum conversion per look-up.
         self.size = recv_size(conn)
@@ -348,9 +388,14 @@ class Assembly:
         return self.fds[0] if self.fds else None
 
     def feed(
-        self, data: bytes, fd_sock: socket.socket | None
+        self, data: bytes, fd_sock: socket.socket | None, *, after_close: bool = False
     ) -> tuple[HandoffRecord, socket.socket] | Signal:
-        """The next finished handoff (record, client socket), ``NEED_DATA`` or ``CLOSED``."""
+        """The next finished handoff (record, client socket), ``NEED_DATA`` or ``CLOSED``.
+
+        ``after_close``: the read that returned ``data`` began after the sender
+        closed the connection (``poll_now(conn) & HANGUP`` before it).
+        """
+        self.after_close = after_close
         if fd_sock is not None:
             self.fds.append(fd_sock)  # the reader checks that it belongs somewhere
         try:
@@ -369,6 +414,8 @@ class Assembly:
             raise
         if not isinstance(record, HandoffRecord):
             return record
+        if self.after_close and record.waits:
+            record = replace(record, abandoned=True)
         if record.format is Format.PLAIN_SCGI:
             return record, self.conn  # no fd: the connection itself is the client
         # The reader refuses records without their fd, so there is one.

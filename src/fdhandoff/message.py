@@ -83,7 +83,9 @@ MAX_ALREADY_READ: Final = 1024 * 1024
 
 
 #: SCGI header by which a sender offers a channel (value ``1``): more handoffs
-#: follow on this connection once the receiver acknowledges this one.
+#: follow on this connection once the receiver acknowledges this one.  With
+#: ``0`` (or ``1``) it also says that the sender waits for that acknowledgement
+#: (the ACK, or the close) and answers the client itself if it gives up.
 CHANNEL_HEADER: Final = b"HANDOFF_CHANNEL"
 
 #: What a receiver writes on a channel for each handoff it has taken, in
@@ -124,7 +126,13 @@ class HandoffRecord:
     PAYLOAD record (``b""`` when Apache sent its empty marker).  ``marker``:
     the BYTE format's byte.  ``remaining``: see :class:`HandoffReader`.
     ``channel``: an SCGI handoff that came on a channel (acknowledge it with
-    :data:`CHANNEL_ACK`; more may follow on the connection).
+    :data:`CHANNEL_ACK`; more may follow on the connection).  ``waits``: its
+    sender (the fdhandoff front, :data:`CHANNEL_HEADER` present) holds the
+    client until the handoff is taken, and answers it ``503`` itself if that
+    takes too long.  ``abandoned``: such a handoff read only after its sender
+    had closed the connection, so after it gave up on it: the client has its
+    answer already and must get no other (see
+    :class:`~fdhandoff.fdpass.Assembly`).
     """
 
     format: Format
@@ -135,6 +143,8 @@ class HandoffRecord:
     #: PLAIN_SCGI only: body bytes not yet read from the connection.
     remaining: int = 0
     channel: bool = False
+    waits: bool = False
+    abandoned: bool = False
 
 
 def detect_format(first: bytes, sock_type: int) -> Format:
@@ -375,11 +385,14 @@ class HandoffReader:
             except ProtocolError:
                 return False
             env = dict(reversed(headers))  # the first value counts, as header_value
-        channel = env.get(CHANNEL_HEADER) == b"1"
+        offer = env.get(CHANNEL_HEADER)
+        channel = offer == b"1"
         if channel and rest:
             return False  # bytes of another handoff without its fd: an error
         body = data[end : end + length] if length else b""
-        record = HandoffRecord(Format.SCGI, headers=headers, body=body, channel=channel)
+        record = HandoffRecord(
+            Format.SCGI, headers=headers, body=body, channel=channel, waits=offer is not None
+        )
         self._records.append(record)
         self._channel = channel
         if not channel:
@@ -443,9 +456,13 @@ class HandoffReader:
                 return
 
     def _finish_scgi(self, headers: scgi.HeaderList) -> None:
-        channel = scgi.header_value(headers, CHANNEL_HEADER) == b"1"
+        offer = scgi.header_value(headers, CHANNEL_HEADER)
+        channel = offer == b"1"
+        body = b"".join(self._body)
         self._records.append(
-            HandoffRecord(Format.SCGI, headers=headers, body=b"".join(self._body), channel=channel)
+            HandoffRecord(
+                Format.SCGI, headers=headers, body=body, channel=channel, waits=offer is not None
+            )
         )
         self._channel = channel
         if not channel:

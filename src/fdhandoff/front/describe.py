@@ -159,8 +159,10 @@ def describe(
         parts += (b"HANDOFF_SUBPROTOCOL", subprotocol)
     if handoff_data is not None:
         parts += (b"HANDOFF_DATA", handoff_data)
-    if channel:
-        parts += (CHANNEL_HEADER, b"1")
+    # Always there: 1 offers a channel; either value tells the receiver that
+    # the front waits for the handoff to be taken, and that a handoff it reads
+    # after the front closed the connection was given up (answered 503).
+    parts += (CHANNEL_HEADER, b"1" if channel else b"0")
     headers, dropped = _header_pairs(head, body_consumed)
     parts += headers
     parts.append(b"")  # the block ends with NUL

@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import select
 import signal
 import socket
 import sys
@@ -48,7 +49,7 @@ from . import http
 from .answer import error_close_frame
 from .fdlimit import RESOURCE_ERRNOS, FdReserve
 from .handoff import Handoff, Phase
-from .options import ACCEPT_BACKOFF, Options, sender_allowed
+from .options import ACCEPT_BACKOFF, Options, drop_abandoned, sender_allowed
 from .stream import ConnectionClosed, Stream
 
 __all__ = ["Handler", "Receiver", "serve"]
@@ -111,6 +112,8 @@ class Receiver:
         #: its acknowledgements, the rest go out when it reads again.
         self._ack_blocked: set[socket.socket] = set()
         self._reserve = FdReserve()
+        #: poll(2) events of the UNIX connection read last, taken before the read.
+        self.polled = 0
         #: New UNIX connections whose handoff is still being read.
         self._taking = 0
         self._starved_since: float | None = None
@@ -291,7 +294,7 @@ class Receiver:
         """
         acks = 0
         for record, _ in taken:
-            acks += record.channel
+            acks += record.channel and not record.abandoned  # its sender is gone
         if acks:
             self._acks[conn] = self._acks.get(conn, 0) + acks
             if conn not in self._ack_blocked:  # else its writer flushes them
@@ -400,18 +403,37 @@ class Receiver:
         reserve = self._reserve
         reserve.release()
         try:
+            # Before the read: did the sender close first (then what this read
+            # finishes was given up: fdpass.Assembly), is an error pending?
+            self.polled = events = fdpass.poll_now(conn)
             data, fd_sock = fdpass.recv_fd_nowait(conn, assembly.size, blocking=False)
         except BlockingIOError:
             return NEED_DATA
         finally:
             if not reserve.refill():
                 self._back_off("at the open-files limit (EMFILE)")
-        return assembly.feed(data, fd_sock)
+        return assembly.feed(data, fd_sock, after_close=bool(events & fdpass.HANGUP))
 
     # --- running the handler ------------------------------------------------------------
 
     def _open(self, record: HandoffRecord, sock: socket.socket) -> Handoff | None:
-        """The tracked Handoff, or None after answering an unusable description."""
+        """The tracked Handoff, or None after answering an unusable description
+        (or closing the client of a handoff its sender gave up on)."""
+        handoff = self._handoff(record, sock)
+        if handoff is None:
+            # Never a live connection: if reading it had paused accepting
+            # (--max-connections counts handoffs being read), resume.
+            self._maybe_resume()
+            return None
+        self.metrics.inc("handoffs_total", format=record.format.value)
+        self.track(handoff)
+        return handoff
+
+    def _handoff(self, record: HandoffRecord, sock: socket.socket) -> Handoff | None:
+        if record.abandoned:
+            drop_abandoned(record, sock)
+            self.metrics.inc("handoff_errors_total", reason="abandoned")
+            return None
         try:
             handoff = Handoff(record, sock, self)
         except ProtocolError as exc:
@@ -423,8 +445,6 @@ class Receiver:
             log.warning("handed-off socket unusable: %s", exc)
             sock.close()
             return None
-        self.metrics.inc("handoffs_total", format=record.format.value)
-        self.track(handoff)
         return handoff
 
     async def _run(self, handoff: Handoff) -> None:
@@ -650,13 +670,14 @@ class Persistent:
             return  # closed: a broken handoff, or a handler that ran eagerly (stop_accepting)
         if got is not NEED_DATA:  # CLOSED: the sender is done with it
             self.close()
-        elif self._reset_pending():
+        elif receiver.polled & select.POLLERR and self._reset_pending():
             # uvloop (libuv) reports a readiness event that carries an error
             # once, then stops watching the fd.  A sender that closed with our
             # acknowledgements unread leaves exactly that (unix(7): ECONNRESET)
             # behind the handoffs it had sent, each holding a client's fd:
             # SO_ERROR took the error, so watching afresh reads them all, then
-            # the end of the connection.
+            # the end of the connection.  (The poll before the read saw it:
+            # no getsockopt per read.)
             self._pause()
             self.resume()
 

@@ -11,8 +11,10 @@ import socket
 from dataclasses import dataclass
 from typing import Final
 
+from .. import scgi
 from ..fdpass import peer_credentials
 from ..httphead import DEFAULT_LIMITS, HeadLimits
+from ..message import HandoffRecord
 
 log = logging.getLogger("fdhandoff.receiver")
 
@@ -150,3 +152,24 @@ def sender_allowed(conn: socket.socket, options: Options) -> bool:
         cred.gid,
     )
     return False
+
+
+def drop_abandoned(record: HandoffRecord, client: socket.socket) -> None:
+    """Close the client of a handoff its sender gave up on (``record.abandoned``).
+
+    The fdhandoff front closes the connection when handoffs stay unread for
+    ``timeouts.handoff`` and answers their clients ``503`` itself: running the
+    request now would answer it twice and apply what the client was told
+    failed (a retried POST would run twice).  Shared by the asyncio and sync
+    engines.
+    """
+    method = scgi.header_value(record.headers, b"REQUEST_METHOD") or b"-"
+    uri = scgi.header_value(record.headers, b"REQUEST_URI") or b"-"
+    log.warning(
+        "handoff of %s %s read after its sender closed the connection: not run (the "
+        "fdhandoff front gives up on handoffs left unread for timeouts.handoff and answers "
+        "their clients 503); this receiver was blocked or overloaded for that long",
+        method.decode("latin-1"),
+        uri[:200].decode("latin-1"),
+    )
+    client.close()

@@ -19,7 +19,7 @@ from ...message import CHANNEL_ACK, Format, HandoffReader, HandoffRecord
 from .. import http
 from ..answer import Phase, error_close_frame
 from ..fdlimit import RESOURCE_ERRNOS
-from ..options import ACCEPT_BACKOFF, Options, sender_allowed
+from ..options import ACCEPT_BACKOFF, Options, drop_abandoned, sender_allowed
 from ..stream import ConnectionClosed
 from .handoff import Handoff
 from .streams import _SyncStream
@@ -221,12 +221,15 @@ class Receiver:
                 # slot of its own, so readers holding slots cannot starve them.
                 self._free_slot(threading.current_thread())
                 while True:
-                    if not self._wait_slot():
-                        client.close()  # stopping: never acknowledged
-                        return
-                    self._start(self._run, record, client)
-                    if record.channel and not _ack(conn):
-                        return
+                    if record.abandoned:  # the sender is gone: nothing to acknowledge
+                        drop_abandoned(record, client)
+                    else:
+                        if not self._wait_slot():
+                            client.close()  # stopping: never acknowledged
+                            return
+                        self._start(self._run, record, client)
+                        if record.channel and not _ack(conn):
+                            return
                     if self.stopping.is_set():
                         return
                     got = self._receive(conn, reader, None)
@@ -238,7 +241,10 @@ class Receiver:
                 self._run(record, conn)
             else:
                 conn.close()  # "taken"
-                self._run(record, client)
+                if record.abandoned:
+                    drop_abandoned(record, client)
+                else:
+                    self._run(record, client)
         finally:
             with self._lock:
                 self._persistent.discard(conn)
