@@ -572,6 +572,27 @@ def test_http_1_0_client_gets_no_chunked_body_and_no_100(
     assert body == b"from the app: hi"
 
 
+@pytest.mark.parametrize(
+    "expect", [b"Expect: 100-continue, foo\r\n", b"Expect: foo\r\nExpect: 100-Continue\r\n"]
+)
+def test_100_continue_among_other_expectations_is_answered(
+    app: type[App], sockdir: Path, fronts: Callable[..., FrontProcess], expect: bytes
+) -> None:
+    """Expect is a list (RFC 9110 section 10.1.1), over one line or several:
+    the front sends 100 before it waits for the body it forwards."""
+    front = fronts(config=auth_config(app, sockdir))
+    with front.connect() as sock:
+        sock.sendall(
+            b"POST /app/plain HTTP/1.1\r\nHost: a\r\n" + expect + b"Content-Length: 2\r\n\r\n"
+        )
+        assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(b"hi")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 201") and data.endswith(b"from the app: hi")
+
+
 def test_relayed_response_loses_hop_by_hop_fields_and_a_204_its_length(
     app: type[App], sockdir: Path, fronts: Callable[..., FrontProcess]
 ) -> None:

@@ -465,13 +465,17 @@ def test_chunked_body_already_read_and_in_the_socket(sock_path: str) -> None:
     assert all(m["type"] == "http.request" for m in app.messages)
 
 
-def test_expect_100_continue_is_answered_before_the_body_is_read(sock_path: str) -> None:
+@pytest.mark.parametrize("expect", ["100-continue", "foo, 100-continue"])
+def test_expect_100_continue_is_answered_before_the_body_is_read(
+    sock_path: str, expect: str
+) -> None:
+    # Expect is a list (RFC 9110 section 10.1.1): other members do not hide it.
     with ASGIReceiver(starlette_app(), sock_path):
         client = hand_over(
             sock_path,
             "POST",
             "/upload",
-            [("Content-Length", "5"), ("Expect", "100-continue")],
+            [("Content-Length", "5"), ("Expect", expect)],
         )
         assert client.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
         client.sendall(b"hello")

@@ -614,3 +614,28 @@ def test_a_keepalive_timeout_out_of_range_is_refused(value: float) -> None:
 
     with pytest.raises(ConfigError, match="between 0 and 86400 seconds"):
         asgi_module.ASGIAdapter(app, keepalive_timeout=value)
+
+
+@pytest.mark.parametrize(
+    "expect",
+    [b"Expect: 100-continue, foo\r\n", b"Expect: foo\r\nExpect: 100-Continue\r\n"],
+    ids=["list", "two-lines"],
+)
+def test_a_next_request_expecting_100_continue_in_a_list_gets_it(
+    sock_path: str, expect: bytes, no_fd_leak: None
+) -> None:
+    """Expect is a list (RFC 9110 section 10.1.1: #expectation): 100-continue
+    among other members, or on another line, still asks for the interim answer."""
+    with (
+        ASGIReceiver(Counter().app(), sock_path),
+        hand_over(sock_path, "GET", "/first") as client,
+    ):
+        reader = ResponseReader(client)
+        assert reader.read().body == b"GET /first 0"
+        client.sendall(
+            b"POST /read HTTP/1.1\r\nHost: x\r\n" + expect + b"Content-Length: 5\r\n\r\n"
+        )
+        client.settimeout(5)
+        assert client.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        client.sendall(b"hello")
+        assert reader.read().body == b"POST /read 5"

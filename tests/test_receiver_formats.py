@@ -133,14 +133,21 @@ def test_front_already_read_bytes_start_the_body(sock_path: str, no_fd_leak: Non
     assert rec.seen[0]["already_read"] == body[:3000]
 
 
-def test_chunked_request_body_and_expect_continue(sock_path: str, no_fd_leak: None) -> None:
+#: Expect is a list (RFC 9110 section 10.1.1); the front merges repeated lines.
+EXPECTATIONS = ["100-continue", "100-continue, foo", "foo, 100-Continue"]
+
+
+@pytest.mark.parametrize("expect", EXPECTATIONS)
+def test_chunked_request_body_and_expect_continue(
+    sock_path: str, expect: str, no_fd_leak: None
+) -> None:
     rec = Recorder()
     with ReceiverThread(rec, [Bind(sock_path)]):
         client, server_side = tcp_pair()
         headers = front_headers(
             "POST",
             "/c",
-            [("Transfer-Encoding", "chunked"), ("Expect", "100-continue")],
+            [("Transfer-Encoding", "chunked"), ("Expect", expect)],
         )
         send_scgi(sock_path, headers, server_side)
         client.settimeout(10)

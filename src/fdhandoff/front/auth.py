@@ -49,6 +49,7 @@ from ..httphead import (
     parse_response_head,
 )
 from ..message import MAX_PAYLOAD_SIZE, encode_payload
+from ..websocket_handshake import expects_continue
 from .config import Address, HandoffFormat, RouteConfig
 from .describe import Endpoint, describe
 from .handoff import open_backend
@@ -378,12 +379,8 @@ class _Exchange:
             raise _Answer(413, f"request body larger than {self.limits.max_body_size} bytes")
         await self._connect()
         # RFC 9110 §10.1.1: 100-continue in an HTTP/1.0 request MUST be ignored
-        # (a 1.0 client does not know 1xx answers).
-        if (
-            head.has_body
-            and head.version == b"1.1"
-            and any(value.strip().lower() == b"100-continue" for value in head.values(b"expect"))
-        ):
+        # (a 1.0 client does not know 1xx answers); Expect is a list.
+        if head.has_body and head.version == b"1.1" and expects_continue(head.headers):
             # The application never sees Expect: the front asks for the body itself.
             await self._send_client(_CONTINUE, interim=True)
         await self._send_upstream(

@@ -17,6 +17,7 @@ from typing import Final
 from ..errors import ProtocolError
 from ..message import Format, HandoffRecord
 from ..websocket import CloseCode, Opcode, encode_close_payload, encode_frame
+from ..websocket_handshake import expects_continue
 from . import http
 from .body import BodyDecoder, framing
 from .http import HeaderInput
@@ -255,7 +256,5 @@ class HandoffBase(HandoffInfo):
         if self._continue_sent or self.phase is not Phase.NEW or self.cgi:
             return False
         self._continue_sent = True
-        expect = self.header("expect")
-        return (
-            expect is not None and expect.lower() == "100-continue" and self.http_version == "1.1"
-        )
+        # Expect is a list (#expectation), possibly over several lines.
+        return self.http_version == "1.1" and expects_continue(self.raw_headers)

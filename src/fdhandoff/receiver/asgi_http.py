@@ -29,6 +29,7 @@ from typing import Any, Final
 from .. import aio
 from ..errors import ProtocolError
 from ..httphead import MAX_HEAD_SIZE
+from ..websocket_handshake import expects_continue
 from . import http
 from .asgi_conn import READ_SIZE, Connection
 from .asgi_response import NO_BODY_STATUSES, app_head, error_response, finish_head
@@ -119,7 +120,8 @@ class HTTPCycle:
             body is not None
             and not cgi
             and request.http_version == "1.1"
-            and any(n == b"expect" and v.lower() == b"100-continue" for n, v in request.headers)
+            # RFC 9110 section 10.1.1: Expect is a list, possibly over several lines.
+            and expects_continue(request.headers)
         )
         # The receive() calls waiting for the client to leave (rarely more than one).
         self._waiters: asyncio.Future[None] | list[asyncio.Future[None]] | None = None
