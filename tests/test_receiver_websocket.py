@@ -751,3 +751,58 @@ def test_a_client_behind_in_reading_gets_every_echo_and_the_close_after_a_violat
     assert isinstance(events[6], websocket.Close)
     assert events[6].code == 1002
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+#: A client's FIN right behind its last frames (``printf ... | nc -N``).
+HALF_CLOSE_CASES = {
+    "close": (
+        [
+            encode_frame(Opcode.TEXT, b"hello", mask=b"abcd"),
+            encode_frame(Opcode.CLOSE, b"\x03\xe8", mask=b"efgh"),
+        ],
+        encode_frame(Opcode.TEXT, b"hello"),  # then the close reply, 1000
+    ),
+    "violation": (
+        [encode_frame(Opcode.TEXT, b"before", mask=b"abcd"), b"\x83\x80efgh"],  # opcode 3
+        encode_frame(Opcode.TEXT, b"before"),  # then the failing close frame, 1002
+    ),
+}
+
+
+@pytest.mark.parametrize("handler", [echo, coroutine_echo], ids=["callback", "coroutine"])
+@pytest.mark.parametrize("case", HALF_CLOSE_CASES)
+def test_a_fin_behind_the_clients_last_frames_loses_no_answer(
+    tmp_path: Path, handler: object, case: str, no_fd_leak: None
+) -> None:
+    """A FIN ends only the client's sending side (RFC 9293 section 3.6): the
+    messages before its close frame (or its violation) are still answered,
+    and our close frame still goes (RFC 6455 sections 5.5.1, 7.1.7)."""
+    frames, expected = HALF_CLOSE_CASES[case]
+    path = str(tmp_path / "r.sock")
+    with ReceiverThread(handler, [Bind(path)]):  # type: ignore[arg-type]
+        client = _upgraded_client(path)
+        client.sendall(b"".join(frames))
+        client.shutdown(socket.SHUT_WR)
+        data = read_to_fin(client, timeout=5)
+        client.close()
+    assert data.startswith(expected)
+    close = data[len(expected) :]
+    assert close[:1] == b"\x88" and close[2:4] == (b"\x03\xe8" if case == "close" else b"\x03\xea")
+
+
+def test_a_fin_behind_a_close_does_not_cut_a_large_echo(tmp_path: Path, no_fd_leak: None) -> None:
+    """The echo waits in user space (the client reads slowly): the FIN that
+    followed the client's close frame must not drop it, nor the close reply."""
+    path = str(tmp_path / "r.sock")
+    big = bytes(range(256)) * 16384  # 4 MiB
+    with ReceiverThread(echo, [Bind(path)]):
+        client = _upgraded_client(path)
+        client.sendall(
+            encode_frame(Opcode.BINARY, big, mask=b"abcd")
+            + encode_frame(Opcode.CLOSE, b"\x03\xe8", mask=b"efgh")
+        )
+        client.shutdown(socket.SHUT_WR)
+        time.sleep(0.3)  # let the receiver meet the FIN with the echo still queued
+        data = read_to_fin(client, timeout=10)
+        client.close()
+    assert data == encode_frame(Opcode.BINARY, big) + encode_frame(Opcode.CLOSE, b"\x03\xe8")

@@ -87,6 +87,7 @@ class WebSocket(Stream):
     """One WebSocket connection; see the module documentation."""
 
     __slots__ = (
+        "_client_fin",
         "_close_timer",
         "_codec",
         "_inbox",
@@ -109,6 +110,8 @@ class WebSocket(Stream):
         self._close_timer: asyncio.TimerHandle | None = None
         # While half-closed after our last frame: the reason to log at the end.
         self._lingering: tuple[str | None] | None = None
+        # The client's FIN came after its close frame: nothing to linger for.
+        self._client_fin = False
         #: The close code once the connection ended (1006: closed without one).
         self.close_code: int | None = None
         self.subprotocol = subprotocol
@@ -209,6 +212,16 @@ class WebSocket(Stream):
         if self._lingering is not None:
             self._linger_end()  # the client's FIN: both sides are closed
             return
+        if self._reply_deferred or super().closed:
+            # The FIN came after the client's close frame (or a violation), or
+            # while our last frames are written.  It ends only the client's
+            # sending side (RFC 9293 section 3.6): the messages queued before
+            # its close are still answered, and our close frame still goes
+            # (RFC 6455 sections 5.5.1, 7.1.7).  Stop reading (the EOF would
+            # be reported again and again), and end without lingering.
+            self._client_fin = True
+            self._receiver.loop.remove_reader(self._sock.fileno())
+            return
         if self.close_code is None:
             self.close_code = CloseCode.ABNORMAL
         self._abort("client closed the connection")
@@ -266,7 +279,7 @@ class WebSocket(Stream):
     def _finish(self, why: str | None, *, clean: bool) -> None:
         # A clean end comes after our last close frame is written: the
         # closing handshake completed, or the connection was failed.
-        if clean and self._lingering is None and self._half_close():
+        if clean and self._lingering is None and not self._client_fin and self._half_close():
             self._lingering = (why,)
             return
         super()._finish(why, clean=clean)
@@ -336,7 +349,12 @@ class WebSocket(Stream):
         return super()._reading() and not (inbox is not None and inbox.paused)
 
     def _resume_reading(self, inbox: _Inbox) -> None:
-        if inbox.paused and len(inbox.messages) < INBOX_LIMIT // 2 and not super().closed:
+        if (
+            inbox.paused
+            and len(inbox.messages) < INBOX_LIMIT // 2
+            and not super().closed
+            and not self._client_fin
+        ):
             inbox.paused = False
             self._receiver.loop.add_reader(self._sock.fileno(), self._on_readable)
 
