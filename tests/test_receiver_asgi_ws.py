@@ -736,3 +736,120 @@ def test_what_the_client_sends_after_our_last_close_frame_meets_no_reset(
     assert data[:1] == b"\x88"
     assert int.from_bytes(data[2:4], "big") == code
     assert error == 0, os.strerror(error)
+
+
+# --- while the app is not in receive() ---------------------------------------------------------
+
+
+class Pusher:
+    """A push feed: accepts, then only sends (never awaits receive()) until send fails."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.ended: BaseException | None = None
+        self.done = threading.Event()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        try:
+            assert (await receive())["type"] == "websocket.connect"
+            await send({"type": "websocket.accept"})
+            for n in range(200):
+                await send({"type": "websocket.send", "text": f"tick {n}"})
+                self.sent += 1
+                await asyncio.sleep(0.05)
+        except Exception as exc:  # the server's "client is gone" (ASGI spec: an OSError)
+            self.ended = exc
+        finally:
+            self.done.set()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_an_app_that_only_sends_still_answers_pings_and_the_close(
+    sock_path: str, loop: str, no_fd_leak: None
+) -> None:
+    """RFC 6455 sections 5.5.2 and 5.5.1: a Pong for each Ping, a close frame for
+    the client's, as soon as practical, even when the app never calls receive()."""
+    app = Pusher()
+    with ASGIReceiver(app, sock_path, loop=loop):
+        client = RawClient(sock_path)
+        assert client.handshake() == 101
+        client.sock.sendall(client_frame(Opcode.PING, b"are you there"))
+        while isinstance(event := client.event(), websocket.Message):
+            pass  # ticks sent before the pong
+        assert event == websocket.Pong(b"are you there")
+        client.sock.sendall(client_frame(Opcode.CLOSE, CloseCode.NORMAL.to_bytes(2, "big")))
+        while isinstance(event := client.event(), websocket.Message):
+            pass
+        assert event == websocket.Close(CloseCode.NORMAL, "")
+        assert client.sock.recv(10) == b""
+        client.close()
+        assert app.done.wait(IO_TIMEOUT)
+    assert app.ended is not None  # its next send after the close failed
+
+
+class SlowEcho:
+    """Busy elsewhere first (not in receive()), then echoes what it reads."""
+
+    def __init__(self) -> None:
+        self.messages: list[dict[str, Any]] = []
+        self.done = threading.Event()
+        self.busy = threading.Event()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        try:
+            assert (await receive())["type"] == "websocket.connect"
+            await send({"type": "websocket.accept"})
+            self.busy.set()
+            await asyncio.sleep(0.5)
+            while True:
+                message = await receive()
+                self.messages.append(message)
+                if message["type"] == "websocket.disconnect":
+                    return
+                await send({**message, "type": "websocket.send"})
+        finally:
+            self.done.set()
+
+
+@pytest.mark.parametrize("count", [2, 40], ids=["few", "over-the-held-limit"])
+def test_messages_read_while_the_app_was_busy_are_all_answered_before_the_close(
+    sock_path: str, count: int, no_fd_leak: None
+) -> None:
+    """Messages, then the client's close frame, while the app is elsewhere: the
+    messages are held for receive() (beyond HELD_LIMIT reading pauses), the
+    close reply waits until the app has read and answered them."""
+    app = SlowEcho()
+    with ASGIReceiver(app, sock_path):
+        client = RawClient(sock_path)
+        assert client.handshake() == 101
+        assert app.busy.wait(IO_TIMEOUT)
+        frames = [client_frame(Opcode.TEXT, b"m%d" % n) for n in range(count)]
+        client.sock.sendall(b"".join(frames))
+        client.sock.sendall(client_frame(Opcode.CLOSE, CloseCode.NORMAL.to_bytes(2, "big")))
+        echoes = [client.event() for _ in range(count)]
+        assert echoes == [websocket.Message(f"m{n}") for n in range(count)]
+        assert client.event() == websocket.Close(CloseCode.NORMAL, "")
+        client.close()
+        assert app.done.wait(IO_TIMEOUT)
+    assert app.messages[-1] == {"type": "websocket.disconnect", "code": 1000, "reason": ""}
+
+
+def test_a_close_held_behind_messages_is_answered_when_the_app_never_reads(
+    sock_path: str, monkeypatch: pytest.MonkeyPatch, no_fd_leak: None
+) -> None:
+    import fdhandoff.receiver.asgi_ws as asgi_ws  # noqa: PLC0415
+
+    monkeypatch.setattr(asgi_ws, "CLOSE_TIMEOUT", 0.3)
+    app = Pusher()
+    with ASGIReceiver(app, sock_path):
+        client = RawClient(sock_path)
+        assert client.handshake() == 101
+        client.sock.sendall(client_frame(Opcode.TEXT, b"unread"))
+        client.sock.sendall(client_frame(Opcode.CLOSE, CloseCode.NORMAL.to_bytes(2, "big")))
+        started = time.monotonic()
+        while isinstance(event := client.event(), websocket.Message):
+            pass
+        assert event == websocket.Close(CloseCode.NORMAL, "")
+        assert 0.2 < time.monotonic() - started < IO_TIMEOUT
+        client.close()
+        assert app.done.wait(IO_TIMEOUT)

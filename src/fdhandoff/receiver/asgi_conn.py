@@ -217,15 +217,44 @@ class Connection:
             return
         self._queue = bytearray()
         self._queued = self.loop.create_future()
+        await self._write_rest(memoryview(data)[sent:])
+
+    async def _write_rest(self, view: memoryview) -> None:
+        """Flush ``view`` and the queue behind it; the queue was just opened."""
         ok = False
         try:
-            await self._flush(memoryview(data)[sent:])
+            await self._flush(view)
             ok = True
         finally:
             if not ok:
                 self.broken = True
             queued, self._queued, self._queue = self._queued, None, None
+            assert queued is not None
             queued.set_result(ok)
+
+    def write_soon(self, data: bytes) -> None:
+        """Write ``data`` in order with every other write, without waiting: a
+        pong or a close reply from a reader callback.  What the kernel does not
+        take at once follows the write in progress, or is flushed by a task of
+        its own (bounded by ``write_timeout``); failures only break the
+        connection, as for :meth:`write`."""
+        if self.closed or self.broken or not data:
+            return
+        if self._queue is not None:
+            self._queue += data
+            return
+        try:
+            sent = self._send(data)
+        except ConnectionClosed:
+            return
+        if sent < len(data):
+            self._queue = bytearray()
+            self._queued = self.loop.create_future()
+            self.receiver.spawn(self._flush_quietly(memoryview(data)[sent:]))
+
+    async def _flush_quietly(self, view: memoryview) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            await self._write_rest(view)
 
     async def _flush(self, view: memoryview) -> None:
         timeout = self.options.write_timeout

@@ -13,15 +13,20 @@ The app receives ``websocket.connect`` first and answers:
   (the ``websocket.http.response`` extension).
 
 Frames are decoded by :class:`fdhandoff.websocket.WebSocket` as the app asks
-for them: no queue, no task of our own; bytes the client sent early (with the
-upgrade request) are decoded first.  Pings are answered as they are read.  A
-frame that breaks RFC 6455 ends only this connection, with the close code the
-codec chose (1002, 1007 or 1009) and a ``websocket.disconnect`` to the app.
+for them, no task of our own; bytes the client sent early (with the upgrade
+request) are decoded first.  While the app is not in ``receive()`` (an app
+that only sends, a push feed, may never call it) a reader callback goes on
+decoding: pings are answered and the client's close frame is answered at once
+(RFC 6455 sections 5.5.2, 5.5.1), and messages are held for ``receive()`` -
+up to :data:`HELD_LIMIT`, then reading pauses (TCP back-pressure).  A frame
+that breaks RFC 6455 ends only this connection, with the close code the codec
+chose (1002, 1007 or 1009) and a ``websocket.disconnect`` to the app.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -35,6 +40,7 @@ from .asgi_http import HTTPCycle
 from .asgi_response import error_response
 from .asgi_scope import Request
 from .stream import ConnectionClosed, drain_unread
+from .ws import CLOSE_TIMEOUT, INBOX_LIMIT
 
 __all__ = ["WebSocketCycle"]
 
@@ -42,6 +48,10 @@ log = logging.getLogger("fdhandoff.receiver.asgi")
 
 #: Status in the access log for a connection that became a WebSocket.
 _SWITCHED: Final = 101
+
+#: Messages held for an app that is not in receive(); then reading pauses.
+#: The native API's inbox bound (as websockets' max_queue).
+HELD_LIMIT: Final = INBOX_LIMIT
 
 
 class _State(Enum):
@@ -58,9 +68,13 @@ class WebSocketCycle:
     __slots__ = (
         "_close",
         "_close_deadline",
+        "_close_timer",
         "_connect_sent",
         "_denial",
+        "_held",
+        "_pause",
         "_started_at",
+        "_watching",
         "_why",
         "conn",
         "key",
@@ -88,6 +102,14 @@ class WebSocketCycle:
         self._denial: HTTPCycle | None = None
         self._started_at = time.monotonic()
         self._why: str | None = None
+        #: Messages read while the app was not in receive(), oldest first;
+        #: last, the client's close frame when it came behind them.
+        self._held: collections.deque[Message | Close] | None = None
+        #: Answers that close frame if the app does not read up to it.
+        self._close_timer: asyncio.TimerHandle | None = None
+        #: The reader callback that reads while the app is not in receive().
+        self._watching = False
+        self._pause = 0.0  # aio.next_pause: readable without data (a partial kTLS record)
 
     def _describe(self) -> str:
         client = self.conn.client
@@ -135,6 +157,7 @@ class WebSocketCycle:
 
     async def _finish(self) -> None:
         conn = self.conn
+        self._unwatch()  # from here on, reads are the closing handshake's
         try:
             if self.state is _State.OPEN:
                 await self._send_close(CloseCode.NORMAL, "")
@@ -145,6 +168,7 @@ class WebSocketCycle:
                     async with asyncio.timeout(conn.options.linger_timeout):
                         while self._close is None:
                             await self.receive()
+                self._unwatch()  # receive() arms it again on its way out
             if self.state is _State.ANSWERED and not conn.broken:
                 self._log()  # times the answer, not the lingering close
                 await conn.linger_close()
@@ -165,6 +189,10 @@ class WebSocketCycle:
             self._log()
 
     def _close_connection(self) -> None:
+        self._unwatch()
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
         conn = self.conn
         if self.ws is not None and not conn.closed and not conn.broken:
             # Unread client bytes (what followed a bad frame, frames after
@@ -192,6 +220,14 @@ class WebSocketCycle:
         if not self._connect_sent:
             self._connect_sent = True
             return {"type": "websocket.connect"}
+        held = self._held
+        if held:
+            if isinstance(held[0], Close):  # every message before it was read
+                return self._answer_held_close()
+            message = held.popleft()
+            assert isinstance(message, Message)
+            self._watch()  # below the bound again
+            return _received(message)
         if self._close is not None:
             return _disconnect(*self._close)
         if self.state is _State.CONNECTING:
@@ -203,64 +239,166 @@ class WebSocketCycle:
         assert ws is not None
         # One loop, no helper coroutines: an idle WebSocket sits in here, and
         # every frame of the chain would be kept for as long as it idles.
-        woken, pause = False, 0.0
-        while True:
+        self._unwatch()  # this loop reads now; the callback again once it returns
+        try:
+            woken, pause = False, 0.0
+            while True:
+                try:
+                    event = ws.next_event()
+                except WebSocketProtocolError as exc:
+                    log.info("%s: closing: %s", self._describe(), exc)
+                    self._why = f"client broke RFC 6455: {exc}"
+                    await self._write_quietly(ws.data_to_send())
+                    return self._closed(exc.close_code, "")
+                if event is NEED_DATA:
+                    try:
+                        data = self.conn.recv_nowait()
+                    except ConnectionClosed:
+                        data = b""  # the codec turns EOF into close code 1006
+                    if data is None:
+                        loop, fd = self.conn.loop, self.conn.sock.fileno()
+                        waiter: asyncio.Future[None] = loop.create_future()
+                        # Nothing after a wake-up: a partial kTLS record, which the
+                        # kernel reports readable; listen again only after a pause
+                        # (aio.PARTIAL_RECORD_PAUSE).  A timer, not a sleep: no frame.
+                        pause = aio.next_pause(pause) if woken else 0.0
+                        timer = (
+                            loop.call_later(pause, loop.add_reader, fd, wake, waiter)
+                            if pause
+                            else None
+                        )
+                        if timer is None:
+                            loop.add_reader(fd, wake, waiter)
+                        try:
+                            if self.state is _State.CLOSING:
+                                # Our close frame is sent: RFC 6455 section 7.1.1
+                                # lets the server close the TCP connection when
+                                # the client does not answer; an app reading on
+                                # after websocket.close must not wait forever.
+                                async with asyncio.timeout_at(self._close_deadline):
+                                    await waiter
+                            else:
+                                await waiter
+                        except TimeoutError:
+                            self._why = "client did not answer the close frame"
+                            return self._closed(CloseCode.ABNORMAL, "")
+                        finally:
+                            if timer is not None:
+                                timer.cancel()
+                            loop.remove_reader(fd)
+                        woken = True
+                    else:
+                        woken = False
+                        ws.receive_data(data)
+                    continue
+                out = ws.data_to_send()  # pongs, our reply to a close frame
+                if out:
+                    await self._write_quietly(out)
+                if isinstance(event, Message):
+                    return _received(event)
+                if isinstance(event, Close):
+                    return self._closed(event.code, event.reason)
+                # Ping (already answered) or Pong: nothing for the app.
+        finally:
+            self._watch()
+
+    # --- reading while the app is elsewhere -------------------------------------------
+
+    def _watch(self) -> None:
+        """Read from a callback while the app is not in receive() (see module)."""
+        held = self._held
+        if (
+            self._watching
+            or self.state not in (_State.OPEN, _State.CLOSING)
+            or self._close is not None
+            or self._close_timer is not None
+            or (held is not None and len(held) >= HELD_LIMIT)
+            or self.conn.closed
+            or self.conn.broken
+        ):
+            return
+        self._watching = True
+        self.conn.loop.add_reader(self.conn.sock.fileno(), self._on_readable)
+
+    def _unwatch(self) -> None:
+        if self._watching:
+            self._watching = False
+            self.conn.loop.remove_reader(self.conn.sock.fileno())
+
+    def _on_readable(self) -> None:
+        ws = self.ws
+        assert ws is not None
+        try:
+            data = self.conn.recv_nowait()
+        except ConnectionClosed:
+            data = b""  # the codec turns EOF into close code 1006
+        if data is None:
+            # Readable without data: a partial kTLS record (see receive()).
+            self._unwatch()
+            self._pause = aio.next_pause(self._pause)
+            self.conn.loop.call_later(self._pause, self._watch)
+            return
+        self._pause = 0.0
+        ws.receive_data(data)
+        self._decode_held()
+
+    def _decode_held(self) -> None:
+        """Decode what the codec holds: answer pings and a close at once, hold messages."""
+        ws = self.ws
+        assert ws is not None
+        while self._close is None and self._close_timer is None:
+            self.conn.write_soon(ws.data_to_send())  # pongs, before what comes next
             try:
                 event = ws.next_event()
             except WebSocketProtocolError as exc:
                 log.info("%s: closing: %s", self._describe(), exc)
                 self._why = f"client broke RFC 6455: {exc}"
-                await self._write_quietly(ws.data_to_send())
-                return self._closed(exc.close_code, "")
+                self.conn.write_soon(ws.data_to_send())  # the failing close frame
+                self._closed(exc.close_code, "")
+                break
             if event is NEED_DATA:
-                try:
-                    data = self.conn.recv_nowait()
-                except ConnectionClosed:
-                    data = b""  # the codec turns EOF into close code 1006
-                if data is None:
-                    loop, fd = self.conn.loop, self.conn.sock.fileno()
-                    waiter: asyncio.Future[None] = loop.create_future()
-                    # Nothing after a wake-up: a partial kTLS record, which the
-                    # kernel reports readable; listen again only after a pause
-                    # (aio.PARTIAL_RECORD_PAUSE).  A timer, not a sleep: no frame.
-                    pause = aio.next_pause(pause) if woken else 0.0
-                    timer = (
-                        loop.call_later(pause, loop.add_reader, fd, wake, waiter) if pause else None
-                    )
-                    if timer is None:
-                        loop.add_reader(fd, wake, waiter)
-                    try:
-                        if self.state is _State.CLOSING:
-                            # Our close frame is sent: RFC 6455 section 7.1.1
-                            # lets the server close the TCP connection when
-                            # the client does not answer; an app reading on
-                            # after websocket.close must not wait forever.
-                            async with asyncio.timeout_at(self._close_deadline):
-                                await waiter
-                        else:
-                            await waiter
-                    except TimeoutError:
-                        self._why = "client did not answer the close frame"
-                        return self._closed(CloseCode.ABNORMAL, "")
-                    finally:
-                        if timer is not None:
-                            timer.cancel()
-                        loop.remove_reader(fd)
-                    woken = True
-                else:
-                    woken = False
-                    ws.receive_data(data)
-                continue
-            out = ws.data_to_send()  # pongs, our reply to a close frame
-            if out:
-                await self._write_quietly(out)
+                break
             if isinstance(event, Message):
-                if isinstance(event.data, str):
-                    return {"type": "websocket.receive", "text": event.data}
-                return {"type": "websocket.receive", "bytes": event.data}
-            if isinstance(event, Close):
-                return self._closed(event.code, event.reason)
-            # Ping (already answered) or Pong: nothing for the app.
+                held = self._held
+                if held is None:
+                    held = self._held = collections.deque()
+                held.append(event)
+                if len(held) >= HELD_LIMIT:
+                    self._unwatch()  # the app reads again first (TCP back-pressure)
+            elif isinstance(event, Close):
+                if self._held:
+                    # Messages came before it: the app may still answer them,
+                    # as it could have in receive() (RFC 6455 section 5.5.1
+                    # lets the reply wait for data being sent).  The reply
+                    # goes when the app reads up to it, or after CLOSE_TIMEOUT.
+                    self._held.append(event)
+                    self._close_timer = self.conn.loop.call_later(
+                        CLOSE_TIMEOUT, self._answer_held_close
+                    )
+                    self._unwatch()
+                    return
+                self.conn.write_soon(ws.data_to_send())  # our reply, at once
+                self._closed(event.code, event.reason)
+                break
+        self.conn.write_soon(ws.data_to_send())  # pongs
+        if self._close is not None:
+            self._unwatch()
+
+    def _answer_held_close(self) -> dict[str, Any]:
+        """Reply to the client's close frame held behind messages; the disconnect."""
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
+        held = self._held
+        if not held or not isinstance(held[-1], Close):  # answered already (timer, receive())
+            assert self._close is not None
+            return _disconnect(*self._close)
+        close = held.pop()
+        assert isinstance(close, Close)
+        ws = self.ws
+        assert ws is not None
+        self.conn.write_soon(ws.data_to_send())
+        return self._closed(close.code, close.reason)
 
     async def _write_quietly(self, data: bytes) -> None:
         if not data:
@@ -343,6 +481,8 @@ class WebSocketCycle:
         early = self.conn.take_buffer()
         if early:  # frames sent right behind the upgrade request
             ws.receive_data(early)
+            self._decode_held()
+        self._watch()
 
     async def _refuse(self, message: dict[str, Any]) -> None:
         if self.key is None:
@@ -391,6 +531,11 @@ class WebSocketCycle:
             data = message.get("text")
             if data is None:
                 raise ValueError("websocket.send needs 'bytes' or 'text'")
+        if self._close_timer is not None:
+            # The client's close frame is held behind messages: the codec has
+            # read it, our reply is not sent yet, answers may still go.
+            await self._write(_server_frame(data))
+            return
         await self._write(ws.send_message(data))
 
     async def _send_close(self, code: int, reason: str) -> None:
@@ -409,6 +554,18 @@ class WebSocketCycle:
             self.state = _State.CLOSED
             self._close = (CloseCode.ABNORMAL, "")
             raise
+
+
+def _server_frame(data: bytes | str) -> bytes:
+    if isinstance(data, str):
+        return websocket.encode_frame(websocket.Opcode.TEXT, data.encode("utf-8"))
+    return websocket.encode_frame(websocket.Opcode.BINARY, bytes(data))
+
+
+def _received(message: Message) -> dict[str, Any]:
+    if isinstance(message.data, str):
+        return {"type": "websocket.receive", "text": message.data}
+    return {"type": "websocket.receive", "bytes": message.data}
 
 
 def _disconnect(code: int, reason: str) -> dict[str, Any]:
