@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -822,3 +823,51 @@ def test_handoffs_finished_by_a_channels_first_read_all_start_at_once(
         assert acks == CHANNEL_ACK * 2
     one.close()
     two.close()
+
+
+def test_continue_with_runs_after_the_handler_in_its_task(
+    tmp_path: Path, no_fd_leak: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Handoff.continue_with: the rest of a detached connection runs once the
+    handler returned, in the same task; a failing one is logged; a handler
+    that fails after leaving one gets its 500 and the continuation never runs."""
+    path = str(tmp_path / "r.sock")
+    seen: list[str] = []
+
+    async def serve_detached(sock: socket.socket, task: asyncio.Task[Any] | None) -> None:
+        seen.append("continuation")
+        assert asyncio.current_task() is task  # no new task
+        sock.setblocking(True)
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        sock.close()
+        if task is not None and task.get_name() == "fail":
+            raise RuntimeError("deliberate, in the continuation")
+
+    async def handler(handoff: Handoff) -> None:
+        if handoff.path == "/late-failure":
+            handoff.continue_with(serve_detached(handoff.detach(), None))
+            raise RuntimeError("deliberate, after continue_with")
+        task = asyncio.current_task()
+        if handoff.path == "/fail" and task is not None:
+            task.set_name("fail")
+        handoff.continue_with(serve_detached(handoff.detach(), task))
+        with pytest.raises(RuntimeError, match="already called"):
+            handoff.continue_with(serve_detached(handoff.socket, task))
+        seen.append("handler returns")
+
+    with caplog.at_level(logging.ERROR), ReceiverThread(handler, [Bind(path)]):
+        for target in ("/ok", "/fail"):
+            client, server_side = tcp_pair()
+            send_scgi(path, front_headers("GET", target), server_side)
+            assert read_all(client).endswith(b"\r\n\r\nok")
+            client.close()
+        assert seen == ["handler returns", "continuation"] * 2
+        client, server_side = tcp_pair()
+        send_scgi(path, front_headers("GET", "/late-failure"), server_side)
+        # The socket went with detach(): the engine cannot answer 500 on it,
+        # and the continuation was closed unstarted.
+        assert read_all(client) == b""
+        client.close()
+    assert seen == ["handler returns", "continuation"] * 2
+    assert any("continuation of a handler failed" in r.message for r in caplog.records)
+    assert any("handler failed" in r.message for r in caplog.records)

@@ -179,10 +179,11 @@ class ASGIAdapter:
             and not decided
             and self._keepalive_timeout(handoff.receiver.options) > 0
         )
-        # In this task, not a new one: a task and a loop iteration less per
-        # request.  _serve handles its own errors; the handoff is detached, so
-        # the engine only waits for this coroutine to end.
-        await self._serve(conn, request, body, persistent, cgi)
+        # In this task, not a new one (a task and a loop iteration less per
+        # request), but after this handler returns: awaited here, this frame
+        # and the handoff would stay as long as the connection (kilobytes per
+        # idle WebSocket).  _serve handles its own errors.
+        handoff.continue_with(self._serve(conn, request, body, persistent, cgi))
 
     def _keepalive_timeout(self, options: Options) -> float:
         given = self.keepalive_timeout

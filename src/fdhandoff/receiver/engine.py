@@ -267,8 +267,15 @@ class Receiver:
             else:
                 conn.close()  # "taken": the sender may forget the client now
             handoff = self._open(record, client)
+            # The handler may run for as long as its connection lives (a
+            # stream, a WebSocket): this frame must not keep the reader (its
+            # decoder, buffers and a cycle with its assembly) nor the handoff.
+            reader.io = None
+            del got, record, client, reader
             if handoff is not None:
-                await self._run(handoff)
+                run = self._run(handoff)
+                del handoff
+                await run
         finally:
             if not keep:
                 self._finish_conn(conn)
@@ -470,8 +477,23 @@ class Receiver:
             log.exception("handler failed for %s", handoff.describe())
             await _answer_error(handoff, 500)
         finally:
+            then = handoff.pop_continuation()
+            if then is not None and (why is not None or cancelled):
+                # The handler failed after leaving it: it never starts, and
+                # the socket it was to serve (detached) is closed here.
+                then.close()
+                then = None
+                handoff.socket.close()
             self.untrack(handoff)
             await self._complete(handoff, why, cancelled=cancelled)
+        if then is not None:
+            # Handoff.continue_with: the rest runs here, in this task, without
+            # the handoff (and its request description) kept alive by this frame.
+            del handoff
+            try:
+                await then
+            except Exception:
+                log.exception("the continuation of a handler failed")
 
     async def _refuse_relay(self, handoff: Handoff) -> None:
         # nginx fd_pass with kTLS TX only relays decrypted client bytes over

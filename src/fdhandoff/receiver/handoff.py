@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Final
+from collections.abc import AsyncIterator, Coroutine
+from typing import TYPE_CHECKING, Any, Final
 
 from .. import aio, fdpass
 from ..errors import ProtocolError
@@ -56,11 +56,12 @@ class Handoff(HandoffBase):
     ``receiver`` is the engine that runs it (options, access log, stopping).
     """
 
-    __slots__ = ("receiver",)
+    __slots__ = ("_then", "receiver")
 
     def __init__(self, record: HandoffRecord, sock: socket.socket, receiver: Receiver) -> None:
         super().__init__(record, sock)
         self.receiver = receiver
+        self._then: Coroutine[Any, Any, None] | None = None
 
     # --- low-level writing ------------------------------------------------------------
 
@@ -179,6 +180,28 @@ class Handoff(HandoffBase):
         # socket in the handler's task, counted as its own connection object.
         self.receiver.untrack(self)
         return self.socket
+
+    def continue_with(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` in this handler's task once the handler has returned.
+
+        For an adapter that serves a :meth:`detach`-ed socket for long (a
+        WebSocket, a stream, kept-alive requests): awaited from the handler,
+        it would keep the handler's frame and this object (the request
+        description, kilobytes) alive as long as the connection; run after
+        the handler, it keeps only what it holds itself.  No new task, no
+        turn of the event loop.  Exceptions it raises are logged.  If the
+        handler fails after calling this, ``coro`` never runs and the client
+        socket is closed.
+        """
+        if self._then is not None:
+            coro.close()
+            raise RuntimeError("continue_with() was already called")
+        self._then = coro
+
+    def pop_continuation(self) -> Coroutine[Any, Any, None] | None:
+        """What :meth:`continue_with` left for the engine to run (once)."""
+        then, self._then = self._then, None
+        return then
 
     # --- request body --------------------------------------------------------------------
 
