@@ -359,11 +359,16 @@ class RawClient:
 
 
 class EchoRecorder:
-    """A bare ASGI WebSocket app: accepts, echoes, keeps what receive() returned."""
+    """A bare ASGI WebSocket app: accepts, echoes, keeps what receive() returned.
 
-    def __init__(self) -> None:
+    ``busy_for``: seconds spent elsewhere (not in receive()) after accepting.
+    """
+
+    def __init__(self, busy_for: float = 0.0) -> None:
         self.messages: list[dict[str, Any]] = []
         self.done = threading.Event()
+        self.busy = threading.Event()
+        self.busy_for = busy_for
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "websocket":
@@ -371,6 +376,9 @@ class EchoRecorder:
         try:
             assert (await receive())["type"] == "websocket.connect"
             await send({"type": "websocket.accept"})
+            self.busy.set()
+            if self.busy_for:
+                await asyncio.sleep(self.busy_for)
             while True:
                 message = await receive()
                 self.messages.append(message)
@@ -787,30 +795,6 @@ def test_an_app_that_only_sends_still_answers_pings_and_the_close(
     assert app.ended is not None  # its next send after the close failed
 
 
-class SlowEcho:
-    """Busy elsewhere first (not in receive()), then echoes what it reads."""
-
-    def __init__(self) -> None:
-        self.messages: list[dict[str, Any]] = []
-        self.done = threading.Event()
-        self.busy = threading.Event()
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        try:
-            assert (await receive())["type"] == "websocket.connect"
-            await send({"type": "websocket.accept"})
-            self.busy.set()
-            await asyncio.sleep(0.5)
-            while True:
-                message = await receive()
-                self.messages.append(message)
-                if message["type"] == "websocket.disconnect":
-                    return
-                await send({**message, "type": "websocket.send"})
-        finally:
-            self.done.set()
-
-
 @pytest.mark.parametrize("count", [2, 40], ids=["few", "over-the-held-limit"])
 def test_messages_read_while_the_app_was_busy_are_all_answered_before_the_close(
     sock_path: str, count: int, no_fd_leak: None
@@ -818,7 +802,7 @@ def test_messages_read_while_the_app_was_busy_are_all_answered_before_the_close(
     """Messages, then the client's close frame, while the app is elsewhere: the
     messages are held for receive() (beyond HELD_LIMIT reading pauses), the
     close reply waits until the app has read and answered them."""
-    app = SlowEcho()
+    app = EchoRecorder(busy_for=0.5)
     with ASGIReceiver(app, sock_path):
         client = RawClient(sock_path)
         assert client.handshake() == 101
