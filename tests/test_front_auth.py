@@ -102,8 +102,10 @@ class App(BaseHTTPRequestHandler):
             time.sleep(1.5)
             self._answer(200, {}, b"late")
         elif name == "hopbyhop":
-            # RFC 9110 section 7.6.1: X-Hop is hop-by-hop, named by Connection.
-            self._answer(200, {"Connection": "X-Hop", "X-Hop": "1", "X-End": "2"}, b"ok")
+            # RFC 9110 section 7.6.1: X-Hop is hop-by-hop, named by Connection,
+            # and so are these, named or not.
+            hop = {"Proxy-Connection": "keep-alive", "TE": "trailers", "Upgrade": "h2c"}
+            self._answer(200, {"Connection": "X-Hop", "X-Hop": "1", "X-End": "2", **hop}, b"ok")
         elif name == "earlyhints":
             self.send_response_only(103)
             self.send_header("Link", "</style.css>; rel=preload")
@@ -326,7 +328,9 @@ def make_socket(path: Path) -> socket.socket:
     return sock
 
 
-@pytest.mark.parametrize("case", ["symlink", "outside", "dotdot", "not-a-socket", "relative"])
+@pytest.mark.parametrize(
+    "case", ["symlink", "outside", "dotdot", "not-a-socket", "relative", "loop", "too-long"]
+)
 def test_handoff_path_checks_answer_403(
     no_fd_leak: None,
     app: type[App],
@@ -351,6 +355,11 @@ def test_handoff_path_checks_answer_403(
         elif case == "not-a-socket":
             (allowed / "file").write_text("x")
             target, why = str(allowed / "file"), "is not a socket"
+        elif case == "loop":  # never a socket: the application's error, not a 503
+            (allowed / "loop").symlink_to(allowed / "loop")
+            target, why = str(allowed / "loop"), "symbolic links"
+        elif case == "too-long":
+            target, why = f"{allowed}/{'x' * 300}.sock", "too long"
         else:
             target, why = "relative.sock", "is not an absolute path"
         config = auth_config(app, sockdir).replace(f'"{sockdir}"', f'"{allowed}"')
@@ -600,6 +609,7 @@ def test_relayed_response_loses_hop_by_hop_fields_and_a_204_its_length(
     status, headers, body = http_exchange(front, b"GET /app/hopbyhop HTTP/1.1\r\nHost: a\r\n\r\n")
     assert (status, body) == (200, b"ok")
     assert "x-hop" not in headers  # named by the application's Connection: hop-by-hop
+    assert not {"proxy-connection", "te", "upgrade"} & set(headers)
     assert headers["x-end"] == "2"
     assert headers["connection"] == "close"
     assert headers["content-length"] == "2"
@@ -1250,3 +1260,66 @@ def test_body_already_received_goes_out_with_the_head(
         app.join(timeout=10)
     assert status == 204
     assert firsts[0].endswith(b"\r\n\r\n" + body)
+
+
+def test_http_1_0_request_without_host_reaches_the_application_with_one(
+    app: type[App], sockdir: Path, fronts: Callable[..., FrontProcess]
+) -> None:
+    """It goes upstream as HTTP/1.1, which must carry Host (RFC 9112 section
+    3.2): the address the client reached, as nginx's proxy_pass sends."""
+    front = fronts(config=auth_config(app, sockdir))
+    status, _, body = http_exchange(front, b"GET /app/plain HTTP/1.0\r\n\r\n")
+    assert (status, body) == (201, b"from the app: ")
+    host, port = front.host_port
+    assert app.seen[-1]["headers"]["Host"] == f"{host}:{port}"
+
+
+@pytest.mark.parametrize("status", [b"099", b"000", b"600", b"999"])
+def test_a_status_outside_100_to_599_is_502(
+    sockdir: Path, fronts: Callable[..., FrontProcess], status: bytes
+) -> None:
+    """RFC 9112 section 4: three digits; RFC 9110 section 15: 100-599."""
+
+    def answer(conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 %s Odd\r\nContent-Length: 2\r\n\r\nok" % status)
+
+    with _app_listener("unix", sockdir) as (listener, config):
+        front = fronts(config=config)
+        thread = _raw_app(listener, answer)
+        code, _, body = http_exchange(front, b"GET /odd HTTP/1.1\r\nHost: a\r\n\r\n")
+        thread.join(10)
+    assert code == 502
+    front.hid_detail(body, "not in 100-599")
+
+
+def test_apache_daemon_reading_to_eof_gets_it_right_after_the_record(
+    no_fd_leak: None, app: type[App], sockdir: Path, fronts: Callable[..., FrontProcess]
+) -> None:
+    """Apache closes after its sendmsg; the front half-closes (it still waits
+    for the daemon's close): a daemon that reads until EOF is not held up."""
+    daemon = make_socket(sockdir / "daemon.sock")
+    waited: list[float] = []
+
+    def serve() -> None:
+        daemon.settimeout(10)
+        conn, _ = daemon.accept()
+        with conn:
+            conn.settimeout(10)
+            data, client = fdpass.recv_fd(conn, blocking=True, timeout=10)
+            assert data == b'{"user_id":12345}' and client is not None
+            started = time.monotonic()
+            assert conn.recv(1) == b""  # EOF after the one record
+            waited.append(time.monotonic() - started)
+            with client:
+                client.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\ndaemon")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        front = fronts(config=auth_config(app, sockdir))
+        status, _, body = http_exchange(front, b"GET /app/handoff HTTP/1.1\r\nHost: a\r\n\r\n")
+        thread.join(10)
+    finally:
+        daemon.close()
+    assert (status, body) == (200, b"daemon")
+    assert waited and waited[0] < 0.5  # not the front's 1 s handoff timeout

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fdhandoff import scgi
 from fdhandoff.front.describe import Endpoint, describe
-from fdhandoff.httphead import parse_head
+from fdhandoff.httphead import HeadLimits, parse_head
 
 REMOTE = Endpoint(b"127.0.0.1", b"5555")
 SERVER = Endpoint(b"127.0.0.1", b"8080")
@@ -69,3 +69,26 @@ def test_consumed_body_is_not_described() -> None:
     assert b"HTTP_CONTENT_LENGTH" not in names and b"HTTP_EXPECT" not in names
     assert dict(consumed)[b"HTTP_X_K"] == b"v"
     assert dict(consumed)[b"CONTENT_LENGTH"] == b"0"
+
+
+def test_a_description_receivers_would_refuse_is_431_or_500_with_a_payload() -> None:
+    """Over scgi.MAX_BLOCK_SIZE the receiver refuses the handoff, and the client
+    would get a 503 for a receiver that works: the front answers first."""
+    import pytest  # noqa: PLC0415
+
+    from fdhandoff.errors import ProtocolError  # noqa: PLC0415
+
+    big = b"x" * 200_000
+    head = parse_head(
+        b"GET /?" + big + b" HTTP/1.1\r\nHost: h\r\n\r\n",
+        HeadLimits(max_head_size=1 << 20, max_uri_length=1 << 20),
+    )
+    ends = {"remote": Endpoint(b"10.0.0.1", b"4000"), "server": Endpoint(b"10.0.0.2", b"80")}
+    with pytest.raises(ProtocolError) as refused:
+        describe(head, route=b"/", **ends)
+    assert refused.value.status_hint == 431
+    small = parse_head(b"GET /?q HTTP/1.1\r\nHost: h\r\n\r\n")
+    describe(small, route=b"/", handoff_data=b"p" * 212_960, **ends)  # Apache's largest fits
+    with pytest.raises(ProtocolError) as refused:
+        describe(head, route=b"/", handoff_data=b"p" * 100_000, **ends)
+    assert refused.value.status_hint == 500

@@ -799,8 +799,15 @@ def parse_response_head(head: bytes, *, max_headers: int = MAX_HEADERS) -> Respo
     # front must cut the body where the client will, which reads the same list.
     final = [coding.strip(b" \t") for coding in codings if coding.strip(b" \t")]
     chunked = bool(final) and final[-1].lower() == b"chunked"
+    status = parser.get_status_code()
+    # RFC 9112 section 4: three digits; RFC 9110 section 15: 100-599.  The
+    # parser reads "099" as 99 and takes 600 or 999 as they are.
+    if not 100 <= status <= 599 or head[9:12] != b"%d" % status:
+        raise ProtocolError(
+            f"malformed response head: status {head[9:12]!r} is not in 100-599", status_hint=502
+        )
     return ResponseHead(
-        parser.get_status_code(),
+        status,
         collector.reason,
         parser.get_http_version().encode("ascii"),
         tuple(collector.headers),

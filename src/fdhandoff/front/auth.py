@@ -84,10 +84,24 @@ _DROP_REQUEST: Final = frozenset(
 #: read upstream as a next request), and an HTTP/1.1 request must carry the
 #: Host it was routed by (RFC 9112 §3.2).
 _KEPT_REQUEST: Final = frozenset((b"content-length", b"host"))
-#: Response headers the client never sees (the front adds Connection: close).
+#: Response headers the client never sees: the handoff fields and the
+#: hop-by-hop ones (RFC 9110 section 7.6.1; the front adds Connection: close,
+#: relays no trailers and switches no protocol: a 101 is an error).
 _DROP_RESPONSE: Final = frozenset(
-    (b"x-socket-handoff", b"x-handoff-data", b"connection", b"keep-alive")
+    (
+        b"x-socket-handoff",
+        b"x-handoff-data",
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"upgrade",
+    )
 )
+
+#: stat() errors for a handoff path that no daemon can ever listen on.
+_NEVER_A_SOCKET: Final = frozenset((errno.ELOOP, errno.ENAMETOOLONG, errno.ENOTDIR))
 
 #: The fields that say where a relayed body ends (RFC 9112 §6.3).
 _FRAMING: Final = frozenset((b"content-length", b"transfer-encoding"))
@@ -249,6 +263,14 @@ def _dropped_fields(response: ResponseHead) -> frozenset[bytes]:
     return _DROP_RESPONSE | (named - _FRAMING)
 
 
+def _authority(server: Endpoint) -> bytes:
+    """``Host`` for the address a client reached (``[::1]:8080``, ``localhost`` for UNIX)."""
+    addr, port = server
+    if not port:
+        return b"localhost"
+    return b"[%s]:%s" % (addr, port) if b":" in addr else b"%s:%s" % (addr, port)
+
+
 def _relayed_head(response: ResponseHead, drop: frozenset[bytes]) -> list[bytes]:
     """The status line and the fields of ``response`` not in ``drop``.
 
@@ -283,8 +305,14 @@ def check_handoff_path(value: bytes, allowed_prefix: str) -> str:
     try:
         mode = os.stat(real).st_mode
     except OSError as exc:
+        # Missing (a daemon restarting) or unreadable for now: 503.  A path
+        # that can never name a socket (a symlink loop, a name too long, a
+        # file used as a directory) is the application's error: 403.
+        status = 403 if exc.errno in _NEVER_A_SOCKET else 503
         raise _Answer(
-            503, f"handoff socket {real[:200]!r}: {exc.strerror}", retry=exc.errno == errno.ENOENT
+            status,
+            f"handoff socket {real[:200]!r}: {exc.strerror}",
+            retry=exc.errno == errno.ENOENT,
         ) from None
     if not stat.S_ISSOCK(mode):
         raise _Answer(403, f"X-Socket-Handoff {real[:200]!r} is not a socket")
@@ -444,6 +472,11 @@ class _Exchange:
             lines.append(name + b": " + value)
         if dropped:
             self.front.log_dropped(self.req, dropped)
+        if not head.values(b"host"):
+            # An HTTP/1.0 client may leave Host out; the request goes on as
+            # HTTP/1.1, which must carry one (RFC 9112 section 3.2): the
+            # address the client reached, as nginx's proxy_pass does.
+            lines.append(b"Host: " + _authority(self.server))
         client_addr = self.peer.addr if self.peer.port else b"unix"
         lines.append(b"X-Forwarded-For: " + b", ".join([*forwarded_for, client_addr]))
         lines.append(b"X-Forwarded-Proto: https" if self.req.https else b"X-Forwarded-Proto: http")
@@ -681,16 +714,19 @@ class _Exchange:
                 ) from None
         else:
             sock_type = socket.SOCK_STREAM
-            message, _ = describe(
-                self.head,
-                remote=self.peer,
-                server=self.server,
-                route=self.route.prefix.encode("utf-8"),
-                https=self.req.https,
-                ktls=self.req.tls,
-                handoff_data=data,
-                body_consumed=True,  # it went to the application
-            )
+            try:
+                message, _ = describe(
+                    self.head,
+                    remote=self.peer,
+                    server=self.server,
+                    route=self.route.prefix.encode("utf-8"),
+                    https=self.req.https,
+                    ktls=self.req.tls,
+                    handoff_data=data,
+                    body_consumed=True,  # it went to the application
+                )
+            except ProtocolError as exc:
+                raise _Answer(exc.status_hint, str(exc)) from None
         usock = await self._connect_daemon(targets[0], sock_type)
         self.owned = False  # answered 503, or about to be handed off: the front's now
         if usock is not None:

@@ -39,8 +39,10 @@ from __future__ import annotations
 
 from typing import Final, NamedTuple
 
+from ..errors import ProtocolError
 from ..httphead import RequestHead, is_cgi_header_name
 from ..message import CHANNEL_HEADER
+from ..scgi import MAX_BLOCK_SIZE
 
 __all__ = ["Endpoint", "describe"]
 
@@ -119,6 +121,9 @@ def describe(
 ) -> tuple[bytes, list[bytes]]:
     """The SCGI message (netstring + ``already_read``) and the header names dropped.
 
+    Raises :class:`ProtocolError` (431, or 500 with ``handoff_data``) for a
+    description larger than receivers accept.
+
     ``https``: the client used TLS, to the front (``ktls``: the socket is on
     kernel TLS) or to a balancer that terminated it (PROXY protocol v2
     ``PP2_TYPE_SSL``).  ``body_consumed``: the front read the request body
@@ -167,4 +172,14 @@ def describe(
     parts += headers
     parts.append(b"")  # the block ends with NUL
     block = b"\x00".join(parts)
+    if len(block) > MAX_BLOCK_SIZE:
+        # Receivers refuse it (scgi.MAX_BLOCK_SIZE), and the client would get
+        # a 503 for a receiver that works.  A head near a raised
+        # max_head_size is counted about twice (REQUEST_URI and QUERY_STRING,
+        # HTTP_HOST and SERVER_NAME): 431; with an application's payload: 500.
+        raise ProtocolError(
+            f"request description of {len(block)} bytes is over the SCGI limit of "
+            f"{MAX_BLOCK_SIZE} that receivers accept",
+            status_hint=431 if handoff_data is None else 500,
+        )
     return b"%d:%s,%s" % (len(block), block, already_read), dropped

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import errno
 import fcntl
 import logging
@@ -274,6 +275,7 @@ class Handoffs:
         link.flights.append(flight)
         self._flights += 1
         if sent == len(message):
+            self._sent_whole(link)
             return True
         # The UNIX socket buffer is full (a receiver that is not reading):
         # finish the message when it drains, the fd only with its first byte.
@@ -297,6 +299,21 @@ class Handoffs:
         if not link.rest:
             link.rest = None
             self._loop.remove_writer(link.fd)
+            self._sent_whole(link)
+
+    @staticmethod
+    def _sent_whole(link: Link) -> None:
+        """The handoff on a one-handoff connection is all out: half-close it.
+
+        Apache and nginx close right after their sendmsg, and a daemon may
+        read until EOF before it serves; the front still waits for the
+        receiver's close (or reads the rest of its answer), so it shuts down
+        only its sending side (a FIN, not a close: a receiver sees POLLRDHUP,
+        never the POLLHUP of a sender that gave up).
+        """
+        if link.backend is None:
+            with contextlib.suppress(OSError):
+                link.usock.shutdown(socket.SHUT_WR)
 
     # --- what the receiver did -------------------------------------------------------
 

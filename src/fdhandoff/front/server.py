@@ -1066,15 +1066,19 @@ class Front:
         peer: Endpoint,
         server: Endpoint,
     ) -> None:
-        message, dropped = describe(
-            head,
-            remote=peer,
-            server=server,
-            route=self._prefix_bytes[route.prefix],
-            https=req.https,
-            ktls=req.tls,
-            channel=self._channels,
-        )
+        try:
+            message, dropped = describe(
+                head,
+                remote=peer,
+                server=server,
+                route=self._prefix_bytes[route.prefix],
+                https=req.https,
+                ktls=req.tls,
+                channel=self._channels,
+            )
+        except ProtocolError as exc:  # larger than receivers accept
+            self.reject(sock, req, exc.status_hint, str(exc))
+            return
         if dropped:
             self.log_dropped(req, dropped)
         self._send(route.backend, sock, message, req)
@@ -1101,17 +1105,21 @@ class Front:
                 sock, websocket.error_response(exc, head_only=head_only), tls=req.tls
             )
             return
-        message, dropped = describe(
-            head,
-            remote=peer,
-            server=server,
-            route=self._prefix_bytes[route.prefix],
-            https=req.https,
-            ktls=req.tls,
-            upgraded=b"websocket",
-            subprotocol=subprotocol,
-            channel=self._channels,
-        )
+        try:
+            message, dropped = describe(
+                head,
+                remote=peer,
+                server=server,
+                route=self._prefix_bytes[route.prefix],
+                https=req.https,
+                ktls=req.tls,
+                upgraded=b"websocket",
+                subprotocol=subprotocol,
+                channel=self._channels,
+            )
+        except ProtocolError as exc:  # larger than receivers accept; before the 101
+            self.reject(sock, req, exc.status_hint, str(exc))
+            return
         if dropped:
             self.log_dropped(req, dropped)
         # Connect first: while the backend can still refuse, the client can
