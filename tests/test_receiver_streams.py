@@ -871,3 +871,58 @@ def test_continue_with_runs_after_the_handler_in_its_task(
     assert seen == ["handler returns", "continuation"] * 2
     assert any("continuation of a handler failed" in r.message for r in caplog.records)
     assert any("handler failed" in r.message for r in caplog.records)
+
+
+def _failing_after_handing_over(kind: str) -> tuple[Any, Any]:
+    """Handlers (asyncio, sync) that hand the connection to a stream, then raise."""
+
+    async def handler(handoff: Handoff) -> None:
+        if kind == "sse":
+            stream = await handoff.sse()
+            await stream.send("first")
+        else:
+            await handoff.websocket()
+        raise RuntimeError("deliberate, after handing over")
+
+    def sync_handler(handoff: Any) -> None:
+        if kind == "sse":
+            handoff.sse().send("first")
+        else:
+            handoff.websocket()
+        raise RuntimeError("deliberate, after handing over")
+
+    return handler, sync_handler
+
+
+@pytest.mark.parametrize("flavour", ["asyncio", "sync"])
+@pytest.mark.parametrize("kind", ["sse", "websocket"])
+def test_a_handler_failing_after_handing_over_ends_its_stream(
+    tmp_path: Path, flavour: str, kind: str, no_fd_leak: None
+) -> None:
+    """Nothing feeds the stream any more: an SSE client must see the end (an
+    EventSource reconnects only then), a WebSocket client a close 1011."""
+    from fdhandoff.websocket import Opcode, encode_frame  # noqa: PLC0415
+    from test_receiver_support import SyncReceiverThread  # noqa: PLC0415
+
+    path = str(tmp_path / "r.sock")
+    handler, sync_handler = _failing_after_handing_over(kind)
+    running = (
+        ReceiverThread(handler, [Bind(path)])
+        if flavour == "asyncio"
+        else SyncReceiverThread(sync_handler, [Bind(path)])
+    )
+    extra = {"HANDOFF_UPGRADED": "websocket"} if kind == "websocket" else {}
+    with running:
+        client, server_side = tcp_pair()
+        send_scgi(path, front_headers("GET", "/s", **extra), server_side)
+        data = b""
+        if kind == "websocket":
+            data = read_until(client, b"internal error", timeout=5)
+            # The client answers the close frame (RFC 6455 section 5.5.1).
+            client.sendall(encode_frame(Opcode.CLOSE, b"\x03\xf3", mask=b"abcd"))
+        data += read_to_fin(client, timeout=5)
+        client.close()
+    if kind == "sse":
+        assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"data: first\n\n")
+    else:
+        assert data.startswith(encode_frame(Opcode.CLOSE, b"\x03\xf3internal error"))  # 1011

@@ -12,7 +12,7 @@ import contextlib
 import socket
 import time
 from enum import Enum
-from typing import Final
+from typing import Final, Protocol
 
 from ..errors import ProtocolError
 from ..message import Format, HandoffRecord
@@ -25,7 +25,15 @@ from .request import MARKER_HEAD_SENT, HandoffInfo
 from .sse import CONTENT_TYPE as SSE_CONTENT_TYPE
 from .sse import encode_event
 
-__all__ = ["COALESCE", "HandoffBase", "Phase", "check_body_size", "error_close_frame"]
+__all__ = [
+    "COALESCE",
+    "HandedStream",
+    "HandoffBase",
+    "Phase",
+    "check_body_size",
+    "error_close_frame",
+    "fail_stream",
+]
 
 #: Bodies up to this size are sent in one write together with the head.
 COALESCE: Final = 64 * 1024
@@ -57,15 +65,46 @@ def error_close_frame(status: int) -> bytes:
     return encode_frame(Opcode.CLOSE, encode_close_payload(code))
 
 
+def fail_stream(handoff: HandoffBase) -> None:
+    """The handler failed after handing its connection to a stream: end it.
+
+    Nothing feeds it any more; left open, an SSE client would wait on a
+    silent stream for ever instead of reconnecting (EventSource reconnects
+    when the connection closes), a WebSocket client for a message that never
+    comes (it gets close 1011 instead, RFC 6455 section 7.4.1).
+    """
+    stream = handoff.stream
+    if stream is not None and not stream.closed:
+        stream.fail()
+
+
 def check_body_size(size: int, limit: int) -> None:
     if size > limit:
         raise ProtocolError(f"request body larger than {limit} bytes", status_hint=413)
 
 
+class HandedStream(Protocol):
+    """What a handoff's connection was handed to (an SSE stream, a WebSocket)."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    def fail(self) -> None: ...
+
+
 class HandoffBase(HandoffInfo):
     """A handoff being answered: the client socket and what was sent on it."""
 
-    __slots__ = ("_body", "_continue_sent", "bytes_sent", "phase", "socket", "started", "status")
+    __slots__ = (
+        "_body",
+        "_continue_sent",
+        "bytes_sent",
+        "phase",
+        "socket",
+        "started",
+        "status",
+        "stream",
+    )
 
     def __init__(self, record: HandoffRecord, sock: socket.socket) -> None:
         super().__init__(record)
@@ -77,6 +116,9 @@ class HandoffBase(HandoffInfo):
         self.phase = Phase.NEW
         self._body: BodyDecoder | None = None
         self._continue_sent = False
+        #: The stream ``sse()`` or ``websocket()`` handed the connection to:
+        #: the engine ends it if the handler fails (a stream nobody feeds).
+        self.stream: HandedStream | None = None
         if self.client is None or self.server is None:
             self._addresses_from_socket(sock)
 

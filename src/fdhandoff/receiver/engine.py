@@ -46,7 +46,7 @@ from ..errors import FdPassError, ProtocolError
 from ..message import CHANNEL_ACK, CLOSED, NEED_DATA, Format, HandoffReader, HandoffRecord, Signal
 from ..metrics import Metrics, parse_address, serve_metrics
 from . import http
-from .answer import error_close_frame
+from .answer import error_close_frame, fail_stream
 from .fdlimit import RESOURCE_ERRNOS, FdReserve
 from .handoff import Handoff, Phase
 from .options import ACCEPT_BACKOFF, Options, drop_abandoned, sender_allowed
@@ -467,6 +467,7 @@ class Receiver:
         except ProtocolError as exc:
             why = str(exc)
             log.info("%s: %s", handoff.describe(), exc)
+            fail_stream(handoff)
             await _answer_error(handoff, exc.status_hint)
         except asyncio.CancelledError:
             why = "cancelled at shutdown"
@@ -475,6 +476,7 @@ class Receiver:
         except Exception:
             why = "handler error"
             log.exception("handler failed for %s", handoff.describe())
+            fail_stream(handoff)
             await _answer_error(handoff, 500)
         finally:
             then = handoff.pop_continuation()

@@ -141,6 +141,7 @@ class Handoff(HandoffBase):
         head = self._sse_head(headers, status, retry)
         stream = SSEStream(self.socket, self.receiver, self.log_prefix(status))
         self.phase = Phase.HANDED_OVER
+        self.stream = stream
         await stream._write(head)
         if self.method == "HEAD":
             # A HEAD request gets the head and no event (RFC 9110 section

@@ -345,6 +345,10 @@ class Stream:
         """Close because the receiver is stopping (WebSocket: close code 1001)."""
         self.close()
 
+    def fail(self) -> None:
+        """End it because what fed it failed (WebSocket: close code 1011)."""
+        self.close()
+
     def _end(self, why: str | None) -> None:
         """Close cleanly after the backlog is written; ``why`` goes to the log."""
         if self._state is not _State.OPEN:

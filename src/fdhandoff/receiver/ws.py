@@ -190,6 +190,9 @@ class WebSocket(Stream):
     def going_away(self) -> None:
         self.close(CloseCode.GOING_AWAY, "server shutting down")
 
+    def fail(self) -> None:
+        self.close(CloseCode.INTERNAL_ERROR, "internal error")
+
     # --- receiving ------------------------------------------------------------------------
 
     @property
@@ -514,6 +517,7 @@ async def accept(
     handoff.status = 101
     ws = WebSocket(handoff, codec, subprotocol)
     handoff.phase = Phase.HANDED_OVER
+    handoff.stream = ws
     if handoff.already_read:
         # Frames the client sent right behind its upgrade request.
         ws._on_data(handoff.already_read)

@@ -17,7 +17,7 @@ from ... import fdpass, systemd
 from ...errors import FdPassError, ProtocolError
 from ...message import CHANNEL_ACK, Format, HandoffReader, HandoffRecord
 from .. import http
-from ..answer import Phase, error_close_frame
+from ..answer import Phase, error_close_frame, fail_stream
 from ..fdlimit import RESOURCE_ERRNOS
 from ..options import ACCEPT_BACKOFF, Options, drop_abandoned, sender_allowed
 from ..stream import ConnectionClosed
@@ -293,10 +293,12 @@ class Receiver:
         except ProtocolError as exc:
             why = str(exc)
             log.info("%s: %s", handoff.describe(), exc)
+            fail_stream(handoff)
             _answer_error(handoff, exc.status_hint)
         except Exception:
             why = "handler error"
             log.exception("handler failed for %s", handoff.describe())
+            fail_stream(handoff)
             _answer_error(handoff, 500)
         finally:
             self._untrack(handoff)

@@ -92,6 +92,7 @@ class Handoff(HandoffBase):
         head = self._sse_head(headers, status, retry)
         stream = SSEStream(self)
         self.phase = Phase.HANDED_OVER
+        self.stream = stream
         stream._write(head)
         if self.method == "HEAD":
             stream.close()  # no content for HEAD (RFC 9110 section 9.3.2)
@@ -118,6 +119,7 @@ class Handoff(HandoffBase):
         self.status = 101
         ws = WebSocket(self, codec, subprotocol)
         self.phase = Phase.HANDED_OVER
+        self.stream = ws
         if self.already_read:
             codec.receive_data(self.already_read)
         return ws

@@ -76,6 +76,10 @@ class _SyncStream:
     def going_away(self) -> None:
         self.close()
 
+    def fail(self) -> None:
+        """End it because what fed it failed (WebSocket: close code 1011)."""
+        self.close()
+
     def _finish(self, why: str | None) -> None:
         if self._closed:
             return
@@ -206,6 +210,9 @@ class WebSocket(_SyncStream):
 
     def going_away(self) -> None:
         self.close(CloseCode.GOING_AWAY, "server shutting down")
+
+    def fail(self) -> None:
+        self.close(CloseCode.INTERNAL_ERROR, "internal error")
 
     def receive(self, timeout: float | None = None) -> str | bytes:
         """The next message; :class:`ConnectionClosed` once the connection ended,
