@@ -674,3 +674,19 @@ def test_options_asterisk_goes_where_the_root_goes(
     other = fronts(f"/fd=unix:{receiver.path}")
     status, _, body = http_exchange(other, b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n")
     assert (status, body) == (404, b"no route for *\n")
+
+
+def test_a_head_whose_description_receivers_would_refuse_is_431(
+    receivers: Callable[..., TestReceiver], fronts: Callable[..., FrontProcess]
+) -> None:
+    """Under a raised max_head_size a head can be valid for the front yet make an
+    SCGI block over the receivers' limit (the target is written twice): the
+    front answers 431 itself rather than hand off what the receiver refuses."""
+    receiver = receivers()
+    config = "[limits]\nmax_head_size = 1048576\nmax_uri_length = 1048576\n"
+    front = fronts(f"/=unix:{receiver.path}", config=config)
+    query = b"q=" + b"x" * 200_000
+    status, _, body = http_exchange(front, b"GET /big?%s HTTP/1.1\r\nHost: a\r\n\r\n" % query)
+    assert status == 431, body
+    status, _, _ = http_exchange(front, b"GET /small HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert status == 200

@@ -1066,6 +1066,23 @@ class Front:
         peer: Endpoint,
         server: Endpoint,
     ) -> None:
+        message = self._describe(sock, head, route, req, peer=peer, server=server)
+        if message is not None:
+            self._send(route.backend, sock, message, req)
+
+    def _describe(
+        self,
+        sock: Socket,
+        head: RequestHead,
+        route: RouteConfig,
+        req: Request,
+        *,
+        peer: Endpoint,
+        server: Endpoint,
+        subprotocol: bytes | None = None,
+        upgraded: bytes | None = None,
+    ) -> bytes | None:
+        """The SCGI description to hand off; None once answered (too large)."""
         try:
             message, dropped = describe(
                 head,
@@ -1074,14 +1091,16 @@ class Front:
                 route=self._prefix_bytes[route.prefix],
                 https=req.https,
                 ktls=req.tls,
+                upgraded=upgraded,
+                subprotocol=subprotocol,
                 channel=self._channels,
             )
-        except ProtocolError as exc:  # larger than receivers accept
+        except ProtocolError as exc:  # larger than receivers accept (before any 101)
             self.reject(sock, req, exc.status_hint, str(exc))
-            return
+            return None
         if dropped:
             self.log_dropped(req, dropped)
-        self._send(route.backend, sock, message, req)
+        return message
 
     def _websocket(
         self,
@@ -1105,23 +1124,18 @@ class Front:
                 sock, websocket.error_response(exc, head_only=head_only), tls=req.tls
             )
             return
-        try:
-            message, dropped = describe(
-                head,
-                remote=peer,
-                server=server,
-                route=self._prefix_bytes[route.prefix],
-                https=req.https,
-                ktls=req.tls,
-                upgraded=b"websocket",
-                subprotocol=subprotocol,
-                channel=self._channels,
-            )
-        except ProtocolError as exc:  # larger than receivers accept; before the 101
-            self.reject(sock, req, exc.status_hint, str(exc))
+        message = self._describe(
+            sock,
+            head,
+            route,
+            req,
+            peer=peer,
+            server=server,
+            subprotocol=subprotocol,
+            upgraded=b"websocket",
+        )
+        if message is None:
             return
-        if dropped:
-            self.log_dropped(req, dropped)
         # Connect first: while the backend can still refuse, the client can
         # still get a plain 503 instead of a 101 followed by a close.
         link = self._link(route.backend, sock, req)
