@@ -887,3 +887,33 @@ def test_polling_is_disconnected_while_streaming(sock_path: str, no_fd_leak: Non
         client.close()
     assert polls[0] is False
     assert polls[-1] is True
+
+
+def test_a_head_request_to_an_endless_asgi_stream_ends_when_the_client_leaves(
+    sock_path: str, no_fd_leak: None
+) -> None:
+    """HEAD gets the head only: no write notices the client leaving, so send()
+    looks, and raises once it has left (an endless StreamingResponse, curl -I)."""
+    ended = threading.Event()
+    raised: list[BaseException] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            while True:
+                await send({"type": "http.response.body", "body": b"tick", "more_body": True})
+                await asyncio.sleep(0.02)
+        except OSError as exc:  # the ASGI spec's "client is gone"
+            raised.append(exc)
+        finally:
+            ended.set()
+
+    with ASGIReceiver(app, sock_path):
+        client = hand_over(sock_path, "HEAD", "/feed")
+        reader = ResponseReader(client)
+        assert reader.read(head_request=True).status == 200
+        client.close()
+        assert ended.wait(10), "the app still streams to a client that left"
+    assert raised

@@ -926,3 +926,29 @@ def test_a_handler_failing_after_handing_over_ends_its_stream(
         assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"data: first\n\n")
     else:
         assert data.startswith(encode_frame(Opcode.CLOSE, b"\x03\xf3internal error"))  # 1011
+
+
+def test_a_head_request_to_an_endless_stream_ends_when_the_client_leaves(
+    tmp_path: Path, no_fd_leak: None
+) -> None:
+    """HEAD gets the head only, so no write would notice the client leaving:
+    the writer looks, and the handler's next write raises ConnectionClosed."""
+    path = str(tmp_path / "r.sock")
+    ended = threading.Event()
+
+    async def endless(handoff: Handoff) -> None:
+        writer = await handoff.start_response(200, [("Content-Type", "text/plain")])
+        try:
+            while True:
+                await writer.write(b"tick\n")
+                await asyncio.sleep(0.02)
+        finally:
+            ended.set()
+
+    with ReceiverThread(endless, [Bind(path)]):
+        client, server_side = tcp_pair()
+        send_scgi(path, front_headers("HEAD", "/feed"), server_side)
+        head = read_until(client, b"\r\n\r\n", timeout=5)
+        assert head.startswith(b"HTTP/1.1 200")
+        client.close()
+        assert ended.wait(5), "the handler still writes to a client that left"

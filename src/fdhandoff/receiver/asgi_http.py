@@ -502,6 +502,11 @@ class HTTPCycle:
             self._head = None
             head = self._frame(head, len(body), more)
         payload = b"" if self._no_body else self._payload(body, more)
+        if self._no_body and more and not head and self._check_client():
+            # HEAD (or 204/304): nothing is written, so no write would notice
+            # a client that left, and an endless stream would run for ever.
+            self.keep_alive = False
+            raise ConnectionClosed(self._why or "client disconnected")
         try:
             if head and len(payload) <= _COALESCE:
                 await self.conn.write(head + payload)

@@ -288,6 +288,16 @@ def _input_pending(sock: socket.socket) -> bool:
         return False
 
 
+def _client_gone(sock: socket.socket) -> bool:
+    """True when the client closed or reset the connection (a peek, nothing consumed)."""
+    try:
+        return not sock.recv(1, _PEEK_NOW)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
 class ResponseWriter:
     """Body of a response started with :meth:`Handoff.start_response`."""
 
@@ -310,7 +320,13 @@ class ResponseWriter:
             if len(data) > self._remaining:
                 raise ValueError("more body bytes than the announced Content-Length")
             self._remaining -= len(data)
-        if not data or self._head_only:
+        if self._head_only:
+            # HEAD (or 204/304): nothing goes out, so no write would notice a
+            # client that left, and an endless stream would run for ever: look.
+            if _client_gone(handoff.socket):
+                raise ConnectionClosed("client closed the connection")
+            return
+        if not data:
             return
         await handoff.send_raw(http.chunk(data) if self._chunked else data)
 
