@@ -1046,7 +1046,9 @@ class Front:
         peer = peer_endpoint(listener, addr)
         server = server_endpoint(listener, sock)
         if route.mode is Mode.PASS:
-            self._pass(sock, head, route, req, peer=peer, server=server)
+            message = self._describe(sock, head, route, req, peer=peer, server=server)
+            if message is not None:
+                self._send(route.backend, sock, message, req)
         elif route.mode is Mode.WEBSOCKET:
             self._websocket(sock, head, route, req, peer=peer, server=server)
         else:
@@ -1055,20 +1057,6 @@ class Front:
             )
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
-
-    def _pass(
-        self,
-        sock: Socket,
-        head: RequestHead,
-        route: RouteConfig,
-        req: Request,
-        *,
-        peer: Endpoint,
-        server: Endpoint,
-    ) -> None:
-        message = self._describe(sock, head, route, req, peer=peer, server=server)
-        if message is not None:
-            self._send(route.backend, sock, message, req)
 
     def _describe(
         self,
