@@ -438,8 +438,9 @@ class Receiver:
 
     def _handoff(self, record: HandoffRecord, sock: socket.socket) -> Handoff | None:
         if record.abandoned:
-            drop_abandoned(record, sock)
+            # Counted before the close: whoever sees the client's end sees the count.
             self.metrics.inc("handoff_errors_total", reason="abandoned")
+            drop_abandoned(record, sock)
             return None
         try:
             handoff = Handoff(record, sock, self)
